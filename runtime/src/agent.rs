@@ -1,0 +1,234 @@
+//! Client side of the agent protocol over the VMM's hybrid vsock socket.
+//!
+//! The VMM exposes the guest's vsock as a unix socket: connect, write `CONNECT <port>\n`, read
+//! `OK <host-port>\n`, and the socket is now a stream to the guest port. Before the agent
+//! listens the VMM closes the socket instead of answering `OK`; [`AgentClient::wait_ready`]
+//! retries until the agent answers or a deadline passes.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use tern_protocol::{
+    ExecRequest, ExitStatus, GuestStats, ProtocolError, Request, Response, StreamHello, StreamKind,
+    AGENT_RPC_PORT, AGENT_STREAM_PORT, PROTOCOL_VERSION,
+};
+
+/// Longest line the VMM may send in answer to `CONNECT`.
+const MAX_HANDSHAKE_LINE: usize = 64;
+/// Timeout for one non-blocking RPC (everything but `Wait`).
+const RPC_TIMEOUT: Duration = Duration::from_secs(30);
+/// Pause between connection attempts while the guest is booting.
+const RETRY_INTERVAL: Duration = Duration::from_millis(10);
+
+/// Errors talking to the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("cannot connect to the VM's vsock socket {path}")]
+    Connect { path: PathBuf, source: std::io::Error },
+    #[error("guest refused vsock port {0} (nothing listening)")]
+    Refused(u32),
+    #[error("unexpected vsock handshake reply {0:?}")]
+    Handshake(String),
+    #[error("agent speaks protocol version {got}, this runtime speaks {PROTOCOL_VERSION}")]
+    Version { got: u32 },
+    #[error("agent did not answer within {0:?}")]
+    NotReady(Duration),
+    #[error("agent protocol error")]
+    Protocol(#[from] ProtocolError),
+    #[error("agent I/O failed")]
+    Io(#[from] std::io::Error),
+    #[error("agent refused the request: {0}")]
+    Remote(String),
+    #[error("agent sent an unexpected reply: {0}")]
+    Unexpected(String),
+}
+
+/// Talks to one guest's agent through the VMM's hybrid vsock unix socket.
+#[derive(Debug, Clone)]
+pub struct AgentClient {
+    uds_path: PathBuf,
+}
+
+impl AgentClient {
+    pub fn new(uds_path: impl Into<PathBuf>) -> Self {
+        AgentClient { uds_path: uds_path.into() }
+    }
+
+    pub fn uds_path(&self) -> &Path {
+        &self.uds_path
+    }
+
+    /// Open a stream to `port` in the guest.
+    pub fn connect(&self, port: u32) -> Result<UnixStream, AgentError> {
+        let mut sock = UnixStream::connect(&self.uds_path)
+            .map_err(|source| AgentError::Connect { path: self.uds_path.clone(), source })?;
+        sock.set_read_timeout(Some(RPC_TIMEOUT))?;
+        sock.write_all(format!("CONNECT {port}\n").as_bytes())?;
+        // Read the reply byte by byte: whatever follows the newline belongs to the stream.
+        let mut line = Vec::with_capacity(16);
+        let mut byte = [0u8; 1];
+        loop {
+            match sock.read(&mut byte) {
+                Ok(0) => return Err(AgentError::Refused(port)),
+                Ok(_) if byte[0] == b'\n' => break,
+                Ok(_) if line.len() >= MAX_HANDSHAKE_LINE => {
+                    return Err(AgentError::Handshake(String::from_utf8_lossy(&line).into_owned()))
+                }
+                Ok(_) => line.push(byte[0]),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                    return Err(AgentError::Refused(port))
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if !line.starts_with(b"OK ") {
+            return Err(AgentError::Handshake(String::from_utf8_lossy(&line).into_owned()));
+        }
+        sock.set_read_timeout(None)?;
+        Ok(sock)
+    }
+
+    /// Retry [`Request::Health`] until the agent answers, `deadline` passes, or `give_up()` says
+    /// the VM is gone. Checks the protocol version.
+    pub fn wait_ready(
+        &self,
+        timeout: Duration,
+        mut give_up: impl FnMut() -> Option<String>,
+    ) -> Result<String, AgentError> {
+        let start = Instant::now();
+        loop {
+            match self.health() {
+                Ok(version) => return Ok(version),
+                Err(e @ AgentError::Version { .. }) => return Err(e),
+                Err(e) => {
+                    tracing::trace!(error = %e, "agent not ready yet");
+                }
+            }
+            if let Some(reason) = give_up() {
+                return Err(AgentError::Unexpected(reason));
+            }
+            if start.elapsed() >= timeout {
+                return Err(AgentError::NotReady(timeout));
+            }
+            std::thread::sleep(RETRY_INTERVAL);
+        }
+    }
+
+    /// One request, one response, on a fresh connection.
+    pub fn call(&self, req: &Request) -> Result<Response, AgentError> {
+        let mut sock = self.connect(AGENT_RPC_PORT)?;
+        if !matches!(req, Request::Wait { .. }) {
+            sock.set_read_timeout(Some(RPC_TIMEOUT))?;
+        }
+        tern_protocol::send(&mut sock, req)?;
+        let resp: Response = tern_protocol::recv(&mut sock)?;
+        if let Response::Error { message } = resp {
+            return Err(AgentError::Remote(message));
+        }
+        Ok(resp)
+    }
+
+    /// Health check; returns the agent's version string.
+    pub fn health(&self) -> Result<String, AgentError> {
+        match self.call(&Request::Health)? {
+            Response::Health { protocol_version, agent_version } => {
+                if protocol_version != PROTOCOL_VERSION {
+                    return Err(AgentError::Version { got: protocol_version });
+                }
+                Ok(agent_version)
+            }
+            other => Err(AgentError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Start a process; returns its guest pid.
+    pub fn exec(&self, req: ExecRequest) -> Result<i32, AgentError> {
+        match self.call(&Request::Exec(req))? {
+            Response::Started { pid } => Ok(pid),
+            other => Err(AgentError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Block until the process exits.
+    pub fn wait(&self, id: &str) -> Result<ExitStatus, AgentError> {
+        match self.call(&Request::Wait { id: id.to_string() })? {
+            Response::Exited(status) => Ok(status),
+            other => Err(AgentError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    pub fn signal(&self, id: &str, signal: i32) -> Result<(), AgentError> {
+        self.expect_ok(&Request::Signal { id: id.to_string(), signal })
+    }
+
+    pub fn stats(&self) -> Result<GuestStats, AgentError> {
+        match self.call(&Request::Stats)? {
+            Response::Stats(s) => Ok(s),
+            other => Err(AgentError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Ask the agent to power the guest off.
+    pub fn shutdown(&self) -> Result<(), AgentError> {
+        self.expect_ok(&Request::Shutdown)
+    }
+
+    /// Attach to one stdio stream of process `id`.
+    pub fn attach(&self, id: &str, stream: StreamKind) -> Result<UnixStream, AgentError> {
+        let mut sock = self.connect(AGENT_STREAM_PORT)?;
+        tern_protocol::send(&mut sock, &StreamHello { id: id.to_string(), stream })?;
+        Ok(sock)
+    }
+
+    fn expect_ok(&self, req: &Request) -> Result<(), AgentError> {
+        match self.call(req)? {
+            Response::Ok => Ok(()),
+            other => Err(AgentError::Unexpected(format!("{other:?}"))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixListener;
+
+    fn fake_vmm(reply: &'static [u8]) -> (tempfile::TempDir, AgentClient, std::thread::JoinHandle<()>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vsock.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let t = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut buf = [0u8; 64];
+            let n = s.read(&mut buf).unwrap();
+            assert_eq!(&buf[..n], b"CONNECT 1024\n");
+            s.write_all(reply).unwrap();
+        });
+        (dir, AgentClient::new(path), t)
+    }
+
+    #[test]
+    fn closed_handshake_means_refused() {
+        let (_d, client, t) = fake_vmm(b"");
+        assert!(matches!(client.connect(AGENT_RPC_PORT), Err(AgentError::Refused(1024))));
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn garbage_handshake_is_an_error() {
+        let (_d, client, t) = fake_vmm(b"NOPE\n");
+        assert!(matches!(client.connect(AGENT_RPC_PORT), Err(AgentError::Handshake(_))));
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn ok_handshake_leaves_stream_bytes_unread() {
+        let (_d, client, t) = fake_vmm(b"OK 1073741824\nDATA");
+        let mut s = client.connect(AGENT_RPC_PORT).unwrap();
+        t.join().unwrap();
+        let mut rest = String::new();
+        s.read_to_string(&mut rest).unwrap();
+        assert_eq!(rest, "DATA");
+    }
+}

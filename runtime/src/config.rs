@@ -1,0 +1,158 @@
+//! The runtime configuration: a TOML file with documented defaults, overridable by CLI flags.
+//!
+//! Lookup order: `--config PATH`, then `$TERN_CONFIG`, then `/etc/tern/config.toml`; a missing
+//! default file means "all defaults". See `runtime/config.example.toml` for every key.
+
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+/// Default system-wide config file.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/tern/config.toml";
+/// File name of the guest kernel installed next to the `tern` binary (by `make`).
+pub const KERNEL_FILE_NAME: &str = "tern-vmlinux";
+/// File name of the initramfs installed next to the `tern` binary (by `make`).
+pub const INITRD_FILE_NAME: &str = "tern-initramfs.cpio";
+
+/// Errors loading the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("invalid config file {path}")]
+    Parse { path: PathBuf, source: toml::de::Error },
+    #[error("invalid value for {key}: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+/// Everything in the config file. Unknown keys are rejected so typos are caught.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub vm: VmSection,
+}
+
+/// `[vm]`: how each microVM is built.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VmSection {
+    /// Guest kernel (ELF vmlinux or bzImage). Default: `tern-vmlinux` next to the binary.
+    pub kernel: Option<PathBuf>,
+    /// Initramfs with tern-agent as /init. Default: `tern-initramfs.cpio` next to the binary.
+    pub initrd: Option<PathBuf>,
+    /// Number of vCPUs.
+    pub vcpus: u8,
+    /// Guest memory in MiB.
+    pub memory_mib: u32,
+    /// Where the guest serial console goes: a file path, "stderr", or "" to discard.
+    pub console_log: String,
+    /// Extra kernel command line appended to tern's defaults.
+    pub kernel_cmdline: String,
+    /// How long to wait for the agent to answer after the VM starts.
+    pub agent_timeout_secs: u64,
+    /// Guest vsock CID.
+    pub guest_cid: u32,
+}
+
+impl Default for VmSection {
+    fn default() -> Self {
+        VmSection {
+            kernel: None,
+            initrd: None,
+            vcpus: 1,
+            memory_mib: 256,
+            console_log: String::new(),
+            kernel_cmdline: String::new(),
+            agent_timeout_secs: 60,
+            guest_cid: 3,
+        }
+    }
+}
+
+impl Config {
+    /// Load from an explicit path, `$TERN_CONFIG`, or the default path (missing default = defaults).
+    pub fn load(explicit: Option<&Path>) -> Result<Config, ConfigError> {
+        let env_path = std::env::var_os("TERN_CONFIG").map(PathBuf::from);
+        let (path, must_exist) = match (explicit, env_path) {
+            (Some(p), _) => (p.to_path_buf(), true),
+            (None, Some(p)) => (p, true),
+            (None, None) => (PathBuf::from(DEFAULT_CONFIG_PATH), false),
+        };
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if !must_exist && e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Config::default());
+            }
+            Err(source) => return Err(ConfigError::Read { path, source }),
+        };
+        let config: Config =
+            toml::from_str(&text).map_err(|source| ConfigError::Parse { path, source })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reject values the VMM would refuse anyway, with the config key in the message.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.vm.vcpus == 0 || self.vm.vcpus > 32 {
+            return Err(ConfigError::Invalid { key: "vm.vcpus", reason: "must be 1..=32".into() });
+        }
+        if self.vm.guest_cid < 3 {
+            return Err(ConfigError::Invalid {
+                key: "vm.guest_cid",
+                reason: "CIDs 0-2 are reserved".into(),
+            });
+        }
+        if self.vm.agent_timeout_secs == 0 {
+            return Err(ConfigError::Invalid {
+                key: "vm.agent_timeout_secs",
+                reason: "must be at least 1".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The kernel path: configured, else `tern-vmlinux` next to the running binary.
+    pub fn kernel_path(&self) -> PathBuf {
+        self.vm.kernel.clone().unwrap_or_else(|| beside_executable(KERNEL_FILE_NAME))
+    }
+
+    /// The initramfs path: configured, else `tern-initramfs.cpio` next to the running binary.
+    pub fn initrd_path(&self) -> PathBuf {
+        self.vm.initrd.clone().unwrap_or_else(|| beside_executable(INITRD_FILE_NAME))
+    }
+}
+
+/// `name` in the directory of the running executable (where `make` installs the guest files).
+pub fn beside_executable(name: &str) -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join(name)))
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_config_parses_and_matches_defaults() {
+        let text = include_str!("../config.example.toml");
+        let parsed: Config = toml::from_str(text).unwrap();
+        let defaults = Config::default();
+        assert_eq!(parsed.vm.vcpus, defaults.vm.vcpus);
+        assert_eq!(parsed.vm.memory_mib, defaults.vm.memory_mib);
+        assert_eq!(parsed.vm.agent_timeout_secs, defaults.vm.agent_timeout_secs);
+        assert_eq!(parsed.vm.guest_cid, defaults.vm.guest_cid);
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        assert!(toml::from_str::<Config>("[vm]\nvcpu = 2\n").is_err());
+    }
+
+    #[test]
+    fn zero_vcpus_is_invalid() {
+        let mut c = Config::default();
+        c.vm.vcpus = 0;
+        assert!(matches!(c.validate(), Err(ConfigError::Invalid { key: "vm.vcpus", .. })));
+    }
+}
