@@ -139,7 +139,8 @@ if [[ $rebuild -eq 0 ]] && complete; then
 fi
 
 # Serialise concurrent builds of the same key; the second one finds the cache.
-exec 9>"$CACHE_ROOT/.lock-$KEY"
+mkdir -p "$CACHE_ROOT/.locks"
+exec 9>"$CACHE_ROOT/.locks/$KEY"
 if ! flock -n 9; then
     log "another build of $KEY is running; waiting for it"
     flock 9
@@ -230,5 +231,5 @@ if [[ -e "$OUT" ]]; then
     mv -T "$OUT" "$TMP/old"
 fi
 mv -T "$STAGE" "$OUT"
-log "built in ${build_secs}s: $(du -h "$OUT/bzImage" | cut -f1) bzImage, $(du -h "$OUT/vmlinux" | cut -f1) vmlinux"
+log "built in ${build_secs}s: $(du -h --apparent-size "$OUT/bzImage" | cut -f1) bzImage, $(du -h --apparent-size "$OUT/vmlinux" | cut -f1) vmlinux"
 report

@@ -1,52 +1,161 @@
-//! The vsock `VirtioDevice`.
+//! The vsock [`VirtioDevice`]: config space, features, and activation, which hands the queues
+//! and the muxer to a [`VsockHandler`] on the device event loop.
 
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
+
+use super::event_handler::VsockHandler;
+use super::muxer::Muxer;
 use super::VsockError;
-use crate::devices::event_loop::EventLoopHandle;
+use crate::devices::event_loop::{EventLoopHandle, SharedSubscriber, SubscriberToken};
 use crate::devices::virtio::{ActivateError, ActivatedQueue, GuestMemory, InterruptSignal, VirtioDevice};
 
-/// A virtio-vsock device whose host side is a unix socket.
+/// Queue size of rx, tx and event queues.
+pub const QUEUE_SIZE: u16 = 256;
+const QUEUE_SIZES: [u16; 3] = [QUEUE_SIZE; 3];
+/// CIDs 0-2 are reserved (hypervisor, local, host); `u32::MAX` is VMADDR_CID_ANY.
+const FIRST_GUEST_CID: u64 = 3;
+
+/// What the device holds while the driver has it activated.
+struct Active {
+    token: SubscriberToken,
+    stopped: Arc<AtomicBool>,
+}
+
+/// A virtio-vsock device whose host side is a hybrid unix socket at `uds_path`.
 pub struct Vsock {
     guest_cid: u64,
     uds_path: PathBuf,
+    listener: Arc<UnixListener>,
     events: EventLoopHandle,
+    acked_features: u64,
+    active: Option<Active>,
 }
 
 impl Vsock {
-    /// Create the device and its host listener at `uds_path`.
+    /// Create the device and bind its host listener at `uds_path` (which must not exist).
+    /// Host clients may connect at once; they are served once the guest driver is up.
     pub fn new(guest_cid: u64, uds_path: &Path, events: EventLoopHandle) -> Result<Vsock, VsockError> {
-        Ok(Vsock { guest_cid, uds_path: uds_path.to_path_buf(), events })
+        if guest_cid < FIRST_GUEST_CID || guest_cid >= u64::from(u32::MAX) {
+            return Err(VsockError::InvalidCid(guest_cid));
+        }
+        let listener = UnixListener::bind(uds_path).map_err(VsockError::Listen)?;
+        listener.set_nonblocking(true).map_err(VsockError::Listen)?;
+        Ok(Vsock {
+            guest_cid,
+            uds_path: uds_path.to_path_buf(),
+            listener: Arc::new(listener),
+            events,
+            acked_features: 0,
+            active: None,
+        })
+    }
+
+    /// The guest's CID.
+    pub fn guest_cid(&self) -> u64 {
+        self.guest_cid
+    }
+
+    /// Where host clients connect.
+    pub fn uds_path(&self) -> &Path {
+        &self.uds_path
+    }
+
+    fn deactivate(&mut self) {
+        if let Some(active) = self.active.take() {
+            active.stopped.store(true, Ordering::SeqCst);
+            if let Err(e) = self.events.remove_subscriber(&active.token) {
+                tracing::warn!(error = %e, "cannot remove the vsock handler from the event loop");
+            }
+        }
     }
 }
 
 impl VirtioDevice for Vsock {
     fn device_type(&self) -> u32 {
-        virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK
+        VIRTIO_ID_VSOCK
     }
+
     fn queue_max_sizes(&self) -> &[u16] {
-        &[256, 256, 256]
+        &QUEUE_SIZES
     }
+
     fn avail_features(&self) -> u64 {
-        1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1
+        1 << VIRTIO_F_VERSION_1
     }
-    fn set_acked_features(&mut self, _features: u64) {}
-    fn read_config(&self, _offset: u64, data: &mut [u8]) {
-        let _ = (&self.guest_cid, &self.uds_path, &self.events);
+
+    fn set_acked_features(&mut self, features: u64) {
+        self.acked_features = features & self.avail_features();
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        // struct virtio_vsock_config { le64 guest_cid; }
+        let config = self.guest_cid.to_le_bytes();
         data.fill(0);
+        let Ok(start) = usize::try_from(offset) else { return };
+        if start >= config.len() {
+            tracing::debug!(offset, "guest read past the vsock config space");
+            return;
+        }
+        let n = data.len().min(config.len() - start);
+        data[..n].copy_from_slice(&config[start..start + n]);
     }
-    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
-    fn activate(&mut self, _mem: GuestMemory, _interrupt: Arc<dyn InterruptSignal>, _queues: Vec<ActivatedQueue>) -> Result<(), ActivateError> {
-        Err(ActivateError::Other("not implemented".into()))
+
+    fn write_config(&mut self, offset: u64, _data: &[u8]) {
+        tracing::debug!(offset, "guest write to the read-only vsock config space ignored");
     }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemory,
+        interrupt: Arc<dyn InterruptSignal>,
+        queues: Vec<ActivatedQueue>,
+    ) -> Result<(), ActivateError> {
+        if self.active.is_some() {
+            return Err(ActivateError::Other("vsock device is already active".into()));
+        }
+        let got = queues.len();
+        let Ok([rx, tx, ev]) = <[ActivatedQueue; 3]>::try_from(queues) else {
+            return Err(ActivateError::QueueCount { expected: 3, got });
+        };
+        let muxer = Muxer::new(self.guest_cid, self.uds_path.clone(), self.listener.clone())?;
+        let stopped = Arc::new(AtomicBool::new(false));
+        let handler = VsockHandler::new(
+            mem,
+            interrupt,
+            [rx.queue, tx.queue, ev.queue],
+            [rx.kick, tx.kick, ev.kick],
+            muxer,
+            stopped.clone(),
+        );
+        let subscriber: SharedSubscriber = Arc::new(Mutex::new(handler));
+        let token = self.events.add_subscriber(subscriber)?;
+        self.active = Some(Active { token, stopped });
+        tracing::debug!(guest_cid = self.guest_cid, "vsock device activated");
+        Ok(())
+    }
+
     fn reset(&mut self) -> bool {
-        false
+        // Connections die with the handler (their host streams see EOF); the listener stays,
+        // so host clients can connect again once the driver is back.
+        self.deactivate();
+        self.acked_features = 0;
+        true
     }
 }
 
 impl Drop for Vsock {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.uds_path);
+        self.deactivate();
+        if let Err(e) = std::fs::remove_file(&self.uds_path) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(path = ?self.uds_path, error = %e, "cannot remove the vsock socket");
+            }
+        }
     }
 }

@@ -1,0 +1,252 @@
+//! The agent's servers: accept loops, one thread per connection, and the RPC dispatcher.
+//!
+//! RPC connections answer requests in order; a blocking `Wait` only blocks its own
+//! connection (the host opens more for concurrency). A malformed frame fails that request
+//! only; a clean EOF ends the connection quietly.
+
+use std::error::Error as StdError;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tern_protocol::{recv, send, ProtocolError, Request, Response, PROTOCOL_VERSION};
+use tracing::{debug, error, info, warn};
+
+use crate::process::ProcessTable;
+use crate::stats;
+use crate::streams::handle_stream_connection;
+use crate::transport::{Connection, Listener};
+
+/// How long processes get between SIGTERM and SIGKILL on `Shutdown`.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+/// What `Shutdown` does after killing the processes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShutdownMode {
+    /// We are PID 1 in a VM: signal every process, sync and reset the machine.
+    PowerOff,
+    /// Host-side testing: only our own processes, then exit the agent.
+    ExitProcess,
+}
+
+/// Shared state of all connections.
+#[derive(Debug)]
+pub struct Agent {
+    table: Arc<ProcessTable>,
+    shutdown_mode: ShutdownMode,
+    shutting_down: AtomicBool,
+}
+
+impl Agent {
+    pub fn new(table: Arc<ProcessTable>, shutdown_mode: ShutdownMode) -> Self {
+        Self {
+            table,
+            shutdown_mode,
+            shutting_down: AtomicBool::new(false),
+        }
+    }
+
+    /// Answer one request.
+    fn handle(&self, req: Request) -> Response {
+        match req {
+            Request::Health => Response::Health {
+                protocol_version: PROTOCOL_VERSION,
+                agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+            },
+            Request::Exec(exec) => {
+                if self.shutting_down.load(Ordering::SeqCst) {
+                    return Response::Error {
+                        message: "the agent is shutting down".into(),
+                    };
+                }
+                match self.table.spawn(&exec) {
+                    Ok(pid) => Response::Started { pid },
+                    Err(e) => {
+                        info!(id = %exec.id, error = %e, "exec failed");
+                        error_response(&e)
+                    }
+                }
+            }
+            Request::Wait { id } => match self.table.wait(&id) {
+                Ok(status) => Response::Exited(status),
+                Err(e) => error_response(&e),
+            },
+            Request::Signal { id, signal } => match self.table.signal(&id, signal) {
+                Ok(()) => Response::Ok,
+                Err(e) => error_response(&e),
+            },
+            Request::CloseStdin { id } => match self.table.close_stdin(&id) {
+                Ok(()) => Response::Ok,
+                Err(e) => error_response(&e),
+            },
+            Request::Stats => match stats::collect(Path::new("/proc")) {
+                Ok(stats) => Response::Stats(stats),
+                Err(e) => error_response(&e),
+            },
+            Request::Shutdown => {
+                self.shutting_down.store(true, Ordering::SeqCst);
+                Response::Ok
+            }
+        }
+    }
+
+    /// Stop everything. Does not return.
+    fn shut_down(&self) -> ! {
+        warn!("shutting down on request");
+        match self.shutdown_mode {
+            ShutdownMode::ExitProcess => {
+                self.table.terminate_all(SHUTDOWN_GRACE);
+                std::process::exit(0);
+            }
+            ShutdownMode::PowerOff => {
+                kill_everything();
+                let err = crate::init::power_off();
+                // Returning would make PID 1 exit and panic the kernel; nothing left to do
+                // but say why and wait for the host to give up on us.
+                error!(error = %err, "reboot failed");
+                loop {
+                    std::thread::park();
+                }
+            }
+        }
+    }
+}
+
+/// As PID 1: SIGTERM every process in the VM, wait up to the grace period for all children
+/// (including re-parented orphans) to be gone, then SIGKILL whatever is left.
+fn kill_everything() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    // pid -1: every process except init itself.
+    let all = Pid::from_raw(-1);
+    let _ = kill(all, Signal::SIGTERM);
+    let deadline = Instant::now() + SHUTDOWN_GRACE;
+    while Instant::now() < deadline {
+        if !crate::process::has_children() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = kill(all, Signal::SIGKILL);
+}
+
+/// `message: source: source's source`, so the host sees the root cause.
+fn error_response(e: &dyn StdError) -> Response {
+    let mut message = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        message.push_str(": ");
+        message.push_str(&s.to_string());
+        source = s.source();
+    }
+    Response::Error { message }
+}
+
+/// Serve one RPC connection until the host closes it.
+pub fn handle_rpc_connection(agent: &Agent, mut conn: Connection) {
+    loop {
+        let req: Request = match recv(&mut conn) {
+            Ok(req) => req,
+            Err(ProtocolError::Closed) => return,
+            Err(ProtocolError::Decode(e)) => {
+                // The frame boundary is intact, so the connection can go on.
+                debug!(error = %e, "malformed request");
+                let reply = Response::Error {
+                    message: format!("malformed request: {e}"),
+                };
+                if send(&mut conn, &reply).is_err() {
+                    return;
+                }
+                continue;
+            }
+            Err(e @ ProtocolError::FrameTooLarge(_)) => {
+                // The body was not read, so we no longer know where the next frame starts.
+                warn!(error = %e, "oversized request; closing the connection");
+                let _ = send(&mut conn, &error_response(&e));
+                return;
+            }
+            Err(e) => {
+                debug!(error = %e, "RPC connection failed");
+                return;
+            }
+        };
+        debug!(?req, "request");
+        let shutdown = matches!(req, Request::Shutdown);
+        let reply = agent.handle(req);
+        let sent = send(&mut conn, &reply);
+        if shutdown {
+            // Shut down even if the host went away before reading the reply.
+            agent.shut_down();
+        }
+        if let Err(e) = sent {
+            debug!(error = %e, "cannot send the reply; closing the connection");
+            return;
+        }
+    }
+}
+
+/// Accept connections forever, each served on its own thread by `serve`.
+pub fn accept_loop<F>(listener: Listener, name: &'static str, serve: F) -> !
+where
+    F: Fn(Connection) + Send + Sync + 'static,
+{
+    let serve = Arc::new(serve);
+    loop {
+        let conn = match listener.accept() {
+            Ok(conn) => conn,
+            Err(e) => {
+                // E.g. EMFILE; pause so a persistent failure doesn't spin the vCPU.
+                warn!(listener = name, error = %e, "accept failed");
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+        };
+        let serve = Arc::clone(&serve);
+        let spawned = std::thread::Builder::new()
+            .name(format!("{name}-conn"))
+            .spawn(move || serve(conn));
+        if let Err(e) = spawned {
+            warn!(listener = name, error = %e, "cannot start a connection thread; dropping the connection");
+        }
+    }
+}
+
+/// Run both servers: streams on a new thread, RPC on the calling one. `ready` is called once
+/// both are accepting (the listeners were bound by the caller, so connections queue anyway).
+pub fn run(
+    agent: Arc<Agent>,
+    rpc: Listener,
+    streams: Listener,
+    ready: impl FnOnce(),
+) -> std::io::Result<std::convert::Infallible> {
+    let table = Arc::clone(&agent.table);
+    std::thread::Builder::new()
+        .name("stream-accept".into())
+        .spawn(move || {
+            accept_loop(streams, "stream", move |conn| {
+                handle_stream_connection(&table, conn)
+            })
+        })?;
+    ready();
+    accept_loop(rpc, "rpc", move |conn| handle_rpc_connection(&agent, conn))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("outer")]
+    struct Outer(#[source] std::io::Error);
+
+    #[test]
+    fn error_messages_carry_the_source_chain() {
+        let e = Outer(std::io::Error::other("inner"));
+        assert_eq!(
+            error_response(&e),
+            Response::Error {
+                message: "outer: inner".into()
+            }
+        );
+    }
+}

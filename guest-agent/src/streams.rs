@@ -1,0 +1,96 @@
+//! Process stdio over stream connections (`AGENT_STREAM_PORT`).
+//!
+//! A connection starts with a [`StreamHello`] frame naming a process and one of its streams,
+//! then carries raw bytes. stdout/stderr: the pipe is copied to the connection until the
+//! process side reaches EOF, then the connection is closed. stdin: the connection is copied
+//! into the pipe until the host half-closes, then the pipe is dropped so the process sees EOF.
+//! A broken connection only ends that stream; the agent goes on.
+
+use std::fs::File;
+use std::io::{self, ErrorKind, Read, Write};
+use std::net::Shutdown;
+use tern_protocol::{recv, ProtocolError, StreamHello, StreamKind};
+use tracing::{debug, warn};
+
+use crate::process::ProcessTable;
+use crate::transport::Connection;
+
+/// Copy buffer size: large, so a busy stream costs few syscalls (and vsock packets).
+const COPY_BUF_LEN: usize = 64 * 1024;
+
+/// Serve one stream connection to its end.
+pub fn handle_stream_connection(table: &ProcessTable, mut conn: Connection) {
+    let hello: StreamHello = match recv(&mut conn) {
+        Ok(hello) => hello,
+        Err(ProtocolError::Closed) => return,
+        Err(e) => {
+            warn!(error = %e, "bad stream hello; closing the stream");
+            return;
+        }
+    };
+    let StreamHello { id, stream } = hello;
+    match stream {
+        StreamKind::Stdout | StreamKind::Stderr => match table.take_output(&id, stream) {
+            Ok(pipe) => {
+                match pump_output(pipe, &mut conn) {
+                    Ok(()) => debug!(id, ?stream, "stream reached EOF"),
+                    Err(e) => debug!(id, ?stream, error = %e, "stream broken; closing it"),
+                }
+                // Deliver EOF even if the host still holds its end open for reading.
+                let _ = conn.shutdown(Shutdown::Both);
+            }
+            Err(e) => warn!(error = %e, "refusing stream"),
+        },
+        StreamKind::Stdin => {
+            let handle = match conn.try_clone() {
+                Ok(handle) => handle,
+                Err(e) => {
+                    warn!(id, error = %e, "cannot clone the stdin stream; closing it");
+                    return;
+                }
+            };
+            match table.take_stdin(&id, handle) {
+                Ok((pipe, pid)) => {
+                    match pump_stdin(&mut conn, pipe) {
+                        Ok(()) => debug!(id, "stdin stream reached EOF"),
+                        Err(e) => debug!(id, error = %e, "stdin stream ended early"),
+                    }
+                    table.stdin_detached(&id, pid);
+                    let _ = conn.shutdown(Shutdown::Both);
+                }
+                Err(e) => warn!(error = %e, "refusing stream"),
+            }
+        }
+    }
+}
+
+/// Copy a process's output pipe to the connection until the pipe reaches EOF.
+fn pump_output(mut pipe: File, conn: &mut Connection) -> io::Result<()> {
+    let mut buf = vec![0u8; COPY_BUF_LEN];
+    loop {
+        let n = match pipe.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        conn.write_all(&buf[..n])?;
+    }
+    // Dropping `pipe` on an error closes the read end: a process still writing gets EPIPE or
+    // SIGPIPE, as it would in any pipeline whose reader went away.
+}
+
+/// Copy the connection into the stdin pipe until the host half-closes (or the process closed
+/// its stdin). The pipe is dropped on return, which is what delivers EOF to the process.
+fn pump_stdin(conn: &mut Connection, mut pipe: File) -> io::Result<()> {
+    let mut buf = vec![0u8; COPY_BUF_LEN];
+    loop {
+        let n = match conn.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        pipe.write_all(&buf[..n])?;
+    }
+}

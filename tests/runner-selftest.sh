@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# Self-test for tests/nested-runner: exit codes, separate byte-exact stdout/stderr,
+# binary pass-through, the time limit, /dev/kvm with nested SVM, env pass-through,
+# a current directory under /tmp, and a writable cache dir.
+#
+# Usage: tests/runner-selftest.sh      (TERN_NESTED=1 forces the outer VM)
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd -P)
+runner=$here/nested-runner
+pass=0 fail=0
+ok() { pass=$((pass + 1)); printf 'ok   %s\n' "$*"; }
+bad() { fail=$((fail + 1)); printf 'FAIL %s\n' "$*"; }
+now() { date +%s.%N; }
+secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", b - a }'; }
+
+work=$(mktemp -d /tmp/runner-selftest.XXXXXX)
+trap 'rm -rf "$work"' EXIT
+# the runner's per-run temp dirs go here, so (c) can look for its own leftovers only
+export TMPDIR=$work/runs
+mkdir -p "$TMPDIR"
+# drop the runner's own notice line ("nested-runner: … outer TCG VM …") from stderr
+strip_notice() {
+	if head -n 1 "$1" | grep -q '^nested-runner: .*outer TCG VM'; then tail -n +2 "$1"; else cat "$1"; fi
+}
+
+# (a) exit code, separate stdout/stderr
+t0=$(now)
+rc=0
+"$runner" -- sh -c 'echo out; echo err >&2; exit 7' >"$work/a.out" 2>"$work/a.err" || rc=$?
+t1=$(now)
+if [ $rc = 7 ]; then ok "(a) exit code 7 ($(secs "$t0" "$t1") s round trip)"; else bad "(a) exit code $rc, want 7"; fi
+if [ "$(od -An -c "$work/a.out")" = "$(printf 'out\n' | od -An -c)" ]; then
+	ok "(a) stdout is exactly \"out\\n\""
+else
+	bad "(a) stdout is $(od -An -c "$work/a.out" | tr -s ' ')"
+fi
+if [ "$(strip_notice "$work/a.err")" = err ]; then
+	ok "(a) stderr is \"err\" (plus the runner's notice line)"
+else
+	bad "(a) stderr: $(cat "$work/a.err")"
+fi
+
+# (b) binary pass-through, byte-exact, run from a cwd under /tmp (shared automatically)
+head -c 1000000 /dev/urandom >"$work/f"
+want=$(sha256sum <"$work/f")
+t0=$(now)
+got=$(cd "$work" && "$runner" -- cat f | sha256sum)
+t1=$(now)
+if [ "$got" = "$want" ]; then ok "(b) 1 MB of random bytes pass through unchanged ($(secs "$t0" "$t1") s)"; else bad "(b) sha256 differs"; fi
+# and on stderr too, with \r and \n bytes intact
+printf 'a\r\nb\n\0c' >"$work/g"
+rc=0
+(cd "$work" && "$runner" -- sh -c 'cat g >&2') 2>"$work/g.err" >"$work/g.out" || rc=$?
+if [ $rc = 0 ] && strip_notice "$work/g.err" | cmp -s "$work/g" - && [ ! -s "$work/g.out" ]; then
+	ok "(b) stderr is byte-exact too (\\r\\n, NUL)"
+else
+	bad "(b) stderr bytes: rc=$rc $(od -An -c "$work/g.err" | tr -s ' ')"
+fi
+
+# (c) time limit
+t0=$(now)
+rc=0
+"$runner" --timeout 20 -- sleep 1000 >"$work/c.out" 2>"$work/c.err" || rc=$?
+t1=$(now)
+el=$(secs "$t0" "$t1")
+if [ $rc = 124 ] && grep -q 'nested-runner: command timed out after 20 s' "$work/c.err" &&
+	awk -v e="$el" 'BEGIN { exit !(e < 45) }'; then
+	ok "(c) --timeout 20 -> exit 124 with the message after $el s"
+else
+	bad "(c) rc=$rc after $el s; stderr: $(tail -n 3 "$work/c.err")"
+fi
+if pgrep -f "$TMPDIR/tern-runner" >/dev/null || [ -n "$(ls -A "$TMPDIR")" ]; then
+	bad "(c) left behind: $(pgrep -af "$TMPDIR/tern-runner" | head -n 2) $(ls -A "$TMPDIR")"
+else
+	ok "(c) no QEMU left behind"
+fi
+
+# (d) /dev/kvm with nested SVM inside
+rc=0
+out=$("$runner" -- sh -c 'test -c /dev/kvm && echo kvm; cat /sys/module/kvm_amd/parameters/nested 2>/dev/null || cat /sys/module/kvm_intel/parameters/nested') || rc=$?
+if [ $rc = 0 ] && printf '%s\n' "$out" | grep -qx kvm && printf '%s\n' "$out" | sed -n 2p | grep -Eqx '1|Y'; then
+	ok "(d) /dev/kvm present, nested=$(printf '%s\n' "$out" | sed -n 2p)"
+else
+	bad "(d) rc=$rc output: $out"
+fi
+
+# (e) environment pass-through (and nothing else leaks)
+rc=0
+out=$(CI=ci-value TERN_SELFTEST_VAR="a 'quoted' \$value" UNRELATED_VAR=leak \
+	"$runner" -- sh -c 'printf "%s|%s|%s|%s\n" "$CI" "$TERN_SELFTEST_VAR" "${UNRELATED_VAR-unset}" "$PWD"') || rc=$?
+want="ci-value|a 'quoted' \$value|unset|$(pwd -P)"
+if [ $rc = 0 ] && [ "$out" = "$want" ]; then
+	ok "(e) CI and TERN_* pass through, others do not, cwd kept"
+else
+	bad "(e) got '$out', want '$want'"
+fi
+
+# (f) writable scratch and cache dir inside; repository writable
+cache=${TERN_CACHE:-$HOME/.cache/tern}
+mkdir -p "$cache"
+marker=selftest-$$
+rc=0
+out=$("$runner" -- sh -c "echo x >/tmp/x && echo x >/var/tmp/x && echo x >\"$cache/$marker\" && echo writable") || rc=$?
+if [ $rc = 0 ] && [ "$out" = writable ] && [ -f "$cache/$marker" ]; then
+	ok "(f) /tmp, /var/tmp and the cache dir are writable inside (cache writes reach the host)"
+else
+	bad "(f) rc=$rc out=$out"
+fi
+rm -f "$cache/$marker"
+
+# (g) a missing command: 127 like a shell
+rc=0
+"$runner" -- /nonexistent/command >/dev/null 2>"$work/g2.err" || rc=$?
+if [ $rc = 127 ]; then ok "(g) missing command -> 127"; else bad "(g) missing command -> $rc"; fi
+
+# (h) CMD may reopen /dev/stdout and /dev/stderr (tee /dev/stderr, > /dev/stdout)
+rc=0
+"$runner" -- sh -c 'echo o | tee /dev/stderr; echo e2 >/dev/fd/2' >"$work/h.out" 2>"$work/h.err" || rc=$?
+if [ $rc = 0 ] && [ "$(cat "$work/h.out")" = o ] && [ "$(strip_notice "$work/h.err")" = "$(printf 'o\ne2')" ]; then
+	ok "(h) /dev/stdout, /dev/stderr, /dev/fd/N can be reopened"
+else
+	bad "(h) rc=$rc out=$(cat "$work/h.out") err=$(cat "$work/h.err")"
+fi
+
+echo "$pass passed, $fail failed"
+[ $fail = 0 ]

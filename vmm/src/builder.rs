@@ -1,0 +1,266 @@
+//! Assembling a VM, in order: check KVM, map guest RAM, create the VM (irqchip, PIT) and
+//! register RAM, create the devices (virtio-mmio windows with their irqfds and ioeventfds,
+//! then COM1 and the i8042 reset port), build the command line, load the kernel and boot
+//! structures, create and configure the vCPUs, start the device event loop, start the vCPU
+//! threads. [`RunningVm`] owns what must outlive the vCPUs and releases it in order.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::api::{ConsoleOutput, VmConfig, VmExit, VmmError};
+use crate::boot::cmdline::{build_cmdline, MmioDeviceSlot};
+use crate::boot::layout::{
+    MAX_IRQ, MAX_VCPUS, VIRTIO_FIRST_IRQ, VIRTIO_MMIO_BASE, VIRTIO_MMIO_WINDOW,
+};
+use crate::boot::prepare_guest_memory;
+use crate::devices::bus::{MmioBus, PioBus};
+use crate::devices::event_loop::{EventLoop, EventLoopHandle, EventLoopThread};
+use crate::devices::legacy::{
+    ConsoleWriter, I8042ResetPort, SerialConsole, COM1_IRQ, COM1_PORT, COM1_PORT_COUNT,
+    I8042_DATA_PORT, I8042_PORT_COUNT,
+};
+use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::{GuestMemory, VirtioDevice};
+use crate::devices::vsock::Vsock;
+use crate::lifecycle::VmLifecycle;
+use crate::vstate::kvm::KvmSystem;
+use crate::vstate::memory::create_guest_memory;
+use crate::vstate::vcpu::{install_kick_handler, Vcpu, VcpuRunContext};
+use crate::vstate::vm::Vm;
+
+/// Offset of the virtio-mmio QueueNotify register.
+const VIRTIO_MMIO_QUEUE_NOTIFY: u64 = 0x50;
+/// Context ids 0–2 are the hypervisor, local and host; `u32::MAX` is "any".
+const FIRST_GUEST_CID: u32 = 3;
+
+/// What a started VM owns besides its vCPU threads.
+pub(crate) struct RunningVm {
+    event_loop: EventLoopThread,
+    pio: Arc<PioBus>,
+    mmio: Arc<MmioBus>,
+    vm: Vm,
+    memory: GuestMemory,
+}
+
+impl RunningVm {
+    /// Release everything; the vCPU threads must be joined first.
+    pub(crate) fn shut_down(self) {
+        let RunningVm {
+            event_loop,
+            pio,
+            mmio,
+            vm,
+            memory,
+        } = self;
+        event_loop.stop();
+        // Devices go before the VM: their eventfds are still registered with it.
+        drop(mmio);
+        drop(pio);
+        drop(vm);
+        drop(memory);
+    }
+}
+
+fn validate(config: &VmConfig, kvm: &KvmSystem) -> Result<(), VmmError> {
+    let max_vcpus = usize::from(MAX_VCPUS).min(kvm.max_vcpus());
+    if config.vcpus == 0 || usize::from(config.vcpus) > max_vcpus {
+        return Err(VmmError::InvalidConfig(format!(
+            "{} vCPUs requested; 1 to {max_vcpus} are supported",
+            config.vcpus
+        )));
+    }
+    if let Some(vsock) = &config.vsock {
+        if vsock.guest_cid < FIRST_GUEST_CID || vsock.guest_cid == u32::MAX {
+            return Err(VmmError::InvalidConfig(format!(
+                "vsock guest CID {} is reserved; use {FIRST_GUEST_CID} or more",
+                vsock.guest_cid
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn console_writer(output: &ConsoleOutput) -> Result<ConsoleWriter, VmmError> {
+    let sink: Box<dyn Write + Send> = match output {
+        ConsoleOutput::Discard => return Ok(ConsoleWriter::discard()),
+        ConsoleOutput::Stdout => Box::new(std::io::stdout()),
+        ConsoleOutput::Stderr => Box::new(std::io::stderr()),
+        ConsoleOutput::File(path) => Box::new(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|source| VmmError::Console {
+                    path: path.clone(),
+                    source,
+                })?,
+        ),
+    };
+    ConsoleWriter::spawn(sink).map_err(|err| VmmError::Thread("console", err))
+}
+
+fn new_eventfd() -> Result<EventFd, VmmError> {
+    EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)
+}
+
+/// Put `device` in virtio-mmio window `slot`: its interrupt becomes an irqfd, each queue's
+/// notification an ioeventfd, so neither needs a trip through a vCPU thread.
+fn attach_virtio_device(
+    vm: &Vm,
+    memory: &GuestMemory,
+    mmio: &mut MmioBus,
+    device: Box<dyn VirtioDevice>,
+    slot: usize,
+) -> Result<MmioDeviceSlot, VmmError> {
+    let irq = u32::try_from(slot)
+        .ok()
+        .and_then(|slot| VIRTIO_FIRST_IRQ.checked_add(slot))
+        .filter(|irq| *irq <= MAX_IRQ)
+        .ok_or_else(|| {
+            VmmError::InvalidConfig("more virtio devices than interrupt lines".into())
+        })?;
+    let base = VIRTIO_MMIO_BASE + slot as u64 * VIRTIO_MMIO_WINDOW;
+
+    let interrupt = new_eventfd()?;
+    vm.register_irqfd(&interrupt, irq)?;
+    let mut queue_kicks = Vec::new();
+    for queue in 0..device.queue_max_sizes().len() {
+        let kick = new_eventfd()?;
+        vm.register_mmio_notify(&kick, base + VIRTIO_MMIO_QUEUE_NOTIFY, queue as u32)?;
+        queue_kicks.push(kick);
+    }
+    let transport = MmioTransport::new(device, memory.clone(), interrupt, queue_kicks);
+    mmio.insert(base, VIRTIO_MMIO_WINDOW, Arc::new(Mutex::new(transport)))?;
+    Ok(MmioDeviceSlot {
+        base,
+        size: VIRTIO_MMIO_WINDOW,
+        irq,
+    })
+}
+
+fn build_virtio_devices(
+    config: &VmConfig,
+    vm: &Vm,
+    memory: &GuestMemory,
+    events: &EventLoopHandle,
+) -> Result<(MmioBus, Vec<MmioDeviceSlot>), VmmError> {
+    let mut mmio = MmioBus::new();
+    let mut slots = Vec::new();
+    if let Some(vsock) = &config.vsock {
+        let device = Vsock::new(u64::from(vsock.guest_cid), &vsock.uds_path, events.clone())
+            .map_err(|err| VmmError::Device {
+                device: "vsock",
+                source: Box::new(err),
+            })?;
+        slots.push(attach_virtio_device(
+            vm,
+            memory,
+            &mut mmio,
+            Box::new(device),
+            slots.len(),
+        )?);
+    }
+    Ok((mmio, slots))
+}
+
+fn build_legacy_devices(
+    config: &VmConfig,
+    vm: &Vm,
+    lifecycle: &Arc<VmLifecycle>,
+) -> Result<PioBus, VmmError> {
+    let mut pio = PioBus::new();
+    let serial_irq = new_eventfd()?;
+    vm.register_irqfd(&serial_irq, COM1_IRQ)?;
+    let serial = SerialConsole::new(serial_irq, console_writer(&config.console)?);
+    pio.insert(COM1_PORT, COM1_PORT_COUNT, Arc::new(Mutex::new(serial)))?;
+
+    // A weak reference: the lifecycle must not be kept alive by a device it outlives.
+    let lifecycle = Arc::downgrade(lifecycle);
+    let reset_port = I8042ResetPort::new(move || {
+        if let Some(lifecycle) = lifecycle.upgrade() {
+            tracing::debug!("guest requested a reset through the i8042");
+            lifecycle.finish(Ok(VmExit::Reset));
+        }
+    });
+    pio.insert(
+        I8042_DATA_PORT,
+        I8042_PORT_COUNT,
+        Arc::new(Mutex::new(reset_port)),
+    )?;
+    Ok(pio)
+}
+
+/// Build the VM described by `config` and start its vCPUs.
+pub(crate) fn build_and_start(
+    config: &VmConfig,
+    lifecycle: Arc<VmLifecycle>,
+) -> Result<RunningVm, VmmError> {
+    let kvm = KvmSystem::open()?;
+    validate(config, &kvm)?;
+    install_kick_handler()?;
+
+    let memory = create_guest_memory(config.memory_mib)?;
+    let mut vm = Vm::new(&kvm)?;
+    vm.register_memory(&memory)?;
+
+    let event_loop = EventLoop::new().map_err(|err| VmmError::Thread("device event loop", err))?;
+    let (mmio, virtio_slots) = build_virtio_devices(config, &vm, &memory, &event_loop.handle())?;
+    let pio = build_legacy_devices(config, &vm, &lifecycle)?;
+
+    let cmdline = build_cmdline(&virtio_slots, &config.cmdline)?;
+    let boot = prepare_guest_memory(
+        &memory,
+        &config.kernel,
+        config.initrd.as_deref(),
+        &cmdline,
+        config.vcpus,
+    )?;
+    tracing::debug!(
+        "loaded {:?} kernel, entry {:#x}, initramfs {:?}",
+        boot.format,
+        boot.entry.0,
+        boot.initrd
+    );
+
+    let supported_cpuid = kvm.supported_cpuid()?;
+    let mut vcpus: Vec<Vcpu> = Vec::with_capacity(usize::from(config.vcpus));
+    for index in 0..config.vcpus {
+        let vcpu = vm.create_vcpu(index)?;
+        let entry = (index == 0).then_some(boot.entry.0);
+        vcpu.configure(&kvm, &supported_cpuid, config.vcpus, entry)?;
+        vcpus.push(vcpu);
+    }
+
+    let event_loop = event_loop
+        .spawn()
+        .map_err(|err| VmmError::Thread("device event loop", err))?;
+    let running = RunningVm {
+        event_loop,
+        pio: Arc::new(pio),
+        mmio: Arc::new(mmio),
+        vm,
+        memory,
+    };
+
+    // Application processors first: they wait in KVM for the bootstrap processor's SIPI.
+    for vcpu in vcpus.into_iter().rev() {
+        let context = VcpuRunContext {
+            pio: running.pio.clone(),
+            mmio: running.mmio.clone(),
+            lifecycle: lifecycle.clone(),
+        };
+        match vcpu.spawn(context) {
+            Ok(thread) => lifecycle.adopt_vcpu_thread(thread),
+            Err(err) => {
+                lifecycle.finish(Ok(VmExit::Stopped));
+                lifecycle.join_vcpus();
+                running.shut_down();
+                return Err(VmmError::Thread("vCPU", err));
+            }
+        }
+    }
+    Ok(running)
+}

@@ -1,0 +1,180 @@
+//! Where the serial console's bytes go. The vCPU that writes a byte must never block on a
+//! slow or stuck reader (a full pipe, a closed terminal), so bytes go through a bounded
+//! queue to a `tern-console` writer thread; when the queue is full, bytes are dropped and
+//! counted instead of stalling the guest.
+
+use std::io::{self, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Chunks the writer thread may fall behind by before bytes are dropped.
+const QUEUE_CHUNKS: usize = 1024;
+/// Bytes collected on the vCPU side before they are handed to the writer thread.
+const CHUNK_BYTES: usize = 256;
+/// How long dropping the writer waits for queued output to drain.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// A `Write` that never blocks its caller: see the module docs.
+pub struct ConsoleWriter {
+    pending: Vec<u8>,
+    queue: Option<SyncSender<Vec<u8>>>,
+    thread: Option<JoinHandle<()>>,
+    dropped_bytes: Arc<AtomicU64>,
+}
+
+impl ConsoleWriter {
+    /// Bytes go to `sink` from a background thread.
+    pub fn spawn(mut sink: Box<dyn Write + Send>) -> io::Result<Self> {
+        let (queue, chunks) = sync_channel::<Vec<u8>>(QUEUE_CHUNKS);
+        let thread = std::thread::Builder::new()
+            .name("tern-console".into())
+            .spawn(move || {
+                for chunk in chunks {
+                    // A closed or failing sink loses console output, nothing else.
+                    if sink.write_all(&chunk).and_then(|()| sink.flush()).is_err() {
+                        tracing::trace!("console output failed; dropping {} bytes", chunk.len());
+                    }
+                }
+            })?;
+        Ok(ConsoleWriter {
+            pending: Vec::new(),
+            queue: Some(queue),
+            thread: Some(thread),
+            dropped_bytes: Arc::new(AtomicU64::new(0)),
+        })
+    }
+
+    /// Output is thrown away.
+    pub fn discard() -> Self {
+        ConsoleWriter {
+            pending: Vec::new(),
+            queue: None,
+            thread: None,
+            dropped_bytes: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// Bytes lost because the sink could not keep up.
+    pub fn dropped_bytes(&self) -> u64 {
+        self.dropped_bytes.load(Ordering::Relaxed)
+    }
+
+    fn send_pending(&mut self) {
+        let Some(queue) = &self.queue else {
+            self.pending.clear();
+            return;
+        };
+        if self.pending.is_empty() {
+            return;
+        }
+        let chunk = std::mem::take(&mut self.pending);
+        match queue.try_send(chunk) {
+            Ok(()) => {}
+            Err(TrySendError::Full(chunk)) | Err(TrySendError::Disconnected(chunk)) => {
+                self.dropped_bytes
+                    .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+impl Write for ConsoleWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.queue.is_some() {
+            self.pending.extend_from_slice(buf);
+            if self.pending.len() >= CHUNK_BYTES {
+                self.send_pending();
+            }
+        }
+        Ok(buf.len())
+    }
+
+    // The serial device flushes after every byte; sending each byte at once keeps the
+    // console live (a guest that prints a prompt and waits must be seen).
+    fn flush(&mut self) -> io::Result<()> {
+        self.send_pending();
+        Ok(())
+    }
+}
+
+impl Drop for ConsoleWriter {
+    fn drop(&mut self) {
+        self.send_pending();
+        // Closing the queue ends the writer thread once it has written what is queued.
+        self.queue = None;
+        let Some(thread) = self.thread.take() else {
+            return;
+        };
+        let deadline = Instant::now() + DRAIN_TIMEOUT;
+        while !thread.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        if thread.is_finished() {
+            let _ = thread.join();
+        } else {
+            // The sink is stuck in a write (nobody reads the pipe); the thread ends when
+            // that write returns. Waiting here would hang the VMM's shutdown.
+            tracing::warn!("console sink is stuck; leaving its writer thread behind");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    #[derive(Clone, Default)]
+    struct SharedBuffer(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for SharedBuffer {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    struct BrokenSink;
+
+    impl Write for BrokenSink {
+        fn write(&mut self, _buf: &[u8]) -> io::Result<usize> {
+            Err(io::Error::from(io::ErrorKind::BrokenPipe))
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Err(io::Error::from(io::ErrorKind::BrokenPipe))
+        }
+    }
+
+    #[test]
+    fn delivers_bytes_in_order() {
+        let buffer = SharedBuffer::default();
+        let mut writer = ConsoleWriter::spawn(Box::new(buffer.clone())).unwrap();
+        for byte in b"hello, console\n" {
+            writer.write_all(&[*byte]).unwrap();
+            writer.flush().unwrap();
+        }
+        drop(writer);
+        assert_eq!(buffer.0.lock().unwrap().as_slice(), b"hello, console\n");
+    }
+
+    #[test]
+    fn broken_sink_does_not_fail_the_writer() {
+        let mut writer = ConsoleWriter::spawn(Box::new(BrokenSink)).unwrap();
+        writer.write_all(b"lost").unwrap();
+        writer.flush().unwrap();
+    }
+
+    #[test]
+    fn discard_accepts_everything() {
+        let mut writer = ConsoleWriter::discard();
+        writer.write_all(&[0u8; 10_000]).unwrap();
+        writer.flush().unwrap();
+        assert_eq!(writer.dropped_bytes(), 0);
+    }
+}
