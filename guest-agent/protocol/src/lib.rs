@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use std::io::{Read, Write};
 
 pub mod frame;
+pub mod watch;
 
 /// Bumped on every incompatible change of the messages below.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -24,6 +25,13 @@ pub const PROTOCOL_VERSION: u32 = 1;
 pub const AGENT_RPC_PORT: u32 = 1024;
 /// vsock port on which the agent accepts process stdio streams.
 pub const AGENT_STREAM_PORT: u32 = 1025;
+/// vsock port on which the agent accepts change-record streams from the VMM's fs watcher
+/// (see [`watch`]).
+pub const AGENT_WATCH_PORT: u32 = 1026;
+/// virtio-fs tag of the VM's one fs device; every share is a subdirectory of it.
+pub const FS_TAG: &str = "tern";
+/// Where the agent mounts the virtio-fs device in the guest; share `S` is `<this>/S`.
+pub const GUEST_SHARES_ROOT: &str = "/run/tern/shares";
 /// Line the agent writes to the console when it is ready to serve (used for boot timing).
 pub const READY_MARKER: &str = "TERN-AGENT-READY";
 /// Largest frame either side accepts; a larger length prefix is a protocol error.
@@ -47,6 +55,37 @@ pub enum Request {
     Stats,
     /// Orderly shutdown: sync, kill remaining processes and power the VM off.
     Shutdown,
+    /// Present a virtio-fs share at a guest path (see [`MountRequest`]).
+    Mount(MountRequest),
+    /// Undo a [`Request::Mount`] at this guest path.
+    Unmount { guest_path: String },
+}
+
+/// Present share `share` (a subdirectory of the fs device, `GUEST_SHARES_ROOT/<share>`) at
+/// `guest_path`.
+///
+/// A plain mount is a bind mount of the share (read-only if `read_only`). A watchable mount is
+/// a tmpfs mirror at `guest_path`, kept in sync by change records from the VMM's watcher
+/// ([`AGENT_WATCH_PORT`]) — or by polling when `watch_mode` is [`WatchMode::Poll`]; a mirror
+/// that grows past [`watch::MAX_ENTRIES`] / [`watch::MAX_BYTES`] becomes a bind mount.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct MountRequest {
+    pub share: String,
+    pub guest_path: String,
+    pub read_only: bool,
+    pub watchable: bool,
+    pub watch_mode: WatchMode,
+}
+
+/// How a watchable mount is kept fresh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum WatchMode {
+    /// Change records pushed by the VMM's watcher (tern's way).
+    #[default]
+    Events,
+    /// Rescan every [`watch::POLL_INTERVAL`] (Kata's way; the benchmark baseline).
+    Poll,
 }
 
 /// What to run and how.
