@@ -1,34 +1,39 @@
 //! `tern-agent`: PID 1 inside each tern microVM.
 //!
 //! Boot: mount the basic filesystems, start logging, start the reaper, bind the RPC and stream
-//! listeners (vsock ports 1024/1025), print the ready marker on the console, serve forever.
+//! listeners (vsock ports 1024/1025/1026), print the ready marker on the console, serve forever.
 //! With `--unix-dir DIR` it listens on `DIR/rpc.sock` and `DIR/stream.sock` instead and, when
 //! not PID 1, skips all system setup: that is how the protocol is tested on a host.
 
+mod container;
 mod init;
 mod logging;
+mod mirror;
+mod mounts;
 mod process;
 mod server;
 mod stats;
 mod streams;
 mod transport;
+mod watch_events;
 
 use anyhow::Context;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use tern_protocol::{AGENT_RPC_PORT, AGENT_STREAM_PORT, READY_MARKER};
+use tern_protocol::{AGENT_RPC_PORT, AGENT_STREAM_PORT, AGENT_WATCH_PORT, READY_MARKER};
 use tracing::{error, info, warn};
 
 use crate::logging::LogTarget;
 use crate::process::ProcessTable;
 use crate::server::{Agent, ShutdownMode};
-use crate::transport::{Listener, UNIX_RPC_SOCKET, UNIX_STREAM_SOCKET};
+use crate::transport::{Listener, UNIX_RPC_SOCKET, UNIX_STREAM_SOCKET, UNIX_WATCH_SOCKET};
 
 const USAGE: &str = "usage: tern-agent [--unix-dir DIR]\n\n\
-    Without options: listen on vsock ports 1024 (RPC) and 1025 (stdio streams).\n\
-    --unix-dir DIR   listen on DIR/rpc.sock and DIR/stream.sock instead (host-side testing)\n\
+    Without options: listen on vsock ports 1024 (RPC), 1025 (stdio streams) and 1026 (change records).\n\
+    --unix-dir DIR   listen on DIR/rpc.sock, DIR/stream.sock and DIR/watch.sock instead (host-side testing)\n\
+    watch-events DIR...   print inotify events of DIRs, one line each (test tool)\n\
     Log level: tern.log=<level> on the kernel command line (PID 1), else $TERN_AGENT_LOG.\n";
 
 /// Environment variable with the log level when not running as PID 1.
@@ -80,7 +85,13 @@ fn parse_args(args: impl Iterator<Item = String>, lenient: bool) -> Parsed {
 fn main() -> ExitCode {
     let pid1 = std::process::id() == 1;
     // PID 1 must never exit over its arguments: that would panic the kernel.
-    let opts = match parse_args(std::env::args().skip(1), pid1) {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if !pid1 && args.first().map(String::as_str) == Some("watch-events") {
+        let Err(e) = watch_events::run(&args[1..]);
+        eprintln!("tern-agent watch-events: {e:#}");
+        return ExitCode::FAILURE;
+    }
+    let opts = match parse_args(args.into_iter(), pid1) {
         Parsed::Run(opts) => opts,
         Parsed::Exit(code) => return code,
     };
@@ -120,6 +131,9 @@ fn run_as_pid1(opts: Options) -> ! {
     for e in init::configure_system() {
         warn!("{:#}", anyhow::Error::from(e));
     }
+    if let Some(interval) = mirror::resync_interval_from_cmdline(&cmdline) {
+        mirror::set_resync_interval(interval);
+    }
     let Err(e) = run_agent(&opts, true);
     error!("{e:#}");
     let err = init::power_off();
@@ -139,7 +153,7 @@ fn run_agent(opts: &Options, pid1: bool) -> anyhow::Result<std::convert::Infalli
             .spawn(move || table.run_reaper())
             .context("cannot start the reaper thread")?;
     }
-    let (rpc, streams) = match &opts.unix_dir {
+    let (rpc, streams, watch) = match &opts.unix_dir {
         Some(dir) => {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("cannot create {}", dir.display()))?;
@@ -149,13 +163,16 @@ fn run_agent(opts: &Options, pid1: bool) -> anyhow::Result<std::convert::Infalli
             (
                 Listener::unix(&dir.join(UNIX_RPC_SOCKET))?,
                 Listener::unix(&dir.join(UNIX_STREAM_SOCKET))?,
+                Listener::unix(&dir.join(UNIX_WATCH_SOCKET))?,
             )
         }
         None => (
             Listener::vsock(AGENT_RPC_PORT)?,
             Listener::vsock(AGENT_STREAM_PORT)?,
+            Listener::vsock(AGENT_WATCH_PORT)?,
         ),
     };
+    mirror::start_watch_listener(watch).context("cannot start the watch listener")?;
     let mode = if pid1 {
         ShutdownMode::PowerOff
     } else {

@@ -100,10 +100,10 @@ struct TableState {
 
 /// The pipes of a freshly spawned process.
 #[derive(Debug, Default)]
-struct Pipes {
-    stdin: Option<File>,
-    stdout: Option<File>,
-    stderr: Option<File>,
+pub(crate) struct Pipes {
+    pub(crate) stdin: Option<File>,
+    pub(crate) stdout: Option<File>,
+    pub(crate) stderr: Option<File>,
 }
 
 impl TableState {
@@ -233,6 +233,32 @@ impl ProcessTable {
                     program,
                     reason: errno_text(&e),
                 })
+            }
+        };
+        drop(state);
+        self.changed.notify_all();
+        result
+    }
+
+    /// Register a process started by `start` (which must not reap it): the id is reserved
+    /// and the reap gate closed while `start` runs, as in [`Self::spawn`]. `start` returns
+    /// the child's pid and its pipes; on error it must already have reaped any child it made.
+    pub(crate) fn spawn_with<E: From<ProcessError>>(
+        &self,
+        id: &str,
+        start: impl FnOnce() -> Result<(i32, Pipes), E>,
+    ) -> Result<i32, E> {
+        self.lock().reserve(id)?;
+        let started = start();
+        let mut state = self.lock();
+        let result = match started {
+            Ok((pid, pipes)) => {
+                state.register(id, pid, pipes);
+                Ok(pid)
+            }
+            Err(e) => {
+                state.abandon(id);
+                Err(e)
             }
         };
         drop(state);

@@ -87,10 +87,31 @@ impl Agent {
                 self.shutting_down.store(true, Ordering::SeqCst);
                 Response::Ok
             }
-            // Filled in with the virtio-fs shares (issue 3).
-            Request::Mount(_) | Request::Unmount { .. } => Response::Error {
-                message: "mounts are not supported by this agent yet".into(),
+            Request::Mount(req) => match crate::mounts::mount_share(&req) {
+                Ok(()) => Response::Ok,
+                Err(e) => {
+                    info!(share = %req.share, guest_path = %req.guest_path, error = %e, "mount failed");
+                    error_response(&e)
+                }
             },
+            Request::Unmount { guest_path } => match crate::mounts::unmount_share(&guest_path) {
+                Ok(()) => Response::Ok,
+                Err(e) => error_response(&e),
+            },
+            Request::StartContainer(spec) => {
+                if self.shutting_down.load(Ordering::SeqCst) {
+                    return Response::Error {
+                        message: "the agent is shutting down".into(),
+                    };
+                }
+                match crate::container::start(&self.table, &spec) {
+                    Ok(pid) => Response::Started { pid },
+                    Err(e) => {
+                        info!(id = %spec.id, error = %e, "container start failed");
+                        error_response(&e)
+                    }
+                }
+            }
         }
     }
 

@@ -13,6 +13,8 @@ use vsock::{VsockListener, VsockStream, VMADDR_CID_ANY};
 pub const UNIX_RPC_SOCKET: &str = "rpc.sock";
 /// File name of the stdio stream socket in `--unix-dir` mode.
 pub const UNIX_STREAM_SOCKET: &str = "stream.sock";
+/// File name of the change-record socket (watchable mounts) in `--unix-dir` mode.
+pub const UNIX_WATCH_SOCKET: &str = "watch.sock";
 
 /// Errors setting up a listener.
 #[derive(Debug, thiserror::Error)]

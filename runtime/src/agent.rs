@@ -10,7 +10,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tern_protocol::{
-    ExecRequest, ExitStatus, GuestStats, ProtocolError, Request, Response, StreamHello, StreamKind,
+    ContainerSpec, ExecRequest, ExitStatus, GuestStats, MountRequest, ProtocolError, Request, Response, StreamHello, StreamKind,
     AGENT_RPC_PORT, AGENT_STREAM_PORT, PROTOCOL_VERSION,
 };
 
@@ -20,6 +20,10 @@ const MAX_HANDSHAKE_LINE: usize = 64;
 const RPC_TIMEOUT: Duration = Duration::from_secs(30);
 /// Pause between connection attempts while the guest is booting.
 const RETRY_INTERVAL: Duration = Duration::from_millis(10);
+/// How long one readiness probe waits for the guest to accept or refuse a connection. A live
+/// guest kernel answers a vsock request at once; a dead or wedged one never does, and the
+/// caller must get to re-check the VM rather than block on it.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Errors talking to the agent.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +38,8 @@ pub enum AgentError {
     Version { got: u32 },
     #[error("agent did not answer within {0:?}")]
     NotReady(Duration),
+    #[error("the VM ended before its agent answered ({0})")]
+    VmGone(String),
     #[error("agent protocol error")]
     Protocol(#[from] ProtocolError),
     #[error("agent I/O failed")]
@@ -61,9 +67,15 @@ impl AgentClient {
 
     /// Open a stream to `port` in the guest.
     pub fn connect(&self, port: u32) -> Result<UnixStream, AgentError> {
+        self.connect_within(port, RPC_TIMEOUT)
+    }
+
+    /// Open a stream to `port`, waiting at most `timeout` for the guest's answer.
+    fn connect_within(&self, port: u32, timeout: Duration) -> Result<UnixStream, AgentError> {
         let mut sock = UnixStream::connect(&self.uds_path)
             .map_err(|source| AgentError::Connect { path: self.uds_path.clone(), source })?;
-        sock.set_read_timeout(Some(RPC_TIMEOUT))?;
+        sock.set_read_timeout(Some(timeout))?;
+        sock.set_write_timeout(Some(timeout))?;
         sock.write_all(format!("CONNECT {port}\n").as_bytes())?;
         // Read the reply byte by byte: whatever follows the newline belongs to the stream.
         let mut line = Vec::with_capacity(16);
@@ -86,11 +98,12 @@ impl AgentClient {
             return Err(AgentError::Handshake(String::from_utf8_lossy(&line).into_owned()));
         }
         sock.set_read_timeout(None)?;
+        sock.set_write_timeout(None)?;
         Ok(sock)
     }
 
-    /// Retry [`Request::Health`] until the agent answers, `deadline` passes, or `give_up()` says
-    /// the VM is gone. Checks the protocol version.
+    /// Retry [`Request::Health`] until the agent answers, `timeout` passes, or `give_up()` says
+    /// the VM is gone ([`AgentError::VmGone`]). Checks the protocol version.
     pub fn wait_ready(
         &self,
         timeout: Duration,
@@ -98,15 +111,15 @@ impl AgentClient {
     ) -> Result<String, AgentError> {
         let start = Instant::now();
         loop {
-            match self.health() {
+            if let Some(reason) = give_up() {
+                return Err(AgentError::VmGone(reason));
+            }
+            match self.probe_health() {
                 Ok(version) => return Ok(version),
                 Err(e @ AgentError::Version { .. }) => return Err(e),
                 Err(e) => {
                     tracing::trace!(error = %e, "agent not ready yet");
                 }
-            }
-            if let Some(reason) = give_up() {
-                return Err(AgentError::Unexpected(reason));
             }
             if start.elapsed() >= timeout {
                 return Err(AgentError::NotReady(timeout));
@@ -117,9 +130,15 @@ impl AgentClient {
 
     /// One request, one response, on a fresh connection.
     pub fn call(&self, req: &Request) -> Result<Response, AgentError> {
-        let mut sock = self.connect(AGENT_RPC_PORT)?;
+        self.call_within(req, RPC_TIMEOUT)
+    }
+
+    /// [`Self::call`] with a bound on connecting and on the answer (`Wait` has no bound on
+    /// the answer: it lasts as long as the process).
+    fn call_within(&self, req: &Request, timeout: Duration) -> Result<Response, AgentError> {
+        let mut sock = self.connect_within(AGENT_RPC_PORT, timeout)?;
         if !matches!(req, Request::Wait { .. }) {
-            sock.set_read_timeout(Some(RPC_TIMEOUT))?;
+            sock.set_read_timeout(Some(timeout))?;
         }
         tern_protocol::send(&mut sock, req)?;
         let resp: Response = tern_protocol::recv(&mut sock)?;
@@ -131,7 +150,15 @@ impl AgentClient {
 
     /// Health check; returns the agent's version string.
     pub fn health(&self) -> Result<String, AgentError> {
-        match self.call(&Request::Health)? {
+        self.health_within(RPC_TIMEOUT)
+    }
+
+    fn probe_health(&self) -> Result<String, AgentError> {
+        self.health_within(PROBE_TIMEOUT)
+    }
+
+    fn health_within(&self, timeout: Duration) -> Result<String, AgentError> {
+        match self.call_within(&Request::Health, timeout)? {
             Response::Health { protocol_version, agent_version } => {
                 if protocol_version != PROTOCOL_VERSION {
                     return Err(AgentError::Version { got: protocol_version });
@@ -148,6 +175,20 @@ impl AgentClient {
             Response::Started { pid } => Ok(pid),
             other => Err(AgentError::Unexpected(format!("{other:?}"))),
         }
+    }
+
+    /// Create a container and start its process (registered under `spec.id`); returns its
+    /// guest pid.
+    pub fn start_container(&self, spec: ContainerSpec) -> Result<i32, AgentError> {
+        match self.call(&Request::StartContainer(spec))? {
+            Response::Started { pid } => Ok(pid),
+            other => Err(AgentError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Deliver EOF on the process's stdin.
+    pub fn close_stdin(&self, id: &str) -> Result<(), AgentError> {
+        self.expect_ok(&Request::CloseStdin { id: id.to_string() })
     }
 
     /// Block until the process exits.
@@ -167,6 +208,16 @@ impl AgentClient {
             Response::Stats(s) => Ok(s),
             other => Err(AgentError::Unexpected(format!("{other:?}"))),
         }
+    }
+
+    /// Present a virtio-fs share at a guest path.
+    pub fn mount(&self, req: MountRequest) -> Result<(), AgentError> {
+        self.expect_ok(&Request::Mount(req))
+    }
+
+    /// Undo [`AgentClient::mount`] at `guest_path`.
+    pub fn unmount(&self, guest_path: &str) -> Result<(), AgentError> {
+        self.expect_ok(&Request::Unmount { guest_path: guest_path.to_string() })
     }
 
     /// Ask the agent to power the guest off.

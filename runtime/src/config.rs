@@ -5,6 +5,8 @@
 
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
+use tern_protocol::WatchMode;
+use vmm::api::CachePolicy;
 
 /// Default system-wide config file.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/tern/config.toml";
@@ -29,6 +31,47 @@ pub enum ConfigError {
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub vm: VmSection,
+    pub fs: FsSection,
+}
+
+/// `[fs]`: host directories shared with the guest (virtio-fs) and watchable mounts.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FsSection {
+    /// What the guest may cache of a share: "never", "auto" (close-to-open, 1 s metadata) or
+    /// "always" (for shares only the guest changes).
+    pub cache: FsCache,
+    /// How watchable mounts follow the host: "events" (the VMM pushes change records) or
+    /// "poll" (the agent rescans every 2 s, like Kata; the benchmark baseline).
+    pub watch_mode: WatchMode,
+    /// Seconds between full resyncs of watchable mounts (the safety net under events).
+    pub resync_interval_secs: u64,
+}
+
+impl Default for FsSection {
+    fn default() -> Self {
+        FsSection { cache: FsCache::Auto, watch_mode: WatchMode::Events, resync_interval_secs: 60 }
+    }
+}
+
+/// `fs.cache` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FsCache {
+    Never,
+    Auto,
+    Always,
+}
+
+impl FsCache {
+    /// The VMM's cache policy for this setting.
+    pub fn policy(self) -> CachePolicy {
+        match self {
+            FsCache::Never => CachePolicy::Never,
+            FsCache::Auto => CachePolicy::Auto,
+            FsCache::Always => CachePolicy::Always,
+        }
+    }
 }
 
 /// `[vm]`: how each microVM is built.
@@ -101,6 +144,12 @@ impl Config {
                 reason: "CIDs 0-2 are reserved".into(),
             });
         }
+        if self.fs.resync_interval_secs == 0 {
+            return Err(ConfigError::Invalid {
+                key: "fs.resync_interval_secs",
+                reason: "must be at least 1".into(),
+            });
+        }
         if self.vm.agent_timeout_secs == 0 {
             return Err(ConfigError::Invalid {
                 key: "vm.agent_timeout_secs",
@@ -142,6 +191,21 @@ mod tests {
         assert_eq!(parsed.vm.memory_mib, defaults.vm.memory_mib);
         assert_eq!(parsed.vm.agent_timeout_secs, defaults.vm.agent_timeout_secs);
         assert_eq!(parsed.vm.guest_cid, defaults.vm.guest_cid);
+        assert_eq!(parsed.fs.cache, defaults.fs.cache);
+        assert_eq!(parsed.fs.watch_mode, defaults.fs.watch_mode);
+        assert_eq!(parsed.fs.resync_interval_secs, defaults.fs.resync_interval_secs);
+    }
+
+    #[test]
+    fn fs_section_parses() {
+        let c: Config =
+            toml::from_str("[fs]\ncache = \"never\"\nwatch_mode = \"poll\"\nresync_interval_secs = 5\n").unwrap();
+        assert_eq!(c.fs.cache.policy(), CachePolicy::Never);
+        assert_eq!(c.fs.watch_mode, WatchMode::Poll);
+        assert!(toml::from_str::<Config>("[fs]\ncache = \"sometimes\"\n").is_err());
+        let mut c = Config::default();
+        c.fs.resync_interval_secs = 0;
+        assert!(matches!(c.validate(), Err(ConfigError::Invalid { key: "fs.resync_interval_secs", .. })));
     }
 
     #[test]

@@ -6,3 +6,5 @@
 pub mod agent;
 pub mod config;
 pub mod sandbox;
+pub mod share;
+pub mod shim;

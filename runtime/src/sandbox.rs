@@ -7,7 +7,7 @@ use crate::agent::{AgentClient, AgentError};
 use crate::config::Config;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
-use vmm::api::{ConsoleOutput, VmConfig, VmExit, VmHandle, Vmm, VmmError, VsockConfig};
+use vmm::api::{ConsoleOutput, ShareConfig, VmConfig, VmExit, VmHandle, Vmm, VmmError, VsockConfig};
 
 /// Errors creating or running a sandbox.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +46,16 @@ pub struct Sandbox {
 impl Sandbox {
     /// Boot a VM as `config` says and wait until its agent answers a health check.
     pub fn boot(config: &Config) -> Result<Sandbox, SandboxError> {
+        Sandbox::boot_with_shares(config, Vec::new(), false)
+    }
+
+    /// [`Sandbox::boot`] with host directories shared from the start. With `fs_device` the
+    /// virtio-fs device exists even without shares, so [`Sandbox::add_fs_share`] works later.
+    pub fn boot_with_shares(
+        config: &Config,
+        shares: Vec<ShareConfig>,
+        fs_device: bool,
+    ) -> Result<Sandbox, SandboxError> {
         let kernel = config.kernel_path();
         let initrd = config.initrd_path();
         if !kernel.is_file() {
@@ -64,6 +74,8 @@ impl Sandbox {
             cmdline: config.vm.kernel_cmdline.clone(),
             console: console_output(&config.vm.console_log),
             vsock: Some(VsockConfig { guest_cid: config.vm.guest_cid, uds_path: uds_path.clone() }),
+            fs_shares: shares,
+            fs_device,
         };
         let vmm_start = Instant::now();
         let vm = Vmm::start(vm_config).map_err(SandboxError::Start)?;
@@ -77,7 +89,7 @@ impl Sandbox {
         let agent_ready = Instant::now();
         match ready {
             Ok(version) => tracing::debug!(%version, "agent ready"),
-            Err(AgentError::Unexpected(reason)) => return Err(SandboxError::VmGone(reason)),
+            Err(AgentError::VmGone(reason)) => return Err(SandboxError::VmGone(reason)),
             Err(e) => return Err(SandboxError::Agent(e)),
         }
         let timeline = BootTimeline { vmm_start, kernel_entry: vm.timings().vcpus_started, agent_ready };
@@ -94,6 +106,16 @@ impl Sandbox {
 
     pub fn run_dir(&self) -> &Path {
         self.run_dir.path()
+    }
+
+    /// Share another host directory with the running guest (then ask the agent to mount it).
+    pub fn add_fs_share(&self, share: ShareConfig) -> Result<(), VmmError> {
+        self.vm.add_fs_share(share)
+    }
+
+    /// Stop sharing `name` (after the agent unmounted it).
+    pub fn remove_fs_share(&self, name: &str) -> Result<(), VmmError> {
+        self.vm.remove_fs_share(name)
     }
 
     /// Ask the agent to power off and wait up to `grace` for the VM to end; force it otherwise.

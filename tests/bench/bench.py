@@ -25,6 +25,7 @@ table / SVG logic and the process machinery with fake VMMs (no KVM needed).
 from __future__ import annotations
 
 import argparse
+import atexit
 import datetime as _dt
 import hashlib
 import html
@@ -280,6 +281,9 @@ class RunResult:
         return d
 
 
+ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
 def kill_group(p: subprocess.Popen) -> None:
     try:
         os.killpg(p.pid, signal.SIGKILL)
@@ -377,9 +381,9 @@ def watch(
         sel.close()
         p.stdout.close()
         p.stderr.close()
-    r.stdout_tail = out[-TAIL_CHARS:].decode(errors="replace")
-    r.stderr_tail = err[-TAIL_CHARS:].decode(errors="replace")
-    r.timings = parse_tern_timings(err.decode(errors="replace"))
+    r.stdout_tail = ANSI_RE.sub("", out[-TAIL_CHARS:].decode(errors="replace"))
+    r.stderr_tail = ANSI_RE.sub("", err[-TAIL_CHARS:].decode(errors="replace"))
+    r.timings = parse_tern_timings(ANSI_RE.sub("", err.decode(errors="replace")))
     # verdict
     if r.timed_out:
         r.error = f"timed out after {timeout:g} s" + ("" if marker_at else " without the marker")
@@ -499,10 +503,14 @@ def _cmd_out(cmd: list[str]) -> str | None:
     return s.splitlines()[0] if s else None
 
 
-def file_facts(path: Path) -> dict[str, Any]:
-    d: dict[str, Any] = {"path": str(path)}
+def file_facts(path: Path, origin: Path | None = None) -> dict[str, Any]:
+    """path: what the VMMs are given; origin: where it was copied from (reported as 'path')."""
+    src = origin or path
+    d: dict[str, Any] = {"path": str(src)}
+    if origin is not None:
+        d["used_copy"] = str(path)
     try:
-        d["resolved"] = str(path.resolve(strict=True))
+        d["resolved"] = str(src.resolve(strict=True))
         h = hashlib.sha256()
         with open(path, "rb") as f:
             for b in iter(lambda: f.read(1 << 20), b""):
@@ -514,7 +522,22 @@ def file_facts(path: Path) -> dict[str, Any]:
     return d
 
 
-def host_facts(setup: Setup) -> dict[str, Any]:
+def snapshot(paths: dict[str, Path], into: Path) -> dict[str, Path]:
+    """Copy the inputs into a private dir: both systems boot the very same bytes, a concurrent
+    `make build` cannot swap or delete them mid-run, and inside the nested runner every boot
+    reads them from tmpfs instead of 9p."""
+    import shutil
+
+    out = {}
+    for name, src in paths.items():
+        dst = into / f"{name}-{src.name}"
+        shutil.copyfile(src.resolve(strict=True), dst)
+        shutil.copymode(src.resolve(strict=True), dst)
+        out[name] = dst
+    return out
+
+
+def host_facts(setup: Setup, origin: dict[str, Path] | None = None) -> dict[str, Any]:
     def read(p: str) -> str | None:
         try:
             with open(p) as f:
@@ -558,8 +581,9 @@ def host_facts(setup: Setup) -> dict[str, Any]:
         "qemu_version": _cmd_out([setup.qemu, "--version"]),
         "tern_version": _cmd_out([str(setup.tern), "--version"]),
         "git": (git + ("-dirty" if dirty else "")) if git else None,
-        "kernel": file_facts(setup.kernel),
-        "initrd": file_facts(setup.initrd),
+        "kernel": file_facts(setup.kernel, (origin or {}).get("kernel")),
+        "initrd": file_facts(setup.initrd, (origin or {}).get("initrd")),
+        "snapshot": origin is not None,
         "guest_memory_mib": setup.memory_mib,
         "qemu_vsock": setup.qemu_vsock,
         "python": platform.python_version(),
@@ -770,9 +794,18 @@ def render_markdown(
         f"- initramfs: `{i['path']}` (sha256 {i.get('sha256', '?')[:16]}, "
         f"{i.get('size_bytes', 0) / MiB:.1f} MiB)"
     )
+    if facts.get("snapshot"):
+        L.append(
+            "- tern, kernel and initramfs were copied to a private tmp dir at the start "
+            "(same bytes for both systems; commands below show the copies)"
+        )
     L.append(
         f"- guest: 1 vCPU, {facts['guest_memory_mib']} MiB; QEMU vsock device: "
-        + ("vhost-vsock-device" if facts["qemu_vsock"] else "none (no /dev/vhost-vsock)")
+        + (
+            "vhost-vsock-device"
+            if facts["qemu_vsock"]
+            else "none" + ("" if facts["dev_vhost_vsock"] else " (no /dev/vhost-vsock)")
+        )
     )
     L.append(f"- tern: {facts.get('tern_version') or '?'}; git {facts.get('git') or '?'}")
     L.append(f"- QEMU: {facts.get('qemu_version') or '?'}")
@@ -829,9 +862,15 @@ def render_svg(summary: dict[str, Any], facts: dict[str, Any]) -> str:
     )
     y = 58
     plot_w = W - left - right
+    # panels with the same unit share one scale, so their bars compare
+    unit_max: dict[str, float] = {}
+    for _, key, unit, target, _, systems in panels:
+        vals = [(summary[s] or {}).get(key) for s in systems]
+        m = max([st["max"] for st in vals if st] + [target or 0])
+        unit_max[unit] = max(unit_max.get(unit, 0.0), m)
     for title, key, unit, target, tlabel, systems in panels:
         stats = {s: (summary[s] or {}).get(key) for s in systems}
-        vmax = max([st["max"] for st in stats.values() if st] + [target or 0]) or 1.0
+        vmax = unit_max[unit] or 1.0
         scale = plot_w / (vmax * 1.12)
         o.append(f'<text x="16" y="{y + 18}" font-size="14" font-weight="bold">{e(title)}</text>')
         if key == "ready_ms" and summary["ratios"]["ready"] is not None:
@@ -971,7 +1010,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                     help="initramfs for both (default target/release/tern-initramfs.cpio)")  # fmt: skip
     ap.add_argument("--qemu-vsock", choices=("auto", "on", "off"), default="auto",
                     help="give QEMU a vhost-vsock device (auto: if /dev/vhost-vsock exists)")  # fmt: skip
+    ap.add_argument("--no-snapshot", dest="snapshot", action="store_false",
+                    help="boot the inputs in place instead of private copies in $TMPDIR")  # fmt: skip
     ap.add_argument("--out-dir", type=Path, default=d["out"])
+    ap.add_argument("--rerender", type=Path, metavar="BOOT_JSON",
+                    help="only re-render the report from an earlier boot.json")  # fmt: skip
     ap.add_argument("--selftest", action="store_true",
                     help="test parsing/statistics/report/process logic with fake VMMs")  # fmt: skip
     a = ap.parse_args(argv)
@@ -984,10 +1027,29 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return a
 
 
+def rerender(json_path: Path, out_dir: Path) -> int:
+    """Re-render boot.md / boot.svg (and boot.json) from an earlier boot.json, no measuring."""
+    raw = json.loads(json_path.read_text())
+    fields = set(RunResult.__dataclass_fields__)
+    res = {
+        s: {k: [RunResult(**{f: v for f, v in r.items() if f in fields}) for r in rs]
+            for k, rs in kinds.items()}
+        for s, kinds in raw["runs"].items()
+    }  # fmt: skip
+    rc, md, heads = report(res, raw["facts"], raw["config"], out_dir)
+    print(md)
+    print()
+    for h in heads:
+        print(h)
+    return rc
+
+
 def main(argv: list[str]) -> int:
     a = parse_args(argv)
     if a.selftest:
         return selftest()
+    if a.rerender:
+        return rerender(a.rerender, a.out_dir)
     missing = [str(p) for p in (a.kernel, a.initrd) if not p.exists()]
     if "tern" in a.systems and not a.tern.exists():
         missing.append(str(a.tern))
@@ -999,12 +1061,24 @@ def main(argv: list[str]) -> int:
     vsock = a.qemu_vsock == "on" or (
         a.qemu_vsock == "auto" and os.path.exists("/dev/vhost-vsock")
     )
+    inputs = {"kernel": a.kernel.absolute(), "initrd": a.initrd.absolute()}
+    if "tern" in a.systems:
+        inputs["tern"] = a.tern.absolute()
+    origin = None
+    if a.snapshot:
+        snapdir = Path(tempfile.mkdtemp(prefix="tern-bench-"))
+        atexit.register(lambda: __import__("shutil").rmtree(snapdir, ignore_errors=True))
+        try:
+            origin, inputs = inputs, snapshot(inputs, snapdir)
+        except OSError as e:
+            log(f"cannot copy the inputs to {snapdir}: {e}")
+            return 2
     setup = Setup(
-        tern=a.tern.absolute(), qemu=a.qemu, kernel=a.kernel.absolute(),
-        initrd=a.initrd.absolute(), memory_mib=a.memory, qemu_vsock=vsock,
+        tern=inputs.get("tern", a.tern.absolute()), qemu=a.qemu, kernel=inputs["kernel"],
+        initrd=inputs["initrd"], memory_mib=a.memory, qemu_vsock=vsock,
         timeout=a.timeout, settle=a.settle,
     )  # fmt: skip
-    facts = host_facts(setup)
+    facts = host_facts(setup, origin)
     config = {
         "runs": a.runs,
         "warmup": a.warmup,
@@ -1138,6 +1212,7 @@ def selftest() -> int:
     tm = parse_tern_timings("tern timings: vmm_start=0ms kernel_entry=n/a agent_ready=7.0ms")
     check(tm is not None and tm["kernel_entry"] is None and tm["agent_ready"] == 7.0, f"n/a {tm}")
     check(parse_tern_timings("nothing here") is None, "no timings")
+    check(ANSI_RE.sub("", "\x1b[2mT\x1b[0m \x1b[31mERROR\x1b[0m x") == "T ERROR x", "ansi strip")
 
     # smaps
     vmas = parse_smaps(FAKE_SMAPS)
@@ -1243,6 +1318,16 @@ def selftest() -> int:
                 keep.mkdir(exist_ok=True)
                 for f in ("boot.md", "boot.svg", "boot.json"):
                     (keep / f).write_text((out / f).read_text())
+        # re-rendering from boot.json gives the same report
+        before = (out / "boot.md").read_text()
+        (Path(td) / "saved.json").write_text((out / "boot.json").read_text())
+        with open(os.devnull, "w") as dn:
+            so, sys.stdout = sys.stdout, dn
+            try:
+                rrc = rerender(Path(td) / "saved.json", out)
+            finally:
+                sys.stdout = so
+        check(rrc == 1 and (out / "boot.md").read_text() == before, "rerender round trip")
         # single-system runs render too
         res = run_all(FakeSetup(script, True, True), ["qemu"], 2, 0, 1)
         rc, md, _ = report(res, facts, config, out)

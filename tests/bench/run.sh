@@ -7,8 +7,8 @@
 #   tests/bench/run.sh --selftest        harness self-test (no KVM, no runner)
 # Results: tests/bench/results/boot.{md,svg,json}.
 #   TERN_BENCH_TIMEOUT=S        runner time limit (default 3000)
-#   TERN_BENCH_VHOST_VSOCK=0    do not load vhost_vsock in the runner (QEMU then gets no
-#                               vsock device; by default it gets one, as tern has one)
+# QEMU gets a vhost-vsock device (as tern has a vsock device) when /dev/vhost-vsock exists
+# in the runner; `--qemu-vsock off` leaves it out (the agent prints its marker either way).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -24,14 +24,21 @@ for c in "${PYTHON:-}" python3 python3.11 /usr/bin/python3; do
 done
 [ -n "$py" ] || { echo "bench: need Python >= 3.11 (set PYTHON=...)" >&2; exit 2; }
 
+# the `make build` artifacts bench.py uses unless --tern/--kernel/--initrd override them
+declare -A need=([tern]=target/release/tern [kernel]=target/release/tern-vmlinux
+	[initrd]=target/release/tern-initramfs.cpio)
 for a in "$@"; do
-	if [ "$a" = --selftest ] || [ "$a" = -h ] || [ "$a" = --help ]; then
-		exec "$py" tests/bench/bench.py "$@"
-	fi
+	case $a in
+	--selftest | -h | --help) exec "$py" tests/bench/bench.py "$@" ;;
+	--tern | --tern=* | --kernel | --kernel=* | --initrd | --initrd=*)
+		a=${a#--}
+		unset "need[${a%%=*}]"
+		;;
+	esac
 done
 
 missing=()
-for f in target/release/tern target/release/tern-vmlinux target/release/tern-initramfs.cpio; do
+for f in "${need[@]}"; do
 	[ -e "$f" ] || missing+=("$f")
 done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -43,7 +50,17 @@ command -v qemu-system-x86_64 >/dev/null || {
 	exit 2
 }
 
-if [ "${TERN_BENCH_VHOST_VSOCK:-1}" != 0 ]; then
-	export TERN_RUNNER_MODULES="${TERN_RUNNER_MODULES:+$TERN_RUNNER_MODULES }vhost_vsock"
+# Then, in the same runner boot, the virtio-fs benchmark (tests/bench/fs_bench.py: tern's
+# built-in device vs QEMU + virtiofsd vs QEMU + `tern fs-serve`; results/fs.{md,json}).
+# virtiofsd is built on the host first (the runner's / is read-only) and cached under
+# $TERN_CACHE/bin. TERN_FS_BENCH_ARGS goes to fs_bench.py (e.g. "--size 1024 --files 10000");
+# TERN_BENCH_FS=0 leaves it out.
+fs_cmd=true
+if [ "${TERN_BENCH_FS:-1}" != 0 ]; then
+	"$py" tests/bench/fs_bench.py --prepare
+	fs_cmd="\"\$0\" tests/bench/fs_bench.py ${TERN_FS_BENCH_ARGS:-}"
 fi
-exec tests/nested-runner --timeout "${TERN_BENCH_TIMEOUT:-3000}" -- "$py" tests/bench/bench.py "$@"
+
+# Then the watchable-mount latency benchmark (event vs poll mode) in the same runner boot.
+exec tests/nested-runner --timeout "${TERN_BENCH_TIMEOUT:-3000}" -- \
+	bash -c '"$0" tests/bench/bench.py "$@" && "$0" tests/bench/watch_latency.py && '"$fs_cmd" "$py" "$@"

@@ -6,6 +6,8 @@
 //! CI never passes silently without booting guests. `make test` runs them inside
 //! `tests/nested-runner` on hosts whose KVM is `kvm_pvm`.
 
+pub mod containerd;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -102,4 +104,106 @@ pub fn tern_with_env(
 /// Lossy stdout/stderr as strings, for assertions and messages.
 pub fn text(out: &Output) -> (String, String) {
     (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// A `tern` process whose stdout is read line by line while it runs, so a test can act on the
+/// host while the guest command is still going (e.g. change a watched share). Killed on drop.
+pub struct LiveTern {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
+    deadline: Instant,
+    seen: Vec<String>,
+}
+
+impl LiveTern {
+    /// Start `tern args…`; everything must be over within `limit`.
+    pub fn spawn(args: &[&str], env: &[(&str, &str)], limit: Duration) -> LiveTern {
+        use std::io::{BufRead, Read};
+        let mut cmd = Command::new(tern_bin());
+        cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot spawn {}: {e}", tern_bin().display()));
+        let (tx, lines) = std::sync::mpsc::channel();
+        let Some(stdout) = child.stdout.take() else { panic!("tern stdout is not piped") };
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let Some(mut err_pipe) = child.stderr.take() else { panic!("tern stderr is not piped") };
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = err_pipe.read(&mut buf) {
+                sink.lock().unwrap_or_else(|p| p.into_inner()).push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        LiveTern { child, lines, stderr, deadline: Instant::now() + limit, seen: Vec::new() }
+    }
+
+    /// The next stdout line, `None` at EOF. Panics past the deadline.
+    pub fn next_line(&mut self) -> Option<String> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        match self.lines.recv_timeout(left) {
+            Ok(line) => {
+                self.seen.push(line.clone());
+                Some(line)
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => None,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => panic!(
+                "timed out; stdout so far:\n{}\nstderr:\n{}",
+                self.seen.join("\n"),
+                self.stderr()
+            ),
+        }
+    }
+
+    /// Read lines until one satisfies `pred` (returned). Panics at EOF or past `within`.
+    pub fn wait_for(&mut self, within: Duration, mut pred: impl FnMut(&str) -> bool) -> String {
+        let deadline = Instant::now() + within;
+        let saved = self.deadline;
+        self.deadline = self.deadline.min(deadline);
+        loop {
+            match self.next_line() {
+                Some(line) if pred(&line) => {
+                    self.deadline = saved;
+                    return line;
+                }
+                Some(_) => {}
+                None => panic!("tern ended early; stdout:\n{}\nstderr:\n{}", self.seen.join("\n"), self.stderr()),
+            }
+        }
+    }
+
+    /// Wait for the exit; returns the exit code and every stdout line seen.
+    pub fn finish(mut self) -> (Option<i32>, Vec<String>) {
+        while self.next_line().is_some() {}
+        let status = loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                break status;
+            }
+            assert!(Instant::now() < self.deadline, "tern did not exit in time; stderr:\n{}", self.stderr());
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        (status.code(), std::mem::take(&mut self.seen))
+    }
+
+    /// What tern wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl Drop for LiveTern {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

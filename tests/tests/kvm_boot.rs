@@ -1,6 +1,8 @@
 //! Real-guest tests for `tern run`: every test here boots the real guest kernel + initramfs on
 //! KVM (through tests/nested-runner on hosts whose KVM cannot boot Linux).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
+
 use sha2::{Digest, Sha256};
 use std::time::Duration;
 use tern_tests::{require_linux_kvm, tern, tern_with_env, text};

@@ -1,6 +1,8 @@
 //! The runtime library in-process: boot a sandbox, use it, shut it down, and check that no
 //! thread, fd or run directory is left behind in this process.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
+
 use std::time::Duration;
 use tern_protocol::{ExecRequest, ExitStatus, StreamKind};
 use tern_runtime::config::Config;

@@ -64,6 +64,8 @@ fn main() -> ExitCode {
         cmdline: extra.join(" "),
         console,
         vsock,
+        fs_shares: Vec::new(),
+        fs_device: false,
     };
 
     let vm = match Vmm::start(config) {

@@ -10,6 +10,9 @@ use crate::boot::cmdline::CmdlineError;
 use crate::boot::BootError;
 use crate::builder::{self, RunningVm};
 use crate::devices::bus::BusError;
+pub use crate::devices::fs::watcher::WatcherCounters;
+use crate::devices::fs::watcher::ShareWatchers;
+pub use crate::devices::fs::{CachePolicy, ShareConfig, ShareError};
 use crate::lifecycle::{VmLifecycle, VmOutcome};
 use crate::vstate::kvm::KvmError;
 use crate::vstate::memory::MemoryError;
@@ -33,6 +36,20 @@ pub struct VmConfig {
     pub console: ConsoleOutput,
     /// The vsock device, if any.
     pub vsock: Option<VsockConfig>,
+    /// Host directories shared with the guest at boot through the virtio-fs device.
+    pub fs_shares: Vec<ShareConfig>,
+    /// Create the virtio-fs device even without shares, so that shares can be added later
+    /// with [`VmHandle::add_fs_share`]. The device (one per VM, tag `tern`) exists iff this is
+    /// true or `fs_shares` is not empty; a VM without it cannot gain one later, since virtio-mmio
+    /// devices are fixed at boot.
+    pub fs_device: bool,
+}
+
+impl VmConfig {
+    /// Whether the VM gets a virtio-fs device (see [`VmConfig::fs_device`]).
+    pub fn has_fs_device(&self) -> bool {
+        self.fs_device || !self.fs_shares.is_empty()
+    }
 }
 
 /// Destination of the guest's serial console.
@@ -126,6 +143,15 @@ pub enum VmmError {
     /// A VMM thread could not be started.
     #[error("cannot start the {0} thread")]
     Thread(&'static str, #[source] std::io::Error),
+    /// A share could not be added or removed.
+    #[error("cannot change the VM's fs shares")]
+    FsShare(#[from] ShareError),
+    /// A watchable share's host tree could not be watched.
+    #[error("cannot watch a share for changes")]
+    Watch(#[from] crate::devices::fs::watcher::WatchError),
+    /// The VM has ended; it can no longer be changed.
+    #[error("the VM is not running")]
+    NotRunning,
     /// A vCPU failed while running the guest.
     #[error("vCPU {index} stopped the VM")]
     Vcpu {
@@ -236,6 +262,51 @@ impl VmHandle {
             vcpus_started: self.lifecycle.first_guest_entry(),
             exit: self.lifecycle.exit_time(),
         }
+    }
+
+    /// Share a host directory with the running guest at `GUEST_SHARES_ROOT/<share.name>`.
+    /// Needs the virtio-fs device ([`VmConfig::fs_device`]); the name must be unused.
+    /// A share with `watch` also gets a host watcher pushing change records to the agent.
+    pub fn add_fs_share(&self, share: ShareConfig) -> Result<(), VmmError> {
+        let shares = self.fs_shares()?;
+        let watch = share.watch.then(|| (share.name.clone(), share.host_dir.clone()));
+        shares.add(share)?;
+        if let Some((name, host_dir)) = watch {
+            if let Err(e) = self.watchers()?.watch(&name, &host_dir) {
+                let _ = shares.remove(&name);
+                return Err(e.into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Stop sharing `name`. The guest should unmount it first: its open files fail from now on.
+    pub fn remove_fs_share(&self, name: &str) -> Result<(), VmmError> {
+        let shares = self.fs_shares()?;
+        self.watchers()?.unwatch(name);
+        shares.remove(name)?;
+        Ok(())
+    }
+
+    /// What the host watcher of watchable shares has done (`None`: no watcher running).
+    pub fn watcher_counters(&self) -> Option<WatcherCounters> {
+        self.watchers().ok()?.counters()
+    }
+
+    fn watchers(&self) -> Result<Arc<ShareWatchers>, VmmError> {
+        let running = self.running.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        Ok(running.as_ref().ok_or(VmmError::NotRunning)?.watchers())
+    }
+
+    /// The shares of the running VM, by name.
+    pub fn fs_shares_list(&self) -> Result<Vec<ShareConfig>, VmmError> {
+        Ok(self.fs_shares()?.list())
+    }
+
+    fn fs_shares(&self) -> Result<Arc<crate::devices::fs::FsShares>, VmmError> {
+        let running = self.running.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let vm = running.as_ref().ok_or(VmmError::NotRunning)?;
+        vm.fs_shares().ok_or(VmmError::FsShare(ShareError::NoDevice))
     }
 
     /// Join the vCPUs, stop the event loop and release devices, memory and the VM, once.

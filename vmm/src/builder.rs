@@ -18,6 +18,8 @@ use crate::boot::layout::{
 use crate::boot::prepare_guest_memory;
 use crate::devices::bus::{MmioBus, PioBus};
 use crate::devices::event_loop::{EventLoop, EventLoopHandle, EventLoopThread};
+use crate::devices::fs::watcher::ShareWatchers;
+use crate::devices::fs::{FsShares, VirtioFs, FS_TAG};
 use crate::devices::legacy::{
     ConsoleWriter, I8042ResetPort, SerialConsole, COM1_IRQ, COM1_PORT, COM1_PORT_COUNT,
     I8042_DATA_PORT, I8042_PORT_COUNT,
@@ -39,6 +41,9 @@ const FIRST_GUEST_CID: u32 = 3;
 /// What a started VM owns besides its vCPU threads.
 pub(crate) struct RunningVm {
     event_loop: EventLoopThread,
+    fs_shares: Option<Arc<FsShares>>,
+    /// Host watchers of the watchable shares (threads only once one is added).
+    watchers: Arc<ShareWatchers>,
     pio: Arc<PioBus>,
     mmio: Arc<MmioBus>,
     vm: Vm,
@@ -46,19 +51,34 @@ pub(crate) struct RunningVm {
 }
 
 impl RunningVm {
+    /// The share table of the virtio-fs device, if the VM has one.
+    pub(crate) fn fs_shares(&self) -> Option<Arc<FsShares>> {
+        self.fs_shares.clone()
+    }
+
+    /// The watchers of the VM's watchable shares.
+    pub(crate) fn watchers(&self) -> Arc<ShareWatchers> {
+        self.watchers.clone()
+    }
+
     /// Release everything; the vCPU threads must be joined first.
     pub(crate) fn shut_down(self) {
         let RunningVm {
             event_loop,
+            fs_shares,
+            watchers,
             pio,
             mmio,
             vm,
             memory,
         } = self;
+        // The watcher talks to the guest through the vsock device: stop it first.
+        watchers.stop();
         event_loop.stop();
         // Devices go before the VM: their eventfds are still registered with it.
         drop(mmio);
         drop(pio);
+        drop(fs_shares);
         drop(vm);
         drop(memory);
     }
@@ -141,12 +161,19 @@ fn attach_virtio_device(
     })
 }
 
+/// What [`build_virtio_devices`] made.
+struct VirtioDevices {
+    mmio: MmioBus,
+    slots: Vec<MmioDeviceSlot>,
+    fs_shares: Option<Arc<FsShares>>,
+}
+
 fn build_virtio_devices(
     config: &VmConfig,
     vm: &Vm,
     memory: &GuestMemory,
     events: &EventLoopHandle,
-) -> Result<(MmioBus, Vec<MmioDeviceSlot>), VmmError> {
+) -> Result<VirtioDevices, VmmError> {
     let mut mmio = MmioBus::new();
     let mut slots = Vec::new();
     if let Some(vsock) = &config.vsock {
@@ -163,7 +190,19 @@ fn build_virtio_devices(
             slots.len(),
         )?);
     }
-    Ok((mmio, slots))
+    let mut fs_shares = None;
+    if config.has_fs_device() {
+        let shares = Arc::new(FsShares::new());
+        for share in &config.fs_shares {
+            shares.add(share.clone())?;
+        }
+        let device = VirtioFs::new(FS_TAG, shares.clone(), events.clone()).map_err(|err| {
+            VmmError::Device { device: "virtio-fs", source: Box::new(err) }
+        })?;
+        slots.push(attach_virtio_device(vm, memory, &mut mmio, Box::new(device), slots.len())?);
+        fs_shares = Some(shares);
+    }
+    Ok(VirtioDevices { mmio, slots, fs_shares })
 }
 
 fn build_legacy_devices(
@@ -207,7 +246,8 @@ pub(crate) fn build_and_start(
     vm.register_memory(&memory)?;
 
     let event_loop = EventLoop::new().map_err(|err| VmmError::Thread("device event loop", err))?;
-    let (mmio, virtio_slots) = build_virtio_devices(config, &vm, &memory, &event_loop.handle())?;
+    let VirtioDevices { mmio, slots: virtio_slots, fs_shares } =
+        build_virtio_devices(config, &vm, &memory, &event_loop.handle())?;
     let pio = build_legacy_devices(config, &vm, &lifecycle)?;
 
     let cmdline = build_cmdline(&virtio_slots, &config.cmdline)?;
@@ -234,11 +274,20 @@ pub(crate) fn build_and_start(
         vcpus.push(vcpu);
     }
 
+    let watchers = Arc::new(ShareWatchers::new(
+        config.vsock.as_ref().map(|v| v.uds_path.clone()),
+        tern_protocol::watch::DEFAULT_RESYNC_INTERVAL,
+    ));
+    for share in config.fs_shares.iter().filter(|s| s.watch) {
+        watchers.watch(&share.name, &share.host_dir)?;
+    }
     let event_loop = event_loop
         .spawn()
         .map_err(|err| VmmError::Thread("device event loop", err))?;
     let running = RunningVm {
         event_loop,
+        fs_shares,
+        watchers,
         pio: Arc::new(pio),
         mmio: Arc::new(mmio),
         vm,

@@ -10,6 +10,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use vmm::api::{CachePolicy, ShareConfig, ShareError};
 use vmm::{ConsoleOutput, VmConfig, VmExit, Vmm, VmmError, VsockConfig};
 
 const ENTRY: u64 = 0x10_0000;
@@ -85,6 +86,18 @@ fn config(kernel: PathBuf, vcpus: u8) -> VmConfig {
         cmdline: String::new(),
         console: ConsoleOutput::Discard,
         vsock: None,
+        fs_shares: Vec::new(),
+        fs_device: false,
+    }
+}
+
+fn share(name: &str, host_dir: &Path) -> ShareConfig {
+    ShareConfig {
+        name: name.into(),
+        host_dir: host_dir.to_path_buf(),
+        read_only: false,
+        cache: CachePolicy::Auto,
+        watch: false,
     }
 }
 
@@ -113,9 +126,26 @@ fn boots_prints_and_resets(dir: &Path) {
             uds_path: uds.clone(),
         }),
         cmdline: "tern.test=1".into(),
+        fs_shares: vec![share("boot", dir)],
         ..config(elf_kernel(dir, "reset.elf", PRINT_AND_RESET), 2)
     })
     .unwrap();
+    // Shares change while the VM exists (until wait() tears it down), typed errors otherwise.
+    vm.add_fs_share(share("late", dir)).unwrap();
+    assert!(matches!(
+        vm.add_fs_share(share("late", dir)),
+        Err(VmmError::FsShare(ShareError::Duplicate(_)))
+    ));
+    assert!(matches!(
+        vm.add_fs_share(share("a/b", dir)),
+        Err(VmmError::FsShare(ShareError::InvalidName(_)))
+    ));
+    assert!(matches!(
+        vm.remove_fs_share("nope"),
+        Err(VmmError::FsShare(ShareError::Unknown(_)))
+    ));
+    vm.remove_fs_share("late").unwrap();
+    assert_eq!(vm.fs_shares_list().unwrap().len(), 1);
     let exit = vm
         .wait_timeout(Duration::from_secs(10))
         .expect("guest did not reset in time")
@@ -214,6 +244,20 @@ fn bad_configurations_are_errors(dir: &Path) {
         }),
         VmmError::InvalidConfig(_)
     ));
+    assert!(matches!(
+        err(VmConfig {
+            fs_shares: vec![share("s0", &dir.join("missing-dir"))],
+            ..config(kernel.clone(), 1)
+        }),
+        VmmError::FsShare(ShareError::HostDirMissing { .. })
+    ));
+    let no_fs = Vmm::start(config(kernel.clone(), 1)).unwrap();
+    assert!(matches!(
+        no_fs.add_fs_share(share("s0", dir)),
+        Err(VmmError::FsShare(ShareError::NoDevice))
+    ));
+    no_fs.stop();
+    assert!(matches!(no_fs.add_fs_share(share("s0", dir)), Err(VmmError::NotRunning)));
     let bad_cmdline = VmConfig {
         cmdline: "a\nb".into(),
         ..config(kernel, 1)

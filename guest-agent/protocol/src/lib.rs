@@ -20,7 +20,7 @@ pub mod frame;
 pub mod watch;
 
 /// Bumped on every incompatible change of the messages below.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// vsock port of the agent's RPC server.
 pub const AGENT_RPC_PORT: u32 = 1024;
 /// vsock port on which the agent accepts process stdio streams.
@@ -59,6 +59,23 @@ pub enum Request {
     Mount(MountRequest),
     /// Undo a [`Request::Mount`] at this guest path.
     Unmount { guest_path: String },
+    /// Create a container (namespaces, mounts, new root) and start its process, registered
+    /// under `id` like an [`Request::Exec`] process: `Wait`, `Signal`, streams work the same.
+    StartContainer(ContainerSpec),
+}
+
+/// A container for the agent to create (with `libcontainer`) and start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct ContainerSpec {
+    /// Container id, also its process id in the agent's table; a single path component.
+    pub id: String,
+    /// The OCI runtime spec (`config.json`) as the host adapted it for the guest: `root.path`
+    /// is the guest path of the rootfs (a share mounted with [`Request::Mount`]), and what does
+    /// not apply inside the VM (host bind mounts, namespace paths, hooks, seccomp, LSM labels)
+    /// is already dropped.
+    pub oci_spec: String,
+    /// Whether the host will attach a stdin stream; when false stdin is /dev/null.
+    pub stdin: bool,
 }
 
 /// Present share `share` (a subdirectory of the fs device, `GUEST_SHARES_ROOT/<share>`) at
@@ -200,6 +217,19 @@ mod tests {
             argv: vec!["echo".into(), "hi".into()],
             env: vec!["A=B".into()],
             cwd: Some("/tmp".into()),
+            stdin: true,
+        });
+        let mut buf = Vec::new();
+        send(&mut buf, &req).unwrap();
+        let back: Request = recv(&mut buf.as_slice()).unwrap();
+        assert_eq!(back, req);
+    }
+
+    #[test]
+    fn container_request_round_trips() {
+        let req = Request::StartContainer(ContainerSpec {
+            id: "c1".into(),
+            oci_spec: r#"{"ociVersion":"1.0.2"}"#.into(),
             stdin: true,
         });
         let mut buf = Vec::new();

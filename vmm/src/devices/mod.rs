@@ -4,6 +4,7 @@
 
 pub mod bus;
 pub mod event_loop;
+pub mod fs;
 pub mod legacy;
 pub mod virtio;
 pub mod vsock;

@@ -301,6 +301,14 @@ impl Vcpu {
             };
             match action {
                 ExitAction::Continue => {}
+                ExitAction::End(VmExit::Shutdown) => {
+                    // We boot with `reboot=k`, so a shutdown/halt is unusual: say where the
+                    // guest was, which is all there is to go on after an early triple fault.
+                    let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or_default();
+                    let exit_reason = self.fd.get_kvm_run().exit_reason;
+                    tracing::info!(vcpu = self.index, exit_reason, rip = format_args!("{rip:#x}"), "guest shut down or halted");
+                    return Ok(VmExit::Shutdown);
+                }
                 ExitAction::End(exit) => return Ok(exit),
                 ExitAction::InternalError => return Err(self.internal_error()),
                 ExitAction::Fail(error) => return Err(error),

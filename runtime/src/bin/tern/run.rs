@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use tern_protocol::{ExecRequest, StreamKind};
 use tern_runtime::config::Config;
 use tern_runtime::sandbox::Sandbox;
+use tern_runtime::share::{parse_share_arg, plan_shares, PlannedShare};
 
 /// Exit code for failures of tern itself (not of the command).
 pub const TERN_FAILURE_EXIT: i32 = 125;
@@ -41,6 +42,11 @@ pub struct RunArgs {
     /// Working directory of the command inside the guest.
     #[arg(short = 'w', long, value_name = "DIR")]
     workdir: Option<String>,
+    /// Share host directory HOST at GUEST in the guest (repeatable): HOST:GUEST[:ro|:rw][:watch].
+    /// Read-write unless `:ro`. `:watch` (implied for kubelet secret, configMap, projected and
+    /// downward-API volumes) makes GUEST a mirror that follows host changes with inotify events.
+    #[arg(long = "share", value_name = "HOST:GUEST[:OPTS]")]
+    shares: Vec<String>,
     /// Print boot timings to stderr: VMM start -> kernel entry -> agent ready -> command exit.
     #[arg(long)]
     timings: bool,
@@ -52,8 +58,12 @@ pub struct RunArgs {
 pub fn run(mut config: Config, args: RunArgs) -> Result<i32> {
     apply_flags(&mut config, &args);
     config.validate()?;
-    let sandbox = Sandbox::boot(&config).context("cannot boot the microVM")?;
-    let result = run_command(&sandbox, &args);
+    let specs = args.shares.iter().map(|arg| parse_share_arg(arg)).collect::<Result<Vec<_>, _>>()?;
+    let shares = plan_shares(&specs, &config.fs)?;
+    let vm_shares = shares.iter().map(|s| s.config.clone()).collect();
+    let sandbox =
+        Sandbox::boot_with_shares(&config, vm_shares, false).context("cannot boot the microVM")?;
+    let result = mount_shares(&sandbox, &shares).and_then(|()| run_command(&sandbox, &args));
     let command_exit = Instant::now();
     // Shut down whatever happened to the command: no VM outlives `tern run`.
     if let Err(e) = sandbox_shutdown(sandbox, &args, command_exit) {
@@ -78,6 +88,16 @@ fn apply_flags(config: &mut Config, args: &RunArgs) {
     if let Some(c) = &args.console_log {
         config.vm.console_log = c.clone();
     }
+}
+
+/// Ask the agent to present every share before the command starts.
+fn mount_shares(sandbox: &Sandbox, shares: &[PlannedShare]) -> Result<()> {
+    for share in shares {
+        sandbox.agent().mount(share.mount.clone()).with_context(|| {
+            format!("cannot mount {} at {} in the guest", share.config.host_dir.display(), share.mount.guest_path)
+        })?;
+    }
+    Ok(())
 }
 
 fn run_command(sandbox: &Sandbox, args: &RunArgs) -> Result<i32> {

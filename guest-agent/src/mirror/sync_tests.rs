@@ -1,0 +1,330 @@
+//! The diff/apply logic on plain temp dirs: kubelet updates, limits, same-tick changes, races.
+
+use super::*;
+use std::collections::BTreeMap;
+use std::os::unix::fs::symlink;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use tern_protocol::watch::{MAX_BYTES, MAX_ENTRIES};
+
+/// A share and its mirror, with the mirror's state.
+struct Pair {
+    share: tempfile::TempDir,
+    mirror: tempfile::TempDir,
+    state: Snapshot,
+}
+
+impl Pair {
+    fn new() -> Pair {
+        Pair { share: tempfile::tempdir().unwrap(), mirror: tempfile::tempdir().unwrap(), state: Snapshot::new() }
+    }
+
+    fn s(&self, rel: &str) -> PathBuf {
+        self.share.path().join(rel)
+    }
+
+    fn sync(&mut self, scope: Scope<'_>) -> SyncReport {
+        match sync_mirror(self.share.path(), self.mirror.path(), &mut self.state, scope).unwrap() {
+            SyncOutcome::Synced(report) => report,
+            SyncOutcome::OverLimit(limit) => panic!("unexpectedly over the limit: {limit}"),
+        }
+    }
+
+    fn sync_paths(&mut self, paths: &[&str]) -> SyncReport {
+        let hints: BTreeSet<String> = paths.iter().map(|p| p.to_string()).collect();
+        self.sync(Scope::Paths(&hints))
+    }
+
+    fn assert_identical(&self) {
+        assert_eq!(tree(self.mirror.path()), tree(self.share.path()));
+    }
+}
+
+/// path → ("d", mode) | ("f", content, mode) | ("l", target)
+fn tree(root: &Path) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![String::new()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(root.join(&dir)).unwrap() {
+            let entry = entry.unwrap();
+            let rel = join_rel(&dir, entry.file_name().to_str().unwrap());
+            let meta = std::fs::symlink_metadata(entry.path()).unwrap();
+            let mode = meta.permissions().mode() & 0o7777;
+            let desc = if meta.is_dir() {
+                stack.push(rel.clone());
+                format!("d {mode:o}")
+            } else if meta.is_symlink() {
+                format!("l {}", std::fs::read_link(entry.path()).unwrap().display())
+            } else {
+                format!("f {mode:o} {}", String::from_utf8_lossy(&std::fs::read(entry.path()).unwrap()))
+            };
+            out.insert(rel, desc);
+        }
+    }
+    out
+}
+
+/// Kubelet's atomic writer, step by step as in `atomic_writer.go`: new timestamped dir with
+/// the payload, `..data_tmp` → rename to `..data`, user-visible symlinks, remove old keys and
+/// the old dir. Returns the new dir's name.
+fn kubelet_update(share: &Path, generation: u32, payload: &[(&str, String)]) -> String {
+    let ts = format!("..2026_11_26_13_00_00.{generation:09}");
+    let old = std::fs::read_link(share.join("..data")).ok();
+    std::fs::create_dir(share.join(&ts)).unwrap();
+    for (key, value) in payload {
+        std::fs::write(share.join(&ts).join(key), value).unwrap();
+        std::fs::set_permissions(share.join(&ts).join(key), std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    symlink(&ts, share.join("..data_tmp")).unwrap();
+    std::fs::rename(share.join("..data_tmp"), share.join("..data")).unwrap();
+    for (key, _) in payload {
+        if std::fs::symlink_metadata(share.join(key)).is_err() {
+            symlink(format!("..data/{key}"), share.join(key)).unwrap();
+        }
+    }
+    if let Some(old) = old {
+        std::fs::remove_dir_all(share.join(old)).unwrap();
+    }
+    ts
+}
+
+#[test]
+fn kubelet_updates_swap_data_only_after_its_target_is_complete() {
+    let mut pair = Pair::new();
+    kubelet_update(pair.share.path(), 1, &[("user", "alice".into()), ("pass", "one".into())]);
+    pair.sync(Scope::Full);
+    pair.assert_identical();
+
+    let ts = kubelet_update(pair.share.path(), 2, &[("user", "bob".into()), ("pass", "two".into()), ("token", "t".into())]);
+    let report = pair.sync_paths(&[&ts, &format!("{ts}/user"), "..data_tmp", "..data", "token", "..2026_11_26_13_00_00.000000001"]);
+    pair.assert_identical();
+
+    let pos = |op: &MirrorOp| report.ops.iter().position(|o| o == op).unwrap_or_else(|| panic!("{op:?} missing from {:#?}", report.ops));
+    let swap = pos(&MirrorOp::Symlink("..data".into()));
+    for key in ["user", "pass", "token"] {
+        assert!(pos(&MirrorOp::CreateFile(format!("{ts}/{key}"))) < swap);
+    }
+    // The new user-visible link comes after the swap (it would dangle before), removals last.
+    assert!(pos(&MirrorOp::Symlink("token".into())) > swap);
+    let old = "..2026_11_26_13_00_00.000000001";
+    assert!(pos(&MirrorOp::Remove(format!("{old}/user"))) > swap);
+    assert!(pos(&MirrorOp::Remove(old.into())) > pos(&MirrorOp::Remove(format!("{old}/user"))));
+    assert!(report.deferred.is_empty());
+    // The swap used kubelet's own temporary name.
+    assert!(!pair.mirror.path().join("..data_tmp").exists());
+}
+
+#[test]
+fn readers_never_see_a_dangling_data_link_during_100_updates() {
+    let mut pair = Pair::new();
+    kubelet_update(pair.share.path(), 0, &[("key", "v0".into())]);
+    pair.sync(Scope::Full);
+    let mirror = pair.mirror.path().to_owned();
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut reads = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                // A read racing a swap may resolve `..data` to the old directory just as it is
+                // removed (so it does with kubelet on a plain host); what must never happen is
+                // a `..data` that keeps pointing at a missing or incomplete directory.
+                let before = std::fs::read_link(mirror.join("..data")).expect("..data missing");
+                let dir_ok = mirror.join(&before).is_dir();
+                let value = std::fs::read_to_string(mirror.join("key"));
+                let after = std::fs::read_link(mirror.join("..data")).expect("..data missing");
+                if before == after {
+                    assert!(dir_ok, "..data -> {} dangles", before.display());
+                    let value = value.expect("key unreadable while ..data stood still");
+                    assert!(value.starts_with('v'), "{value:?}");
+                    reads += 1;
+                }
+            }
+            reads
+        })
+    };
+    for generation in 1..=100u32 {
+        kubelet_update(pair.share.path(), generation, &[("key", format!("v{generation}"))]);
+        if generation % 2 == 0 {
+            pair.sync(Scope::Full);
+        } else {
+            pair.sync_paths(&["..data", &format!("..2026_11_26_13_00_00.{generation:09}"), "..data_tmp"]);
+        }
+    }
+    stop.store(true, Ordering::SeqCst);
+    assert!(reader.join().unwrap() > 0);
+    pair.assert_identical();
+    assert_eq!(std::fs::read_to_string(pair.mirror.path().join("key")).unwrap(), "v100");
+}
+
+#[test]
+fn plain_changes_map_to_the_operations_a_host_would_do() {
+    let mut pair = Pair::new();
+    std::fs::write(pair.s("a"), "1").unwrap();
+    let report = pair.sync_paths(&["a"]);
+    assert_eq!(report.ops, vec![MirrorOp::CreateFile("a".into())]);
+
+    std::fs::write(pair.s("a"), "22").unwrap();
+    assert_eq!(pair.sync_paths(&["a"]).ops, vec![MirrorOp::RewriteFile("a".into())]);
+
+    std::fs::rename(pair.s("a"), pair.s("b")).unwrap();
+    assert_eq!(pair.sync_paths(&["a", "b"]).ops, vec![MirrorOp::RenameFile { from: "a".into(), to: "b".into() }]);
+
+    std::fs::write(pair.s(".b.new"), "333").unwrap();
+    std::fs::rename(pair.s(".b.new"), pair.s("b")).unwrap();
+    assert_eq!(pair.sync_paths(&["b", ".b.new"]).ops, vec![MirrorOp::ReplaceFile("b".into())]);
+
+    std::fs::set_permissions(pair.s("b"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert_eq!(pair.sync_paths(&["b"]).ops, vec![MirrorOp::SetAttributes("b".into())]);
+
+    std::fs::create_dir(pair.s("d")).unwrap();
+    std::fs::write(pair.s("d/x"), "x").unwrap();
+    // Only the file is hinted; its unknown parent directory is rescanned with it.
+    assert_eq!(
+        pair.sync_paths(&["d/x"]).ops,
+        vec![MirrorOp::MakeDir("d".into()), MirrorOp::CreateFile("d/x".into())]
+    );
+
+    std::fs::remove_dir_all(pair.s("d")).unwrap();
+    std::fs::remove_file(pair.s("b")).unwrap();
+    assert_eq!(
+        pair.sync_paths(&["d", "b"]).ops,
+        vec![MirrorOp::Remove("d/x".into()), MirrorOp::Remove("d".into()), MirrorOp::Remove("b".into())]
+    );
+    pair.assert_identical();
+    // Nothing changed: nothing to do, even on a full resync.
+    assert!(pair.sync(Scope::Full).ops.is_empty());
+}
+
+#[test]
+fn a_change_within_one_mtime_tick_is_still_propagated() {
+    let mut pair = Pair::new();
+    std::fs::write(pair.s("f"), "aaaa").unwrap();
+    pair.sync(Scope::Full);
+    std::fs::write(pair.s("f"), "bbbb").unwrap();
+    // Pretend the host's clock did not tick: the remembered metadata equals the new one.
+    let now = Entry::read(&pair.s("f")).unwrap().unwrap();
+    pair.state.insert("f".into(), now.clone());
+    assert_eq!(pair.sync_paths(&["f"]).ops, vec![MirrorOp::RewriteFile("f".into())]);
+    assert_eq!(std::fs::read(pair.mirror.path().join("f")).unwrap(), b"bbbb");
+
+    // And a full resync (e.g. the record was lost) compares content too.
+    std::fs::write(pair.s("f"), "cccc").unwrap();
+    pair.state.insert("f".into(), Entry::read(&pair.s("f")).unwrap().unwrap());
+    assert_eq!(pair.sync(Scope::Full).ops, vec![MirrorOp::RewriteFile("f".into())]);
+    pair.assert_identical();
+}
+
+#[test]
+fn the_17th_entry_and_the_big_file_are_over_the_limit_and_leave_the_mirror_alone() {
+    let mut pair = Pair::new();
+    for i in 0..MAX_ENTRIES {
+        std::fs::write(pair.s(&format!("f{i:02}")), "x").unwrap();
+    }
+    pair.sync(Scope::Full);
+    pair.assert_identical();
+    std::fs::write(pair.s("f16"), "x").unwrap();
+    let before = tree(pair.mirror.path());
+    for scope in [Scope::Full, Scope::Paths(&BTreeSet::from(["f16".to_string()]))] {
+        let outcome = sync_mirror(pair.share.path(), pair.mirror.path(), &mut pair.state, scope).unwrap();
+        assert!(matches!(outcome, SyncOutcome::OverLimit(LimitExceeded::Entries)), "{outcome:?}");
+    }
+    assert_eq!(tree(pair.mirror.path()), before, "prior files must stay");
+
+    let mut pair = Pair::new();
+    std::fs::write(pair.s("small"), "x").unwrap();
+    pair.sync(Scope::Full);
+    std::fs::write(pair.s("big"), vec![b'x'; MAX_BYTES as usize]).unwrap();
+    let outcome = sync_mirror(pair.share.path(), pair.mirror.path(), &mut pair.state, Scope::Full).unwrap();
+    assert!(matches!(outcome, SyncOutcome::OverLimit(LimitExceeded::Bytes(b)) if b == MAX_BYTES + 1), "{outcome:?}");
+    assert!(!pair.mirror.path().join("big").exists());
+}
+
+#[test]
+fn symlink_targets_count_towards_the_byte_limit() {
+    let mut snapshot = Snapshot::new();
+    let mut entry = Entry::read(Path::new("/")).unwrap().unwrap();
+    entry.kind = EntryKind::Symlink(PathBuf::from("x".repeat(10)));
+    snapshot.insert("l".into(), entry.clone());
+    entry.kind = EntryKind::File;
+    entry.size = MAX_BYTES - 10;
+    snapshot.insert("f".into(), entry.clone());
+    assert_eq!(check_limits(&snapshot), Ok(()));
+    entry.size += 1;
+    snapshot.insert("f".into(), entry);
+    assert_eq!(check_limits(&snapshot), Err(LimitExceeded::Bytes(MAX_BYTES + 1)));
+}
+
+#[test]
+fn a_file_vanishing_mid_sync_is_deferred_and_blocks_the_data_swap() {
+    let mut pair = Pair::new();
+    kubelet_update(pair.share.path(), 1, &[("key", "one".into())]);
+    pair.sync(Scope::Full);
+    let ts = kubelet_update(pair.share.path(), 2, &[("key", "two".into())]);
+    // Scan, then lose the file before the copy.
+    let mut target = Snapshot::new();
+    scan_below(pair.share.path(), "", &mut target).unwrap();
+    std::fs::remove_file(pair.s(&format!("{ts}/key"))).unwrap();
+    let mut apply = Apply { share: pair.share.path(), mirror: pair.mirror.path(), state: &mut pair.state, report: SyncReport::default() };
+    apply.run(&target, None);
+    let report = apply.report;
+    assert!(report.deferred.contains(&format!("{ts}/key")), "{report:?}");
+    assert!(report.deferred.contains("..data"), "{report:?}");
+    // The old generation is still what the container sees.
+    assert_eq!(std::fs::read_to_string(pair.mirror.path().join("key")).unwrap(), "one");
+
+    // The host finishes; the next record settles everything.
+    std::fs::write(pair.s(&format!("{ts}/key")), "two").unwrap();
+    let report = pair.sync_paths(&[&format!("{ts}/key")]);
+    assert!(report.deferred.is_empty(), "{report:?}");
+    pair.sync(Scope::Full);
+    pair.assert_identical();
+    assert_eq!(std::fs::read_to_string(pair.mirror.path().join("key")).unwrap(), "two");
+}
+
+#[test]
+fn racing_host_changes_never_fail_a_sync_and_a_resync_converges() {
+    let mut pair = Pair::new();
+    let share = pair.share.path().to_owned();
+    let stop = Arc::new(AtomicBool::new(false));
+    let churn = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut i = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                let name = share.join(format!("f{}", i % 6));
+                let _ = std::fs::write(&name, i.to_string());
+                if i % 3 == 0 {
+                    let _ = std::fs::remove_file(&name);
+                }
+                let dir = share.join(format!("d{}", i % 2));
+                if i % 5 == 0 {
+                    let _ = std::fs::remove_dir_all(&dir);
+                } else {
+                    let _ = std::fs::create_dir(&dir);
+                    let _ = std::fs::write(dir.join("x"), i.to_string());
+                }
+                i += 1;
+            }
+        })
+    };
+    for round in 0..300 {
+        let scope_paths: BTreeSet<String> = ["f0", "f1", "f2", "d0", "d1/x"].iter().map(|s| s.to_string()).collect();
+        let scope = if round % 2 == 0 { Scope::Full } else { Scope::Paths(&scope_paths) };
+        sync_mirror(pair.share.path(), pair.mirror.path(), &mut pair.state, scope).expect("a race must not fail the sync");
+    }
+    stop.store(true, Ordering::SeqCst);
+    churn.join().unwrap();
+    pair.sync(Scope::Full);
+    pair.assert_identical();
+}
+
+#[test]
+fn hinted_paths_are_rescanned_from_the_first_unknown_ancestor() {
+    let mut state = Snapshot::new();
+    let dir = Entry::read(Path::new("/")).unwrap().unwrap();
+    state.insert("a".into(), dir.clone());
+    state.insert("a/b".into(), dir);
+    let hints: BTreeSet<String> = ["a/b/c/d", "a/b/c", "x/y", "a/b"].iter().map(|s| s.to_string()).collect();
+    assert_eq!(rescan_roots(&state, &hints), vec!["a/b".to_string(), "x".to_string()]);
+}

@@ -1,0 +1,89 @@
+//! `containerd-shim-tern-v2`: containerd's shim v2 with the VMM in the shim process.
+//!
+//! containerd runs the binary three ways (the shim v2 protocol): `start` spawns the long-lived
+//! shim (one per sandbox) and prints its ttrpc address; the shim itself serves the Task API
+//! ([`service`]); `delete` cleans up after a shim that died. One shim = one sandbox = one
+//! microVM, booted at the first `Create`.
+
+pub mod container;
+pub mod events;
+pub mod io;
+pub mod service;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use containerd_shim::asynchronous::{spawn, ExitSignal, Shim};
+use containerd_shim::publisher::RemotePublisher;
+use containerd_shim::{Config as ShimConfig, Error as ShimError, Flags, StartOpts};
+use containerd_shim_protos::api::DeleteResponse;
+use containerd_shim_protos::protobuf::well_known_types::timestamp::Timestamp;
+use containerd_shim_protos::protobuf::MessageField;
+
+use crate::config::Config;
+use service::TaskService;
+
+/// The runtime name containerd knows this shim by.
+pub const RUNTIME_ID: &str = "io.containerd.tern.v2";
+/// OCI annotation naming the pod sandbox a CRI container belongs to.
+const CRI_SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
+/// Exit status `delete` reports for a task whose shim died (as if SIGKILLed).
+const DEAD_SHIM_EXIT_STATUS: u32 = 128 + 9;
+
+/// The shim's lifecycle half (start, delete, wait); the Task API is [`TaskService`].
+pub struct TernShim {
+    exit: Arc<ExitSignal>,
+    namespace: String,
+    bundle: String,
+}
+
+#[async_trait]
+impl Shim for TernShim {
+    type T = TaskService;
+
+    async fn new(_runtime_id: &str, args: &Flags, config: &mut ShimConfig) -> Self {
+        // The shim starts no child processes that need reaping (the VM is in-process), and a
+        // reaper would steal the mount helper's exit status from the containerd-shim crate.
+        config.no_reaper = true;
+        config.no_sub_reaper = true;
+        TernShim { exit: Arc::new(ExitSignal::default()), namespace: args.namespace.clone(), bundle: args.bundle.clone() }
+    }
+
+    async fn start_shim(&mut self, opts: StartOpts) -> Result<String, ShimError> {
+        // Containers of one pod share a shim (and a VM); others get their own.
+        let grouping = sandbox_id_of_bundle(Path::new(".")).unwrap_or_else(|| opts.id.clone());
+        let address = spawn(opts, &grouping, Vec::new()).await?;
+        if let Err(e) = std::fs::write("address", &address) {
+            tracing::warn!(error = %e, "cannot record the shim address in the bundle");
+        }
+        Ok(address)
+    }
+
+    async fn delete_shim(&mut self) -> Result<DeleteResponse, ShimError> {
+        // The shim died: its VM died with it (it was in-process). What can remain on the host
+        // is the rootfs mount in the bundle.
+        let bundle = if self.bundle.is_empty() { Path::new(".") } else { Path::new(&self.bundle) };
+        container::unmount_rootfs(&bundle.join("rootfs"));
+        Ok(DeleteResponse {
+            exit_status: DEAD_SHIM_EXIT_STATUS,
+            exited_at: MessageField::some(Timestamp::now()),
+            ..Default::default()
+        })
+    }
+
+    async fn wait(&mut self) {
+        self.exit.wait().await;
+    }
+
+    async fn create_task_service(&self, publisher: RemotePublisher) -> TaskService {
+        let config = Config::load(None).map_err(|e| crate::sandbox::error_chain(&e));
+        TaskService::new(config, publisher, self.namespace.clone(), Arc::clone(&self.exit))
+    }
+}
+
+/// The CRI sandbox id from `<bundle>/config.json`, if any.
+fn sandbox_id_of_bundle(bundle: &Path) -> Option<String> {
+    let spec = container::load_spec(bundle).ok()?;
+    spec.annotations().as_ref()?.get(CRI_SANDBOX_ID).cloned()
+}

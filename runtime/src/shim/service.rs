@@ -1,0 +1,536 @@
+//! The shim v2 Task service: one microVM per shim (sandbox), booted at the first `Create`;
+//! each container's rootfs is a virtio-fs share and its process runs under the guest agent.
+//!
+//! Life of a container here: `Create` mounts containerd's rootfs at `<bundle>/rootfs`, opens
+//! the stdio FIFOs, boots the VM if needed, shares the rootfs with the guest and has the agent
+//! mount it, and publishes `TaskCreate`. `Start` asks the agent to create the container and run
+//! its process, attaches the streams, publishes `TaskStart`, and starts a waiter that records
+//! the exit and publishes `TaskExit`. `Delete` undoes `Create` and publishes `TaskDelete`;
+//! `Shutdown` with no container left powers the VM off and ends the shim.
+//!
+//! Blocking work (the agent client, the VMM, mounts, FIFO opens) runs on tokio's blocking
+//! pool; the state lock is never held across an `.await`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use containerd_shim::api;
+use containerd_shim::asynchronous::ExitSignal;
+use containerd_shim::publisher::RemotePublisher;
+use containerd_shim::{Task, TtrpcContext, TtrpcResult};
+use containerd_shim_protos::protobuf::well_known_types::timestamp::Timestamp;
+use containerd_shim_protos::protobuf::MessageField;
+use containerd_shim_protos::ttrpc::{self, Code};
+use tern_protocol::{ContainerSpec, MountRequest};
+use tokio::sync::watch;
+use vmm::api::ShareConfig;
+
+use super::container::{guest_spec, load_spec, mount_rootfs, unmount_rootfs, ContainerSpecError, RootfsMount};
+use super::events::EventSink;
+use super::io::{ProcessIo, StdioPaths};
+use crate::agent::AgentClient;
+use crate::config::Config;
+use crate::sandbox::{error_chain, Sandbox};
+
+/// Where container rootfs shares are mounted in the guest: `<this>/<container id>`.
+pub const GUEST_CONTAINERS_ROOT: &str = "/run/tern/containers";
+/// How long the guest gets to power off on `Shutdown`.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// Exit status reported when the agent was lost while waiting (as if SIGKILLed).
+const LOST_EXIT_STATUS: u32 = 128 + 9;
+
+fn rpc_error(code: Code, message: impl Into<String>) -> ttrpc::Error {
+    ttrpc::Error::RpcStatus(ttrpc::get_status(code, message.into()))
+}
+
+fn not_found(what: &str) -> ttrpc::Error {
+    rpc_error(Code::NOT_FOUND, format!("{what}: not found"))
+}
+
+fn internal(context: &str, e: &dyn std::error::Error) -> ttrpc::Error {
+    rpc_error(Code::INTERNAL, format!("{context}: {}", error_chain(e)))
+}
+
+/// Run blocking work on tokio's blocking pool; a panicked task becomes an INTERNAL error.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> TtrpcResult<T> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| rpc_error(Code::INTERNAL, format!("blocking task failed: {e}")))
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, PartialEq)]
+struct ExitInfo {
+    status: u32,
+    at: Timestamp,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Created,
+    Running,
+    Stopped,
+}
+
+/// One container (its init process) of this sandbox.
+struct Container {
+    bundle: String,
+    rootfs: PathBuf,
+    /// Whether the shim mounted `rootfs` (then it unmounts it on delete).
+    rootfs_mounted: bool,
+    share: String,
+    guest_rootfs: String,
+    spec: ContainerSpec,
+    stdio: StdioPaths,
+    io: ProcessIo,
+    pid: u32,
+    phase: Phase,
+    exit_tx: watch::Sender<Option<ExitInfo>>,
+}
+
+impl Container {
+    fn exit(&self) -> Option<ExitInfo> {
+        self.exit_tx.borrow().clone()
+    }
+}
+
+#[derive(Default)]
+struct State {
+    containers: HashMap<String, Container>,
+    next_share: u64,
+}
+
+struct Inner {
+    config: Result<Config, String>,
+    events: EventSink,
+    exit: Arc<ExitSignal>,
+    /// The sandbox VM, booted by the first `Create` (held by a std mutex: only blocking code
+    /// touches it).
+    sandbox: Mutex<Option<Sandbox>>,
+    /// Serializes the first boot.
+    boot: tokio::sync::Mutex<()>,
+    state: Mutex<State>,
+}
+
+/// The Task service containerd talks to.
+#[derive(Clone)]
+pub struct TaskService {
+    inner: Arc<Inner>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // State stays consistent at every unlock; a panic elsewhere must not wedge the shim.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl TaskService {
+    pub fn new(config: Result<Config, String>, publisher: RemotePublisher, namespace: String, exit: Arc<ExitSignal>) -> Self {
+        TaskService {
+            inner: Arc::new(Inner {
+                config,
+                events: EventSink::new(publisher, namespace),
+                exit,
+                sandbox: Mutex::new(None),
+                boot: tokio::sync::Mutex::new(()),
+                state: Mutex::new(State::default()),
+            }),
+        }
+    }
+
+    fn config(&self) -> TtrpcResult<Config> {
+        self.inner.config.clone().map_err(|e| rpc_error(Code::FAILED_PRECONDITION, format!("tern configuration: {e}")))
+    }
+
+    /// The agent of the running sandbox.
+    fn agent(&self) -> TtrpcResult<AgentClient> {
+        lock(&self.inner.sandbox)
+            .as_ref()
+            .map(|s| s.agent().clone())
+            .ok_or_else(|| rpc_error(Code::FAILED_PRECONDITION, "the sandbox VM is not running"))
+    }
+
+    /// Boot the sandbox VM unless it runs already.
+    async fn ensure_sandbox(&self) -> TtrpcResult<()> {
+        let _boot = self.inner.boot.lock().await;
+        if lock(&self.inner.sandbox).is_some() {
+            return Ok(());
+        }
+        let config = self.config()?;
+        let sandbox = blocking(move || Sandbox::boot_with_shares(&config, Vec::new(), true))
+            .await?
+            .map_err(|e| internal("cannot boot the sandbox VM", &e))?;
+        tracing::info!(run_dir = %sandbox.run_dir().display(), "sandbox VM ready");
+        *lock(&self.inner.sandbox) = Some(sandbox);
+        Ok(())
+    }
+
+    fn with_container<T>(&self, id: &str, f: impl FnOnce(&mut Container) -> TtrpcResult<T>) -> TtrpcResult<T> {
+        let mut state = lock(&self.inner.state);
+        let c = state.containers.get_mut(id).ok_or_else(|| not_found(&format!("container {id}")))?;
+        f(c)
+    }
+
+    /// Only the init process exists so far; exec ids are refused.
+    fn no_exec(exec_id: &str) -> TtrpcResult<()> {
+        if exec_id.is_empty() {
+            Ok(())
+        } else {
+            Err(rpc_error(Code::UNIMPLEMENTED, "exec processes are not supported yet"))
+        }
+    }
+
+    /// Share the rootfs with the guest and have the agent mount it at the container's path.
+    async fn share_rootfs(&self, share: &str, rootfs: &Path, guest_path: &str) -> TtrpcResult<()> {
+        let config = self.config()?;
+        let share_config = ShareConfig {
+            name: share.to_owned(),
+            host_dir: rootfs.to_path_buf(),
+            read_only: false,
+            cache: config.fs.cache.policy(),
+            watch: false,
+        };
+        let inner = Arc::clone(&self.inner);
+        let mount = MountRequest {
+            share: share.to_owned(),
+            guest_path: guest_path.to_owned(),
+            read_only: false,
+            watchable: false,
+            watch_mode: Default::default(),
+        };
+        blocking(move || {
+            let guard = lock(&inner.sandbox);
+            let sandbox = guard.as_ref().ok_or_else(|| rpc_error(Code::FAILED_PRECONDITION, "the sandbox VM is not running"))?;
+            sandbox.add_fs_share(share_config).map_err(|e| internal("cannot share the rootfs with the VM", &e))?;
+            let agent = sandbox.agent().clone();
+            drop(guard);
+            agent.mount(mount).map_err(|e| internal("cannot mount the rootfs in the guest", &e))
+        })
+        .await?
+    }
+
+    /// Undo `Create`'s host and guest setup for a container already removed from the table.
+    async fn teardown(&self, c: Container) {
+        let inner = Arc::clone(&self.inner);
+        let result = blocking(move || {
+            let Container { share, guest_rootfs, rootfs, rootfs_mounted, io, .. } = c;
+            // Closing the FIFO ends the shim held (module docs of `io`).
+            drop(io);
+            let guard = lock(&inner.sandbox);
+            if let Some(sandbox) = guard.as_ref() {
+                if let Err(e) = sandbox.agent().unmount(&guest_rootfs) {
+                    tracing::warn!(error = %error_chain(&e), "cannot unmount the rootfs in the guest");
+                }
+                if let Err(e) = sandbox.remove_fs_share(&share) {
+                    tracing::warn!(error = %error_chain(&e), "cannot remove the rootfs share");
+                }
+            }
+            drop(guard);
+            if rootfs_mounted {
+                unmount_rootfs(&rootfs);
+            }
+        })
+        .await;
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "container teardown failed");
+        }
+    }
+
+    /// Record the exit of a started container and tell containerd.
+    async fn watch_exit(self, id: String, pid: u32, agent: AgentClient) {
+        let wait_id = id.clone();
+        let status = match blocking(move || agent.wait(&wait_id)).await {
+            Ok(Ok(status)) => u32::try_from(status.shell_code()).unwrap_or(LOST_EXIT_STATUS),
+            Ok(Err(e)) => {
+                tracing::warn!(%id, error = %error_chain(&e), "lost the container's process");
+                LOST_EXIT_STATUS
+            }
+            Err(e) => {
+                tracing::warn!(%id, error = %e, "waiting for the container failed");
+                LOST_EXIT_STATUS
+            }
+        };
+        let exit = ExitInfo { status, at: Timestamp::now() };
+        let recorded = self.with_container(&id, |c| {
+            c.phase = Phase::Stopped;
+            c.exit_tx.send_replace(Some(exit.clone()));
+            Ok(())
+        });
+        if recorded.is_ok() {
+            self.inner.events.exited(&id, pid, exit.status, &exit.at).await;
+        }
+    }
+
+    /// Power the VM off (if it runs) and end the shim.
+    async fn stop_sandbox(&self) {
+        let sandbox = lock(&self.inner.sandbox).take();
+        if let Some(sandbox) = sandbox {
+            match blocking(move || sandbox.shutdown(SHUTDOWN_GRACE)).await {
+                Ok(Ok(exit)) => tracing::info!(?exit, "sandbox VM stopped"),
+                Ok(Err(e)) => tracing::warn!(error = %error_chain(&e), "sandbox VM ended with an error"),
+                Err(e) => tracing::warn!(error = %e, "stopping the sandbox VM failed"),
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Task for TaskService {
+    async fn create(&self, _ctx: &TtrpcContext, req: api::CreateTaskRequest) -> TtrpcResult<api::CreateTaskResponse> {
+        let id = req.id.clone();
+        if id.is_empty() {
+            return Err(rpc_error(Code::INVALID_ARGUMENT, "container id must not be empty"));
+        }
+        if lock(&self.inner.state).containers.contains_key(&id) {
+            return Err(rpc_error(Code::ALREADY_EXISTS, format!("container {id} already exists")));
+        }
+        let stdio =
+            StdioPaths { stdin: req.stdin.clone(), stdout: req.stdout.clone(), stderr: req.stderr.clone(), terminal: req.terminal };
+        if req.terminal {
+            return Err(rpc_error(Code::UNIMPLEMENTED, "terminal (tty) processes are not supported yet"));
+        }
+        let bundle = PathBuf::from(&req.bundle);
+        let rootfs = bundle.join("rootfs");
+        let mounts: Vec<RootfsMount> = req
+            .rootfs
+            .iter()
+            .map(|m| RootfsMount { fs_type: m.type_.clone(), source: m.source.clone(), options: m.options.clone() })
+            .collect();
+        // Unmounts again on every early return below.
+        let mut guard = RootfsGuard { path: rootfs.clone(), armed: !mounts.is_empty() };
+        let spec = {
+            let (bundle, rootfs) = (bundle.clone(), rootfs.clone());
+            blocking(move || {
+                let spec = load_spec(&bundle)?;
+                std::fs::create_dir_all(&rootfs)
+                    .map_err(|e| ContainerSpecError::MountRootfs { target: rootfs.clone(), message: e.to_string() })?;
+                mount_rootfs(&mounts, &rootfs)?;
+                Ok::<_, ContainerSpecError>(spec)
+            })
+            .await?
+            .map_err(|e| rpc_error(Code::INVALID_ARGUMENT, error_chain(&e)))?
+        };
+        let io = {
+            let stdio = stdio.clone();
+            blocking(move || ProcessIo::open(&stdio))
+                .await?
+                .map_err(|e| rpc_error(Code::INVALID_ARGUMENT, format!("stdio: {}", error_chain(&e))))?
+        };
+        let guest_rootfs = format!("{GUEST_CONTAINERS_ROOT}/{id}");
+        let (oci_spec, dropped) =
+            guest_spec(&spec, &guest_rootfs).map_err(|e| rpc_error(Code::INVALID_ARGUMENT, error_chain(&e)))?;
+        let guest = ContainerSpec { id: id.clone(), oci_spec, stdin: io.has_stdin() };
+        if !dropped.is_empty() {
+            tracing::info!(%id, ?dropped, "parts of the OCI spec do not apply inside the VM and were dropped");
+        }
+        let share = {
+            let mut state = lock(&self.inner.state);
+            state.next_share += 1;
+            format!("c{}", state.next_share)
+        };
+        self.ensure_sandbox().await?;
+        self.share_rootfs(&share, &rootfs, &guest_rootfs).await?;
+        let rootfs_mounted = guard.armed;
+        guard.armed = false;
+        let (exit_tx, _) = watch::channel(None);
+        let container = Container {
+            bundle: req.bundle.clone(),
+            rootfs,
+            rootfs_mounted,
+            share,
+            guest_rootfs,
+            spec: guest,
+            stdio: stdio.clone(),
+            io,
+            pid: 0,
+            phase: Phase::Created,
+            exit_tx,
+        };
+        lock(&self.inner.state).containers.insert(id.clone(), container);
+        self.inner.events.created(&id, &req.bundle, &stdio, 0).await;
+        Ok(api::CreateTaskResponse { pid: 0, ..Default::default() })
+    }
+
+    async fn start(&self, _ctx: &TtrpcContext, req: api::StartRequest) -> TtrpcResult<api::StartResponse> {
+        Self::no_exec(&req.exec_id)?;
+        let id = req.id.clone();
+        let (spec, mut io) = self.with_container(&id, |c| match c.phase {
+            Phase::Created => Ok((c.spec.clone(), std::mem::take(&mut c.io))),
+            _ => Err(rpc_error(Code::FAILED_PRECONDITION, format!("container {id} was already started"))),
+        })?;
+        let agent = self.agent()?;
+        let started = {
+            let agent = agent.clone();
+            let id = id.clone();
+            blocking(move || {
+                let pid = agent.start_container(spec).map_err(|e| internal("cannot start the container", &e))?;
+                let connected = io.connect(&agent, &id).map_err(|e| internal("cannot connect the container's stdio", &e));
+                Ok::<_, ttrpc::Error>((pid, io, connected))
+            })
+            .await?
+        };
+        let (pid, io, connected) = match started {
+            Ok(s) => s,
+            Err(e) => {
+                // Leave it as a created container that can still be deleted.
+                return Err(e);
+            }
+        };
+        let pid = u32::try_from(pid).unwrap_or_default();
+        self.with_container(&id, |c| {
+            c.io = io;
+            c.pid = pid;
+            c.phase = Phase::Running;
+            Ok(())
+        })?;
+        self.inner.events.started(&id, pid).await;
+        tokio::spawn(self.clone().watch_exit(id.clone(), pid, agent.clone()));
+        if let Err(e) = connected {
+            tracing::warn!(%id, "stdio: {e:?}");
+        }
+        Ok(api::StartResponse { pid, ..Default::default() })
+    }
+
+    async fn state(&self, _ctx: &TtrpcContext, req: api::StateRequest) -> TtrpcResult<api::StateResponse> {
+        Self::no_exec(&req.exec_id)?;
+        self.with_container(&req.id, |c| {
+            let status = match c.phase {
+                Phase::Created => api::Status::CREATED,
+                Phase::Running => api::Status::RUNNING,
+                Phase::Stopped => api::Status::STOPPED,
+            };
+            let exit = c.exit();
+            Ok(api::StateResponse {
+                id: req.id.clone(),
+                bundle: c.bundle.clone(),
+                pid: c.pid,
+                status: status.into(),
+                stdin: c.stdio.stdin.clone(),
+                stdout: c.stdio.stdout.clone(),
+                stderr: c.stdio.stderr.clone(),
+                terminal: c.stdio.terminal,
+                exit_status: exit.as_ref().map_or(0, |e| e.status),
+                exited_at: exit.map_or(MessageField::none(), |e| MessageField::some(e.at)),
+                ..Default::default()
+            })
+        })
+    }
+
+    async fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
+        Self::no_exec(&req.exec_id)?;
+        let phase = self.with_container(&req.id, |c| Ok(c.phase))?;
+        match phase {
+            Phase::Stopped => return Err(not_found("process already finished")),
+            Phase::Created => {
+                return Err(rpc_error(Code::FAILED_PRECONDITION, "the container was not started"));
+            }
+            Phase::Running => {}
+        }
+        let agent = self.agent()?;
+        let signal = i32::try_from(req.signal).map_err(|_| rpc_error(Code::INVALID_ARGUMENT, "bad signal number"))?;
+        let id = req.id.clone();
+        let sent = blocking(move || agent.signal(&id, signal)).await?;
+        if let Err(e) = sent {
+            // The process may have ended between the check above and the signal.
+            if self.with_container(&req.id, |c| Ok(c.phase))? == Phase::Stopped {
+                return Err(not_found("process already finished"));
+            }
+            return Err(internal("cannot signal the container", &e));
+        }
+        Ok(api::Empty::default())
+    }
+
+    async fn wait(&self, _ctx: &TtrpcContext, req: api::WaitRequest) -> TtrpcResult<api::WaitResponse> {
+        Self::no_exec(&req.exec_id)?;
+        let mut rx = self.with_container(&req.id, |c| Ok(c.exit_tx.subscribe()))?;
+        let exit = rx
+            .wait_for(Option::is_some)
+            .await
+            .map_err(|_| rpc_error(Code::NOT_FOUND, format!("container {} was deleted", req.id)))?
+            .clone();
+        let exit = exit.ok_or_else(|| rpc_error(Code::INTERNAL, "exit status missing"))?;
+        Ok(api::WaitResponse { exit_status: exit.status, exited_at: MessageField::some(exit.at), ..Default::default() })
+    }
+
+    async fn delete(&self, _ctx: &TtrpcContext, req: api::DeleteRequest) -> TtrpcResult<api::DeleteResponse> {
+        Self::no_exec(&req.exec_id)?;
+        let c = {
+            let mut state = lock(&self.inner.state);
+            let c = state.containers.get(&req.id).ok_or_else(|| not_found(&format!("container {}", req.id)))?;
+            if c.phase == Phase::Running {
+                return Err(rpc_error(Code::FAILED_PRECONDITION, format!("container {} is still running", req.id)));
+            }
+            state.containers.remove(&req.id).ok_or_else(|| not_found(&req.id))?
+        };
+        let pid = c.pid;
+        let exit = c.exit().unwrap_or(ExitInfo { status: 0, at: Timestamp::now() });
+        self.teardown(c).await;
+        self.inner.events.deleted(&req.id, pid, exit.status, &exit.at).await;
+        Ok(api::DeleteResponse { pid, exit_status: exit.status, exited_at: MessageField::some(exit.at), ..Default::default() })
+    }
+
+    async fn pids(&self, _ctx: &TtrpcContext, req: api::PidsRequest) -> TtrpcResult<api::PidsResponse> {
+        let pid = self.with_container(&req.id, |c| Ok(c.pid))?;
+        let processes = if pid == 0 {
+            Vec::new()
+        } else {
+            vec![containerd_shim_protos::types::task::ProcessInfo { pid, ..Default::default() }]
+        };
+        Ok(api::PidsResponse { processes, ..Default::default() })
+    }
+
+    async fn close_io(&self, _ctx: &TtrpcContext, req: api::CloseIORequest) -> TtrpcResult<api::Empty> {
+        Self::no_exec(&req.exec_id)?;
+        self.with_container(&req.id, |c| {
+            c.io.close_stdin();
+            Ok(())
+        })?;
+        // A started container's stdin copy thread owns the reader; tell the agent as well so
+        // EOF arrives even if containerd's writer lingers.
+        if let Ok(agent) = self.agent() {
+            let id = req.id.clone();
+            let phase = self.with_container(&req.id, |c| Ok(c.phase))?;
+            if phase == Phase::Running {
+                let closed = blocking(move || agent.close_stdin(&id)).await?;
+                if let Err(e) = closed {
+                    tracing::debug!(error = %error_chain(&e), "close stdin in the guest");
+                }
+            }
+        }
+        Ok(api::Empty::default())
+    }
+
+    async fn connect(&self, _ctx: &TtrpcContext, req: api::ConnectRequest) -> TtrpcResult<api::ConnectResponse> {
+        let task_pid = lock(&self.inner.state).containers.get(&req.id).map_or(0, |c| c.pid);
+        Ok(api::ConnectResponse {
+            shim_pid: std::process::id(),
+            task_pid,
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            ..Default::default()
+        })
+    }
+
+    async fn shutdown(&self, _ctx: &TtrpcContext, _req: api::ShutdownRequest) -> TtrpcResult<api::Empty> {
+        if !lock(&self.inner.state).containers.is_empty() {
+            // containerd asks after every delete; the shim stays while it serves containers.
+            return Ok(api::Empty::default());
+        }
+        self.stop_sandbox().await;
+        self.inner.exit.signal();
+        Ok(api::Empty::default())
+    }
+}
+
+/// Unmounts a rootfs the shim mounted unless disarmed (`Create` failing half-way).
+struct RootfsGuard {
+    path: PathBuf,
+    armed: bool,
+}
+
+impl Drop for RootfsGuard {
+    fn drop(&mut self) {
+        if self.armed {
+            unmount_rootfs(&self.path);
+        }
+    }
+}

@@ -1,0 +1,222 @@
+//! The virtio-fs [`VirtioDevice`] and the share table behind it.
+//!
+//! One device per VM (tag [`FS_TAG`](super::FS_TAG)); its root is a fuse-backend-rs
+//! [`Vfs`] whose top level holds one directory per share, each a [`ShareFs`] mounted at
+//! `/<name>`. [`FsShares`] adds and removes shares on a running VM; the guest sees a new share
+//! on its next lookup of the name.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use fuse_backend_rs::api::server::Server;
+use fuse_backend_rs::api::{Vfs, VfsOptions};
+use fuse_backend_rs::passthrough::PassthroughFs;
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ids::VIRTIO_ID_FS;
+
+use super::event_handler::FsHandler;
+use super::policy::ShareFs;
+use super::share::{validate_share_name, ShareConfig, ShareError};
+use super::{NUM_QUEUES, QUEUE_SIZE, TAG_LEN};
+use crate::devices::event_loop::{EventLoopHandle, SharedSubscriber, SubscriberToken};
+use crate::devices::virtio::{ActivateError, ActivatedQueue, GuestMemory, InterruptSignal, VirtioDevice};
+
+const QUEUE_SIZES: [u16; NUM_QUEUES] = [QUEUE_SIZE; NUM_QUEUES];
+/// Size of `struct virtio_fs_config`: `u8 tag[36]; le32 num_request_queues`.
+const CONFIG_LEN: usize = TAG_LEN + 4;
+
+/// The shares of one VM and the tree the guest sees them in. Shared by the device (which
+/// serves the tree) and the VM handle (which changes it).
+pub struct FsShares {
+    vfs: Arc<Vfs>,
+    shares: Mutex<BTreeMap<String, ShareConfig>>,
+}
+
+/// Mount options of the root [`Vfs`]: no DAX window, no writeback cache, real opens.
+fn vfs_options() -> VfsOptions {
+    let mut opts = VfsOptions {
+        no_open: false,
+        no_opendir: false,
+        no_writeback: true,
+        killpriv_v2: false,
+        ..VfsOptions::default()
+    };
+    opts.out_opts.remove(fuse_backend_rs::api::filesystem::FsOptions::PERFILE_DAX);
+    opts
+}
+
+impl FsShares {
+    /// An empty share tree.
+    pub fn new() -> Self {
+        FsShares { vfs: Arc::new(Vfs::new(vfs_options())), shares: Mutex::new(BTreeMap::new()) }
+    }
+
+    /// The tree the device serves.
+    pub(crate) fn vfs(&self) -> Arc<Vfs> {
+        self.vfs.clone()
+    }
+
+    fn table(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, ShareConfig>> {
+        // A panic elsewhere cannot leave the map half-updated: every update is one insert/remove.
+        self.shares.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Serve `share.host_dir` at `/<share.name>` of the device.
+    pub fn add(&self, share: ShareConfig) -> Result<(), ShareError> {
+        share.validate()?;
+        let mut table = self.table();
+        if table.contains_key(&share.name) {
+            return Err(ShareError::Duplicate(share.name));
+        }
+        let passthrough_error =
+            |source| ShareError::Passthrough { path: share.host_dir.clone(), source };
+        let fs = PassthroughFs::<()>::new(share.passthrough_config()?).map_err(passthrough_error)?;
+        fs.import().map_err(passthrough_error)?;
+        let fs = ShareFs::new(fs, share.read_only);
+        self.vfs
+            .mount(Box::new(fs), &format!("/{}", share.name))
+            .map_err(|e| ShareError::Vfs(format!("{e:?}")))?;
+        tracing::debug!(name = %share.name, host_dir = ?share.host_dir, read_only = share.read_only, "fs share added");
+        table.insert(share.name.clone(), share);
+        Ok(())
+    }
+
+    /// Stop serving share `name`. Guest inodes of it fail from now on; its directory stays in
+    /// the tree, empty, so a later share of the same name reuses it.
+    pub fn remove(&self, name: &str) -> Result<ShareConfig, ShareError> {
+        validate_share_name(name)?;
+        let mut table = self.table();
+        if !table.contains_key(name) {
+            return Err(ShareError::Unknown(name.to_owned()));
+        }
+        self.vfs.umount(&format!("/{name}")).map_err(|e| ShareError::Vfs(format!("{e:?}")))?;
+        tracing::debug!(name, "fs share removed");
+        table.remove(name).ok_or_else(|| ShareError::Unknown(name.to_owned()))
+    }
+
+    /// The shares, by name.
+    pub fn list(&self) -> Vec<ShareConfig> {
+        self.table().values().cloned().collect()
+    }
+}
+
+impl Default for FsShares {
+    fn default() -> Self {
+        FsShares::new()
+    }
+}
+
+/// What the device holds while the driver has it activated.
+struct Active {
+    token: SubscriberToken,
+    stopped: Arc<AtomicBool>,
+}
+
+/// The virtio-fs device: one hiprio queue and one request queue, served on the event loop.
+pub struct VirtioFs {
+    config: [u8; CONFIG_LEN],
+    shares: Arc<FsShares>,
+    events: EventLoopHandle,
+    acked_features: u64,
+    active: Option<Active>,
+}
+
+impl VirtioFs {
+    /// A device with tag `tag` (at most [`TAG_LEN`] bytes) serving `shares`.
+    pub fn new(tag: &str, shares: Arc<FsShares>, events: EventLoopHandle) -> Result<Self, ShareError> {
+        if tag.is_empty() || tag.len() > TAG_LEN || tag.contains('\0') {
+            return Err(ShareError::InvalidName(tag.to_owned()));
+        }
+        let mut config = [0u8; CONFIG_LEN];
+        config[..tag.len()].copy_from_slice(tag.as_bytes());
+        let request_queues = (NUM_QUEUES - 1) as u32;
+        config[TAG_LEN..].copy_from_slice(&request_queues.to_le_bytes());
+        Ok(VirtioFs { config, shares, events, acked_features: 0, active: None })
+    }
+
+    fn deactivate(&mut self) {
+        if let Some(active) = self.active.take() {
+            active.stopped.store(true, Ordering::SeqCst);
+            if let Err(e) = self.events.remove_subscriber(&active.token) {
+                tracing::warn!(error = %e, "cannot remove the virtio-fs handler from the event loop");
+            }
+        }
+    }
+}
+
+impl VirtioDevice for VirtioFs {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_FS
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &QUEUE_SIZES
+    }
+
+    fn avail_features(&self) -> u64 {
+        1 << VIRTIO_F_VERSION_1
+    }
+
+    fn set_acked_features(&mut self, features: u64) {
+        self.acked_features = features & self.avail_features();
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        let Ok(start) = usize::try_from(offset) else { return };
+        if start >= self.config.len() {
+            tracing::debug!(offset, "guest read past the virtio-fs config space");
+            return;
+        }
+        let n = data.len().min(self.config.len() - start);
+        data[..n].copy_from_slice(&self.config[start..start + n]);
+    }
+
+    fn write_config(&mut self, offset: u64, _data: &[u8]) {
+        tracing::debug!(offset, "guest write to the read-only virtio-fs config space ignored");
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemory,
+        interrupt: Arc<dyn InterruptSignal>,
+        queues: Vec<ActivatedQueue>,
+    ) -> Result<(), ActivateError> {
+        if self.active.is_some() {
+            return Err(ActivateError::Other("virtio-fs device is already active".into()));
+        }
+        let got = queues.len();
+        let Ok([hiprio, request]) = <[ActivatedQueue; NUM_QUEUES]>::try_from(queues) else {
+            return Err(ActivateError::QueueCount { expected: NUM_QUEUES, got });
+        };
+        let stopped = Arc::new(AtomicBool::new(false));
+        let handler = FsHandler::new(
+            mem,
+            interrupt,
+            [hiprio.queue, request.queue],
+            [hiprio.kick, request.kick],
+            Arc::new(Server::new(self.shares.vfs())),
+            stopped.clone(),
+        );
+        let subscriber: SharedSubscriber = Arc::new(Mutex::new(handler));
+        let token = self.events.add_subscriber(subscriber)?;
+        self.active = Some(Active { token, stopped });
+        tracing::debug!("virtio-fs device activated");
+        Ok(())
+    }
+
+    fn reset(&mut self) -> bool {
+        self.deactivate();
+        // Forget the old driver's session (handles, inodes) so the next INIT is accepted.
+        fuse_backend_rs::api::filesystem::FileSystem::destroy(&*self.shares.vfs);
+        self.acked_features = 0;
+        true
+    }
+}
+
+impl Drop for VirtioFs {
+    fn drop(&mut self) {
+        self.deactivate();
+    }
+}
