@@ -71,11 +71,16 @@ impl Sandbox {
             memory_mib: config.vm.memory_mib,
             kernel,
             initrd: Some(initrd),
-            cmdline: config.vm.kernel_cmdline.clone(),
+            // The agent's periodic resync of watchable mounts follows the same setting.
+            cmdline: format!(
+                "{} tern.watch_resync={}",
+                config.vm.kernel_cmdline, config.fs.resync_interval_secs
+            ),
             console: console_output(&config.vm.console_log),
             vsock: Some(VsockConfig { guest_cid: config.vm.guest_cid, uds_path: uds_path.clone() }),
             fs_shares: shares,
             fs_device,
+            watch_resync_interval: Duration::from_secs(config.fs.resync_interval_secs),
         };
         let vmm_start = Instant::now();
         let vm = Vmm::start(vm_config).map_err(SandboxError::Start)?;

@@ -66,6 +66,7 @@ fn main() -> ExitCode {
         vsock,
         fs_shares: Vec::new(),
         fs_device: false,
+        watch_resync_interval: tern_protocol::watch::DEFAULT_RESYNC_INTERVAL,
     };
 
     let vm = match Vmm::start(config) {

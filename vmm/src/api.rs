@@ -43,6 +43,9 @@ pub struct VmConfig {
     /// true or `fs_shares` is not empty; a VM without it cannot gain one later, since virtio-mmio
     /// devices are fixed at boot.
     pub fs_device: bool,
+    /// How often the host watcher sends a full resync of every watchable share, the safety
+    /// net under change records (default [`tern_protocol::watch::DEFAULT_RESYNC_INTERVAL`]).
+    pub watch_resync_interval: std::time::Duration,
 }
 
 impl VmConfig {

@@ -276,7 +276,7 @@ pub(crate) fn build_and_start(
 
     let watchers = Arc::new(ShareWatchers::new(
         config.vsock.as_ref().map(|v| v.uds_path.clone()),
-        tern_protocol::watch::DEFAULT_RESYNC_INTERVAL,
+        config.watch_resync_interval,
     ));
     for share in config.fs_shares.iter().filter(|s| s.watch) {
         watchers.watch(&share.name, &share.host_dir)?;

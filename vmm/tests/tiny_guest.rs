@@ -88,6 +88,7 @@ fn config(kernel: PathBuf, vcpus: u8) -> VmConfig {
         vsock: None,
         fs_shares: Vec::new(),
         fs_device: false,
+        watch_resync_interval: tern_protocol::watch::DEFAULT_RESYNC_INTERVAL,
     }
 }
 

@@ -77,6 +77,7 @@ pub fn boot(config: Config, args: BootArgs) -> Result<i32> {
         },
         vsock: None,
         fs_device: !fs_shares.is_empty(),
+        watch_resync_interval: tern_protocol::watch::DEFAULT_RESYNC_INTERVAL,
         fs_shares,
     };
     let handle = Vmm::start(vm).context("cannot start the VM")?;

@@ -61,8 +61,16 @@ pub fn run(mut config: Config, args: RunArgs) -> Result<i32> {
     let specs = args.shares.iter().map(|arg| parse_share_arg(arg)).collect::<Result<Vec<_>, _>>()?;
     let shares = plan_shares(&specs, &config.fs)?;
     let vm_shares = shares.iter().map(|s| s.config.clone()).collect();
-    let sandbox =
-        Sandbox::boot_with_shares(&config, vm_shares, false).context("cannot boot the microVM")?;
+    let sandbox = Sandbox::boot_with_shares(&config, vm_shares, false).map_err(|e| {
+        let err = anyhow::Error::new(e).context("cannot boot the microVM");
+        match vmm::api::probe_kvm() {
+            Ok(p) if p.kind == vmm::api::KvmKind::Pvm => err.context(
+                "this host's KVM is kvm_pvm, which cannot boot Linux guests; run tern inside \
+                 tests/nested-runner (see `tern check`)",
+            ),
+            _ => err,
+        }
+    })?;
     let result = mount_shares(&sandbox, &shares).and_then(|()| run_command(&sandbox, &args));
     let command_exit = Instant::now();
     // Shut down whatever happened to the command: no VM outlives `tern run`.

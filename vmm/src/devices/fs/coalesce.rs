@@ -5,7 +5,7 @@
 //! [`QUIET_PERIOD`] without a new record, when [`FLUSH_RECORDS`] distinct paths are pending,
 //! or when the oldest pending record is [`MAX_DELAY`] old (so a never-ending stream of events
 //! cannot postpone delivery forever). Records for the same path within one batch collapse into
-//! one (records are hints: the agent re-reads the path anyway).
+//! one (records are hints: the agent re-reads the path anyway), keeping a rename's old path.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
@@ -70,8 +70,8 @@ impl Coalescer {
         }
     }
 
-    /// Note that `kind` happened at `path` of `share` at `now` (`unix_ns`: the wall clock).
-    pub fn push(&mut self, share: &str, path: String, kind: ChangeKind, now: Instant, unix_ns: u64) {
+    /// Note `record` (a change in `share`) at `now` (`unix_ns`: the wall clock).
+    pub fn push(&mut self, share: &str, record: ChangeRecord, now: Instant, unix_ns: u64) {
         self.first_at.get_or_insert(now);
         self.last_at = Some(now);
         let burst = self.bursts.entry(share.to_owned()).or_insert_with(|| ShareBurst {
@@ -83,10 +83,17 @@ impl Coalescer {
         if burst.too_many {
             return;
         }
-        if let Some(&at) = burst.index.get(&path) {
-            // The latest kind wins; the position of the first sighting keeps the order.
-            if let Some(record) = burst.records.get_mut(at) {
-                record.kind = kind;
+        if let Some(&at) = burst.index.get(&record.path) {
+            // The latest kind wins; the position of the first sighting keeps the order. A
+            // rename's old path stays known through later changes at the new path (write then
+            // rename then write is still a rename), until the entry is removed.
+            if let Some(pending) = burst.records.get_mut(at) {
+                pending.kind = record.kind;
+                if record.kind == ChangeKind::Removed {
+                    pending.from = None;
+                } else if record.from.is_some() {
+                    pending.from = record.from;
+                }
             }
             return;
         }
@@ -97,8 +104,8 @@ impl Coalescer {
             burst.index.clear();
             return;
         }
-        burst.index.insert(path.clone(), burst.records.len());
-        burst.records.push(ChangeRecord { path, kind });
+        burst.index.insert(record.path.clone(), burst.records.len());
+        burst.records.push(record);
         self.pending += 1;
     }
 
@@ -141,17 +148,25 @@ mod tests {
         Coalescer::new(Duration::from_millis(2), Duration::from_millis(20), 256)
     }
 
+    fn rec(path: impl Into<String>, kind: ChangeKind) -> ChangeRecord {
+        ChangeRecord { path: path.into(), kind, from: None }
+    }
+
+    fn moved(to: &str, from: &str) -> ChangeRecord {
+        ChangeRecord { path: to.into(), kind: ChangeKind::Moved, from: Some(from.into()) }
+    }
+
     #[test]
     fn a_kubelet_update_is_one_batch_with_one_record_per_path() {
         let mut c = long();
         let t0 = Instant::now();
         let ts = "..2026_11_26_13_00_00.123456789";
-        c.push("s", ts.into(), ChangeKind::Created, t0, 7);
-        c.push("s", format!("{ts}/key"), ChangeKind::Created, t0, 8);
-        c.push("s", format!("{ts}/key"), ChangeKind::Modified, t0, 9);
-        c.push("s", "..data_tmp".into(), ChangeKind::Created, t0, 10);
-        c.push("s", "..data_tmp".into(), ChangeKind::Moved, t0, 11);
-        c.push("s", "..data".into(), ChangeKind::Moved, t0, 12);
+        c.push("s", rec(ts, ChangeKind::Created), t0, 7);
+        c.push("s", rec(format!("{ts}/key"), ChangeKind::Created), t0, 8);
+        c.push("s", rec(format!("{ts}/key"), ChangeKind::Modified), t0, 9);
+        c.push("s", rec("..data_tmp", ChangeKind::Created), t0, 10);
+        c.push("s", rec("..data_tmp", ChangeKind::Moved), t0, 11);
+        c.push("s", rec("..data", ChangeKind::Moved), t0, 12);
         assert!(!c.is_due(t0));
         assert!(c.is_due(t0 + Duration::from_millis(2)));
         let batches = c.take();
@@ -173,11 +188,33 @@ mod tests {
     }
 
     #[test]
+    fn a_rename_keeps_its_old_path_through_later_changes() {
+        let mut c = long();
+        let t0 = Instant::now();
+        c.push("s", rec("f", ChangeKind::Modified), t0, 1);
+        c.push("s", rec("f", ChangeKind::Moved), t0, 2);
+        c.push("s", moved("g", "f"), t0, 3);
+        c.push("s", rec("g", ChangeKind::Modified), t0, 4);
+        c.push("s", rec("h", ChangeKind::Created), t0, 5);
+        c.push("s", moved("h", "x"), t0, 6);
+        c.push("s", rec("h", ChangeKind::Removed), t0, 7);
+        let records = c.take().remove(0).records;
+        assert_eq!(
+            records,
+            vec![
+                rec("f", ChangeKind::Moved),
+                ChangeRecord { path: "g".into(), kind: ChangeKind::Modified, from: Some("f".into()) },
+                rec("h", ChangeKind::Removed),
+            ]
+        );
+    }
+
+    #[test]
     fn quiet_period_restarts_but_max_delay_caps_it() {
         let mut c = long();
         let t0 = Instant::now();
         for i in 0..30u64 {
-            c.push("s", "f".into(), ChangeKind::Modified, t0 + Duration::from_millis(i), i);
+            c.push("s", rec("f", ChangeKind::Modified), t0 + Duration::from_millis(i), i);
         }
         // Never 2 ms of quiet, but the first record is 20 ms old by t0 + 20 ms.
         assert_eq!(c.deadline(), Some(t0 + Duration::from_millis(20)));
@@ -189,7 +226,7 @@ mod tests {
         let mut c = Coalescer::new(Duration::from_secs(1), Duration::from_secs(1), 4);
         let t0 = Instant::now();
         for i in 0..4 {
-            c.push("s", format!("f{i}"), ChangeKind::Created, t0, 0);
+            c.push("s", rec(format!("f{i}"), ChangeKind::Created), t0, 0);
         }
         assert!(c.is_due(t0));
     }
@@ -199,9 +236,9 @@ mod tests {
         let mut c = Coalescer::new(Duration::from_secs(1), Duration::from_secs(1), usize::MAX);
         let t0 = Instant::now();
         for i in 0..=MAX_RECORDS_PER_BATCH {
-            c.push("big", format!("f{i}"), ChangeKind::Created, t0, 0);
+            c.push("big", rec(format!("f{i}"), ChangeKind::Created), t0, 0);
         }
-        c.push("small", "x".into(), ChangeKind::Removed, t0, 0);
+        c.push("small", rec("x", ChangeKind::Removed), t0, 0);
         let batches = c.take();
         assert_eq!(batches.len(), 2);
         assert_eq!(batches[0].share, "big");

@@ -5,7 +5,9 @@
 //! Two std threads per VM:
 //! - `fs-watch` reads inotify events, keeps one watch per directory of every share (a new
 //!   subdirectory gets its watch when its creation is seen, and everything already inside it
-//!   is reported as created, since it may predate the watch), and coalesces records
+//!   is reported as created, since it may predate the watch), pairs the two ends of a rename
+//!   by their inotify cookie into one [`ChangeKind::Moved`] record that names the old path
+//!   (so the guest can rename instead of guessing), and coalesces records
 //!   ([`super::coalesce`]) until a burst is over;
 //! - `fs-watch-link` owns the connection to the agent: it connects through the VMM's hybrid
 //!   vsock socket (`CONNECT 1026\n` → `OK …\n`), retrying until the agent listens, numbers the
@@ -29,7 +31,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask, Watches};
-use tern_protocol::watch::{is_safe_relative_path, ChangeBatch, ChangeKind};
+use tern_protocol::watch::{is_safe_relative_path, ChangeBatch, ChangeKind, ChangeRecord};
 use tern_protocol::AGENT_WATCH_PORT;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
@@ -230,7 +232,14 @@ impl Watcher {
             .spawn(move || link.run(rx))
             .map_err(|e| WatchError::Thread("fs-watch-link", e))?;
         watcher.threads.push(thread);
-        let events = EventReader { inotify, epoll, shared, outgoing, coalescer: Coalescer::default() };
+        let events = EventReader {
+            inotify,
+            epoll,
+            shared,
+            outgoing,
+            coalescer: Coalescer::default(),
+            moves: PendingMoves::default(),
+        };
         let thread = std::thread::Builder::new()
             .name("fs-watch".into())
             .spawn(move || events.run())
@@ -414,14 +423,79 @@ impl WatchState {
             .filter(|(_, d)| d.share == share && under.is_none_or(|u| is_within(&d.rel, u)))
             .map(|(id, _)| *id)
             .collect();
-        for id in gone {
-            if let Some(dir) = self.dirs.remove(&id) {
+        self.unwatch_ids(&gone);
+    }
+
+    /// The watches of `share` at or below `under`.
+    fn watch_ids_below(&self, share: &str, under: &str) -> Vec<i32> {
+        self.dirs.iter().filter(|(_, d)| d.share == share && is_within(&d.rel, under)).map(|(id, _)| *id).collect()
+    }
+
+    /// A watched tree moved from `from` to `to` within its share: the same watches (inotify
+    /// follows the inodes) now report under the new path. Returns whether `to` itself is
+    /// watched.
+    fn move_watches(&mut self, ids: &[i32], from: &str, to: &str) -> bool {
+        let mut top = false;
+        for id in ids {
+            let Some(dir) = self.dirs.get_mut(id) else {
+                continue;
+            };
+            if let Some(rest) = dir.rel.strip_prefix(from).filter(|rest| rest.is_empty() || rest.starts_with('/')) {
+                top |= rest.is_empty();
+                dir.rel = format!("{to}{rest}");
+            }
+        }
+        top
+    }
+
+    /// Drop the watches of a tree that moved away, unless they were found again under a new
+    /// path meanwhile (a watch added on the same inode returns the same descriptor).
+    fn unwatch_moved_away(&mut self, from: &MovedFrom) {
+        let stale: Vec<i32> = from
+            .watch_ids
+            .iter()
+            .copied()
+            .filter(|id| self.dirs.get(id).is_some_and(|d| d.share == from.share && is_within(&d.rel, &from.path)))
+            .collect();
+        self.unwatch_ids(&stale);
+    }
+
+    /// Drop the watches `ids` (those still known).
+    fn unwatch_ids(&mut self, ids: &[i32]) {
+        for id in ids {
+            if let Some(dir) = self.dirs.remove(id) {
                 // Fails harmlessly when the kernel already dropped it (directory deleted).
                 let _ = self.watches.remove(dir.wd);
-                if let Some(s) = self.shares.get_mut(share) {
+                if let Some(s) = self.shares.get_mut(&dir.share) {
                     s.dirs = s.dirs.saturating_sub(1);
                 }
             }
+        }
+    }
+}
+
+/// The old end of a rename (IN_MOVED_FROM) waiting for its new end (IN_MOVED_TO with the same
+/// cookie). The kernel queues both ends together, so a pending old end is dropped when the
+/// burst is flushed: a rename out of the watched trees never gets a new end.
+#[derive(Debug)]
+struct MovedFrom {
+    share: String,
+    path: String,
+    /// The watches of a moved directory (and of its subdirectories): they follow the inodes,
+    /// so they are renamed with a paired new end and dropped otherwise.
+    watch_ids: Vec<i32>,
+}
+
+/// Old ends of renames by inotify cookie.
+#[derive(Debug, Default)]
+struct PendingMoves(HashMap<u32, MovedFrom>);
+
+impl PendingMoves {
+    /// Forget every unpaired old end; a moved-away directory's watches are dropped (they
+    /// would keep reporting under the old path).
+    fn expire(&mut self, state: &mut WatchState) {
+        for (_, from) in self.0.drain() {
+            state.unwatch_moved_away(&from);
         }
     }
 }
@@ -447,6 +521,7 @@ struct EventReader {
     shared: Arc<Shared>,
     outgoing: Sender<Outgoing>,
     coalescer: Coalescer,
+    moves: PendingMoves,
 }
 
 impl EventReader {
@@ -471,6 +546,9 @@ impl EventReader {
             self.drain_events(&mut buffer);
             let now = Instant::now();
             if self.coalescer.is_due(now) {
+                if !self.moves.0.is_empty() {
+                    self.moves.expire(&mut self.shared.lock());
+                }
                 for batch in self.coalescer.take() {
                     let _ = self.outgoing.send(Outgoing::Batch(batch));
                 }
@@ -498,12 +576,13 @@ impl EventReader {
                     overflow = true;
                     continue;
                 }
-                handle_event(&mut state, &mut self.coalescer, &event, now, unix_ns);
+                handle_event(&mut state, &mut self.coalescer, &mut self.moves, &event, now, unix_ns);
             }
             if overflow {
                 bump(&self.shared.counters.overflows, 1);
                 tracing::warn!("inotify queue overflowed; resyncing every share");
                 // Watches for directories created meanwhile may be missing: walk again.
+                self.moves.expire(&mut state);
                 let shares: Vec<String> = state.shares.keys().cloned().collect();
                 for share in shares {
                     state.watch_tree(&share, "", &mut |_| {});
@@ -519,6 +598,7 @@ impl EventReader {
 fn handle_event(
     state: &mut WatchState,
     coalescer: &mut Coalescer,
+    moves: &mut PendingMoves,
     event: &inotify::Event<&OsStr>,
     now: Instant,
     unix_ns: u64,
@@ -544,35 +624,59 @@ fn handle_event(
         return;
     };
     let mask = event.mask;
-    let kind = if mask.intersects(EventMask::MOVED_FROM | EventMask::MOVED_TO) {
-        ChangeKind::Moved
-    } else if mask.contains(EventMask::CREATE) {
-        ChangeKind::Created
-    } else if mask.contains(EventMask::DELETE) {
-        ChangeKind::Removed
-    } else {
-        ChangeKind::Modified
+    let is_dir = mask.contains(EventMask::ISDIR);
+    let push = |coalescer: &mut Coalescer, path: String, kind, from| {
+        coalescer.push(&share, ChangeRecord { path, kind, from }, now, unix_ns);
     };
-    coalescer.push(&share, path.clone(), kind, now, unix_ns);
-    if mask.contains(EventMask::ISDIR) {
-        if mask.intersects(EventMask::CREATE | EventMask::MOVED_TO) {
-            let host = state.shares.get(&share).map(|s| s.host_dir.join(&path));
-            match host.map(|h| state.watches.add(h, WATCH_MASK)) {
-                Some(Ok(wd)) => {
-                    state.watches_insert(&share, &path, wd);
-                    if let Some(s) = state.shares.get_mut(&share) {
-                        s.dirs += 1;
-                    }
-                    state.watch_tree(&share, &path, &mut |child| {
-                        coalescer.push(&share, child, ChangeKind::Created, now, unix_ns)
-                    });
+    if mask.contains(EventMask::MOVED_FROM) {
+        // The old end gets a plain record (agents that do not pair still settle it); the new
+        // end names it if it shows up. A directory's watches stay until then.
+        push(coalescer, path.clone(), ChangeKind::Moved, None);
+        let watch_ids = if is_dir { state.watch_ids_below(&share, &path) } else { Vec::new() };
+        if let Some(stale) = moves.0.insert(event.cookie, MovedFrom { share: share.clone(), path, watch_ids }) {
+            state.unwatch_moved_away(&stale);
+        }
+        return;
+    }
+    if mask.contains(EventMask::MOVED_TO) {
+        match moves.0.remove(&event.cookie) {
+            Some(from) if from.share == share => {
+                let watched = is_dir && state.move_watches(&from.watch_ids, &from.path, &path);
+                push(coalescer, path.clone(), ChangeKind::Moved, Some(from.path));
+                if watched || !is_dir {
+                    return;
                 }
-                Some(Err(e)) => tracing::debug!(share, path, error = %e, "cannot watch a new directory"),
-                None => {}
+                // The directory was not watched under its old name: watch it now.
             }
-        } else if mask.contains(EventMask::MOVED_FROM) {
-            // Its watches would keep reporting under the old path.
-            state.unwatch(&share, Some(&path));
+            Some(other) => {
+                // Moved between shares: the new share's walk below watches it afresh.
+                state.unwatch_moved_away(&other);
+                push(coalescer, path.clone(), ChangeKind::Moved, None);
+            }
+            None => push(coalescer, path.clone(), ChangeKind::Moved, None),
+        }
+    } else {
+        let kind = if mask.contains(EventMask::CREATE) {
+            ChangeKind::Created
+        } else if mask.contains(EventMask::DELETE) {
+            ChangeKind::Removed
+        } else {
+            ChangeKind::Modified
+        };
+        push(coalescer, path.clone(), kind, None);
+    }
+    if is_dir && mask.intersects(EventMask::CREATE | EventMask::MOVED_TO) {
+        let host = state.shares.get(&share).map(|s| s.host_dir.join(&path));
+        match host.map(|h| state.watches.add(h, WATCH_MASK)) {
+            Some(Ok(wd)) => {
+                state.watches_insert(&share, &path, wd);
+                if let Some(s) = state.shares.get_mut(&share) {
+                    s.dirs += 1;
+                }
+                state.watch_tree(&share, &path, &mut |child| push(coalescer, child, ChangeKind::Created, None));
+            }
+            Some(Err(e)) => tracing::debug!(share, path, error = %e, "cannot watch a new directory"),
+            None => {}
         }
     }
 }

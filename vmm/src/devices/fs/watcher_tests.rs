@@ -167,3 +167,91 @@ fn a_burst_ends_with_every_path_reported() {
     // Coalesced: far fewer batches than the 4,000 events.
     assert!(got.len() < 400, "{} batches", got.len());
 }
+
+/// Every record for `path` in `batches`, in order.
+fn records_for<'a>(batches: &'a [ChangeBatch], path: &str) -> Vec<&'a ChangeRecord> {
+    batches.iter().flat_map(|b| &b.records).filter(|r| r.path == path).collect()
+}
+
+#[test]
+fn both_ends_of_a_rename_are_paired_by_cookie() {
+    let agent = fake_agent();
+    let share = tempfile::tempdir().unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    let watcher = Watcher::start(&agent.uds, Duration::from_secs(3600)).unwrap();
+    watcher.add_share("s", share.path()).unwrap();
+    agent.until(|b| b.resync);
+
+    // Modified, then renamed, within one burst: the new end names the old one.
+    std::fs::write(share.path().join("f"), "1").unwrap();
+    std::fs::write(share.path().join("f"), "22").unwrap();
+    std::fs::rename(share.path().join("f"), share.path().join("g")).unwrap();
+    let got = agent.until(|b| b.records.iter().any(|r| r.path == "g"));
+    let g = records_for(&got, "g");
+    assert_eq!(g.last().map(|r| (r.kind, r.from.as_deref())), Some((ChangeKind::Moved, Some("f"))), "{got:#?}");
+    // The old end keeps a record of its own, for agents that do not pair.
+    assert_eq!(records_for(&got, "f").last().map(|r| r.kind), Some(ChangeKind::Moved), "{got:#?}");
+
+    // Renames into and out of the share have one end only: plain hints.
+    std::fs::write(outside.path().join("in"), "x").unwrap();
+    std::fs::rename(outside.path().join("in"), share.path().join("in")).unwrap();
+    let got = agent.until(|b| b.records.iter().any(|r| r.path == "in"));
+    assert_eq!(records_for(&got, "in").last().map(|r| (r.kind, r.from.clone())), Some((ChangeKind::Moved, None)));
+    std::fs::rename(share.path().join("g"), outside.path().join("g")).unwrap();
+    let got = agent.until(|b| b.records.iter().any(|r| r.path == "g"));
+    assert_eq!(records_for(&got, "g").last().map(|r| (r.kind, r.from.clone())), Some((ChangeKind::Moved, None)));
+}
+
+#[test]
+fn a_renamed_directory_keeps_reporting_under_its_new_path() {
+    let agent = fake_agent();
+    let share = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(share.path().join("a/sub")).unwrap();
+    let watcher = Watcher::start(&agent.uds, Duration::from_secs(3600)).unwrap();
+    watcher.add_share("s", share.path()).unwrap();
+    agent.until(|b| b.resync);
+
+    std::fs::create_dir(share.path().join("b")).unwrap();
+    agent.until(|b| b.records.iter().any(|r| r.path == "b"));
+    std::fs::rename(share.path().join("a"), share.path().join("b/c")).unwrap();
+    let got = agent.until(|b| b.records.iter().any(|r| r.path == "b/c"));
+    let moved = records_for(&got, "b/c");
+    assert_eq!(moved.last().map(|r| (r.kind, r.from.as_deref())), Some((ChangeKind::Moved, Some("a"))), "{got:#?}");
+
+    // The watches moved with the tree: changes inside report the new paths, never the old.
+    std::fs::write(share.path().join("b/c/sub/file"), "x").unwrap();
+    std::fs::write(share.path().join("b/c/top"), "x").unwrap();
+    let got = agent.until(|b| b.records.iter().any(|r| r.path == "b/c/top"));
+    let seen = paths(&got);
+    assert!(seen.contains("b/c/sub/file"), "{seen:?}");
+    assert!(!seen.iter().any(|p| p.starts_with("a/") || p == "a"), "{seen:?}");
+
+    // Moving the directory out of the share drops its watches once the burst is over.
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::rename(share.path().join("b/c"), outside.path().join("c")).unwrap();
+    agent.until(|b| b.records.iter().any(|r| r.path == "b/c"));
+    std::fs::write(outside.path().join("c/sub/late"), "x").unwrap();
+    std::fs::write(share.path().join("marker"), "x").unwrap();
+    let got = agent.until(|b| b.records.iter().any(|r| r.path == "marker"));
+    let seen = paths(&got);
+    assert!(!seen.iter().any(|p| p.contains("late")), "{seen:?}");
+}
+
+#[test]
+fn a_directory_renamed_into_a_brand_new_one_stays_watched() {
+    let agent = fake_agent();
+    let share = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(share.path().join("a/sub")).unwrap();
+    let watcher = Watcher::start(&agent.uds, Duration::from_secs(3600)).unwrap();
+    watcher.add_share("s", share.path()).unwrap();
+    agent.until(|b| b.resync);
+
+    // `b` may be walked before or after the rename: either way `b/c` ends up watched, and the
+    // old end's expiry must not drop the watches the walk found again.
+    std::fs::create_dir(share.path().join("b")).unwrap();
+    std::fs::rename(share.path().join("a"), share.path().join("b/c")).unwrap();
+    agent.until(|b| b.records.iter().any(|r| r.path == "b/c"));
+    std::thread::sleep(Duration::from_millis(50));
+    std::fs::write(share.path().join("b/c/sub/file"), "x").unwrap();
+    agent.until(|b| b.records.iter().any(|r| r.path == "b/c/sub/file"));
+}
