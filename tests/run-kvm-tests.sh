@@ -23,4 +23,4 @@ fi
 export TERN_BIN="$root/target/release/tern"
 echo ">> KVM tests: ${bins[*]##*/}"
 exec tests/nested-runner --timeout "${TERN_KVM_TEST_TIMEOUT:-2400}" -- \
-	bash -c 'rc=0; for b in "$@"; do echo ">> $b"; "$b" --test-threads=2 ${TERN_TEST_ARGS:-} || rc=1; done; exit $rc' _ "${bins[@]}"
+	bash -c 'rc=0; for b in "$@"; do echo ">> $b"; "$b" --test-threads=1 ${TERN_TEST_ARGS:-} || rc=1; done; exit $rc' _ "${bins[@]}"
