@@ -56,7 +56,7 @@ fn vcpus_and_memory_are_what_was_asked() {
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("no MemTotal in {stdout:?}"));
     // MemTotal is RAM minus what the kernel reserves for itself: within 20% below the size.
-    assert!(kib <= 384 * 1024 && kib >= 384 * 1024 * 8 / 10, "MemTotal {kib} KiB for --memory 384");
+    assert!((384 * 1024 * 8 / 10..=384 * 1024).contains(&kib), "MemTotal {kib} KiB for --memory 384");
 }
 
 #[test]

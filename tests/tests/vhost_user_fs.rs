@@ -4,6 +4,8 @@
 //! mounts the share with the kernel's own virtio-fs driver, reads a host-prepared file, writes,
 //! renames and deletes, and reports what it saw on the serial console.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
+
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};

@@ -76,7 +76,7 @@ fn kubelet_updates_never_expose_a_dangling_data_link() {
     let script = "n=0; echo READY; \
         while [ ! -e /mnt/k/stop ]; do \
           [ -d /mnt/k/..data/ ] || echo DANGLING; \
-          v=$(cat /mnt/k/key) || echo BADREAD; \
+          v=$(cat /mnt/k/key 2>&1) || echo BADREAD $v ..data=$(readlink /mnt/k/..data) $(ls -a /mnt/k); \
           case \"$v\" in v[0-9]*) ;; *) echo \"BADVALUE $v\";; esac; \
           n=$((n+1)); \
         done; echo \"SAMPLES $n\"; echo \"FINAL $(cat /mnt/k/key)\"";
