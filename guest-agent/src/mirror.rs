@@ -16,9 +16,13 @@
 //! listener threads only queue it, merging what arrives while a sync runs. A mount that grows
 //! past the limits becomes a bind mount of the share on top of the mirror (the mirror's files
 //! are not removed first, so they never disappear), and stops being watched only once that
-//! bind mount exists. See [`sync`] for the order in which changes are applied.
+//! bind mount exists. See [`sync`] for the order in which changes are applied, and
+//! [`retired`] for why the directory a `..data` swap retires stays readable for a moment (the
+//! sync thread's timer removes it when its grace is over).
 
 mod mount;
+mod moves;
+mod retired;
 mod sync;
 mod tree;
 
@@ -36,10 +40,11 @@ use tracing::{debug, info, warn};
 
 use crate::transport::{Connection, Listener};
 use mount::MountError;
+use retired::Retired;
 use sync::{sync_mirror, Scope, SyncError, SyncOutcome};
 use tree::Snapshot;
 
-/// Longest the sync thread sleeps between checks of the poll and resync timers.
+/// Longest the sync thread sleeps between checks of the poll, resync and retire timers.
 const MAX_TIMER_SLEEP: Duration = Duration::from_secs(1);
 /// Most distinct paths queued for one share before the work becomes a full resync.
 const MAX_QUEUED_PATHS: usize = 4 * MAX_RECORDS_PER_BATCH;
@@ -77,6 +82,8 @@ enum Presentation {
 #[derive(Debug)]
 struct MirrorInner {
     state: Snapshot,
+    /// Directories `..data` stopped publishing, kept for their grace.
+    retired: Retired,
     presentation: Presentation,
     /// Mounts stacked at the guest path (the mirror's bind, then maybe the fallback).
     layers: u8,
@@ -107,6 +114,18 @@ impl WatchableMount {
         self.settle_locked(&mut inner, scope);
     }
 
+    /// Apply the renames the watcher paired, then settle `paths`.
+    fn settle_changes(&self, paths: &BTreeSet<String>, renames: &[moves::Rename]) {
+        let mut inner = lock(&self.inner);
+        if !renames.is_empty() && inner.presentation == Presentation::Mirror {
+            let done = moves::apply_renames(&self.share_root, &self.staging, &mut inner.state, renames);
+            if !done.is_empty() {
+                debug!(guest_path = %self.guest_path.display(), renames = ?done, "renamed in the mirror");
+            }
+        }
+        self.settle_locked(&mut inner, Scope::Paths(paths));
+    }
+
     fn settle_locked(&self, inner: &mut MirrorInner, scope: Scope<'_>) {
         if inner.presentation == Presentation::BindFallback {
             return;
@@ -114,7 +133,7 @@ impl WatchableMount {
         if matches!(scope, Scope::Full) {
             inner.last_full_sync = Instant::now();
         }
-        match sync_mirror(&self.share_root, &self.staging, &mut inner.state, scope) {
+        match sync_mirror(&self.share_root, &self.staging, &mut inner.state, &mut inner.retired, scope) {
             Ok(SyncOutcome::Synced(report)) => {
                 if !report.ops.is_empty() || !report.deferred.is_empty() {
                     debug!(guest_path = %self.guest_path.display(), ops = ?report.ops, deferred = ?report.deferred, "mirror settled");
@@ -136,6 +155,28 @@ impl WatchableMount {
             }
             Err(e) => warn!(guest_path = %self.guest_path.display(), error = %error_chain(&e), "bind fallback failed; will retry"),
         }
+    }
+
+    /// Remove the retired directories whose grace is over.
+    fn remove_retired(&self) {
+        let mut inner = lock(&self.inner);
+        let inner = &mut *inner;
+        if inner.presentation == Presentation::BindFallback {
+            return;
+        }
+        let report = sync::remove_expired(&self.share_root, &self.staging, &mut inner.state, &mut inner.retired);
+        if !report.ops.is_empty() || !report.deferred.is_empty() {
+            debug!(guest_path = %self.guest_path.display(), ops = ?report.ops, deferred = ?report.deferred, "retired directories removed");
+        }
+    }
+
+    /// When are retired directories due for removal (none while the share is bound instead)?
+    fn retired_due_in(&self) -> Option<Duration> {
+        let inner = lock(&self.inner);
+        if inner.presentation == Presentation::BindFallback {
+            return None;
+        }
+        inner.retired.next_expiry().map(|at| at.saturating_duration_since(Instant::now()))
     }
 
     /// Is a periodic full sync due (poll interval or safety-net resync)?
@@ -163,6 +204,9 @@ struct PendingWork {
 struct ShareWork {
     resync: bool,
     paths: BTreeSet<String>,
+    /// Renames whose both ends the watcher saw, in the order seen (applied before `paths`
+    /// are settled).
+    renames: Vec<moves::Rename>,
 }
 
 struct Registry {
@@ -245,6 +289,7 @@ pub fn mount_watchable(req: &MountRequest) -> Result<(), MirrorError> {
         mode: req.watch_mode,
         inner: Mutex::new(MirrorInner {
             state: Snapshot::new(),
+            retired: Retired::default(),
             presentation: Presentation::Mirror,
             layers: 0,
             last_full_sync: Instant::now(),
@@ -275,7 +320,7 @@ pub fn mount_watchable(req: &MountRequest) -> Result<(), MirrorError> {
 fn fill(entry: &WatchableMount, inner: &mut MirrorInner) -> Result<(), MirrorError> {
     mount::mount_tmpfs(&entry.staging)?;
     inner.last_full_sync = Instant::now();
-    match sync_mirror(&entry.share_root, &entry.staging, &mut inner.state, Scope::Full)? {
+    match sync_mirror(&entry.share_root, &entry.staging, &mut inner.state, &mut inner.retired, Scope::Full)? {
         SyncOutcome::Synced(_) => {
             mount::bind(&entry.staging, &entry.guest_path, entry.read_only, "the mirror")?;
             inner.layers = 1;
@@ -370,23 +415,30 @@ fn merge_batch(work: &mut PendingWork, batch: ChangeBatch, gap: bool) {
     let share = work.shares.entry(batch.share).or_default();
     share.resync |= batch.resync;
     for record in batch.records {
-        if is_safe_relative_path(&record.path) {
-            share.paths.insert(record.path);
-        } else {
+        let from_is_safe = record.from.as_deref().is_none_or(is_safe_relative_path);
+        if !is_safe_relative_path(&record.path) || !from_is_safe {
             // Refused, but the change it stood for must not be lost.
-            warn!(path = record.path, "change record with an unsafe path; resyncing the share");
+            warn!(path = record.path, from = record.from, "change record with an unsafe path; resyncing the share");
             share.resync = true;
+            continue;
         }
+        if let Some(from) = record.from {
+            // The old path is settled too (its own record may have been coalesced away).
+            share.paths.insert(from.clone());
+            share.renames.push(moves::Rename { from, to: record.path.clone() });
+        }
+        share.paths.insert(record.path);
     }
-    if share.paths.len() > MAX_QUEUED_PATHS {
+    if share.paths.len() > MAX_QUEUED_PATHS || share.renames.len() > MAX_QUEUED_PATHS {
         share.resync = true;
     }
     if share.resync {
         share.paths.clear();
+        share.renames.clear();
     }
 }
 
-/// The `mirror-sync` thread: applies queued work and runs the poll and resync timers.
+/// The `mirror-sync` thread: applies queued work and runs the poll, resync and retire timers.
 fn run_sync_thread() {
     let registry = registry();
     loop {
@@ -408,7 +460,7 @@ fn run_sync_thread() {
             if work.resync_all || share.is_some_and(|s| s.resync) {
                 m.settle(Scope::Full);
             } else if let Some(share) = share {
-                m.settle(Scope::Paths(&share.paths));
+                m.settle_changes(&share.paths, &share.renames);
             }
         }
         let resync = Duration::from_secs(registry.resync_secs.load(Ordering::Relaxed));
@@ -416,17 +468,22 @@ fn run_sync_thread() {
             if m.full_sync_due_in(resync).is_some_and(|left| left.is_zero()) {
                 m.settle(Scope::Full);
             }
+            if m.retired_due_in().is_some_and(|left| left.is_zero()) {
+                m.remove_retired();
+            }
         }
     }
 }
 
-/// How long until the next poll or resync is due (at most [`MAX_TIMER_SLEEP`]).
+/// How long until the next poll, resync or retired directory's removal is due (at most
+/// [`MAX_TIMER_SLEEP`]).
 fn next_timer(registry: &Registry) -> Duration {
     let resync = Duration::from_secs(registry.resync_secs.load(Ordering::Relaxed));
     let mounts: Vec<Arc<WatchableMount>> = lock(&registry.mounts).clone();
     mounts
         .iter()
-        .filter_map(|m| m.full_sync_due_in(resync))
+        .flat_map(|m| [m.full_sync_due_in(resync), m.retired_due_in()])
+        .flatten()
         .min()
         .unwrap_or(MAX_TIMER_SLEEP)
         .min(MAX_TIMER_SLEEP)
@@ -472,7 +529,10 @@ mod tests {
             seq: 1,
             first_change_unix_ns: 0,
             resync,
-            records: paths.iter().map(|p| ChangeRecord { path: p.to_string(), kind: ChangeKind::Created }).collect(),
+            records: paths
+                .iter()
+                .map(|p| ChangeRecord { path: p.to_string(), kind: ChangeKind::Created, from: None })
+                .collect(),
         };
         let mut work = PendingWork::default();
         merge_batch(&mut work, batch("s", &["a", "b"], false), false);
@@ -486,5 +546,25 @@ mod tests {
         merge_batch(&mut work, batch("../x", &["a"], false), true);
         assert!(work.resync_all);
         assert!(!work.shares.contains_key("../x"));
+    }
+
+    #[test]
+    fn paired_renames_are_queued_and_unsafe_old_paths_force_a_resync() {
+        use tern_protocol::watch::{ChangeKind, ChangeRecord};
+        let batch = |from: &str| ChangeBatch {
+            share: "s".into(),
+            seq: 1,
+            first_change_unix_ns: 0,
+            resync: false,
+            records: vec![ChangeRecord { path: "g".into(), kind: ChangeKind::Moved, from: Some(from.into()) }],
+        };
+        let mut work = PendingWork::default();
+        merge_batch(&mut work, batch("f"), false);
+        let queued = &work.shares["s"];
+        assert_eq!(queued.paths.iter().map(String::as_str).collect::<Vec<_>>(), ["f", "g"]);
+        assert_eq!(queued.renames, [moves::Rename { from: "f".into(), to: "g".into() }]);
+        merge_batch(&mut work, batch("../etc/passwd"), false);
+        let queued = &work.shares["s"];
+        assert!(queued.resync && queued.paths.is_empty() && queued.renames.is_empty());
     }
 }

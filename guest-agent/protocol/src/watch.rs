@@ -46,6 +46,12 @@ pub struct ChangeBatch {
 pub struct ChangeRecord {
     pub path: String,
     pub kind: ChangeKind,
+    /// For [`ChangeKind::Moved`]: the share-relative path the entry at `path` was renamed
+    /// from, when the watcher saw both ends of the rename (same rules as `path`, checked with
+    /// [`is_safe_relative_path`]). The old path also gets a record of its own, so an agent
+    /// that ignores this field still settles both ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
 }
 
 /// What the host watcher saw. Advisory: the agent re-reads the share to settle it.
@@ -55,7 +61,8 @@ pub enum ChangeKind {
     Created,
     Modified,
     Removed,
-    /// Renamed to or from this path (both ends get a record).
+    /// Renamed to or from this path (both ends get a record; the new end names the old one
+    /// in [`ChangeRecord::from`] when the watcher paired them).
     Moved,
 }
 
@@ -70,6 +77,22 @@ pub fn is_safe_relative_path(path: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn records_round_trip_with_and_without_from() {
+        let plain = ChangeRecord { path: "f".into(), kind: ChangeKind::Modified, from: None };
+        let json = serde_json::to_string(&plain).unwrap();
+        assert!(!json.contains("from"), "{json}");
+        assert_eq!(serde_json::from_str::<ChangeRecord>(&json).unwrap(), plain);
+
+        let moved = ChangeRecord { path: "d/g".into(), kind: ChangeKind::Moved, from: Some("f".into()) };
+        let json = serde_json::to_string(&moved).unwrap();
+        assert_eq!(serde_json::from_str::<ChangeRecord>(&json).unwrap(), moved);
+
+        // What an older watcher sends still decodes.
+        let old: ChangeRecord = serde_json::from_str(r#"{"path":"g","kind":"moved"}"#).unwrap();
+        assert_eq!(old, ChangeRecord { path: "g".into(), kind: ChangeKind::Moved, from: None });
+    }
 
     #[test]
     fn unsafe_paths_are_refused() {

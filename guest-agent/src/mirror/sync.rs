@@ -13,7 +13,9 @@
 //!    when everything below its new target was copied;
 //! 4. the user-visible symlinks through `..data` (`key -> ..data/key`), as kubelet creates them
 //!    after its swap, so they never dangle;
-//! 5. removals, deepest first.
+//! 5. removals, deepest first; except that what the share removed below the directory a
+//!    `..data` swap just retired is held for a grace period (see [`super::retired`]) and
+//!    removed when that is over.
 //!
 //! Failures of single entries (typically: the host removed a file between the scan and the
 //! copy) are warnings: the entry keeps its old state and the next record or resync settles it.
@@ -23,6 +25,7 @@ use std::io::{ErrorKind, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use super::retired::Retired;
 use super::tree::{
     check_limits, is_within, join_rel, read_capped, scan_below, Entry, EntryKind, LimitExceeded,
     ScanError, Snapshot,
@@ -77,11 +80,13 @@ pub enum SyncError {
     Scan(#[source] ScanError),
 }
 
-/// Make `mirror` match `share`; `state` is what the mirror holds (updated as entries settle).
+/// Make `mirror` match `share`; `state` is what the mirror holds of the share (updated as
+/// entries settle), `retired` what it still holds of directories `..data` no longer publishes.
 pub fn sync_mirror(
     share: &Path,
     mirror: &Path,
     state: &mut Snapshot,
+    retired: &mut Retired,
     scope: Scope<'_>,
 ) -> Result<SyncOutcome, SyncError> {
     let (target, roots) = match scope {
@@ -108,6 +113,16 @@ pub fn sync_mirror(
         }
     };
     let (mut target, mut roots) = (target, roots);
+    // `..data` links are read last, and always: a scan is not atomic, so a link read before
+    // the host emptied the directory it published (kubelet removes it right after a swap), or
+    // remembered from an earlier batch, would make that directory look emptied while still
+    // published. Read afresh, the link has moved on and the swap below keeps the old one.
+    let data_links: BTreeSet<String> = target.keys().chain(state.keys()).filter(|path| is_data_link(path)).cloned().collect();
+    for link in data_links {
+        if let Err(e) = rescan(share, &link, &mut target) {
+            tracing::warn!(path = link, error = %e, "cannot re-read a ..data link");
+        }
+    }
     // A `..data` that moves must publish a directory scanned after the link was read: kubelet
     // fills the directory before the swap, so that scan is complete. (A directory scanned
     // earlier, or not at all, may be partial or missing.)
@@ -132,9 +147,16 @@ pub fn sync_mirror(
     if let Err(limit) = check_limits(&target) {
         return Ok(SyncOutcome::OverLimit(limit));
     }
-    let mut apply = Apply { share, mirror, state, report: SyncReport::default() };
+    let mut apply = Apply { share, mirror, state, retired, report: SyncReport::default() };
     apply.run(&target, roots.as_deref());
     Ok(SyncOutcome::Synced(apply.report))
+}
+
+/// Remove what `retired` holds past its grace (the sync thread's timer, between syncs).
+pub fn remove_expired(share: &Path, mirror: &Path, state: &mut Snapshot, retired: &mut Retired) -> SyncReport {
+    let mut apply = Apply { share, mirror, state, retired, report: SyncReport::default() };
+    apply.remove_expired();
+    apply.report
 }
 
 /// The subtrees to rescan for `hints`: for each hinted path its shallowest ancestor the state
@@ -208,12 +230,15 @@ struct Apply<'a> {
     share: &'a Path,
     mirror: &'a Path,
     state: &'a mut Snapshot,
+    retired: &'a mut Retired,
     report: SyncReport,
 }
 
 impl Apply<'_> {
     fn run(&mut self, target: &Snapshot, roots: Option<&[String]>) {
         let compare_content = |path: &str| roots.is_none_or(|roots| roots.iter().any(|r| is_within(path, r)));
+        let reclaimed = self.retired.reclaim(target);
+        self.state.extend(reclaimed);
         let mut vanished: HashMap<u64, String> = self
             .state
             .iter()
@@ -240,8 +265,6 @@ impl Apply<'_> {
                 self.settle_symlink(path, entry, target);
             }
         }
-        // Directories the mirror's `..data` links still publish because their swap waits.
-        let mut still_published = Vec::new();
         for (path, entry, to) in &links {
             if is_data_link(path) {
                 let published = target_dir(path, to);
@@ -250,12 +273,17 @@ impl Apply<'_> {
                 if let Some(bad) = missing.or(incomplete) {
                     tracing::warn!(link = path.as_str(), waiting_for = bad.as_str(), "not swapping ..data before its target is complete");
                     self.report.deferred.insert((*path).clone());
-                    if let Some(EntryKind::Symlink(current)) = self.state.get(path.as_str()).map(|e| &e.kind) {
-                        still_published.extend(target_dir(path, current));
-                    }
                     continue;
                 }
+                let before = self.state.get(path.as_str()).map(|e| e.kind.clone());
                 self.settle_symlink(path, entry, target);
+                let swapped = self.state.get(path.as_str()).is_some_and(|e| e.kind == entry.kind);
+                if let (true, Some(EntryKind::Symlink(old))) = (swapped, before) {
+                    // Readers may have resolved the old link a moment ago: keep what it published.
+                    if let Some(old_dir) = target_dir(path, &old).filter(|old_dir| published.as_ref() != Some(old_dir)) {
+                        self.retired.retire(old_dir);
+                    }
+                }
             }
         }
         for (path, entry, to) in &links {
@@ -263,12 +291,36 @@ impl Apply<'_> {
                 self.settle_symlink(path, entry, target);
             }
         }
+        // What a `..data` link whose swap waits (its new target is incomplete) still publishes
+        // stays, although the share removed it.
+        let still_published: Vec<String> = self
+            .state
+            .iter()
+            .filter_map(|(path, e)| match (&e.kind, target.get(path).map(|t| &t.kind)) {
+                (EntryKind::Symlink(current), Some(EntryKind::Symlink(to))) if is_data_link(path) && to != current => {
+                    target_dir(path, current)
+                }
+                _ => None,
+            })
+            .collect();
         let gone: Vec<String> = self.state.keys().filter(|p| !target.contains_key(*p)).rev().cloned().collect();
         for path in gone {
             if still_published.iter().any(|p| is_within(&path, p)) {
                 self.report.deferred.insert(path);
                 continue;
             }
+            if self.retired.hold(&path, self.state) {
+                continue;
+            }
+            self.remove(&path);
+        }
+        self.remove_expired();
+    }
+
+    /// Remove the held entries whose grace is over, deepest first.
+    fn remove_expired(&mut self) {
+        for (path, entry) in self.retired.take_expired().into_iter().rev() {
+            self.state.insert(path.clone(), entry);
             self.remove(&path);
         }
     }

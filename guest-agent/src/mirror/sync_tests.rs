@@ -1,10 +1,12 @@
-//! The diff/apply logic on plain temp dirs: kubelet updates, limits, same-tick changes, races.
+//! The diff/apply logic on plain temp dirs: kubelet updates, retired directories' grace,
+//! limits, same-tick changes, races.
 
 use super::*;
 use std::collections::BTreeMap;
 use std::os::unix::fs::symlink;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 use tern_protocol::watch::{MAX_BYTES, MAX_ENTRIES};
 
 /// A share and its mirror, with the mirror's state.
@@ -12,11 +14,26 @@ struct Pair {
     share: tempfile::TempDir,
     mirror: tempfile::TempDir,
     state: Snapshot,
+    retired: Retired,
 }
 
 impl Pair {
+    /// Retired directories go at once, as kubelet removes them on a host.
     fn new() -> Pair {
-        Pair { share: tempfile::tempdir().unwrap(), mirror: tempfile::tempdir().unwrap(), state: Snapshot::new() }
+        Pair::with_grace(Duration::ZERO)
+    }
+
+    fn with_grace(grace: Duration) -> Pair {
+        Pair {
+            share: tempfile::tempdir().unwrap(),
+            mirror: tempfile::tempdir().unwrap(),
+            state: Snapshot::new(),
+            retired: Retired::new(grace),
+        }
+    }
+
+    fn m(&self, rel: &str) -> PathBuf {
+        self.mirror.path().join(rel)
     }
 
     fn s(&self, rel: &str) -> PathBuf {
@@ -24,10 +41,14 @@ impl Pair {
     }
 
     fn sync(&mut self, scope: Scope<'_>) -> SyncReport {
-        match sync_mirror(self.share.path(), self.mirror.path(), &mut self.state, scope).unwrap() {
+        match self.try_sync(scope) {
             SyncOutcome::Synced(report) => report,
             SyncOutcome::OverLimit(limit) => panic!("unexpectedly over the limit: {limit}"),
         }
+    }
+
+    fn try_sync(&mut self, scope: Scope<'_>) -> SyncOutcome {
+        sync_mirror(self.share.path(), self.mirror.path(), &mut self.state, &mut self.retired, scope).unwrap()
     }
 
     fn sync_paths(&mut self, paths: &[&str]) -> SyncReport {
@@ -115,8 +136,8 @@ fn kubelet_updates_swap_data_only_after_its_target_is_complete() {
 }
 
 #[test]
-fn readers_never_see_a_dangling_data_link_during_100_updates() {
-    let mut pair = Pair::new();
+fn readers_never_fail_during_100_updates() {
+    let mut pair = Pair::with_grace(Duration::from_secs(600));
     kubelet_update(pair.share.path(), 0, &[("key", "v0".into())]);
     pair.sync(Scope::Full);
     let mirror = pair.mirror.path().to_owned();
@@ -126,19 +147,13 @@ fn readers_never_see_a_dangling_data_link_during_100_updates() {
         std::thread::spawn(move || {
             let mut reads = 0u64;
             while !stop.load(Ordering::SeqCst) {
-                // A read racing a swap may resolve `..data` to the old directory just as it is
-                // removed (so it does with kubelet on a plain host); what must never happen is
-                // a `..data` that keeps pointing at a missing or incomplete directory.
-                let before = std::fs::read_link(mirror.join("..data")).expect("..data missing");
-                let dir_ok = mirror.join(&before).is_dir();
-                let value = std::fs::read_to_string(mirror.join("key"));
-                let after = std::fs::read_link(mirror.join("..data")).expect("..data missing");
-                if before == after {
-                    assert!(dir_ok, "..data -> {} dangles", before.display());
-                    let value = value.expect("key unreadable while ..data stood still");
-                    assert!(value.starts_with('v'), "{value:?}");
-                    reads += 1;
-                }
+                // A read racing a swap may resolve `..data` to the directory the swap retires:
+                // that directory stays for its grace, so every read succeeds.
+                let published = std::fs::read_link(mirror.join("..data")).expect("..data missing");
+                let value = std::fs::read_to_string(mirror.join("key")).expect("key unreadable");
+                assert!(value.starts_with('v'), "{value:?}");
+                assert!(mirror.join(&published).is_dir(), "..data -> {} dangles", published.display());
+                reads += 1;
             }
             reads
         })
@@ -153,8 +168,145 @@ fn readers_never_see_a_dangling_data_link_during_100_updates() {
     }
     stop.store(true, Ordering::SeqCst);
     assert!(reader.join().unwrap() > 0);
+    // The newest retired directories, each with its key, up to the cap on what is held.
+    assert_eq!(pair.retired.held_paths().len(), 2 * super::super::retired::MAX_HELD_DIRS);
+    assert_eq!(std::fs::read_to_string(pair.m("key")).unwrap(), "v100");
+    pair.retired.grace = Duration::ZERO;
+    pair.sync(Scope::Full);
     pair.assert_identical();
-    assert_eq!(std::fs::read_to_string(pair.mirror.path().join("key")).unwrap(), "v100");
+}
+
+/// `path` and everything the mirror has below it, as `tree` shows it.
+fn mirror_below(pair: &Pair, dir: &str) -> Vec<String> {
+    tree(pair.mirror.path()).into_keys().filter(|p| is_within(p, dir)).collect()
+}
+
+#[test]
+fn a_reader_holding_the_old_directory_keeps_reading_through_the_grace() {
+    let mut pair = Pair::with_grace(Duration::from_secs(600));
+    let first = kubelet_update(pair.share.path(), 1, &[("key", "one".into()), ("other", "o1".into())]);
+    pair.sync(Scope::Full);
+    // A reader resolved `..data` just before the swap.
+    let resolved = pair.m("..data").canonicalize().unwrap();
+    let second = kubelet_update(pair.share.path(), 2, &[("key", "two".into()), ("other", "o2".into())]);
+    let report = pair.sync_paths(&["..data", "..data_tmp", &second, &first]);
+    assert!(report.ops.contains(&MirrorOp::Symlink("..data".into())), "{report:?}");
+    assert!(!report.ops.iter().any(|op| matches!(op, MirrorOp::Remove(_))), "{report:?}");
+    assert_eq!(std::fs::read_to_string(resolved.join("key")).unwrap(), "one");
+    assert_eq!(std::fs::read_to_string(pair.m("key")).unwrap(), "two");
+    // Held, not mirror state: not the share's content.
+    assert!(!pair.state.keys().any(|p| is_within(p, &first)));
+    assert_eq!(pair.retired.held_paths(), [first.clone(), format!("{first}/key"), format!("{first}/other")]);
+    // A resync during the grace leaves it alone.
+    assert!(pair.sync(Scope::Full).ops.is_empty());
+    assert_eq!(std::fs::read_to_string(resolved.join("other")).unwrap(), "o1");
+
+    // Grace over: the next sync removes it, deepest first, as kubelet would have.
+    pair.retired.grace = Duration::ZERO;
+    let report = pair.sync_paths(&["unrelated"]);
+    let removed = [format!("{first}/other"), format!("{first}/key"), first.clone()].map(MirrorOp::Remove);
+    assert_eq!(report.ops, removed, "{report:?}");
+    pair.assert_identical();
+    assert!(pair.retired.held_paths().is_empty() && pair.retired.next_expiry().is_none());
+
+    // The sync thread's timer does the same between syncs.
+    pair.retired.grace = Duration::from_secs(600);
+    let third = kubelet_update(pair.share.path(), 3, &[("key", "three".into())]);
+    pair.sync_paths(&["..data", &third, &second]);
+    assert_eq!(mirror_below(&pair, &second).len(), 3);
+    assert!(pair.retired.next_expiry().is_some());
+    pair.retired.grace = Duration::ZERO;
+    let report = remove_expired(pair.share.path(), pair.mirror.path(), &mut pair.state, &mut pair.retired);
+    assert_eq!(report.ops.last(), Some(&MirrorOp::Remove(second.clone())), "{report:?}");
+    pair.assert_identical();
+}
+
+#[test]
+fn each_superseded_directory_goes_after_its_own_grace() {
+    let grace = Duration::from_secs(1);
+    let mut pair = Pair::with_grace(grace);
+    let first = kubelet_update(pair.share.path(), 1, &[("key", "one".into())]);
+    pair.sync(Scope::Full);
+    let second = kubelet_update(pair.share.path(), 2, &[("key", "two".into())]);
+    pair.sync(Scope::Full);
+    std::thread::sleep(grace * 7 / 10);
+    let third = kubelet_update(pair.share.path(), 3, &[("key", "three".into())]);
+    pair.sync_paths(&["..data", &third, &second]);
+    assert_eq!(mirror_below(&pair, &first).len(), 2);
+    assert_eq!(mirror_below(&pair, &second).len(), 2);
+    std::thread::sleep(grace / 2);
+    // The first retirement is past its grace, the second is not.
+    pair.sync_paths(&[]);
+    assert!(mirror_below(&pair, &first).is_empty());
+    assert_eq!(mirror_below(&pair, &second).len(), 2, "removed before its own grace");
+    assert_eq!(std::fs::read_to_string(pair.m(&format!("{second}/key"))).unwrap(), "two");
+    std::thread::sleep(grace);
+    pair.sync_paths(&[]);
+    pair.assert_identical();
+}
+
+#[test]
+fn retired_directories_never_count_against_the_limits() {
+    // Seven keys: the timestamped directory, its files, `..data` and seven links are exactly
+    // the entry limit, and the big key is more than half the byte limit.
+    let payload = |generation: u32| -> Vec<(&'static str, String)> {
+        let big = format!("{generation}{}", "x".repeat(MAX_BYTES as usize / 2));
+        let mut keys = vec![("big", big)];
+        keys.extend(["k1", "k2", "k3", "k4", "k5", "k6"].map(|k| (k, format!("{k}-{generation}"))));
+        keys
+    };
+    let mut pair = Pair::with_grace(Duration::from_secs(600));
+    let first = kubelet_update(pair.share.path(), 1, &payload(1));
+    pair.sync(Scope::Full);
+    assert_eq!(pair.state.len(), MAX_ENTRIES);
+    let second = kubelet_update(pair.share.path(), 2, &payload(2));
+    assert!(matches!(pair.try_sync(Scope::Paths(&BTreeSet::from(["..data".to_string(), second.clone(), first.clone()]))), SyncOutcome::Synced(_)));
+    assert_eq!(mirror_below(&pair, &first).len(), 8, "the old generation is held");
+    for _ in 0..2 {
+        assert!(matches!(pair.try_sync(Scope::Full), SyncOutcome::Synced(_)));
+        assert!(matches!(pair.try_sync(Scope::Paths(&BTreeSet::from(["k1".to_string()]))), SyncOutcome::Synced(_)));
+    }
+    assert_eq!(pair.state.len(), MAX_ENTRIES);
+    assert_eq!(mirror_below(&pair, &first).len(), 8);
+
+    // Two held generations of half a MiB are past the held-content cap: the oldest goes early,
+    // so the mirror's tmpfs keeps room for the live content and the next copy.
+    let third = kubelet_update(pair.share.path(), 3, &payload(3));
+    assert!(matches!(pair.try_sync(Scope::Full), SyncOutcome::Synced(_)));
+    assert!(mirror_below(&pair, &first).is_empty());
+    assert_eq!(mirror_below(&pair, &second).len(), 8);
+    assert_eq!(std::fs::read_to_string(pair.m("k1")).unwrap(), "k1-3");
+    assert_eq!(std::fs::read_link(pair.m("..data")).unwrap(), Path::new(&third));
+}
+
+#[test]
+fn a_retired_directory_the_share_publishes_again_is_settled_normally() {
+    let mut pair = Pair::with_grace(Duration::from_secs(600));
+    let publish = |share: &Path, dir: &str, files: &[(&str, &str)], old: Option<&str>| {
+        std::fs::create_dir(share.join(dir)).unwrap();
+        for (name, content) in files {
+            std::fs::write(share.join(dir).join(name), content).unwrap();
+        }
+        symlink(dir, share.join("..data_tmp")).unwrap();
+        std::fs::rename(share.join("..data_tmp"), share.join("..data")).unwrap();
+        if let Some(old) = old {
+            std::fs::remove_dir_all(share.join(old)).unwrap();
+        }
+    };
+    publish(pair.share.path(), "..a", &[("key", "a1"), ("stale", "s")], None);
+    pair.sync(Scope::Full);
+    publish(pair.share.path(), "..b", &[("key", "b")], Some("..a"));
+    pair.sync(Scope::Full);
+    assert_eq!(mirror_below(&pair, "..a").len(), 3);
+    publish(pair.share.path(), "..a", &[("key", "a2")], Some("..b"));
+    pair.sync_paths(&["..data", "..a", "..b"]);
+    // `..a` is the share's again: exactly its new content, nothing stale, `..b` held instead.
+    assert_eq!(mirror_below(&pair, "..a"), ["..a", "..a/key"]);
+    assert_eq!(std::fs::read_to_string(pair.m("..a/key")).unwrap(), "a2");
+    assert_eq!(pair.retired.held_paths(), ["..b", "..b/key"]);
+    pair.retired.grace = Duration::ZERO;
+    pair.sync_paths(&[]);
+    pair.assert_identical();
 }
 
 #[test]
@@ -226,7 +378,7 @@ fn the_17th_entry_and_the_big_file_are_over_the_limit_and_leave_the_mirror_alone
     std::fs::write(pair.s("f16"), "x").unwrap();
     let before = tree(pair.mirror.path());
     for scope in [Scope::Full, Scope::Paths(&BTreeSet::from(["f16".to_string()]))] {
-        let outcome = sync_mirror(pair.share.path(), pair.mirror.path(), &mut pair.state, scope).unwrap();
+        let outcome = sync_mirror(pair.share.path(), pair.mirror.path(), &mut pair.state, &mut pair.retired, scope).unwrap();
         assert!(matches!(outcome, SyncOutcome::OverLimit(LimitExceeded::Entries)), "{outcome:?}");
     }
     assert_eq!(tree(pair.mirror.path()), before, "prior files must stay");
@@ -235,7 +387,7 @@ fn the_17th_entry_and_the_big_file_are_over_the_limit_and_leave_the_mirror_alone
     std::fs::write(pair.s("small"), "x").unwrap();
     pair.sync(Scope::Full);
     std::fs::write(pair.s("big"), vec![b'x'; MAX_BYTES as usize]).unwrap();
-    let outcome = sync_mirror(pair.share.path(), pair.mirror.path(), &mut pair.state, Scope::Full).unwrap();
+    let outcome = sync_mirror(pair.share.path(), pair.mirror.path(), &mut pair.state, &mut pair.retired, Scope::Full).unwrap();
     assert!(matches!(outcome, SyncOutcome::OverLimit(LimitExceeded::Bytes(b)) if b == MAX_BYTES + 1), "{outcome:?}");
     assert!(!pair.mirror.path().join("big").exists());
 }
@@ -265,7 +417,13 @@ fn a_file_vanishing_mid_sync_is_deferred_and_blocks_the_data_swap() {
     let mut target = Snapshot::new();
     scan_below(pair.share.path(), "", &mut target).unwrap();
     std::fs::remove_file(pair.s(&format!("{ts}/key"))).unwrap();
-    let mut apply = Apply { share: pair.share.path(), mirror: pair.mirror.path(), state: &mut pair.state, report: SyncReport::default() };
+    let mut apply = Apply {
+        share: pair.share.path(),
+        mirror: pair.mirror.path(),
+        state: &mut pair.state,
+        retired: &mut pair.retired,
+        report: SyncReport::default(),
+    };
     apply.run(&target, None);
     let report = apply.report;
     assert!(report.deferred.contains(&format!("{ts}/key")), "{report:?}");
@@ -311,7 +469,7 @@ fn racing_host_changes_never_fail_a_sync_and_a_resync_converges() {
     for round in 0..300 {
         let scope_paths: BTreeSet<String> = ["f0", "f1", "f2", "d0", "d1/x"].iter().map(|s| s.to_string()).collect();
         let scope = if round % 2 == 0 { Scope::Full } else { Scope::Paths(&scope_paths) };
-        sync_mirror(pair.share.path(), pair.mirror.path(), &mut pair.state, scope).expect("a race must not fail the sync");
+        sync_mirror(pair.share.path(), pair.mirror.path(), &mut pair.state, &mut pair.retired, scope).expect("a race must not fail the sync");
     }
     stop.store(true, Ordering::SeqCst);
     churn.join().unwrap();
@@ -327,4 +485,16 @@ fn hinted_paths_are_rescanned_from_the_first_unknown_ancestor() {
     state.insert("a/b".into(), dir);
     let hints: BTreeSet<String> = ["a/b/c/d", "a/b/c", "x/y", "a/b"].iter().map(|s| s.to_string()).collect();
     assert_eq!(rescan_roots(&state, &hints), vec!["a/b".to_string(), "x".to_string()]);
+}
+
+#[test]
+fn a_batch_naming_only_the_old_directory_never_empties_what_data_shows() {
+    let mut pair = Pair::new();
+    let first = kubelet_update(pair.share.path(), 1, &[("key", "one".into())]);
+    pair.sync(Scope::Full);
+    kubelet_update(pair.share.path(), 2, &[("key", "two".into())]);
+    // The records about the swap were settled earlier (or coalesced): only the removal is named.
+    pair.sync_paths(&[&first, &format!("{first}/key")]);
+    assert_eq!(std::fs::read_to_string(pair.m("key")).unwrap(), "two");
+    pair.assert_identical();
 }

@@ -50,6 +50,12 @@ const MAX_RETRY: Duration = Duration::from_millis(500);
 const LINK_IO_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest `OK <port>` line accepted from the VMM.
 const MAX_HANDSHAKE_LINE: usize = 64;
+/// Longest a burst is held open for the new end of a rename whose old end was read. The kernel
+/// queues both ends in one rename(2), but a reader can wake between the two, and on a slow
+/// (e.g. nested, emulated) host they can be further apart than the coalescer's quiet period;
+/// flushing the old end alone would make the guest remove and recreate instead of rename. A
+/// rename out of the watched trees has no new end and delays its batch by this much.
+const PAIR_WAIT: Duration = Duration::from_millis(20);
 /// inotify read buffer (events are at most 16 + NAME_MAX + 1 bytes each).
 const EVENT_BUFFER: usize = 64 * 1024;
 
@@ -475,12 +481,13 @@ impl WatchState {
 }
 
 /// The old end of a rename (IN_MOVED_FROM) waiting for its new end (IN_MOVED_TO with the same
-/// cookie). The kernel queues both ends together, so a pending old end is dropped when the
-/// burst is flushed: a rename out of the watched trees never gets a new end.
+/// cookie). The burst waits up to [`PAIR_WAIT`] for it; a pending old end is dropped when the
+/// burst is flushed (a rename out of the watched trees never gets a new end).
 #[derive(Debug)]
 struct MovedFrom {
     share: String,
     path: String,
+    seen: Instant,
     /// The watches of a moved directory (and of its subdirectories): they follow the inodes,
     /// so they are renamed with a paired new end and dropped otherwise.
     watch_ids: Vec<i32>,
@@ -491,6 +498,11 @@ struct MovedFrom {
 struct PendingMoves(HashMap<u32, MovedFrom>);
 
 impl PendingMoves {
+    /// Until when the burst waits for the new ends of pending renames.
+    fn pair_deadline(&self) -> Option<Instant> {
+        self.0.values().map(|from| from.seen + PAIR_WAIT).min()
+    }
+
     /// Forget every unpaired old end; a moved-away directory's watches are dropped (they
     /// would keep reporting under the old path).
     fn expire(&mut self, state: &mut WatchState) {
@@ -529,7 +541,7 @@ impl EventReader {
         let mut buffer = vec![0u8; EVENT_BUFFER];
         let mut ready = [EpollEvent::default(); 2];
         while !self.shared.stop.load(Ordering::SeqCst) {
-            let timeout_ms = match self.coalescer.deadline() {
+            let timeout_ms = match self.flush_at() {
                 None => -1,
                 Some(deadline) => {
                     let left = deadline.saturating_duration_since(Instant::now());
@@ -545,7 +557,7 @@ impl EventReader {
             }
             self.drain_events(&mut buffer);
             let now = Instant::now();
-            if self.coalescer.is_due(now) {
+            if self.coalescer.is_due(now) && self.moves.pair_deadline().is_none_or(|wait| now >= wait) {
                 if !self.moves.0.is_empty() {
                     self.moves.expire(&mut self.shared.lock());
                 }
@@ -554,6 +566,13 @@ impl EventReader {
                 }
             }
         }
+    }
+
+    /// When the pending burst is flushed: when the coalescer says so, but not while the old
+    /// end of a rename may still be followed by its new end (see [`PAIR_WAIT`]).
+    fn flush_at(&self) -> Option<Instant> {
+        let due = self.coalescer.deadline()?;
+        Some(self.moves.pair_deadline().map_or(due, |wait| due.max(wait)))
     }
 
     fn drain_events(&mut self, buffer: &mut [u8]) {
@@ -633,7 +652,7 @@ fn handle_event(
         // end names it if it shows up. A directory's watches stay until then.
         push(coalescer, path.clone(), ChangeKind::Moved, None);
         let watch_ids = if is_dir { state.watch_ids_below(&share, &path) } else { Vec::new() };
-        if let Some(stale) = moves.0.insert(event.cookie, MovedFrom { share: share.clone(), path, watch_ids }) {
+        if let Some(stale) = moves.0.insert(event.cookie, MovedFrom { share: share.clone(), path, seen: now, watch_ids }) {
             state.unwatch_moved_away(&stale);
         }
         return;
