@@ -20,7 +20,9 @@ use super::policy::ShareFs;
 use super::share::{validate_share_name, ShareConfig, ShareError};
 use super::{NUM_QUEUES, QUEUE_SIZE, TAG_LEN};
 use crate::devices::event_loop::{EventLoopHandle, SharedSubscriber, SubscriberToken};
-use crate::devices::virtio::{ActivateError, ActivatedQueue, GuestMemory, InterruptSignal, VirtioDevice};
+use crate::devices::virtio::{
+    read_config_space, ActivateError, ActivatedQueue, GuestMemory, InterruptSignal, VirtioDevice,
+};
 
 const QUEUE_SIZES: [u16; NUM_QUEUES] = [QUEUE_SIZE; NUM_QUEUES];
 /// Size of `struct virtio_fs_config`: `u8 tag[36]; le32 num_request_queues`.
@@ -163,14 +165,7 @@ impl VirtioDevice for VirtioFs {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        let Ok(start) = usize::try_from(offset) else { return };
-        if start >= self.config.len() {
-            tracing::debug!(offset, "guest read past the virtio-fs config space");
-            return;
-        }
-        let n = data.len().min(self.config.len() - start);
-        data[..n].copy_from_slice(&self.config[start..start + n]);
+        read_config_space(&self.config, offset, data, "virtio-fs");
     }
 
     fn write_config(&mut self, offset: u64, _data: &[u8]) {

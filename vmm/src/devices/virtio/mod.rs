@@ -41,6 +41,19 @@ pub enum ActivateError {
     Other(String),
 }
 
+/// Copy `data.len()` bytes of a read-only config space starting at `offset` into `data`;
+/// bytes past the end of the config space read as zero. Guest-controlled offsets never panic.
+pub fn read_config_space(config: &[u8], offset: u64, data: &mut [u8], device: &str) {
+    data.fill(0);
+    let Ok(start) = usize::try_from(offset) else { return };
+    if start >= config.len() {
+        tracing::debug!(offset, device, "guest read past the config space");
+        return;
+    }
+    let n = data.len().min(config.len() - start);
+    data[..n].copy_from_slice(&config[start..start + n]);
+}
+
 /// What a virtio device implements; the transport handles everything else.
 pub trait VirtioDevice: Send {
     /// Virtio device type (e.g. `VIRTIO_ID_VSOCK`).

@@ -13,7 +13,9 @@ use super::event_handler::VsockHandler;
 use super::muxer::Muxer;
 use super::VsockError;
 use crate::devices::event_loop::{EventLoopHandle, SharedSubscriber, SubscriberToken};
-use crate::devices::virtio::{ActivateError, ActivatedQueue, GuestMemory, InterruptSignal, VirtioDevice};
+use crate::devices::virtio::{
+    read_config_space, ActivateError, ActivatedQueue, GuestMemory, InterruptSignal, VirtioDevice,
+};
 
 /// Queue size of rx, tx and event queues.
 pub const QUEUE_SIZE: u16 = 256;
@@ -95,15 +97,7 @@ impl VirtioDevice for Vsock {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // struct virtio_vsock_config { le64 guest_cid; }
-        let config = self.guest_cid.to_le_bytes();
-        data.fill(0);
-        let Ok(start) = usize::try_from(offset) else { return };
-        if start >= config.len() {
-            tracing::debug!(offset, "guest read past the vsock config space");
-            return;
-        }
-        let n = data.len().min(config.len() - start);
-        data[..n].copy_from_slice(&config[start..start + n]);
+        read_config_space(&self.guest_cid.to_le_bytes(), offset, data, "vsock");
     }
 
     fn write_config(&mut self, offset: u64, _data: &[u8]) {
