@@ -207,3 +207,24 @@ impl Drop for LiveTern {
         let _ = self.child.wait();
     }
 }
+
+/// A guest initramfs for tests that boot without tern's agent: busybox-static as `/bin/busybox`
+/// (with `/bin/sh`) and `init_script` as `/init`, packed into `<work>/initramfs.cpio`.
+pub fn busybox_initramfs(work: &Path, init_script: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let root = work.join("initramfs-root");
+    std::fs::create_dir_all(root.join("bin")).unwrap();
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static is installed");
+    std::os::unix::fs::symlink("busybox", root.join("bin/sh")).unwrap();
+    let init = root.join("init");
+    std::fs::write(&init, init_script).unwrap();
+    std::fs::set_permissions(&init, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = work.join("initramfs.cpio");
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(format!("cd '{}' && find . | cpio -o -H newc --quiet > '{}'", root.display(), out.display()))
+        .status()
+        .unwrap();
+    assert!(status.success(), "cpio failed");
+    out
+}

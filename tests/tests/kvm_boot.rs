@@ -151,8 +151,8 @@ fn agent_that_never_answers_times_out_cleanly() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let initrd = dir.path().join("no-agent.cpio");
-    build_initramfs_without_agent(dir.path(), &initrd);
+    // An /init that never starts an agent.
+    let initrd = tern_tests::busybox_initramfs(dir.path(), "#!/bin/sh\n/bin/busybox sleep 100000\n");
     let config = dir.path().join("config.toml");
     std::fs::write(&config, "[vm]\nagent_timeout_secs = 20\n").unwrap();
     let run_dir = dir.path().join("run");
@@ -167,24 +167,6 @@ fn agent_that_never_answers_times_out_cleanly() {
     assert!(stderr.contains("agent"), "stderr: {stderr}");
     assert!(elapsed < Duration::from_secs(90), "took {elapsed:?}");
     assert_run_dir_empty(&run_dir);
-}
-
-/// An initramfs whose /init is a shell script that never starts an agent.
-fn build_initramfs_without_agent(work: &std::path::Path, out: &std::path::Path) {
-    let root = work.join("root");
-    std::fs::create_dir_all(root.join("bin")).unwrap();
-    std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static is installed");
-    std::os::unix::fs::symlink("busybox", root.join("bin/sh")).unwrap();
-    let init = root.join("init");
-    std::fs::write(&init, "#!/bin/sh\n/bin/busybox sleep 100000\n").unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&init, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let status = std::process::Command::new("sh")
-        .arg("-c")
-        .arg(format!("cd {} && find . | cpio -o -H newc --quiet > {}", root.display(), out.display()))
-        .status()
-        .unwrap();
-    assert!(status.success(), "cpio failed");
 }
 
 /// Every sandbox run dir under `dir` must be gone after tern exits.

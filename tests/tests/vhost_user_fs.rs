@@ -7,8 +7,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
 use std::io::Read;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
@@ -56,25 +55,6 @@ fn pseudo_random(len: usize) -> Vec<u8> {
             (x >> 24) as u8
         })
         .collect()
-}
-
-/// An initramfs with busybox-static and [`INIT_SCRIPT`] as /init.
-fn build_initramfs(work: &Path) -> PathBuf {
-    let root = work.join("initramfs-root");
-    std::fs::create_dir_all(root.join("bin")).unwrap();
-    std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static is installed");
-    std::os::unix::fs::symlink("busybox", root.join("bin/sh")).unwrap();
-    let init = root.join("init");
-    std::fs::write(&init, INIT_SCRIPT).unwrap();
-    std::fs::set_permissions(&init, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let out = work.join("initramfs.cpio");
-    let status = Command::new("sh")
-        .arg("-c")
-        .arg(format!("cd '{}' && find . | cpio -o -H newc --quiet > '{}'", root.display(), out.display()))
-        .status()
-        .unwrap();
-    assert!(status.success(), "cpio failed");
-    out
 }
 
 /// Wait for `child` at most `limit`; kill it past that. `None` on timeout.
@@ -156,7 +136,7 @@ fn run_guest(work: &Path, share: &Path, read_only: bool) -> GuestRun {
     }
 
     let kernel = tern_bin().with_file_name("tern-vmlinux");
-    let initrd = build_initramfs(work);
+    let initrd = tern_tests::busybox_initramfs(work, INIT_SCRIPT);
     let mut qemu = Command::new("qemu-system-x86_64")
         .args(["-M", "microvm,acpi=off,memory-backend=mem", "-accel", "kvm", "-cpu", "host", "-m", "256"])
         .args(["-object", "memory-backend-memfd,id=mem,size=256M,share=on"])
