@@ -15,19 +15,32 @@
 //! init is re-parented to us (PID 1) when the intermediate exits. Building runs inside
 //! [`ProcessTable::spawn_with`], which keeps the reaper from reaping while it runs; the init
 //! pid is registered before the reaper may look at it again, so its exit is never lost.
+//!
+//! # Execs, terminals, cgroups
+//!
+//! `ExecInContainer` runs another process in a started container with libcontainer's tenant
+//! builder (it joins the init's namespaces, root and cgroup). A process whose OCI `process`
+//! says `terminal` gets a pty from libcontainer over a console socket ([`crate::pty`]).
+//! [`Containers`] remembers each started container's cgroup v2 directory for pause/resume,
+//! statistics, resource updates and OOM watching ([`crate::cgroups`]).
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::os::fd::OwnedFd;
 use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::syscall::syscall::SyscallType;
 use libcontainer::workload::default::DefaultExecutor;
 use nix::fcntl::OFlag;
-use tern_protocol::ContainerSpec;
+use tern_protocol::{CgroupStats, ContainerExecRequest, ContainerSpec, ResourceUpdate};
 use tracing::{info, warn};
 
+use crate::cgroups::{self, CgroupError};
 use crate::process::{Pipes, ProcessError, ProcessTable};
+use crate::pty::{ConsoleSocket, PtyError};
 
 /// Where the agent writes each container's `config.json` (`<this>/<id>/config.json`).
 pub const BUNDLES_ROOT: &str = "/run/tern/bundles";
@@ -57,6 +70,192 @@ pub enum ContainerError {
     Start(#[source] libcontainer::error::LibcontainerError),
     #[error("the created container has no pid")]
     NoPid,
+    #[error("the process spec is not valid JSON")]
+    ProcessSpec(#[source] serde_json::Error),
+    #[error("no started container {0:?}")]
+    UnknownContainer(String),
+    #[error("container {0:?} is paused")]
+    Paused(String),
+    #[error("libcontainer could not start the exec process")]
+    Exec(#[source] libcontainer::error::LibcontainerError),
+    #[error("cannot set up the terminal")]
+    Pty(#[from] PtyError),
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
+}
+
+/// A started container as the agent tracks it beyond its init process.
+#[derive(Debug, Clone)]
+struct Started {
+    cgroup: PathBuf,
+    paused: bool,
+}
+
+/// The started containers: their cgroup directories and whether they are paused.
+#[derive(Debug, Default)]
+pub struct Containers {
+    map: Mutex<HashMap<String, Started>>,
+}
+
+impl Containers {
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Started>> {
+        self.map.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn get(&self, id: &str) -> Result<Started, ContainerError> {
+        self.lock().get(id).cloned().ok_or_else(|| ContainerError::UnknownContainer(id.to_owned()))
+    }
+
+    fn set_paused(&self, id: &str, paused: bool) {
+        if let Some(c) = self.lock().get_mut(id) {
+            c.paused = paused;
+        }
+    }
+
+    /// Freeze every process of the container and wait until the kernel says it is frozen.
+    pub fn pause(&self, id: &str) -> Result<(), ContainerError> {
+        let c = self.get(id)?;
+        // Marked first, so an exec racing with the freeze is refused rather than frozen
+        // half-way through its setup.
+        self.set_paused(id, true);
+        if let Err(e) = cgroups::set_frozen(&c.cgroup, true, cgroups::FREEZE_TIMEOUT) {
+            let _ = cgroups::set_frozen(&c.cgroup, false, cgroups::FREEZE_TIMEOUT);
+            self.set_paused(id, false);
+            return Err(e.into());
+        }
+        info!(id, "container paused");
+        Ok(())
+    }
+
+    pub fn resume(&self, id: &str) -> Result<(), ContainerError> {
+        let c = self.get(id)?;
+        cgroups::set_frozen(&c.cgroup, false, cgroups::FREEZE_TIMEOUT)?;
+        self.set_paused(id, false);
+        info!(id, "container resumed");
+        Ok(())
+    }
+
+    pub fn stats(&self, id: &str) -> Result<CgroupStats, ContainerError> {
+        Ok(cgroups::read_stats(&self.get(id)?.cgroup)?)
+    }
+
+    pub fn update(&self, id: &str, update: &ResourceUpdate) -> Result<(), ContainerError> {
+        cgroups::apply(&self.get(id)?.cgroup, update)?;
+        info!(id, ?update, "container resources updated");
+        Ok(())
+    }
+
+    /// Block until the container's cgroup records more than `seen` OOM kills.
+    pub fn wait_oom(&self, id: &str, seen: u64) -> Result<u64, ContainerError> {
+        Ok(cgroups::wait_oom(&self.get(id)?.cgroup, seen)?)
+    }
+}
+
+/// Whether an OCI `process` object asks for a terminal.
+fn wants_terminal(process: &serde_json::Value) -> bool {
+    process.get("terminal").and_then(serde_json::Value::as_bool).unwrap_or(false)
+}
+
+/// The pipes of a terminal process: the master carries output (as stdout) and input. A
+/// terminal has no separate stderr; its stderr stream is an empty one (a pipe whose writer
+/// is already closed), so a host that attaches all three streams just sees EOF there.
+fn terminal_pipes(master: File, stdin: bool) -> Result<Pipes, ContainerError> {
+    let input = if stdin { Some(master.try_clone().map_err(ContainerError::Pipe)?) } else { None };
+    let output = master.try_clone().map_err(ContainerError::Pipe)?;
+    let (empty, writer) = pipe()?;
+    drop(writer);
+    Ok(Pipes { stdin: input, stdout: Some(output), stderr: Some(File::from(empty)), pty: Some(master) })
+}
+
+/// The ends of a non-terminal process's stdio: the container's (child) ends and ours.
+struct StdioPipes {
+    child: [OwnedFd; 3],
+    parent: Pipes,
+}
+
+fn stdio_pipes(stdin: bool) -> Result<StdioPipes, ContainerError> {
+    let (stdin_child, stdin_parent) = if stdin {
+        let (r, w) = pipe()?;
+        (r, Some(File::from(w)))
+    } else {
+        (OwnedFd::from(File::open("/dev/null").map_err(ContainerError::Pipe)?), None)
+    };
+    let (stdout_parent, stdout_child) = pipe()?;
+    let (stderr_parent, stderr_child) = pipe()?;
+    Ok(StdioPipes {
+        child: [stdin_child, stdout_child, stderr_child],
+        parent: Pipes {
+            stdin: stdin_parent,
+            stdout: Some(File::from(stdout_parent)),
+            stderr: Some(File::from(stderr_parent)),
+            pty: None,
+        },
+    })
+}
+
+/// Distinguishes the process files of concurrent execs in one bundle.
+static EXEC_SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// Start the process of `req` inside its (started, not paused) container.
+pub fn exec(table: &ProcessTable, containers: &Containers, req: &ContainerExecRequest) -> Result<i32, ContainerError> {
+    if !valid_id(&req.container_id) {
+        return Err(ContainerError::InvalidId(req.container_id.clone()));
+    }
+    let started = containers.get(&req.container_id)?;
+    if started.paused {
+        return Err(ContainerError::Paused(req.container_id.clone()));
+    }
+    let process: serde_json::Value = serde_json::from_str(&req.process).map_err(ContainerError::ProcessSpec)?;
+    let terminal = wants_terminal(&process);
+    let bundle = Path::new(BUNDLES_ROOT).join(&req.container_id);
+    let seq = EXEC_SEQ.fetch_add(1, Ordering::Relaxed);
+    let process_file = bundle.join(format!("exec-{seq}.json"));
+    std::fs::write(&process_file, &req.process)
+        .map_err(|source| ContainerError::Bundle { path: process_file.clone(), source })?;
+    let console = if terminal { Some(ConsoleSocket::bind(&bundle.join(format!("exec-{seq}.sock")))?) } else { None };
+    let stdio = if terminal { None } else { Some(stdio_pipes(req.stdin)?) };
+    let result = table.spawn_with(&req.id, || {
+        let mut builder = ContainerBuilder::new(req.container_id.clone(), SyscallType::Linux)
+            .with_root_path(STATE_ROOT)
+            .map_err(ContainerError::Exec)?
+            .with_executor(DefaultExecutor {});
+        let mut parent = None;
+        if let Some(StdioPipes { child: [i, o, e], parent: p }) = stdio {
+            builder = builder.with_stdin(i).with_stdout(o).with_stderr(e);
+            parent = Some(p);
+        }
+        if let Some(console) = &console {
+            builder = builder.with_console_socket(Some(console.path()));
+        }
+        let pid = builder
+            .as_tenant()
+            .with_process(Some(&process_file))
+            .with_detach(true)
+            .build()
+            .map_err(ContainerError::Exec)?
+            .as_raw();
+        let pipes = match (&console, parent) {
+            (Some(console), _) => console
+                .receive_master(crate::pty::MASTER_TIMEOUT)
+                .map_err(ContainerError::from)
+                .and_then(|m| terminal_pipes(m, req.stdin)),
+            (None, Some(p)) => Ok(p),
+            (None, None) => Ok(Pipes::default()),
+        };
+        match pipes {
+            Ok(pipes) => Ok((pid, pipes)),
+            Err(e) => {
+                // Registered anyway would leave a process nobody can talk to: kill it. Its
+                // exit is reaped as an orphan.
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+                Err(e)
+            }
+        }
+    });
+    let _ = std::fs::remove_file(&process_file);
+    let pid = result?;
+    info!(container = %req.container_id, id = %req.id, pid, terminal, "exec process started");
+    Ok(pid)
 }
 
 fn valid_id(id: &str) -> bool {
@@ -90,24 +289,26 @@ fn pipe() -> Result<(OwnedFd, OwnedFd), ContainerError> {
 }
 
 /// Create and start the container of `spec`, registered as `spec.id`; returns its pid.
-pub fn start(table: &ProcessTable, spec: &ContainerSpec) -> Result<i32, ContainerError> {
+pub fn start(table: &ProcessTable, containers: &Containers, spec: &ContainerSpec) -> Result<i32, ContainerError> {
     let bundle = prepare(spec)?;
-    let (stdin_child, stdin_parent) = if spec.stdin {
-        let (r, w) = pipe()?;
-        (r, Some(File::from(w)))
-    } else {
-        (OwnedFd::from(File::open("/dev/null").map_err(ContainerError::Pipe)?), None)
-    };
-    let (stdout_parent, stdout_child) = pipe()?;
-    let (stderr_parent, stderr_child) = pipe()?;
+    let oci: serde_json::Value = serde_json::from_str(&spec.oci_spec).map_err(ContainerError::Spec)?;
+    let terminal = oci.get("process").is_some_and(wants_terminal);
+    let console = if terminal { Some(ConsoleSocket::bind(&bundle.join("console.sock"))?) } else { None };
+    let stdio = if terminal { None } else { Some(stdio_pipes(spec.stdin)?) };
     let pid = table.spawn_with(&spec.id, || {
-        let mut container = ContainerBuilder::new(spec.id.clone(), SyscallType::Linux)
+        let mut builder = ContainerBuilder::new(spec.id.clone(), SyscallType::Linux)
             .with_root_path(STATE_ROOT)
             .map_err(ContainerError::Create)?
-            .with_executor(DefaultExecutor {})
-            .with_stdin(stdin_child)
-            .with_stdout(stdout_child)
-            .with_stderr(stderr_child)
+            .with_executor(DefaultExecutor {});
+        let mut parent = None;
+        if let Some(StdioPipes { child: [i, o, e], parent: p }) = stdio {
+            builder = builder.with_stdin(i).with_stdout(o).with_stderr(e);
+            parent = Some(p);
+        }
+        if let Some(console) = &console {
+            builder = builder.with_console_socket(Some(console.path()));
+        }
+        let mut container = builder
             .as_init(&bundle)
             .with_systemd(false)
             .with_detach(true)
@@ -120,11 +321,30 @@ pub fn start(table: &ProcessTable, spec: &ContainerSpec) -> Result<i32, Containe
             let _ = container.delete(true);
             return Err(ContainerError::Start(e));
         }
-        let pipes =
-            Pipes { stdin: stdin_parent, stdout: Some(File::from(stdout_parent)), stderr: Some(File::from(stderr_parent)) };
-        Ok((pid, pipes))
+        let pipes = match (&console, parent) {
+            (Some(console), _) => console
+                .receive_master(crate::pty::MASTER_TIMEOUT)
+                .map_err(ContainerError::from)
+                .and_then(|m| terminal_pipes(m, spec.stdin)),
+            (None, Some(p)) => Ok(p),
+            (None, None) => Ok(Pipes::default()),
+        };
+        match pipes {
+            Ok(pipes) => Ok((pid, pipes)),
+            Err(e) => {
+                let _ = container.delete(true);
+                Err(e)
+            }
+        }
     })?;
-    info!(id = %spec.id, pid, "container started");
+    match cgroups::cgroup_dir_of(pid) {
+        Ok(cgroup) => {
+            containers.lock().insert(spec.id.clone(), Started { cgroup, paused: false });
+        }
+        // The process may already be gone; then there is nothing to pause or measure.
+        Err(e) => warn!(id = %spec.id, error = %e, "cannot find the container's cgroup"),
+    }
+    info!(id = %spec.id, pid, terminal, "container started");
     Ok(pid)
 }
 

@@ -5,12 +5,14 @@
 //! With `--unix-dir DIR` it listens on `DIR/rpc.sock` and `DIR/stream.sock` instead and, when
 //! not PID 1, skips all system setup: that is how the protocol is tested on a host.
 
+mod cgroups;
 mod container;
 mod init;
 mod logging;
 mod mirror;
 mod mounts;
 mod process;
+mod pty;
 mod server;
 mod stats;
 mod streams;

@@ -26,14 +26,14 @@ mod retired;
 mod sync;
 mod tree;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use tern_protocol::watch::{
-    is_safe_relative_path, ChangeBatch, DEFAULT_RESYNC_INTERVAL, MAX_RECORDS_PER_BATCH, POLL_INTERVAL,
+    is_safe_relative_path, ChangeBatch, ChangeKind, DEFAULT_RESYNC_INTERVAL, MAX_RECORDS_PER_BATCH, POLL_INTERVAL,
 };
 use tern_protocol::{recv, MountRequest, ProtocolError, WatchMode, GUEST_SHARES_ROOT};
 use tracing::{debug, info, warn};
@@ -41,7 +41,7 @@ use tracing::{debug, info, warn};
 use crate::transport::{Connection, Listener};
 use mount::MountError;
 use retired::Retired;
-use sync::{sync_mirror, Scope, SyncError, SyncOutcome};
+use sync::{sync_mirror, Hints, Scope, SyncError, SyncOutcome};
 use tree::Snapshot;
 
 /// Longest the sync thread sleeps between checks of the poll, resync and retire timers.
@@ -114,8 +114,8 @@ impl WatchableMount {
         self.settle_locked(&mut inner, scope);
     }
 
-    /// Apply the renames the watcher paired, then settle `paths`.
-    fn settle_changes(&self, paths: &BTreeSet<String>, renames: &[moves::Rename]) {
+    /// Apply the renames the watcher paired, then settle what `hints` names.
+    fn settle_changes(&self, hints: &Hints, renames: &[moves::Rename]) {
         let mut inner = lock(&self.inner);
         if !renames.is_empty() && inner.presentation == Presentation::Mirror {
             let done = moves::apply_renames(&self.share_root, &self.staging, &mut inner.state, renames);
@@ -123,7 +123,7 @@ impl WatchableMount {
                 debug!(guest_path = %self.guest_path.display(), renames = ?done, "renamed in the mirror");
             }
         }
-        self.settle_locked(&mut inner, Scope::Paths(paths));
+        self.settle_locked(&mut inner, Scope::Paths(hints));
     }
 
     fn settle_locked(&self, inner: &mut MirrorInner, scope: Scope<'_>) {
@@ -132,6 +132,7 @@ impl WatchableMount {
         }
         if matches!(scope, Scope::Full) {
             inner.last_full_sync = Instant::now();
+            crate::stats::watch::resynced();
         }
         match sync_mirror(&self.share_root, &self.staging, &mut inner.state, &mut inner.retired, scope) {
             Ok(SyncOutcome::Synced(report)) => {
@@ -150,6 +151,7 @@ impl WatchableMount {
         info!(guest_path = %self.guest_path.display(), share = self.share, %limit, "share outgrew its watchable mount; binding the share instead");
         match mount::bind(&self.share_root, &self.guest_path, self.read_only, "the share (watch fallback)") {
             Ok(()) => {
+                crate::stats::watch::bind_fallback();
                 inner.layers += 1;
                 inner.presentation = Presentation::BindFallback;
             }
@@ -203,7 +205,8 @@ struct PendingWork {
 #[derive(Debug, Default)]
 struct ShareWork {
     resync: bool,
-    paths: BTreeSet<String>,
+    /// The paths to settle, and those whose records said removed or renamed away.
+    hints: Hints,
     /// Renames whose both ends the watcher saw, in the order seen (applied before `paths`
     /// are settled).
     renames: Vec<moves::Rename>,
@@ -328,11 +331,17 @@ fn fill(entry: &WatchableMount, inner: &mut MirrorInner) -> Result<(), MirrorErr
         SyncOutcome::OverLimit(limit) => {
             info!(share = entry.share, %limit, "share is past the watchable limits; binding it instead");
             mount::bind(&entry.share_root, &entry.guest_path, entry.read_only, "the share (watch fallback)")?;
+            crate::stats::watch::bind_fallback();
             inner.layers = 1;
             inner.presentation = Presentation::BindFallback;
         }
     }
     Ok(())
+}
+
+/// How many watchable mounts exist (for the agent's statistics).
+pub fn watched_mounts() -> usize {
+    lock(&registry().mounts).len()
 }
 
 /// Undo [`mount_watchable`] at `guest_path`.
@@ -396,6 +405,7 @@ fn queue_resync_all() {
 }
 
 fn queue_batch(batch: ChangeBatch, gap: bool) {
+    crate::stats::watch::batch_received(batch.records.len(), batch.first_change_unix_ns);
     let registry = registry();
     if gap {
         warn!(seq = batch.seq, "gap in change batches; resyncing every mount");
@@ -424,16 +434,20 @@ fn merge_batch(work: &mut PendingWork, batch: ChangeBatch, gap: bool) {
         }
         if let Some(from) = record.from {
             // The old path is settled too (its own record may have been coalesced away).
-            share.paths.insert(from.clone());
+            share.hints.paths.insert(from.clone());
+            share.hints.removed.insert(from.clone());
             share.renames.push(moves::Rename { from, to: record.path.clone() });
         }
-        share.paths.insert(record.path);
+        if matches!(record.kind, ChangeKind::Removed | ChangeKind::Moved) {
+            share.hints.removed.insert(record.path.clone());
+        }
+        share.hints.paths.insert(record.path);
     }
-    if share.paths.len() > MAX_QUEUED_PATHS || share.renames.len() > MAX_QUEUED_PATHS {
+    if share.hints.paths.len() > MAX_QUEUED_PATHS || share.renames.len() > MAX_QUEUED_PATHS {
         share.resync = true;
     }
     if share.resync {
-        share.paths.clear();
+        share.hints = Hints::default();
         share.renames.clear();
     }
 }
@@ -460,8 +474,11 @@ fn run_sync_thread() {
             if work.resync_all || share.is_some_and(|s| s.resync) {
                 m.settle(Scope::Full);
             } else if let Some(share) = share {
-                m.settle_changes(&share.paths, &share.renames);
+                m.settle_changes(&share.hints, &share.renames);
             }
+        }
+        if !work.shares.is_empty() {
+            crate::stats::watch::applied_pending(work.shares.values().map(|s| s.hints.paths.len()).sum());
         }
         let resync = Duration::from_secs(registry.resync_secs.load(Ordering::Relaxed));
         for m in &mounts {
@@ -537,12 +554,18 @@ mod tests {
         let mut work = PendingWork::default();
         merge_batch(&mut work, batch("s", &["a", "b"], false), false);
         merge_batch(&mut work, batch("s", &["b", "c/d"], false), false);
-        let paths: Vec<&str> = work.shares["s"].paths.iter().map(String::as_str).collect();
+        let paths: Vec<&str> = work.shares["s"].hints.paths.iter().map(String::as_str).collect();
         assert_eq!(paths, ["a", "b", "c/d"]);
+        // Created records allow no removal; a Removed one does.
+        assert!(work.shares["s"].hints.removed.is_empty());
+        let mut removal = batch("s", &["gone"], false);
+        removal.records[0].kind = ChangeKind::Removed;
+        merge_batch(&mut work, removal, false);
+        assert_eq!(work.shares["s"].hints.removed.iter().map(String::as_str).collect::<Vec<_>>(), ["gone"]);
         assert!(!work.resync_all);
 
         merge_batch(&mut work, batch("t", &["ok", "../etc/passwd"], false), false);
-        assert!(work.shares["t"].resync && work.shares["t"].paths.is_empty());
+        assert!(work.shares["t"].resync && work.shares["t"].hints.paths.is_empty());
         merge_batch(&mut work, batch("../x", &["a"], false), true);
         assert!(work.resync_all);
         assert!(!work.shares.contains_key("../x"));
@@ -561,10 +584,12 @@ mod tests {
         let mut work = PendingWork::default();
         merge_batch(&mut work, batch("f"), false);
         let queued = &work.shares["s"];
-        assert_eq!(queued.paths.iter().map(String::as_str).collect::<Vec<_>>(), ["f", "g"]);
+        assert_eq!(queued.hints.paths.iter().map(String::as_str).collect::<Vec<_>>(), ["f", "g"]);
+        // Both ends of the rename may be removed from the mirror when the share lacks them.
+        assert_eq!(queued.hints.removed.iter().map(String::as_str).collect::<Vec<_>>(), ["f", "g"]);
         assert_eq!(queued.renames, [moves::Rename { from: "f".into(), to: "g".into() }]);
         merge_batch(&mut work, batch("../etc/passwd"), false);
         let queued = &work.shares["s"];
-        assert!(queued.resync && queued.paths.is_empty() && queued.renames.is_empty());
+        assert!(queued.resync && queued.hints.paths.is_empty() && queued.renames.is_empty());
     }
 }

@@ -55,6 +55,10 @@ pub enum ProcessError {
     BadSignal(i32),
     #[error("cannot signal process {id:?}: {reason}")]
     Kill { id: String, reason: String },
+    #[error("process {0:?} has no terminal")]
+    NoTerminal(String),
+    #[error("cannot resize the terminal of process {id:?}: {reason}")]
+    Resize { id: String, reason: String },
     #[error("the {stream:?} stream of process {id:?} is not available (already attached, or stdin was not requested)")]
     StreamTaken { id: String, stream: StreamKind },
 }
@@ -75,6 +79,9 @@ struct Process {
     stderr: Option<File>,
     /// Second handle to an attached stdin stream, so `CloseStdin` can end it.
     stdin_stream: Option<Connection>,
+    /// The pty master of a terminal process, kept for `ResizePty` (its I/O handles are
+    /// separate descriptors in `stdin`/`stdout`).
+    pty: Option<File>,
 }
 
 impl Process {
@@ -104,6 +111,8 @@ pub(crate) struct Pipes {
     pub(crate) stdin: Option<File>,
     pub(crate) stdout: Option<File>,
     pub(crate) stderr: Option<File>,
+    /// The pty master of a terminal process (see [`crate::pty`]).
+    pub(crate) pty: Option<File>,
 }
 
 impl TableState {
@@ -136,6 +145,7 @@ impl TableState {
                 stdout: pipes.stdout,
                 stderr: pipes.stderr,
                 stdin_stream: None,
+                pty: pipes.pty,
             },
         );
         self.spawn_generation = self.spawn_generation.wrapping_add(1);
@@ -152,6 +162,7 @@ impl TableState {
         proc.status = Some(status);
         // Nobody can read stdin any more; don't keep the pipe (and its fd) around.
         proc.stdin = None;
+        proc.pty = None;
         Some(id)
     }
 
@@ -219,6 +230,7 @@ impl ProcessTable {
                     stdin: child.stdin.take().map(|p| File::from(OwnedFd::from(p))),
                     stdout: child.stdout.take().map(|p| File::from(OwnedFd::from(p))),
                     stderr: child.stderr.take().map(|p| File::from(OwnedFd::from(p))),
+                    pty: None,
                 };
                 // Dropping `child` neither waits nor kills: the reaper owns the exit status.
                 drop(child);
@@ -329,6 +341,26 @@ impl ProcessTable {
             }
         }
         Ok(())
+    }
+
+    /// Set the window size of a terminal process.
+    pub fn resize_pty(&self, id: &str, rows: u16, cols: u16) -> Result<(), ProcessError> {
+        let state = self.lock();
+        let proc = state
+            .procs
+            .get(id)
+            .ok_or_else(|| ProcessError::Unknown(id.to_owned()))?;
+        if proc.status.is_some() {
+            return Err(ProcessError::Exited(id.to_owned()));
+        }
+        let master = proc
+            .pty
+            .as_ref()
+            .ok_or_else(|| ProcessError::NoTerminal(id.to_owned()))?;
+        crate::pty::set_window_size(master, rows, cols).map_err(|e| ProcessError::Resize {
+            id: id.to_owned(),
+            reason: e.to_string(),
+        })
     }
 
     /// Hand the stdout or stderr pipe to a stream connection (once per stream).
@@ -554,6 +586,7 @@ mod tests {
             stdin: Some(File::open("/dev/null").unwrap()),
             stdout: Some(File::open("/dev/null").unwrap()),
             stderr: Some(File::open("/dev/null").unwrap()),
+            pty: None,
         };
         state.register(id, pid, pipes);
     }

@@ -33,6 +33,7 @@ pub enum ShutdownMode {
 #[derive(Debug)]
 pub struct Agent {
     table: Arc<ProcessTable>,
+    containers: crate::container::Containers,
     shutdown_mode: ShutdownMode,
     shutting_down: AtomicBool,
 }
@@ -41,6 +42,7 @@ impl Agent {
     pub fn new(table: Arc<ProcessTable>, shutdown_mode: ShutdownMode) -> Self {
         Self {
             table,
+            containers: Default::default(),
             shutdown_mode,
             shutting_down: AtomicBool::new(false),
         }
@@ -104,7 +106,7 @@ impl Agent {
                         message: "the agent is shutting down".into(),
                     };
                 }
-                match crate::container::start(&self.table, &spec) {
+                match crate::container::start(&self.table, &self.containers, &spec) {
                     Ok(pid) => Response::Started { pid },
                     Err(e) => {
                         info!(id = %spec.id, error = %e, "container start failed");
@@ -112,6 +114,37 @@ impl Agent {
                     }
                 }
             }
+            Request::ExecInContainer(req) => {
+                if self.shutting_down.load(Ordering::SeqCst) {
+                    return Response::Error {
+                        message: "the agent is shutting down".into(),
+                    };
+                }
+                match crate::container::exec(&self.table, &self.containers, &req) {
+                    Ok(pid) => Response::Started { pid },
+                    Err(e) => {
+                        info!(container = %req.container_id, id = %req.id, error = %e, "exec in container failed");
+                        error_response(&e)
+                    }
+                }
+            }
+            Request::ResizePty { id, rows, cols } => match self.table.resize_pty(&id, rows, cols) {
+                Ok(()) => Response::Ok,
+                Err(e) => error_response(&e),
+            },
+            Request::PauseContainer { id } => ok_or_error(self.containers.pause(&id)),
+            Request::ResumeContainer { id } => ok_or_error(self.containers.resume(&id)),
+            Request::ContainerStats { id } => match self.containers.stats(&id) {
+                Ok(stats) => Response::ContainerStats(stats),
+                Err(e) => error_response(&e),
+            },
+            Request::UpdateContainer { id, resources } => {
+                ok_or_error(self.containers.update(&id, &resources))
+            }
+            Request::WaitOom { id, seen } => match self.containers.wait_oom(&id, seen) {
+                Ok(count) => Response::OomKills { count },
+                Err(e) => error_response(&e),
+            },
         }
     }
 
@@ -153,6 +186,13 @@ fn kill_everything() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let _ = kill(all, Signal::SIGKILL);
+}
+
+fn ok_or_error<E: StdError>(result: Result<(), E>) -> Response {
+    match result {
+        Ok(()) => Response::Ok,
+        Err(e) => error_response(&e),
+    }
 }
 
 /// `message: source: source's source`, so the host sees the root cause.

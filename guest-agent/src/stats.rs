@@ -1,9 +1,10 @@
-//! Guest-wide statistics for `Request::Stats`, read from /proc.
+//! Guest-wide statistics for `Request::Stats`, read from /proc, plus the agent's own
+//! counters of its watchable-mount mirrors ([`watch`]).
 //!
 //! The parsers take the file contents as strings so they are tested without a /proc.
 
 use std::path::{Path, PathBuf};
-use tern_protocol::GuestStats;
+use tern_protocol::{AgentProcessStats, DiskStats, GuestStats, NetDevStats, MAX_STATS_DEVICES};
 
 /// Errors collecting statistics.
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +33,10 @@ pub fn collect(proc_root: &Path) -> Result<GuestStats, StatsError> {
     let cpu = parse_stat(&read("stat")?)?;
     let uptime_secs = parse_uptime(&read("uptime")?)?;
     let tasks = count_tasks(proc_root)?;
+    // The rest is best effort: a kernel without block devices or networking has no such
+    // files, and the numbers above are what matters most.
+    let optional = |name: &str| std::fs::read_to_string(proc_root.join(name)).unwrap_or_default();
+    let self_dir = proc_root.join("self");
     Ok(GuestStats {
         mem_total_kib: mem.total_kib,
         mem_free_kib: mem.free_kib,
@@ -41,7 +46,209 @@ pub fn collect(proc_root: &Path) -> Result<GuestStats, StatsError> {
         cpu_ticks: cpu.ticks,
         tasks,
         uptime_secs,
+        mem_cached_kib: mem.cached_kib,
+        agent: agent_process(&self_dir),
+        disks: parse_diskstats(&optional("diskstats")),
+        net: parse_net_dev(&optional("net/dev")),
+        watch: tern_protocol::WatchStats {
+            mounts_watched: u32::try_from(crate::mirror::watched_mounts()).unwrap_or(u32::MAX),
+            ..watch::snapshot()
+        },
     })
+}
+
+/// The agent's own resource use from `/proc/self` (zeros for what cannot be read).
+fn agent_process(self_dir: &Path) -> AgentProcessStats {
+    let read = |name: &str| std::fs::read_to_string(self_dir.join(name)).unwrap_or_default();
+    let (cpu_user_ticks, cpu_system_ticks, threads) = parse_self_stat(&read("stat")).unwrap_or_default();
+    let page_size = page_size();
+    let rss_pages = read("statm").split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    let fds = std::fs::read_dir(self_dir.join("fd")).map(|d| d.count()).unwrap_or(0);
+    AgentProcessStats {
+        rss_bytes: rss_pages.saturating_mul(page_size),
+        cpu_user_ticks,
+        cpu_system_ticks,
+        fds: u32::try_from(fds).unwrap_or(u32::MAX),
+        threads,
+    }
+}
+
+fn page_size() -> u64 {
+    // SAFETY: sysconf only reads a system constant.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u64::try_from(size).ok().filter(|s| *s > 0).unwrap_or(4096)
+}
+
+/// utime, stime and num_threads from `/proc/<pid>/stat`. The command name (field 2) may hold
+/// spaces and parentheses, so fields are counted from the last `)`.
+fn parse_self_stat(text: &str) -> Option<(u64, u64, u32)> {
+    let rest = &text[text.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // After the name: state is field 3, so field N is fields[N - 3].
+    let utime = fields.get(14 - 3)?.parse().ok()?;
+    let stime = fields.get(15 - 3)?.parse().ok()?;
+    let threads = fields.get(20 - 3)?.parse().ok()?;
+    Some((utime, stime, threads))
+}
+
+/// Devices of /proc/diskstats that did any I/O (ram and loop devices without I/O are noise).
+fn parse_diskstats(text: &str) -> Vec<DiskStats> {
+    text.lines()
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let num = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok());
+            Some(DiskStats {
+                name: (*f.get(2)?).to_owned(),
+                reads: num(3)?,
+                sectors_read: num(5)?,
+                writes: num(7)?,
+                sectors_written: num(9)?,
+            })
+        })
+        .filter(|d| d.reads > 0 || d.writes > 0)
+        .take(MAX_STATS_DEVICES)
+        .collect()
+}
+
+/// Interfaces of /proc/net/dev (two header lines, then `name: rx… tx…`).
+fn parse_net_dev(text: &str) -> Vec<NetDevStats> {
+    text.lines()
+        .filter_map(|line| {
+            let (name, counters) = line.split_once(':')?;
+            let f: Vec<u64> = counters.split_whitespace().map(str::parse).collect::<Result<_, _>>().ok()?;
+            Some(NetDevStats {
+                name: name.trim().to_owned(),
+                rx_bytes: *f.first()?,
+                rx_packets: *f.get(1)?,
+                tx_bytes: *f.get(8)?,
+                tx_packets: *f.get(9)?,
+            })
+        })
+        .take(MAX_STATS_DEVICES)
+        .collect()
+}
+
+/// Counters of the watchable-mount mirrors, bumped by `mirror` and read by [`collect`].
+pub mod watch {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::{SystemTime, UNIX_EPOCH};
+    use tern_protocol::{WatchStats, WATCH_APPLY_BUCKETS};
+
+    static BATCHES_RECEIVED: AtomicU64 = AtomicU64::new(0);
+    static RECORDS_RECEIVED: AtomicU64 = AtomicU64::new(0);
+    static RECORDS_APPLIED: AtomicU64 = AtomicU64::new(0);
+    static RESYNCS: AtomicU64 = AtomicU64::new(0);
+    static BIND_FALLBACKS: AtomicU64 = AtomicU64::new(0);
+    /// Oldest host change time (ns since the epoch) of the batches queued but not applied.
+    static OLDEST_PENDING_NS: AtomicU64 = AtomicU64::new(0);
+    static LATENCY: [AtomicU64; WATCH_APPLY_BUCKETS.len() + 1] = [const { AtomicU64::new(0) }; WATCH_APPLY_BUCKETS.len() + 1];
+    static LATENCY_COUNT: AtomicU64 = AtomicU64::new(0);
+    static LATENCY_SUM_NS: AtomicU64 = AtomicU64::new(0);
+
+    fn bump(c: &AtomicU64, by: u64) {
+        c.fetch_add(by, Ordering::Relaxed);
+    }
+
+    /// A change batch with `records` records arrived from the VMM; its first change was seen
+    /// on the host at `first_change_unix_ns` (0: unknown).
+    pub fn batch_received(records: usize, first_change_unix_ns: u64) {
+        bump(&BATCHES_RECEIVED, 1);
+        bump(&RECORDS_RECEIVED, records as u64);
+        if first_change_unix_ns != 0 {
+            // Keep the oldest pending change: batches merged before one sync count from it.
+            let _ = OLDEST_PENDING_NS.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
+                (old == 0 || first_change_unix_ns < old).then_some(first_change_unix_ns)
+            });
+        }
+    }
+
+    /// The queued batches were applied (`records` paths settled).
+    pub fn applied_pending(records: usize) {
+        applied(records, OLDEST_PENDING_NS.swap(0, Ordering::Relaxed));
+    }
+
+    /// `records` changed paths were settled; the oldest change was seen on the host at
+    /// `first_change_unix_ns` (0: unknown, no latency recorded).
+    pub fn applied(records: usize, first_change_unix_ns: u64) {
+        bump(&RECORDS_APPLIED, records as u64);
+        if first_change_unix_ns == 0 {
+            return;
+        }
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        let now = u64::try_from(now).unwrap_or(u64::MAX);
+        // Host and guest clocks may disagree a little; a negative latency counts as zero.
+        observe_latency_ns(now.saturating_sub(first_change_unix_ns));
+    }
+
+    fn observe_latency_ns(ns: u64) {
+        let secs = ns as f64 / 1e9;
+        let slot = WATCH_APPLY_BUCKETS.iter().position(|b| secs <= *b).unwrap_or(WATCH_APPLY_BUCKETS.len());
+        if let Some(c) = LATENCY.get(slot) {
+            bump(c, 1);
+        }
+        bump(&LATENCY_COUNT, 1);
+        bump(&LATENCY_SUM_NS, ns);
+    }
+
+    /// A full compare of a share.
+    pub fn resynced() {
+        bump(&RESYNCS, 1);
+    }
+
+    /// A mirror became a bind mount of its share.
+    pub fn bind_fallback() {
+        bump(&BIND_FALLBACKS, 1);
+    }
+
+    /// The current values.
+    pub fn snapshot() -> WatchStats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        WatchStats {
+            batches_received: get(&BATCHES_RECEIVED),
+            records_received: get(&RECORDS_RECEIVED),
+            records_applied: get(&RECORDS_APPLIED),
+            resyncs: get(&RESYNCS),
+            bind_fallbacks: get(&BIND_FALLBACKS),
+            mounts_watched: 0,
+            apply_latency_buckets: LATENCY.iter().map(get).collect(),
+            apply_latency_count: get(&LATENCY_COUNT),
+            apply_latency_sum_ns: get(&LATENCY_SUM_NS),
+        }
+    }
+
+    #[cfg(test)]
+    #[allow(clippy::unwrap_used)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn latency_lands_in_its_bucket() {
+            let before = snapshot();
+            observe_latency_ns(3_000_000); // 3 ms: first bucket (≤ 5 ms)
+            observe_latency_ns(60_000_000_000); // 60 s: past the last bound
+            let after = snapshot();
+            assert_eq!(after.apply_latency_buckets[0] - before.apply_latency_buckets[0], 1);
+            let last = WATCH_APPLY_BUCKETS.len();
+            // Other tests share these statics: at least ours landed.
+            assert!(after.apply_latency_buckets[last] - before.apply_latency_buckets[last] >= 1);
+            assert!(after.apply_latency_count - before.apply_latency_count >= 2);
+        }
+
+        #[test]
+        fn applying_pending_batches_counts_from_the_oldest_change() {
+            let before = snapshot();
+            batch_received(2, 1);
+            batch_received(3, 0);
+            applied_pending(5);
+            let after = snapshot();
+            assert_eq!(after.batches_received - before.batches_received, 2);
+            assert_eq!(after.records_received - before.records_received, 5);
+            assert_eq!(after.records_applied - before.records_applied, 5);
+            // A change at 1 ns after the epoch is decades old: past the last bucket.
+            let last = WATCH_APPLY_BUCKETS.len();
+            assert!(after.apply_latency_buckets[last] > before.apply_latency_buckets[last]);
+        }
+    }
 }
 
 #[derive(Debug, PartialEq)]
@@ -49,6 +256,7 @@ struct MemInfo {
     total_kib: u64,
     free_kib: u64,
     available_kib: u64,
+    cached_kib: u64,
 }
 
 fn parse_meminfo(text: &str) -> Result<MemInfo, StatsError> {
@@ -66,10 +274,12 @@ fn parse_meminfo(text: &str) -> Result<MemInfo, StatsError> {
     let free_kib = field("MemFree").ok_or_else(|| missing("no MemFree"))?;
     // Kernels before 3.14 lack MemAvailable; free memory is the conservative stand-in.
     let available_kib = field("MemAvailable").unwrap_or(free_kib);
+    let cached_kib = field("Cached").unwrap_or(0).saturating_add(field("Buffers").unwrap_or(0));
     Ok(MemInfo {
         total_kib,
         free_kib,
         available_kib,
+        cached_kib,
     })
 }
 
@@ -173,7 +383,8 @@ mod tests {
             MemInfo {
                 total_kib: 498000,
                 free_kib: 400000,
-                available_kib: 450000
+                available_kib: 450000,
+                cached_kib: 0,
             }
         );
     }
@@ -217,6 +428,33 @@ mod tests {
     fn uptime() {
         assert_eq!(parse_uptime("123.45 200.00\n").unwrap(), 123.45);
         assert!(parse_uptime("\n").is_err());
+    }
+
+    #[test]
+    fn self_stat_counts_from_the_last_paren() {
+        let stat = "42 (tern (agent) x) S 0 1 1 0 -1 4194560 10 0 0 0 7 3 0 0 20 0 5 0 1 0 0";
+        assert_eq!(parse_self_stat(stat), Some((7, 3, 5)));
+        assert_eq!(parse_self_stat("garbage"), None);
+    }
+
+    #[test]
+    fn diskstats_keep_devices_with_io() {
+        let text = "   1       0 ram0 0 0 0 0 0 0 0 0 0 0 0
+ 254 0 vda 10 0 80 5 4 0 32 1 0 6 6
+";
+        let disks = parse_diskstats(text);
+        assert_eq!(disks.len(), 1);
+        assert_eq!(disks[0].name, "vda");
+        assert_eq!((disks[0].reads, disks[0].sectors_read, disks[0].writes, disks[0].sectors_written), (10, 80, 4, 32));
+    }
+
+    #[test]
+    fn net_dev_skips_headers() {
+        let text = "Inter-|   Receive |  Transmit\n face |bytes packets\n".to_owned()
+            + "    lo:     120       2    0    0    0     0          0         0      120       2    0    0    0     0       0          0\n";
+        let net = parse_net_dev(&text);
+        assert_eq!(net.len(), 1);
+        assert_eq!((net[0].name.as_str(), net[0].rx_bytes, net[0].rx_packets, net[0].tx_bytes, net[0].tx_packets), ("lo", 120, 2, 120, 2));
     }
 
     #[test]

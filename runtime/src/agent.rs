@@ -10,7 +10,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tern_protocol::{
-    ContainerSpec, ExecRequest, ExitStatus, GuestStats, MountRequest, ProtocolError, Request, Response, StreamHello, StreamKind,
+    CgroupStats, ContainerExecRequest, ContainerSpec, ExecRequest, ResourceUpdate, ExitStatus, GuestStats, MountRequest, ProtocolError, Request, Response, StreamHello, StreamKind,
     AGENT_RPC_PORT, AGENT_STREAM_PORT, PROTOCOL_VERSION,
 };
 
@@ -136,8 +136,16 @@ impl AgentClient {
     /// [`Self::call`] with a bound on connecting and on the answer (`Wait` has no bound on
     /// the answer: it lasts as long as the process).
     fn call_within(&self, req: &Request, timeout: Duration) -> Result<Response, AgentError> {
+        let started = Instant::now();
+        let result = self.call_within_unmeasured(req, timeout);
+        crate::metrics::rpc::AGENT.record(request_name(req), started.elapsed(), result.is_ok());
+        result
+    }
+
+    fn call_within_unmeasured(&self, req: &Request, timeout: Duration) -> Result<Response, AgentError> {
         let mut sock = self.connect_within(AGENT_RPC_PORT, timeout)?;
-        if !matches!(req, Request::Wait { .. }) {
+        // Waits last as long as what they wait for.
+        if !matches!(req, Request::Wait { .. } | Request::WaitOom { .. }) {
             sock.set_read_timeout(Some(timeout))?;
         }
         tern_protocol::send(&mut sock, req)?;
@@ -186,6 +194,49 @@ impl AgentClient {
         }
     }
 
+    /// Start a process inside a running container; returns its guest pid.
+    pub fn exec_in_container(&self, req: ContainerExecRequest) -> Result<i32, AgentError> {
+        match self.call(&Request::ExecInContainer(req))? {
+            Response::Started { pid } => Ok(pid),
+            other => Err(AgentError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Set the window size of a terminal process.
+    pub fn resize_pty(&self, id: &str, rows: u16, cols: u16) -> Result<(), AgentError> {
+        self.expect_ok(&Request::ResizePty { id: id.to_owned(), rows, cols })
+    }
+
+    /// Freeze a container (returns once the kernel reports it frozen).
+    pub fn pause_container(&self, id: &str) -> Result<(), AgentError> {
+        self.expect_ok(&Request::PauseContainer { id: id.to_owned() })
+    }
+
+    pub fn resume_container(&self, id: &str) -> Result<(), AgentError> {
+        self.expect_ok(&Request::ResumeContainer { id: id.to_owned() })
+    }
+
+    /// cgroup v2 statistics of a container.
+    pub fn container_stats(&self, id: &str) -> Result<CgroupStats, AgentError> {
+        match self.call(&Request::ContainerStats { id: id.to_owned() })? {
+            Response::ContainerStats(s) => Ok(s),
+            other => Err(AgentError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Apply resource limits to a container's cgroup.
+    pub fn update_container(&self, id: &str, resources: ResourceUpdate) -> Result<(), AgentError> {
+        self.expect_ok(&Request::UpdateContainer { id: id.to_owned(), resources })
+    }
+
+    /// Block until the container's cgroup has more than `seen` OOM kills; returns the count.
+    pub fn wait_oom(&self, id: &str, seen: u64) -> Result<u64, AgentError> {
+        match self.call(&Request::WaitOom { id: id.to_owned(), seen })? {
+            Response::OomKills { count } => Ok(count),
+            other => Err(AgentError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
     /// Deliver EOF on the process's stdin.
     pub fn close_stdin(&self, id: &str) -> Result<(), AgentError> {
         self.expect_ok(&Request::CloseStdin { id: id.to_string() })
@@ -204,7 +255,12 @@ impl AgentClient {
     }
 
     pub fn stats(&self) -> Result<GuestStats, AgentError> {
-        match self.call(&Request::Stats)? {
+        self.stats_within(RPC_TIMEOUT)
+    }
+
+    /// [`Self::stats`], giving up after `timeout` (metrics scrapes must stay fast).
+    pub fn stats_within(&self, timeout: Duration) -> Result<GuestStats, AgentError> {
+        match self.call_within(&Request::Stats, timeout)? {
             Response::Stats(s) => Ok(s),
             other => Err(AgentError::Unexpected(format!("{other:?}"))),
         }
@@ -237,6 +293,24 @@ impl AgentClient {
             Response::Ok => Ok(()),
             other => Err(AgentError::Unexpected(format!("{other:?}"))),
         }
+    }
+}
+
+/// The metrics name of a request: its protocol `op` tag.
+fn request_name(req: &Request) -> &'static str {
+    match req {
+        Request::Health => "health",
+        Request::Exec(_) => "exec",
+        Request::Wait { .. } => "wait",
+        Request::Signal { .. } => "signal",
+        Request::CloseStdin { .. } => "close_stdin",
+        Request::Stats => "stats",
+        Request::Shutdown => "shutdown",
+        Request::Mount(_) => "mount",
+        Request::Unmount { .. } => "unmount",
+        Request::StartContainer(_) => "start_container",
+        #[allow(unreachable_patterns)]
+        _ => "other",
     }
 }
 

@@ -32,6 +32,25 @@ pub enum ConfigError {
 pub struct Config {
     pub vm: VmSection,
     pub fs: FsSection,
+    pub shim: ShimSection,
+}
+
+/// Default of `shim.root_dir`.
+pub const DEFAULT_ROOT_DIR: &str = "/run/tern";
+
+/// `[shim]`: where each sandbox's shim publishes itself.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShimSection {
+    /// Each running sandbox gets `<root_dir>/sbs/<sandbox-id>/` holding its metrics socket
+    /// `shim-monitor.sock`; `tern monitor --sbs-root` must name `<root_dir>/sbs`.
+    pub root_dir: PathBuf,
+}
+
+impl Default for ShimSection {
+    fn default() -> Self {
+        ShimSection { root_dir: PathBuf::from(DEFAULT_ROOT_DIR) }
+    }
 }
 
 /// `[fs]`: host directories shared with the guest (virtio-fs) and watchable mounts.
@@ -194,6 +213,14 @@ mod tests {
         assert_eq!(parsed.fs.cache, defaults.fs.cache);
         assert_eq!(parsed.fs.watch_mode, defaults.fs.watch_mode);
         assert_eq!(parsed.fs.resync_interval_secs, defaults.fs.resync_interval_secs);
+        assert_eq!(parsed.shim.root_dir, defaults.shim.root_dir);
+    }
+
+    #[test]
+    fn shim_root_dir_parses() {
+        let c: Config = toml::from_str("[shim]\nroot_dir = \"/tmp/x\"\n").unwrap();
+        assert_eq!(c.shim.root_dir, PathBuf::from("/tmp/x"));
+        assert_eq!(Config::default().shim.root_dir, PathBuf::from("/run/tern"));
     }
 
     #[test]

@@ -5,6 +5,9 @@
 
 pub mod agent;
 pub mod config;
+pub mod cri;
+pub mod metrics;
+pub mod monitor;
 pub mod sandbox;
 pub mod share;
 pub mod shim;

@@ -1,11 +1,16 @@
 //! A sandbox: one microVM started in this process plus the client for its agent.
 //!
-//! Owns a private run directory (the vsock socket lives there); dropping the sandbox stops the
-//! VM, joins its threads and removes the directory, so nothing leaks on any exit path.
+//! Owns a run directory ([`SandboxDir`]: the vsock socket lives there); dropping the sandbox
+//! stops the VM, joins its threads and removes the directory, so nothing leaks on any exit
+//! path of this process. A process that is SIGKILLed runs no destructor: that is why the
+//! shim's sandboxes use a *named* directory whose path follows from the sandbox's namespace and
+//! id, which containerd's `shim delete` (a new process) can find and remove.
 
 use crate::agent::{AgentClient, AgentError};
 use crate::config::Config;
+use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vmm::api::{ConsoleOutput, ShareConfig, VmConfig, VmExit, VmHandle, Vmm, VmmError, VsockConfig};
 
@@ -37,10 +42,13 @@ pub struct BootTimeline {
 /// A running microVM with a ready agent.
 pub struct Sandbox {
     // Field order matters: the VM must stop before the run dir (holding its socket) goes.
-    vm: VmHandle,
+    // Shared with the VM monitor thread (see `spawn_vm_monitor`).
+    vm: Arc<VmHandle>,
+    /// Joined once the VM has ended, so no thread outlives the sandbox.
+    monitor: Option<std::thread::JoinHandle<()>>,
     agent: AgentClient,
     timeline: BootTimeline,
-    run_dir: tempfile::TempDir,
+    run_dir: SandboxDir,
 }
 
 impl Sandbox {
@@ -56,6 +64,17 @@ impl Sandbox {
         shares: Vec<ShareConfig>,
         fs_device: bool,
     ) -> Result<Sandbox, SandboxError> {
+        let run_dir = SandboxDir::private().map_err(SandboxError::RunDir)?;
+        Sandbox::boot_in(config, shares, fs_device, run_dir)
+    }
+
+    /// [`Sandbox::boot_with_shares`] in a given run directory (the shim's named one).
+    pub fn boot_in(
+        config: &Config,
+        shares: Vec<ShareConfig>,
+        fs_device: bool,
+        run_dir: SandboxDir,
+    ) -> Result<Sandbox, SandboxError> {
         let kernel = config.kernel_path();
         let initrd = config.initrd_path();
         if !kernel.is_file() {
@@ -64,7 +83,6 @@ impl Sandbox {
         if !initrd.is_file() {
             return Err(SandboxError::MissingInitrd(initrd));
         }
-        let run_dir = run_dir().map_err(SandboxError::RunDir)?;
         let uds_path = run_dir.path().join("vsock.sock");
         let vm_config = VmConfig {
             vcpus: config.vm.vcpus,
@@ -98,11 +116,23 @@ impl Sandbox {
             Err(e) => return Err(SandboxError::Agent(e)),
         }
         let timeline = BootTimeline { vmm_start, kernel_entry: vm.timings().vcpus_started, agent_ready };
-        Ok(Sandbox { vm, agent, timeline, run_dir })
+        let vm = Arc::new(vm);
+        let monitor = spawn_vm_monitor(Arc::clone(&vm));
+        Ok(Sandbox { vm, monitor, agent, timeline, run_dir })
     }
 
     pub fn agent(&self) -> &AgentClient {
         &self.agent
+    }
+
+    /// The VM's counters (vCPU exits, virtio queues, fs requests, vsock bytes), for metrics.
+    pub fn vm_metrics(&self) -> std::sync::Arc<vmm::metrics::VmMetrics> {
+        self.vm.metrics()
+    }
+
+    /// The host watcher's counters, while a watchable share exists.
+    pub fn watcher_counters(&self) -> Option<vmm::api::WatcherCounters> {
+        self.vm.watcher_counters()
     }
 
     pub fn timeline(&self) -> BootTimeline {
@@ -124,31 +154,138 @@ impl Sandbox {
     }
 
     /// Ask the agent to power off and wait up to `grace` for the VM to end; force it otherwise.
-    pub fn shutdown(self, grace: Duration) -> Result<VmExit, VmmError> {
+    pub fn shutdown(mut self, grace: Duration) -> Result<VmExit, VmmError> {
         if let Err(e) = self.agent.shutdown() {
             tracing::warn!(error = %e, "agent shutdown request failed; stopping the VM");
             self.vm.stop();
         }
-        match self.vm.wait_timeout(grace) {
+        let exit = match self.vm.wait_timeout(grace) {
             Some(result) => result,
             None => {
                 tracing::warn!(?grace, "guest did not power off in time; stopping the VM");
                 self.vm.stop();
                 self.vm.wait()
             }
+        };
+        self.join_monitor();
+        exit
+    }
+
+    /// Wait for the monitor thread, which ends right after the VM (call once the VM ended).
+    fn join_monitor(&mut self) {
+        if let Some(monitor) = self.monitor.take() {
+            if monitor.join().is_err() {
+                tracing::warn!("the VM monitor thread panicked");
+            }
         }
     }
 }
 
-/// A private directory for one sandbox's sockets: under `$TERN_RUN_DIR`, else `/run/tern/vm`
-/// when writable, else the temp dir.
-fn run_dir() -> std::io::Result<tempfile::TempDir> {
-    let base = std::env::var_os("TERN_RUN_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/run/tern/vm"));
-    match std::fs::create_dir_all(&base) {
-        Ok(()) => tempfile::Builder::new().prefix("vm-").tempdir_in(&base),
-        Err(_) => tempfile::Builder::new().prefix("tern-vm-").tempdir(),
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        // The monitor thread holds the handle too; stopping here keeps "dropping the sandbox
+        // stops the VM" true and lets that thread end.
+        self.vm.stop();
+        self.join_monitor();
+    }
+}
+
+/// Watch the VM from a thread of its own: when the guest ends by itself (a kernel panic
+/// resets it, a triple fault, a vCPU error), tear the VM down at once. That closes the host
+/// ends of every vsock connection, so an agent call blocked on the dead guest (the shim's
+/// `Wait`) fails now instead of hanging forever.
+fn spawn_vm_monitor(vm: Arc<VmHandle>) -> Option<std::thread::JoinHandle<()>> {
+    let spawned = std::thread::Builder::new().name("vm-monitor".into()).spawn(move || match vm.wait() {
+        Ok(exit) => tracing::info!(?exit, "the VM ended"),
+        Err(e) => tracing::warn!(error = %error_chain(&e), "the VM ended with an error"),
+    });
+    match spawned {
+        Ok(handle) => Some(handle),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot start the VM monitor thread; a dead guest is noticed only on shutdown");
+            None
+        }
+    }
+}
+
+/// Base of the sandbox run directories: `$TERN_RUN_DIR`, else `/run/tern/vm` when it can be
+/// created, else `<temp dir>/tern-vm`. Deterministic for a given environment, so the shim's
+/// `delete` finds the directories the shim made.
+fn run_base() -> PathBuf {
+    if let Some(dir) = std::env::var_os("TERN_RUN_DIR") {
+        return PathBuf::from(dir);
+    }
+    let run = PathBuf::from("/run/tern/vm");
+    if std::fs::create_dir_all(&run).is_ok() {
+        run
+    } else {
+        std::env::temp_dir().join("tern-vm")
+    }
+}
+
+/// A sandbox's run directory (its sockets). Removed with everything in it when dropped.
+#[derive(Debug)]
+pub struct SandboxDir {
+    path: PathBuf,
+}
+
+/// File in a named [`SandboxDir`] saying whose it is (for people; the name is a hash).
+const OWNER_FILE: &str = "sandbox";
+
+impl SandboxDir {
+    /// A fresh private directory with a random name (`tern run`, tests).
+    pub fn private() -> std::io::Result<SandboxDir> {
+        let base = run_base();
+        std::fs::create_dir_all(&base)?;
+        let dir = tempfile::Builder::new().prefix("vm-").tempdir_in(&base)?;
+        Ok(SandboxDir { path: dir.keep() })
+    }
+
+    /// The directory of sandbox `id` in containerd namespace `namespace`:
+    /// `<base>/sb-<24 hex digits of sha256(namespace/id)>`. Hashed because CRI sandbox ids are
+    /// 64 characters and a unix socket path must stay under 108 bytes. A stale directory of the
+    /// same sandbox (a shim killed before its `delete` ran) is replaced.
+    pub fn named(namespace: &str, id: &str) -> std::io::Result<SandboxDir> {
+        let path = SandboxDir::named_path(namespace, id);
+        if path.exists() {
+            tracing::warn!(path = %path.display(), "replacing a stale sandbox run directory");
+            std::fs::remove_dir_all(&path)?;
+        }
+        std::fs::create_dir_all(&path)?;
+        let dir = SandboxDir { path };
+        std::fs::write(dir.path.join(OWNER_FILE), format!("{namespace}/{id}\n"))?;
+        Ok(dir)
+    }
+
+    /// Where [`SandboxDir::named`] puts sandbox `id` of `namespace`.
+    pub fn named_path(namespace: &str, id: &str) -> PathBuf {
+        let digest = Sha256::digest(format!("{namespace}/{id}").as_bytes());
+        let hex: String = digest.iter().take(12).map(|b| format!("{b:02x}")).collect();
+        run_base().join(format!("sb-{hex}"))
+    }
+
+    /// Remove the named directory of a sandbox whose process died (containerd's `shim delete`).
+    /// Returns whether there was one. Only for a dead owner: a live VM's socket would vanish.
+    pub fn remove_named(namespace: &str, id: &str) -> std::io::Result<bool> {
+        match std::fs::remove_dir_all(SandboxDir::named_path(namespace, id)) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for SandboxDir {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.path) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(path = %self.path.display(), error = %e, "cannot remove the sandbox run directory");
+            }
+        }
     }
 }
 
@@ -171,4 +308,35 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         src = inner.source();
     }
     s
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn named_dirs_are_deterministic_short_and_distinct() {
+        let a = SandboxDir::named_path("k8s.io", &"f".repeat(64));
+        assert_eq!(a, SandboxDir::named_path("k8s.io", &"f".repeat(64)));
+        assert_ne!(a, SandboxDir::named_path("default", &"f".repeat(64)));
+        assert_ne!(a, SandboxDir::named_path("k8s.io", &"e".repeat(64)));
+        let name = a.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(name.starts_with("sb-") && name.len() == 3 + 24, "{name}");
+    }
+
+    #[test]
+    fn a_named_dir_replaces_a_stale_one_and_goes_on_drop() {
+        let id = format!("sandbox-unit-{}", std::process::id());
+        let path = SandboxDir::named_path("tern-unit", &id);
+        std::fs::create_dir_all(&path).unwrap();
+        std::fs::write(path.join("vsock.sock"), b"stale").unwrap();
+        let dir = SandboxDir::named("tern-unit", &id).unwrap();
+        assert_eq!(dir.path(), path);
+        assert!(!path.join("vsock.sock").exists(), "stale content kept");
+        assert_eq!(std::fs::read_to_string(path.join(OWNER_FILE)).unwrap(), format!("tern-unit/{id}\n"));
+        drop(dir);
+        assert!(!path.exists());
+        assert!(!SandboxDir::remove_named("tern-unit", &id).unwrap());
+    }
 }

@@ -5,7 +5,7 @@
 #   tests/bench/run.sh --runs 3          quick run
 #   tests/bench/run.sh --systems qemu    QEMU only
 #   tests/bench/run.sh --selftest        harness self-test (no KVM, no runner)
-# Results: tests/bench/results/boot.{md,svg,json}.
+# Results: tests/bench/results/{boot,fs,watch_latency,containerd,cri}.{md,json} (+ boot.svg).
 #   TERN_BENCH_TIMEOUT=S        runner time limit (default 3000)
 # QEMU gets a vhost-vsock device (as tern has a vsock device) when /dev/vhost-vsock exists
 # in the runner; `--qemu-vsock off` leaves it out (the agent prints its marker either way).
@@ -61,6 +61,24 @@ if [ "${TERN_BENCH_FS:-1}" != 0 ]; then
 	fs_cmd="\"\$0\" tests/bench/fs_bench.py ${TERN_FS_BENCH_ARGS:-}"
 fi
 
+# Then the container benchmark through a real containerd (tests/bench/containerd_bench.py:
+# tern's shim vs runc — `ctr run --rm IMAGE true` start, 1 GiB of stdout, host memory per
+# sandbox; results/containerd.{md,json}). TERN_CONTAINERD_BENCH_ARGS goes to it (e.g.
+# "--runs 3 --stdout-mib 256"); TERN_BENCH_CONTAINERD=0 leaves it out.
+ctrd_cmd=true
+if [ "${TERN_BENCH_CONTAINERD:-1}" != 0 ]; then
+	ctrd_cmd="\"\$0\" tests/bench/containerd_bench.py ${TERN_CONTAINERD_BENCH_ARGS:-}"
+fi
+
+# Then N pods (default 10) started concurrently through containerd's CRI plugin, tern vs runc
+# (tests/bench/cri_bench.sh; results/cri.{md,json}; about 5 minutes in the runner).
+# TERN_CRI_BENCH_PODS=N sets N; TERN_BENCH_CRI=0 leaves it out.
+cri_cmd=true
+if [ "${TERN_BENCH_CRI:-1}" != 0 ]; then
+	cri_bin=$(tests/bench/cri_bench.sh --build-only)
+	cri_cmd="$(printf %q "$cri_bin") --ignored --exact cri_bench_concurrent_pods --nocapture --test-threads=1"
+fi
+
 # Then the watchable-mount latency benchmark (event vs poll mode) in the same runner boot.
 exec tests/nested-runner --timeout "${TERN_BENCH_TIMEOUT:-3000}" -- \
-	bash -c '"$0" tests/bench/bench.py "$@" && "$0" tests/bench/watch_latency.py && '"$fs_cmd" "$py" "$@"
+	bash -c '"$0" tests/bench/bench.py "$@" && "$0" tests/bench/watch_latency.py && '"$fs_cmd"' && '"$ctrd_cmd"' && '"$cri_cmd" "$py" "$@"

@@ -4,9 +4,15 @@
 //! own `config.toml`, root, state and sockets under a temp dir (CRI and the snapshotters that
 //! need special file systems disabled), and `target/release` first on its PATH so that
 //! `--runtime io.containerd.tern.v2` finds the shim. [`TestContainerd::import_busybox`] builds a
-//! one-layer OCI image from busybox-static and imports it. Dropping the instance kills every
-//! shim it started, stops containerd, unmounts whatever is left under the temp dir and removes
-//! it — also when the test failed.
+//! one-layer OCI image from busybox-static and imports it.
+//!
+//! [`TestContainerd::start_with_cri`] enables the CRI plugin instead (its own CNI config, a
+//! locally built pause image, tern as runtime handler [`CRI_HANDLER`], netns mounts under the
+//! state dir; see [`cri_plugin_config`]) and imports the images into CRI's `k8s.io` namespace;
+//! the tests then drive pods with `tern_runtime::cri` on [`TestContainerd::address`].
+//!
+//! Dropping the instance kills every shim it started, stops containerd, unmounts whatever is
+//! left under the temp dir, removes the CNI bridge and the temp dir — also when the test failed.
 
 use std::io::Write;
 use std::os::unix::fs::symlink;
@@ -24,9 +30,21 @@ pub const BUSYBOX_IMAGE: &str = "docker.io/library/tern-busybox:test";
 pub const TERN_RUNTIME: &str = "io.containerd.tern.v2";
 /// The snapshotter the tests use: plain copies, no overlay module needed.
 pub const SNAPSHOTTER: &str = "native";
+/// containerd namespace of the CRI plugin.
+pub const CRI_NAMESPACE: &str = "k8s.io";
+/// The CRI runtime handler (RuntimeClass handler) that selects tern's shim.
+pub const CRI_HANDLER: &str = "tern";
+/// The pod sandbox ("pause") image, built locally: no registry is reachable from the tests.
+pub const PAUSE_IMAGE: &str = "docker.io/library/tern-pause:test";
+/// The pause image's entrypoint: busybox sleeping (for 68 years).
+const PAUSE_ENTRYPOINT: &[&str] = &["/bin/sleep", "2147483647"];
+/// The bridge the CNI config creates (removed on drop).
+const CNI_BRIDGE: &str = "terncni0";
 /// busybox applets linked into the test image.
-const APPLETS: [&str; 16] =
-    ["sh", "echo", "sleep", "cat", "true", "false", "ls", "ps", "id", "env", "hostname", "head", "wc", "yes", "mount", "pwd"];
+const APPLETS: [&str; 17] = [
+    "sh", "echo", "sleep", "cat", "true", "false", "ls", "ps", "id", "env", "hostname", "head", "wc", "yes", "mount", "pwd",
+    "seq",
+];
 
 /// Why containerd cannot be tested here, or `None`.
 pub fn containerd_unavailable() -> Option<String> {
@@ -62,16 +80,38 @@ pub struct TestContainerd {
 }
 
 impl TestContainerd {
-    /// Start containerd and wait until `ctr version` answers.
+    /// Start containerd (CRI disabled) and wait until `ctr version` answers.
     pub fn start() -> TestContainerd {
+        TestContainerd::start_with(false)
+    }
+
+    /// Start containerd with its CRI plugin (see [`cri_plugin_config`]) and import the
+    /// busybox and pause images into CRI's namespace (`k8s.io`). The CRI endpoint is
+    /// [`TestContainerd::address`].
+    pub fn start_with_cri() -> TestContainerd {
+        let ctrd = TestContainerd::start_with(true);
+        ctrd.import_cri_images();
+        ctrd
+    }
+
+    fn start_with(cri: bool) -> TestContainerd {
         let dir = tempfile::Builder::new().prefix("tern-ctrd-").tempdir_in("/tmp").unwrap_or_else(|e| panic!("temp dir: {e}"));
         let root = dir.path();
         let address = root.join("ctrd.sock");
+        let (cri_disabled, cri_section) = if cri {
+            let cni_conf = root.join("cni");
+            std::fs::create_dir_all(&cni_conf).unwrap_or_else(|e| panic!("cni conf dir: {e}"));
+            std::fs::write(cni_conf.join("10-tern-test.conflist"), cni_conflist(root))
+                .unwrap_or_else(|e| panic!("write the CNI config: {e}"));
+            ("", cri_plugin_config(root))
+        } else {
+            ("\"io.containerd.grpc.v1.cri\", ", String::new())
+        };
         let config = format!(
             r#"version = 2
 root = "{root}/root"
 state = "{root}/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.btrfs",
+disabled_plugins = [{cri_disabled}"io.containerd.snapshotter.v1.btrfs",
   "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper",
   "io.containerd.snapshotter.v1.aufs"]
 [grpc]
@@ -80,7 +120,9 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
   address = "{sock}.ttrpc"
 [debug]
   level = "info"
-"#,
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{root}/opt"
+{cri_section}"#,
             root = root.display(),
             sock = address.display()
         );
@@ -125,11 +167,39 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
         format!("--- containerd.log ---\n{}\n--- console.log ---\n{}", read("containerd.log"), read("console.log"))
     }
 
+    /// containerd's gRPC socket (also the CRI endpoint when CRI is enabled).
+    pub fn address(&self) -> &Path {
+        &self.address
+    }
+
     /// Run `ctr` against this containerd, killed after `limit`.
     pub fn ctr(&self, args: &[&str], limit: Duration) -> Output {
+        self.ctr_in(NAMESPACE, args, limit)
+    }
+
+    /// [`TestContainerd::ctr`] in containerd namespace `namespace`.
+    pub fn ctr_in(&self, namespace: &str, args: &[&str], limit: Duration) -> Output {
         let mut cmd = Command::new("ctr");
-        cmd.arg("--address").arg(&self.address).arg("--namespace").arg(NAMESPACE).args(args);
+        cmd.arg("--address").arg(&self.address).arg("--namespace").arg(namespace).args(args);
         run_bounded(cmd, limit)
+    }
+
+    /// Import the busybox image and the pause image (busybox whose entrypoint sleeps forever)
+    /// into CRI's namespace, unpacked for [`SNAPSHOTTER`].
+    pub fn import_cri_images(&self) {
+        let work = self.dir.path();
+        let images = [
+            build_image(work, BUSYBOX_IMAGE, None).unwrap_or_else(|e| panic!("build the busybox image: {e}")),
+            build_image(work, PAUSE_IMAGE, Some(PAUSE_ENTRYPOINT)).unwrap_or_else(|e| panic!("build the pause image: {e}")),
+        ];
+        for tar in images {
+            let out = self.ctr_in(
+                CRI_NAMESPACE,
+                &["images", "import", "--snapshotter", SNAPSHOTTER, &tar.to_string_lossy()],
+                Duration::from_secs(120),
+            );
+            assert!(out.status.success(), "ctr images import (k8s.io) failed: {}\n{}", stderr(&out), self.logs());
+        }
     }
 
     /// Build the busybox image (see [`build_busybox_image`]) and import it.
@@ -206,7 +276,56 @@ impl Drop for TestContainerd {
         for m in mounts {
             let _ = Command::new("umount").arg("-l").arg(&m).status();
         }
+        if Path::new("/sys/class/net").join(CNI_BRIDGE).exists() {
+            let _ = Command::new("ip").args(["link", "delete", CNI_BRIDGE]).stderr(Stdio::null()).status();
+        }
     }
+}
+
+/// The CRI plugin's section of containerd's config: everything under `root`, the `native`
+/// snapshotter, no cgroup, AppArmor or OOM-score needs (the runner has no systemd and may
+/// not allow them), the pause image built by [`TestContainerd::import_cri_images`], CNI
+/// plugins from Debian's `containernetworking-plugins`, a random streaming port, and tern
+/// registered as runtime handler [`CRI_HANDLER`] (runc stays the default, for comparisons).
+pub fn cri_plugin_config(root: &Path) -> String {
+    format!(
+        r#"[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{PAUSE_IMAGE}"
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  disable_cgroup = true
+  disable_apparmor = true
+  restrict_oom_score_adj = true
+  enable_selinux = false
+  netns_mounts_under_state_dir = true
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "{SNAPSHOTTER}"
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{CRI_HANDLER}]
+      runtime_type = "{TERN_RUNTIME}"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/usr/lib/cni"
+    conf_dir = "{root}/cni"
+    max_conf_num = 1
+"#,
+        root = root.display()
+    )
+}
+
+/// A bridge + host-local network (the VM does not use the pod's host network namespace, but
+/// CRI sets one up for every non-host-network pod); IPAM state under `root`.
+fn cni_conflist(root: &Path) -> String {
+    format!(
+        r#"{{"cniVersion": "0.4.0", "name": "tern-test", "plugins": [
+  {{"type": "bridge", "bridge": "{CNI_BRIDGE}", "isGateway": true, "ipMasq": false,
+    "ipam": {{"type": "host-local", "ranges": [[{{"subnet": "10.88.77.0/24"}}]],
+             "dataDir": "{root}/cni-ipam"}}}}
+]}}
+"#,
+        root = root.display()
+    )
 }
 
 /// Run a command with a time limit; a hung command is killed and reported as failed.
@@ -255,16 +374,25 @@ fn run_ok(cmd: &mut Command) -> std::io::Result<Vec<u8>> {
     Ok(out.stdout)
 }
 
-/// Build an OCI image archive under `work`: busybox-static rootfs → gzip layer → config,
-/// manifest, `index.json` with the `io.containerd.image.name` annotation. Returns its path.
+/// Build the busybox OCI image archive ([`BUSYBOX_IMAGE`]) under `work`; see [`build_image`].
 pub fn build_busybox_image(work: &Path) -> std::io::Result<PathBuf> {
+    build_image(work, BUSYBOX_IMAGE, None)
+}
+
+/// Build an OCI image archive named `name` under `work`: busybox-static rootfs → gzip layer →
+/// config (with `entrypoint` if given), manifest, `index.json` with the
+/// `io.containerd.image.name` annotation. Returns its path.
+pub fn build_image(work: &Path, name: &str, entrypoint: Option<&[&str]>) -> std::io::Result<PathBuf> {
+    let slug: String = name.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
     let rootfs = work.join("image-rootfs");
     for dir in ["bin", "dev", "proc", "sys", "etc", "tmp", "root", "run"] {
         std::fs::create_dir_all(rootfs.join(dir))?;
     }
-    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox"))?;
-    for applet in APPLETS {
-        symlink("busybox", rootfs.join("bin").join(applet))?;
+    if !rootfs.join("bin/busybox").exists() {
+        std::fs::copy("/bin/busybox", rootfs.join("bin/busybox"))?;
+        for applet in APPLETS {
+            symlink("busybox", rootfs.join("bin").join(applet))?;
+        }
     }
     std::fs::write(rootfs.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n")?;
     std::fs::write(rootfs.join("etc/group"), "root:x:0:\n")?;
@@ -278,11 +406,15 @@ pub fn build_busybox_image(work: &Path) -> std::io::Result<PathBuf> {
     let gz = gzip.wait_with_output()?.stdout;
     feeder.join().map_err(|_| std::io::Error::other("gzip feeder panicked"))??;
 
-    let layout = work.join("image-layout");
+    let layout = work.join(format!("image-layout-{slug}"));
     std::fs::create_dir_all(layout.join("blobs/sha256"))?;
     let (layer_digest, layer_size) = write_blob(&layout, &gz)?;
+    let (entrypoint, cmd) = match entrypoint {
+        Some(argv) => (serde_json_array(argv), "[]".to_owned()),
+        None => ("null".to_owned(), r#"["/bin/sh"]"#.to_owned()),
+    };
     let config = format!(
-        r#"{{"architecture":"amd64","os":"linux","config":{{"Env":["PATH=/bin"],"Cmd":["/bin/sh"],"WorkingDir":"/"}},"rootfs":{{"type":"layers","diff_ids":["{diff_id}"]}}}}"#
+        r#"{{"architecture":"amd64","os":"linux","config":{{"Env":["PATH=/bin"],"Entrypoint":{entrypoint},"Cmd":{cmd},"WorkingDir":"/"}},"rootfs":{{"type":"layers","diff_ids":["{diff_id}"]}}}}"#
     );
     let (config_digest, config_size) = write_blob(&layout, config.as_bytes())?;
     let manifest = format!(
@@ -290,11 +422,17 @@ pub fn build_busybox_image(work: &Path) -> std::io::Result<PathBuf> {
     );
     let (manifest_digest, manifest_size) = write_blob(&layout, manifest.as_bytes())?;
     let index = format!(
-        r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{manifest_digest}","size":{manifest_size},"annotations":{{"io.containerd.image.name":"{BUSYBOX_IMAGE}","org.opencontainers.image.ref.name":"test"}}}}]}}"#
+        r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{manifest_digest}","size":{manifest_size},"annotations":{{"io.containerd.image.name":"{name}","org.opencontainers.image.ref.name":"test"}}}}]}}"#
     );
     std::fs::write(layout.join("index.json"), index)?;
     std::fs::write(layout.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#)?;
-    let archive = work.join("busybox-image.tar");
+    let archive = work.join(format!("{slug}.tar"));
     run_ok(Command::new("tar").arg("-C").arg(&layout).arg("-cf").arg(&archive).arg("."))?;
     Ok(archive)
+}
+
+/// A JSON array of plain strings (no quotes or backslashes in the test's arguments).
+fn serde_json_array(items: &[&str]) -> String {
+    let quoted: Vec<String> = items.iter().map(|i| format!("{i:?}")).collect();
+    format!("[{}]", quoted.join(","))
 }

@@ -7,6 +7,7 @@
 //! `tests/nested-runner` on hosts whose KVM is `kvm_pvm`.
 
 pub mod containerd;
+pub mod cri;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -210,6 +211,7 @@ impl Drop for LiveTern {
 
 /// A guest initramfs for tests that boot without tern's agent: busybox-static as `/bin/busybox`
 /// (with `/bin/sh`) and `init_script` as `/init`, packed into `<work>/initramfs.cpio`.
+#[allow(clippy::unwrap_used, clippy::expect_used)] // test setup: a failure here is the test failing
 pub fn busybox_initramfs(work: &Path, init_script: &str) -> PathBuf {
     use std::os::unix::fs::PermissionsExt;
     let root = work.join("initramfs-root");

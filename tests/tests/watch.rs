@@ -39,8 +39,6 @@ fn kubelet_update(share: &Path, generation: u32, key: &str, value: &str) {
 }
 
 #[test]
-#[ignore = "known failure (issue 3 open): a host write+rename coalesced after the truncate's \
-            IN_MODIFY reaches the guest as DELETE f + CREATE g instead of MOVED_TO g"]
 fn guest_inotify_sees_host_create_modify_rename_delete() {
     if !require_linux_kvm("guest_inotify_sees_host_create_modify_rename_delete") {
         return;
@@ -68,8 +66,6 @@ fn guest_inotify_sees_host_create_modify_rename_delete() {
 }
 
 #[test]
-#[ignore = "known failure (issue 3 open): under the nested runner a reader can still see \
-            `..data` published before `..data/key` is mirrored (ENOENT on key)"]
 fn kubelet_updates_never_expose_a_dangling_data_link() {
     if !require_linux_kvm("kubelet_updates_never_expose_a_dangling_data_link") {
         return;

@@ -14,6 +14,7 @@ pub use crate::devices::fs::watcher::WatcherCounters;
 use crate::devices::fs::watcher::ShareWatchers;
 pub use crate::devices::fs::{CachePolicy, ShareConfig, ShareError};
 use crate::lifecycle::{VmLifecycle, VmOutcome};
+use crate::metrics::VmMetrics;
 use crate::vstate::kvm::KvmError;
 use crate::vstate::memory::MemoryError;
 use crate::vstate::vcpu::{VcpuRunError, VcpuSetupError};
@@ -213,11 +214,13 @@ impl Vmm {
     pub fn start(config: VmConfig) -> Result<VmHandle, VmmError> {
         let vmm_start = Instant::now();
         let lifecycle = Arc::new(VmLifecycle::new());
-        let running = builder::build_and_start(&config, lifecycle.clone())?;
+        let metrics = Arc::new(VmMetrics::default());
+        let running = builder::build_and_start(&config, lifecycle.clone(), metrics.clone())?;
         Ok(VmHandle {
             lifecycle,
             running: Mutex::new(Some(running)),
             vmm_start,
+            metrics,
         })
     }
 }
@@ -227,6 +230,7 @@ pub struct VmHandle {
     lifecycle: Arc<VmLifecycle>,
     running: Mutex<Option<RunningVm>>,
     vmm_start: Instant,
+    metrics: Arc<VmMetrics>,
 }
 
 fn outcome_to_result(outcome: VmOutcome) -> Result<VmExit, VmmError> {
@@ -289,6 +293,12 @@ impl VmHandle {
         self.watchers()?.unwatch(name);
         shares.remove(name)?;
         Ok(())
+    }
+
+    /// The VM's counters (vCPU exits, queue notifications, fs requests, vsock bytes). They
+    /// stay readable after the VM ended.
+    pub fn metrics(&self) -> Arc<VmMetrics> {
+        self.metrics.clone()
     }
 
     /// What the host watcher of watchable shares has done (`None`: no watcher running).

@@ -28,6 +28,7 @@ use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::{GuestMemory, VirtioDevice};
 use crate::devices::vsock::Vsock;
 use crate::lifecycle::VmLifecycle;
+use crate::metrics::VmMetrics;
 use crate::vstate::kvm::KvmSystem;
 use crate::vstate::memory::create_guest_memory;
 use crate::vstate::vcpu::{install_kick_handler, Vcpu, VcpuRunContext};
@@ -173,15 +174,17 @@ fn build_virtio_devices(
     vm: &Vm,
     memory: &GuestMemory,
     events: &EventLoopHandle,
+    metrics: &Arc<VmMetrics>,
 ) -> Result<VirtioDevices, VmmError> {
     let mut mmio = MmioBus::new();
     let mut slots = Vec::new();
     if let Some(vsock) = &config.vsock {
-        let device = Vsock::new(u64::from(vsock.guest_cid), &vsock.uds_path, events.clone())
+        let mut device = Vsock::new(u64::from(vsock.guest_cid), &vsock.uds_path, events.clone())
             .map_err(|err| VmmError::Device {
                 device: "vsock",
                 source: Box::new(err),
             })?;
+        device.set_metrics(metrics.clone());
         slots.push(attach_virtio_device(
             vm,
             memory,
@@ -196,9 +199,10 @@ fn build_virtio_devices(
         for share in &config.fs_shares {
             shares.add(share.clone())?;
         }
-        let device = VirtioFs::new(FS_TAG, shares.clone(), events.clone()).map_err(|err| {
+        let mut device = VirtioFs::new(FS_TAG, shares.clone(), events.clone()).map_err(|err| {
             VmmError::Device { device: "virtio-fs", source: Box::new(err) }
         })?;
+        device.set_metrics(metrics.clone());
         slots.push(attach_virtio_device(vm, memory, &mut mmio, Box::new(device), slots.len())?);
         fs_shares = Some(shares);
     }
@@ -236,6 +240,7 @@ fn build_legacy_devices(
 pub(crate) fn build_and_start(
     config: &VmConfig,
     lifecycle: Arc<VmLifecycle>,
+    metrics: Arc<VmMetrics>,
 ) -> Result<RunningVm, VmmError> {
     let kvm = KvmSystem::open()?;
     validate(config, &kvm)?;
@@ -247,7 +252,7 @@ pub(crate) fn build_and_start(
 
     let event_loop = EventLoop::new().map_err(|err| VmmError::Thread("device event loop", err))?;
     let VirtioDevices { mmio, slots: virtio_slots, fs_shares } =
-        build_virtio_devices(config, &vm, &memory, &event_loop.handle())?;
+        build_virtio_devices(config, &vm, &memory, &event_loop.handle(), &metrics)?;
     let pio = build_legacy_devices(config, &vm, &lifecycle)?;
 
     let cmdline = build_cmdline(&virtio_slots, &config.cmdline)?;
@@ -300,6 +305,7 @@ pub(crate) fn build_and_start(
             pio: running.pio.clone(),
             mmio: running.mmio.clone(),
             lifecycle: lifecycle.clone(),
+            metrics: metrics.clone(),
         };
         match vcpu.spawn(context) {
             Ok(thread) => lifecycle.adopt_vcpu_thread(thread),

@@ -12,6 +12,7 @@ pub mod boot;
 mod builder;
 pub mod devices;
 mod lifecycle;
+pub mod metrics;
 pub mod vstate;
 
 pub use api::{BootTimings, ConsoleOutput, VmConfig, VmExit, VmHandle, Vmm, VmmError, VsockConfig};

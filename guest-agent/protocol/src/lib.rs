@@ -62,6 +62,98 @@ pub enum Request {
     /// Create a container (namespaces, mounts, new root) and start its process, registered
     /// under `id` like an [`Request::Exec`] process: `Wait`, `Signal`, streams work the same.
     StartContainer(ContainerSpec),
+    /// Start another process inside a running container (its namespaces, root and cgroup),
+    /// registered under `id` like an [`Request::Exec`] process.
+    ExecInContainer(ContainerExecRequest),
+    /// Set the window size of a terminal process's pty (`TIOCSWINSZ` on the master).
+    ResizePty { id: String, rows: u16, cols: u16 },
+    /// Freeze every process of container `id` (cgroup v2 freezer); returns once frozen.
+    PauseContainer { id: String },
+    /// Thaw a container frozen by [`Request::PauseContainer`].
+    ResumeContainer { id: String },
+    /// cgroup v2 statistics of container `id`; returns [`Response::ContainerStats`].
+    ContainerStats { id: String },
+    /// Apply resource limits to the cgroup of container `id`.
+    UpdateContainer { id: String, resources: ResourceUpdate },
+    /// Block until the cgroup of container `id` records an OOM kill beyond `seen` kills;
+    /// returns [`Response::OomKills`] with the new count. Ends with an error when the
+    /// container's cgroup goes away.
+    WaitOom { id: String, seen: u64 },
+}
+
+/// A process to run inside a running container (containerd's `Exec`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct ContainerExecRequest {
+    /// The container to join (its id from [`Request::StartContainer`]).
+    pub container_id: String,
+    /// Process-table id of the new process; unique within the sandbox.
+    pub id: String,
+    /// The OCI `process` object (JSON) as containerd sent it; `terminal` selects a pty.
+    pub process: String,
+    /// Whether the host will attach a stdin stream; when false stdin is /dev/null.
+    pub stdin: bool,
+}
+
+/// A cgroup v2 limit: a number, or `max` (no limit). A plain `Option` would not do inside
+/// an `Option` ("leave alone" vs "unlimited" would both encode as `null`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Limit {
+    Max,
+    Value(u64),
+}
+
+/// cgroup v2 limits to write, already in cgroup v2 units (the host converts from OCI).
+/// `None` leaves a file alone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct ResourceUpdate {
+    /// `memory.max` in bytes.
+    pub memory_max: Option<Limit>,
+    /// `memory.swap.max` in bytes.
+    pub memory_swap_max: Option<Limit>,
+    /// `cpu.weight` (1..=10000).
+    pub cpu_weight: Option<u64>,
+    /// `cpu.max`: quota in microseconds and period in microseconds.
+    pub cpu_max: Option<(Limit, u64)>,
+    /// `pids.max`.
+    pub pids_max: Option<Limit>,
+    /// `cpuset.cpus` / `cpuset.mems`.
+    pub cpuset_cpus: Option<String>,
+    pub cpuset_mems: Option<String>,
+}
+
+/// A container's cgroup v2 numbers, read from its cgroup directory in the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct CgroupStats {
+    /// `cpu.stat` key/value pairs (`usage_usec`, `user_usec`, ...).
+    pub cpu_stat: std::collections::BTreeMap<String, u64>,
+    /// `memory.current`.
+    pub memory_current: u64,
+    /// `memory.max` (`None` = max).
+    pub memory_max: Option<u64>,
+    /// `memory.swap.current` / `memory.swap.max` when swap accounting exists.
+    pub swap_current: u64,
+    pub swap_max: Option<u64>,
+    /// `memory.stat` key/value pairs.
+    pub memory_stat: std::collections::BTreeMap<String, u64>,
+    /// `memory.events` key/value pairs (`oom`, `oom_kill`, ...).
+    pub memory_events: std::collections::BTreeMap<String, u64>,
+    /// `pids.current` / `pids.max` (`None` = max).
+    pub pids_current: u64,
+    pub pids_max: Option<u64>,
+    /// `io.stat`, one entry per device.
+    pub io: Vec<IoDeviceStat>,
+}
+
+/// One line of `io.stat`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct IoDeviceStat {
+    pub major: u64,
+    pub minor: u64,
+    pub rbytes: u64,
+    pub wbytes: u64,
+    pub rios: u64,
+    pub wios: u64,
 }
 
 /// A container for the agent to create (with `libcontainer`) and start.
@@ -128,6 +220,9 @@ pub enum Response {
     Started { pid: i32 },
     Exited(ExitStatus),
     Stats(GuestStats),
+    ContainerStats(CgroupStats),
+    /// Total OOM kills recorded in a container's cgroup so far.
+    OomKills { count: u64 },
     Ok,
     Error { message: String },
 }
@@ -179,6 +274,80 @@ pub struct GuestStats {
     pub cpu_ticks: Vec<u64>,
     pub tasks: u32,
     pub uptime_secs: f64,
+    /// Page cache and buffers (`Cached` + `Buffers` of /proc/meminfo).
+    #[serde(default)]
+    pub mem_cached_kib: u64,
+    /// The agent process itself (`/proc/self`).
+    #[serde(default)]
+    pub agent: AgentProcessStats,
+    /// Block devices with any I/O (`/proc/diskstats`), at most [`MAX_STATS_DEVICES`].
+    #[serde(default)]
+    pub disks: Vec<DiskStats>,
+    /// Network interfaces (`/proc/net/dev`), at most [`MAX_STATS_DEVICES`].
+    #[serde(default)]
+    pub net: Vec<NetDevStats>,
+    /// What the watchable-mount mirrors have done.
+    #[serde(default)]
+    pub watch: WatchStats,
+}
+
+/// Most disks or network interfaces one [`GuestStats`] lists (bounded metrics labels).
+pub const MAX_STATS_DEVICES: usize = 16;
+
+/// Resource use of the agent process.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct AgentProcessStats {
+    pub rss_bytes: u64,
+    /// CPU time in clock ticks (USER_HZ).
+    pub cpu_user_ticks: u64,
+    pub cpu_system_ticks: u64,
+    pub fds: u32,
+    pub threads: u32,
+}
+
+/// One line of /proc/diskstats.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct DiskStats {
+    pub name: String,
+    pub reads: u64,
+    pub sectors_read: u64,
+    pub writes: u64,
+    pub sectors_written: u64,
+}
+
+/// One interface of /proc/net/dev.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct NetDevStats {
+    pub name: String,
+    pub rx_bytes: u64,
+    pub rx_packets: u64,
+    pub tx_bytes: u64,
+    pub tx_packets: u64,
+}
+
+/// Upper bounds (seconds) of the host change → guest apply latency histogram.
+pub const WATCH_APPLY_BUCKETS: [f64; 6] = [0.005, 0.02, 0.1, 0.5, 2.0, 10.0];
+
+/// Counters of the agent's watchable-mount mirrors.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct WatchStats {
+    /// Change batches received from the VMM's watcher.
+    pub batches_received: u64,
+    /// Change records received.
+    pub records_received: u64,
+    /// Change records applied to a mirror (settled).
+    pub records_applied: u64,
+    /// Full compares of a share (resync batches, gaps, timers).
+    pub resyncs: u64,
+    /// Mirrors that outgrew the limits and became bind mounts.
+    pub bind_fallbacks: u64,
+    /// Watchable mounts currently mirrored.
+    pub mounts_watched: u32,
+    /// Host change → applied in the guest: observations per bucket of
+    /// [`WATCH_APPLY_BUCKETS`] plus one for larger (not cumulative).
+    pub apply_latency_buckets: Vec<u64>,
+    pub apply_latency_count: u64,
+    pub apply_latency_sum_ns: u64,
 }
 
 /// Errors reading or writing protocol messages.
@@ -236,6 +405,25 @@ mod tests {
         send(&mut buf, &req).unwrap();
         let back: Request = recv(&mut buf.as_slice()).unwrap();
         assert_eq!(back, req);
+    }
+
+    #[test]
+    fn resource_update_keeps_unlimited_apart_from_unchanged() {
+        let req = Request::UpdateContainer {
+            id: "c".into(),
+            resources: ResourceUpdate {
+                memory_max: Some(Limit::Max),
+                pids_max: Some(Limit::Value(64)),
+                cpu_max: Some((Limit::Value(50_000), 100_000)),
+                ..Default::default()
+            },
+        };
+        let mut buf = Vec::new();
+        send(&mut buf, &req).unwrap();
+        let back: Request = recv(&mut buf.as_slice()).unwrap();
+        assert_eq!(back, req);
+        let Request::UpdateContainer { resources, .. } = back else { panic!() };
+        assert_eq!(resources.memory_swap_max, None);
     }
 
     #[test]

@@ -1,9 +1,10 @@
 //! Renames the host watcher saw both ends of ([`tern_protocol::watch::ChangeRecord::from`]),
 //! applied to the mirror with rename(2) before the batch's paths are settled, so the
 //! container's inotify sees IN_MOVED_FROM/IN_MOVED_TO as on the host even when the content
-//! changed in the same burst (which defeats [`super::sync`]'s guess by inode or content). The
-//! settling that follows then updates the renamed entry in place (an IN_MODIFY if the content
-//! differs).
+//! changed in the same burst (which defeats [`super::sync`]'s guess by inode or content). A
+//! renamed file whose content changed too is first rewritten in place under its old name (an
+//! IN_MODIFY, as the host's write-then-rename), then renamed; the settling that follows finds
+//! it up to date.
 //!
 //! A rename is applied only while the mirror and the share both agree with it: the mirror's
 //! state has the old path, the share no longer has it, and the share has the new path as the
@@ -11,13 +12,13 @@
 //! mirror does not have yet, a failed rename(2)) is left to the usual settling, which guesses
 //! or removes and creates; nothing here is ever fatal.
 
-use std::io::ErrorKind;
+use std::io::{ErrorKind, Write};
 use std::mem::discriminant;
 use std::path::Path;
 
 use tern_protocol::watch::is_safe_relative_path;
 
-use super::tree::{is_within, Entry, Snapshot};
+use super::tree::{is_within, read_capped, Entry, EntryKind, Snapshot};
 
 /// One rename as the watcher reported it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,6 +65,12 @@ fn apply_one(share: &Path, mirror: &Path, state: &mut Snapshot, rename: &Rename)
     if !from_gone {
         return false;
     }
+    if old.kind == EntryKind::File {
+        // Write-then-rename is the common order on the host (and what an editor or a config
+        // writer does): the content goes in under the old name, so the guest sees IN_MODIFY on
+        // it and then the rename, never an unlink and a create.
+        rewrite_in_place(&share.join(to), &mirror.join(from));
+    }
     if let Err(e) = std::fs::rename(mirror.join(from), mirror.join(to)) {
         tracing::debug!(from, to, error = %e, "cannot rename in the mirror; settling both paths instead");
         return false;
@@ -79,7 +86,8 @@ fn apply_one(share: &Path, mirror: &Path, state: &mut Snapshot, rename: &Rename)
         // The mirror entry now stands for the share's entry at the new path: take over its
         // identity, so the settling compares content and rewrites in place instead of
         // treating it as replaced (the share need not keep inode numbers across a rename).
-        let share_entry = if new_path == *to { Some(new.clone()) } else { Entry::read(&share.join(&new_path)).ok().flatten() };
+        let share_entry =
+            if new_path == *to { Some(new.clone()) } else { Entry::read(&share.join(&new_path)).ok().flatten() };
         if let Some(current) = share_entry.filter(|e| discriminant(&e.kind) == discriminant(&entry.kind)) {
             entry.ino = current.ino;
         }
@@ -88,12 +96,31 @@ fn apply_one(share: &Path, mirror: &Path, state: &mut Snapshot, rename: &Rename)
     true
 }
 
+/// Give the mirror file at `dst` the content of the share file at `src`, in place (one
+/// IN_MODIFY), if it differs. A failure only leaves the content to the settling that follows.
+fn rewrite_in_place(src: &Path, dst: &Path) {
+    let content = match read_capped(src) {
+        Ok(content) => content,
+        Err(e) => {
+            tracing::debug!(path = %src.display(), error = %e, "cannot read a renamed share file; settling it later");
+            return;
+        }
+    };
+    if std::fs::read(dst).ok().as_deref() == Some(content.as_slice()) {
+        return;
+    }
+    let written =
+        std::fs::OpenOptions::new().write(true).truncate(true).open(dst).and_then(|mut f| f.write_all(&content));
+    if let Err(e) = written {
+        tracing::debug!(path = %dst.display(), error = %e, "cannot rewrite a mirror file before renaming it");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::mirror::retired::Retired;
-    use crate::mirror::sync::{sync_mirror, MirrorOp, Scope, SyncOutcome};
-    use std::collections::BTreeSet;
+    use crate::mirror::sync::{sync_mirror, Hints, MirrorOp, Scope, SyncOutcome};
 
     struct Pair {
         share: tempfile::TempDir,
@@ -113,7 +140,7 @@ mod tests {
         }
 
         fn sync(&mut self, paths: &[&str]) -> Vec<MirrorOp> {
-            let hints: BTreeSet<String> = paths.iter().map(|p| p.to_string()).collect();
+            let hints = Hints::removable(paths.iter().copied());
             let scope = if paths.is_empty() { Scope::Full } else { Scope::Paths(&hints) };
             match sync_mirror(self.share.path(), self.mirror.path(), &mut self.state, &mut self.retired, scope) {
                 Ok(SyncOutcome::Synced(report)) => report.ops,
@@ -132,7 +159,7 @@ mod tests {
     }
 
     #[test]
-    fn a_file_modified_and_renamed_in_one_burst_is_renamed_then_rewritten() {
+    fn a_file_modified_and_renamed_in_one_burst_is_rewritten_then_renamed() {
         let mut p = Pair::new();
         std::fs::write(p.share.path().join("f"), "1").unwrap();
         p.sync(&[]);
@@ -146,8 +173,9 @@ mod tests {
         std::fs::rename(p.share.path().join("f"), p.share.path().join("g")).unwrap();
 
         assert_eq!(p.rename("f", "g").len(), 1);
-        let ops = p.sync(&["f", "g"]);
-        assert_eq!(ops, vec![MirrorOp::RewriteFile("g".into())]);
+        // Rewritten in place before the rename: nothing left for the settling.
+        assert_eq!(p.read("g").as_deref(), Some("22"));
+        assert!(p.sync(&["f", "g"]).is_empty());
         assert_eq!(p.read("f"), None);
         assert_eq!(p.read("g").as_deref(), Some("22"));
         // The mirror's file was renamed, not recreated: the guest saw MOVED_FROM/MOVED_TO.

@@ -2,20 +2,27 @@
 //! of change records names), check the limits, then apply the differences in an order that
 //! never shows a half-written update through kubelet's `..data` symlink:
 //!
-//! 1. directories and regular files, parents first. A file whose host inode is unchanged is
-//!    rewritten in place (the container sees IN_MODIFY, as on the host); a new file is created
-//!    under its own name (IN_CREATE); a file the host replaced by rename (new inode) is written
-//!    to a temporary name and renamed over the old one; a file renamed on the host (same inode
-//!    under a new name) is renamed in the mirror (IN_MOVED_TO). Content is compared, not
-//!    mtimes, so two writes within one mtime tick are still propagated;
-//! 2. symlinks that do not point through `..data` (e.g. inside the timestamped directory);
+//! 0. each `..data` link is read afresh, last, and the directory it newly publishes is read
+//!    after it and checked against a second read of the link (see [`read_published`]): if
+//!    the link moved on meanwhile (kubelet published a newer generation and began removing
+//!    this one), the newest one is read instead;
+//! 1. directories, parents first, and the regular files of the directories `..data` links
+//!    publish. A file whose host inode is unchanged is rewritten in place (the container sees
+//!    IN_MODIFY, as on the host); a new file is created under its own name (IN_CREATE); a file
+//!    the host replaced by rename (new inode) is written to a temporary name and renamed over
+//!    the old one; a file renamed on the host (same inode under a new name) is renamed in the
+//!    mirror (IN_MOVED_TO). Content is compared, not mtimes, so two writes within one mtime
+//!    tick are still propagated;
+//! 2. the other symlinks inside those directories;
 //! 3. `..data` itself, swapped atomically (symlink to a temporary name, then rename) and only
 //!    when everything below its new target was copied;
-//! 4. the user-visible symlinks through `..data` (`key -> ..data/key`), as kubelet creates them
+//! 4. the other regular files and symlinks that do not point through `..data` (after the swap:
+//!    what the host did after a kubelet update must not show before it);
+//! 5. the user-visible symlinks through `..data` (`key -> ..data/key`), as kubelet creates them
 //!    after its swap, so they never dangle;
-//! 5. removals, deepest first; except that what the share removed below the directory a
-//!    `..data` swap just retired is held for a grace period (see [`super::retired`]) and
-//!    removed when that is over.
+//! 6. removals, deepest first, of what the records said was removed or renamed away (see
+//!    [`Hints`]); except that what the share removed below the directory a `..data` swap just
+//!    retired is held for a grace period (see [`super::retired`]) and removed when that is over.
 //!
 //! Failures of single entries (typically: the host removed a file between the scan and the
 //! copy) are warnings: the entry keeps its old state and the next record or resync settles it.
@@ -27,8 +34,7 @@ use std::path::{Path, PathBuf};
 
 use super::retired::Retired;
 use super::tree::{
-    check_limits, is_within, join_rel, read_capped, scan_below, Entry, EntryKind, LimitExceeded,
-    ScanError, Snapshot,
+    check_limits, is_within, join_rel, read_capped, scan_below, Entry, EntryKind, LimitExceeded, ScanError, Snapshot,
 };
 
 /// The name kubelet's atomic writer swaps to publish an update.
@@ -41,7 +47,42 @@ pub enum Scope<'a> {
     Full,
     /// The subtrees named by change records (content compared below them), trusting the
     /// remembered state elsewhere.
-    Paths(&'a BTreeSet<String>),
+    Paths(&'a Hints),
+}
+
+/// What change records said about a share: the paths to settle, and which of them were
+/// removed or renamed away.
+///
+/// Only an entry at or below a `removed` path is removed from the mirror when the share no
+/// longer has it. An entry that vanished while the records seen so far only said it changed
+/// was removed or renamed after those records were made, and the event that did it has its
+/// own record on the way: settling it now would turn the host's `rename(f, g)` into the
+/// guest's `unlink(f)` + `create(g)` (the record naming `g` comes later), so it stays until
+/// then (or the next resync).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Hints {
+    /// Paths to rescan and settle.
+    pub paths: BTreeSet<String>,
+    /// Paths whose records said removed or renamed (either end): these, and everything below
+    /// them, may be removed from the mirror.
+    pub removed: BTreeSet<String>,
+}
+
+impl Hints {
+    /// Hints that let every named path be removed (for tests: records of every kind).
+    #[cfg(test)]
+    pub fn removable<I, S>(paths: I) -> Hints
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let paths: BTreeSet<String> = paths.into_iter().map(Into::into).collect();
+        Hints { removed: paths.clone(), paths }
+    }
+
+    fn allows_removal(&self, path: &str) -> bool {
+        self.removed.iter().any(|root| is_within(path, root))
+    }
 }
 
 /// One change made to the mirror, in the order made (for logs and tests).
@@ -89,10 +130,17 @@ pub fn sync_mirror(
     retired: &mut Retired,
     scope: Scope<'_>,
 ) -> Result<SyncOutcome, SyncError> {
-    let (target, roots) = match scope {
+    let (mut target, mut roots) = match scope {
         Scope::Full => {
             let mut target = Snapshot::new();
-            match scan_below(share, "", &mut target) {
+            let mut scanned = scan_below(share, "", &mut target);
+            if matches!(scanned, Err(ScanError::OverLimit(_))) {
+                // The count may include what the host removed while we listed it: look again
+                // before giving up on the mirror for good.
+                target.clear();
+                scanned = scan_below(share, "", &mut target);
+            }
+            match scanned {
                 Ok(()) => {}
                 Err(ScanError::OverLimit(limit)) => return Ok(SyncOutcome::OverLimit(limit)),
                 Err(e) => return Err(SyncError::Scan(e)),
@@ -100,7 +148,7 @@ pub fn sync_mirror(
             (target, None)
         }
         Scope::Paths(hints) => {
-            let roots = rescan_roots(state, hints);
+            let roots = rescan_roots(state, &hints.paths);
             let mut target = state.clone();
             for root in &roots {
                 match rescan(share, root, &mut target) {
@@ -112,49 +160,137 @@ pub fn sync_mirror(
             (target, Some(roots))
         }
     };
-    let (mut target, mut roots) = (target, roots);
     // `..data` links are read last, and always: a scan is not atomic, so a link read before
     // the host emptied the directory it published (kubelet removes it right after a swap), or
     // remembered from an earlier batch, would make that directory look emptied while still
     // published. Read afresh, the link has moved on and the swap below keeps the old one.
-    let data_links: BTreeSet<String> = target.keys().chain(state.keys()).filter(|path| is_data_link(path)).cloned().collect();
+    let data_links: BTreeSet<String> =
+        target.keys().chain(state.keys()).filter(|path| is_data_link(path)).cloned().collect();
+    let mut unsettled_links = BTreeSet::new();
     for link in data_links {
-        if let Err(e) = rescan(share, &link, &mut target) {
-            tracing::warn!(path = link, error = %e, "cannot re-read a ..data link");
-        }
-    }
-    // A `..data` that moves must publish a directory scanned after the link was read: kubelet
-    // fills the directory before the swap, so that scan is complete. (A directory scanned
-    // earlier, or not at all, may be partial or missing.)
-    let moved_links: Vec<String> = target
-        .iter()
-        .filter(|(path, entry)| is_data_link(path) && state.get(*path).map(|e| &e.kind) != Some(&entry.kind))
-        .filter_map(|(path, entry)| match &entry.kind {
-            EntryKind::Symlink(to) => target_dir(path, to),
-            _ => None,
-        })
-        .collect();
-    for dir in moved_links {
-        match rescan(share, &dir, &mut target) {
-            Ok(()) => {}
+        match read_published(share, &link, state, &mut target) {
+            Ok(Published::Unchanged) => {}
+            Ok(Published::Moved(dir)) => {
+                if let Some(roots) = roots.as_mut() {
+                    roots.push(dir);
+                }
+            }
+            Ok(Published::Unsettled(dir)) => {
+                if let Some(roots) = roots.as_mut() {
+                    roots.push(dir);
+                }
+                unsettled_links.insert(link);
+            }
             Err(ScanError::OverLimit(limit)) => return Ok(SyncOutcome::OverLimit(limit)),
-            Err(e) => tracing::warn!(path = dir, error = %e, "cannot rescan the directory ..data publishes"),
-        }
-        if let Some(roots) = roots.as_mut() {
-            roots.push(dir);
+            Err(e) => {
+                tracing::warn!(path = link, error = %e, "cannot read what ..data publishes; not swapping it now");
+                unsettled_links.insert(link);
+            }
         }
     }
-    if let Err(limit) = check_limits(&target) {
-        return Ok(SyncOutcome::OverLimit(limit));
+    if check_limits(&target).is_err() {
+        // A scan is not atomic: it may hold entries the host removed since (superseded kubelet
+        // generations above all). Falling back to a bind mount is for good, so count only what
+        // is still there.
+        let stale: Vec<String> = target.keys().filter(|path| is_gone(share, path)).cloned().collect();
+        if !stale.is_empty() {
+            tracing::debug!(?stale, "not counting entries the share no longer has");
+            target.retain(|path, _| !stale.contains(path));
+            // A directory a moved `..data` was to publish is being removed (the host is past
+            // it): what is left of it is no longer complete.
+            for (link, entry) in target.iter().filter(|(path, _)| is_data_link(path)) {
+                let dir = match &entry.kind {
+                    EntryKind::Symlink(to) => target_dir(link, to),
+                    _ => None,
+                };
+                if dir.is_some_and(|dir| stale.iter().any(|path| is_within(path, &dir))) {
+                    unsettled_links.insert(link.clone());
+                }
+            }
+        }
+        if let Err(limit) = check_limits(&target) {
+            return Ok(SyncOutcome::OverLimit(limit));
+        }
     }
-    let mut apply = Apply { share, mirror, state, retired, report: SyncReport::default() };
+    let removed = match scope {
+        Scope::Full => None,
+        Scope::Paths(hints) => Some(hints),
+    };
+    let mut apply = Apply { share, mirror, state, retired, removed, unsettled_links, report: SyncReport::default() };
     apply.run(&target, roots.as_deref());
     Ok(SyncOutcome::Synced(apply.report))
 }
 
+/// Is `path` gone from the share (or no longer reachable through its parents)?
+fn is_gone(share: &Path, path: &str) -> bool {
+    match std::fs::symlink_metadata(share.join(path)) {
+        Ok(_) => false,
+        Err(e) => e.kind() == ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENOTDIR),
+    }
+}
+
+/// How often [`read_published`] reads a moving `..data` link and the directory it names
+/// before giving up until the next sync. Each round costs one scan of a directory of at most
+/// [`tern_protocol::watch::MAX_ENTRIES`] entries; the link only moves again if the host
+/// published yet another generation meanwhile.
+const PUBLISH_ATTEMPTS: usize = 8;
+
+/// What a `..data` link publishes now, compared with what the mirror shows.
+#[derive(Debug, PartialEq, Eq)]
+enum Published {
+    /// The link is what the mirror has (or is not a link into the share): nothing to swap.
+    Unchanged,
+    /// The link moved to this directory, and `target` holds a complete scan of it.
+    Moved(String),
+    /// The link kept moving while its directory was scanned: `target` may hold a partial scan
+    /// of this directory, so the swap waits for the next sync.
+    Unsettled(String),
+}
+
+/// Read the `..data` link at `link` afresh into `target` and, if it moved, scan the directory
+/// it publishes into `target` in a way that yields the complete directory.
+///
+/// Kubelet's atomic writer fills the new directory completely before the rename that
+/// publishes it, and removes the old one only after the next rename: so a scan of the
+/// directory is complete when the link still names it after the scan (the directory cannot
+/// have been emptied during it, and timestamped names are never reused). If the link moved
+/// meanwhile, a newer generation was published: skip to that one.
+fn read_published(share: &Path, link: &str, state: &Snapshot, target: &mut Snapshot) -> Result<Published, ScanError> {
+    rescan(share, link, target)?;
+    let mut last = None;
+    for _ in 0..PUBLISH_ATTEMPTS {
+        let Some(entry) = target.get(link) else {
+            return Ok(Published::Unchanged);
+        };
+        if state.get(link).map(|e| &e.kind) == Some(&entry.kind) {
+            return Ok(Published::Unchanged);
+        }
+        let EntryKind::Symlink(to) = &entry.kind else {
+            return Ok(Published::Unchanged);
+        };
+        let Some(dir) = target_dir(link, to) else {
+            return Ok(Published::Unchanged);
+        };
+        let read = entry.kind.clone();
+        rescan(share, &dir, target)?;
+        rescan(share, link, target)?;
+        if target.get(link).map(|e| &e.kind) == Some(&read) {
+            return Ok(Published::Moved(dir));
+        }
+        tracing::debug!(link, dir, "..data moved on while its directory was read; reading the newer one");
+        if !state.contains_key(&dir) {
+            // A superseded generation the mirror never had: not worth copying, and a partial
+            // scan of it must not count against the limits.
+            target.retain(|path, _| !is_within(path, &dir));
+        }
+        last = Some(dir);
+    }
+    Ok(last.map_or(Published::Unchanged, Published::Unsettled))
+}
+
 /// Remove what `retired` holds past its grace (the sync thread's timer, between syncs).
 pub fn remove_expired(share: &Path, mirror: &Path, state: &mut Snapshot, retired: &mut Retired) -> SyncReport {
-    let mut apply = Apply { share, mirror, state, retired, report: SyncReport::default() };
+    let mut apply = Apply::new(share, mirror, state, retired);
     apply.remove_expired();
     apply.report
 }
@@ -231,10 +367,31 @@ struct Apply<'a> {
     mirror: &'a Path,
     state: &'a mut Snapshot,
     retired: &'a mut Retired,
+    /// What the records allow to be removed (`None`: a full compare, where the share's
+    /// absence of an entry is the whole truth).
+    removed: Option<&'a Hints>,
+    /// `..data` links whose new target could not be read completely this time.
+    unsettled_links: BTreeSet<String>,
     report: SyncReport,
 }
 
+impl<'a> Apply<'a> {
+    fn new(share: &'a Path, mirror: &'a Path, state: &'a mut Snapshot, retired: &'a mut Retired) -> Apply<'a> {
+        Apply {
+            share,
+            mirror,
+            state,
+            retired,
+            removed: None,
+            unsettled_links: BTreeSet::new(),
+            report: SyncReport::default(),
+        }
+    }
+}
+
 impl Apply<'_> {
+    /// Apply the differences between the mirror's `state` and `target`, in the order the
+    /// module documentation gives.
     fn run(&mut self, target: &Snapshot, roots: Option<&[String]>) {
         let compare_content = |path: &str| roots.is_none_or(|roots| roots.iter().any(|r| is_within(path, r)));
         let reclaimed = self.retired.reclaim(target);
@@ -245,12 +402,25 @@ impl Apply<'_> {
             .filter(|(path, e)| e.kind == EntryKind::File && !target.contains_key(*path) && !is_kubelet_internal(path))
             .map(|(path, e)| (e.ino, path.clone()))
             .collect();
+        // What the `..data` links of `target` publish: filled first, so that each swap below
+        // happens as early as it can (nothing else the host did after its swap shows before
+        // it, e.g. a file created after a kubelet update).
+        let publishing: Vec<String> = target
+            .iter()
+            .filter_map(|(path, entry)| match &entry.kind {
+                EntryKind::Symlink(to) if is_data_link(path) => target_dir(path, to),
+                _ => None,
+            })
+            .collect();
+        let published_now = |path: &str| publishing.iter().any(|dir| is_within(path, dir));
 
         for (path, entry) in target {
             match entry.kind {
                 EntryKind::Dir => self.settle_dir(path, entry),
-                EntryKind::File => self.settle_file(path, entry, compare_content(path), &mut vanished),
-                EntryKind::Symlink(_) => {}
+                EntryKind::File if published_now(path) => {
+                    self.settle_file(path, entry, compare_content(path), &mut vanished)
+                }
+                _ => {}
             }
         }
         let links: Vec<(&String, &Entry, &PathBuf)> = target
@@ -261,29 +431,23 @@ impl Apply<'_> {
             })
             .collect();
         for (path, entry, to) in &links {
-            if !is_data_link(path) && !points_through_data(to) {
+            if !is_data_link(path) && !points_through_data(to) && published_now(path) {
                 self.settle_symlink(path, entry, target);
             }
         }
         for (path, entry, to) in &links {
             if is_data_link(path) {
-                let published = target_dir(path, to);
-                let missing = published.as_ref().filter(|dir| self.state.get(dir.as_str()).is_none_or(|e| e.kind != EntryKind::Dir));
-                let incomplete = self.report.deferred.iter().find(|d| published.as_deref().is_some_and(|p| is_within(d, p)));
-                if let Some(bad) = missing.or(incomplete) {
-                    tracing::warn!(link = path.as_str(), waiting_for = bad.as_str(), "not swapping ..data before its target is complete");
-                    self.report.deferred.insert((*path).clone());
-                    continue;
-                }
-                let before = self.state.get(path.as_str()).map(|e| e.kind.clone());
+                self.swap_data_link(path, entry, to, target);
+            }
+        }
+        for (path, entry) in target {
+            if entry.kind == EntryKind::File && !published_now(path) {
+                self.settle_file(path, entry, compare_content(path), &mut vanished);
+            }
+        }
+        for (path, entry, to) in &links {
+            if !is_data_link(path) && !points_through_data(to) && !published_now(path) {
                 self.settle_symlink(path, entry, target);
-                let swapped = self.state.get(path.as_str()).is_some_and(|e| e.kind == entry.kind);
-                if let (true, Some(EntryKind::Symlink(old))) = (swapped, before) {
-                    // Readers may have resolved the old link a moment ago: keep what it published.
-                    if let Some(old_dir) = target_dir(path, &old).filter(|old_dir| published.as_ref() != Some(old_dir)) {
-                        self.retired.retire(old_dir);
-                    }
-                }
             }
         }
         for (path, entry, to) in &links {
@@ -309,12 +473,49 @@ impl Apply<'_> {
                 self.report.deferred.insert(path);
                 continue;
             }
+            if self.removed.is_some_and(|hints| !hints.allows_removal(&path)) {
+                tracing::debug!(path, "gone from the share before its removal was reported; waiting for that record");
+                self.report.deferred.insert(path);
+                continue;
+            }
             if self.retired.hold(&path, self.state) {
                 continue;
             }
             self.remove(&path);
         }
         self.remove_expired();
+    }
+
+    /// Swap the `..data` link at `path` to `to`, only once what it publishes is complete in
+    /// the mirror; the directory it stops publishing is retired (kept for a grace).
+    fn swap_data_link(&mut self, path: &str, entry: &Entry, to: &Path, target: &Snapshot) {
+        let published = target_dir(path, to);
+        if self.unsettled_links.contains(path) {
+            tracing::debug!(link = path, "..data kept moving while it was read; swapping it on the next sync");
+            self.report.deferred.insert(path.to_owned());
+            return;
+        }
+        let missing =
+            published.as_ref().filter(|dir| self.state.get(dir.as_str()).is_none_or(|e| e.kind != EntryKind::Dir));
+        let incomplete = self.report.deferred.iter().find(|d| published.as_deref().is_some_and(|p| is_within(d, p)));
+        if let Some(bad) = missing.or(incomplete) {
+            tracing::warn!(
+                link = path,
+                waiting_for = bad.as_str(),
+                "not swapping ..data before its target is complete"
+            );
+            self.report.deferred.insert(path.to_owned());
+            return;
+        }
+        let before = self.state.get(path).map(|e| e.kind.clone());
+        self.settle_symlink(path, entry, target);
+        let swapped = self.state.get(path).is_some_and(|e| e.kind == entry.kind);
+        if let (true, Some(EntryKind::Symlink(old))) = (swapped, before) {
+            // Readers may have resolved the old link a moment ago: keep what it published.
+            if let Some(old_dir) = target_dir(path, &old).filter(|old_dir| published.as_ref() != Some(old_dir)) {
+                self.retired.retire(old_dir);
+            }
+        }
     }
 
     /// Remove the held entries whose grace is over, deepest first.
@@ -415,7 +616,8 @@ impl Apply<'_> {
                 if known.is_some() {
                     self.clear_conflict(path, false);
                 }
-                let renamed_from = if is_kubelet_internal(path) { None } else { self.find_renamed(path, entry, vanished) };
+                let renamed_from =
+                    if is_kubelet_internal(path) { None } else { self.find_renamed(path, entry, vanished) };
                 if let Some(from) = renamed_from {
                     if std::fs::rename(self.mirror.join(&from), &dst).is_ok() {
                         self.report.ops.push(MirrorOp::RenameFile { from: from.clone(), to: path.to_owned() });
@@ -477,17 +679,12 @@ impl Apply<'_> {
         // Kubelet's own temporary name when free, so the container sees what it would on a host.
         let name = name_of(path);
         let kubelet_tmp = join_rel(parent_of(path), &format!("{name}_tmp"));
-        let tmp = if target.contains_key(&kubelet_tmp) {
-            temp_sibling(&dst)
-        } else {
-            self.mirror.join(&kubelet_tmp)
-        };
+        let tmp = if target.contains_key(&kubelet_tmp) { temp_sibling(&dst) } else { self.mirror.join(&kubelet_tmp) };
         let _ = std::fs::remove_file(&tmp);
-        let made = std::os::unix::fs::symlink(to, &tmp)
-            .and_then(|()| {
-                let _ = std::os::unix::fs::lchown(&tmp, Some(entry.uid), Some(entry.gid));
-                std::fs::rename(&tmp, &dst)
-            });
+        let made = std::os::unix::fs::symlink(to, &tmp).and_then(|()| {
+            let _ = std::os::unix::fs::lchown(&tmp, Some(entry.uid), Some(entry.gid));
+            std::fs::rename(&tmp, &dst)
+        });
         if let Err(e) = made {
             let _ = std::fs::remove_file(&tmp);
             return self.defer(path, "cannot place a mirror symlink", &e);

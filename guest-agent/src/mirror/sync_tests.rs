@@ -52,8 +52,7 @@ impl Pair {
     }
 
     fn sync_paths(&mut self, paths: &[&str]) -> SyncReport {
-        let hints: BTreeSet<String> = paths.iter().map(|p| p.to_string()).collect();
-        self.sync(Scope::Paths(&hints))
+        self.sync(Scope::Paths(&Hints::removable(paths.iter().copied())))
     }
 
     fn assert_identical(&self) {
@@ -116,11 +115,21 @@ fn kubelet_updates_swap_data_only_after_its_target_is_complete() {
     pair.sync(Scope::Full);
     pair.assert_identical();
 
-    let ts = kubelet_update(pair.share.path(), 2, &[("user", "bob".into()), ("pass", "two".into()), ("token", "t".into())]);
-    let report = pair.sync_paths(&[&ts, &format!("{ts}/user"), "..data_tmp", "..data", "token", "..2026_11_26_13_00_00.000000001"]);
+    let ts =
+        kubelet_update(pair.share.path(), 2, &[("user", "bob".into()), ("pass", "two".into()), ("token", "t".into())]);
+    let report = pair.sync_paths(&[
+        &ts,
+        &format!("{ts}/user"),
+        "..data_tmp",
+        "..data",
+        "token",
+        "..2026_11_26_13_00_00.000000001",
+    ]);
     pair.assert_identical();
 
-    let pos = |op: &MirrorOp| report.ops.iter().position(|o| o == op).unwrap_or_else(|| panic!("{op:?} missing from {:#?}", report.ops));
+    let pos = |op: &MirrorOp| {
+        report.ops.iter().position(|o| o == op).unwrap_or_else(|| panic!("{op:?} missing from {:#?}", report.ops))
+    };
     let swap = pos(&MirrorOp::Symlink("..data".into()));
     for key in ["user", "pass", "token"] {
         assert!(pos(&MirrorOp::CreateFile(format!("{ts}/{key}"))) < swap);
@@ -260,11 +269,14 @@ fn retired_directories_never_count_against_the_limits() {
     pair.sync(Scope::Full);
     assert_eq!(pair.state.len(), MAX_ENTRIES);
     let second = kubelet_update(pair.share.path(), 2, &payload(2));
-    assert!(matches!(pair.try_sync(Scope::Paths(&BTreeSet::from(["..data".to_string(), second.clone(), first.clone()]))), SyncOutcome::Synced(_)));
+    assert!(matches!(
+        pair.try_sync(Scope::Paths(&Hints::removable(["..data", &second, &first]))),
+        SyncOutcome::Synced(_)
+    ));
     assert_eq!(mirror_below(&pair, &first).len(), 8, "the old generation is held");
     for _ in 0..2 {
         assert!(matches!(pair.try_sync(Scope::Full), SyncOutcome::Synced(_)));
-        assert!(matches!(pair.try_sync(Scope::Paths(&BTreeSet::from(["k1".to_string()]))), SyncOutcome::Synced(_)));
+        assert!(matches!(pair.try_sync(Scope::Paths(&Hints::removable(["k1"]))), SyncOutcome::Synced(_)));
     }
     assert_eq!(pair.state.len(), MAX_ENTRIES);
     assert_eq!(mirror_below(&pair, &first).len(), 8);
@@ -332,10 +344,7 @@ fn plain_changes_map_to_the_operations_a_host_would_do() {
     std::fs::create_dir(pair.s("d")).unwrap();
     std::fs::write(pair.s("d/x"), "x").unwrap();
     // Only the file is hinted; its unknown parent directory is rescanned with it.
-    assert_eq!(
-        pair.sync_paths(&["d/x"]).ops,
-        vec![MirrorOp::MakeDir("d".into()), MirrorOp::CreateFile("d/x".into())]
-    );
+    assert_eq!(pair.sync_paths(&["d/x"]).ops, vec![MirrorOp::MakeDir("d".into()), MirrorOp::CreateFile("d/x".into())]);
 
     std::fs::remove_dir_all(pair.s("d")).unwrap();
     std::fs::remove_file(pair.s("b")).unwrap();
@@ -377,8 +386,9 @@ fn the_17th_entry_and_the_big_file_are_over_the_limit_and_leave_the_mirror_alone
     pair.assert_identical();
     std::fs::write(pair.s("f16"), "x").unwrap();
     let before = tree(pair.mirror.path());
-    for scope in [Scope::Full, Scope::Paths(&BTreeSet::from(["f16".to_string()]))] {
-        let outcome = sync_mirror(pair.share.path(), pair.mirror.path(), &mut pair.state, &mut pair.retired, scope).unwrap();
+    for scope in [Scope::Full, Scope::Paths(&Hints::removable(["f16"]))] {
+        let outcome =
+            sync_mirror(pair.share.path(), pair.mirror.path(), &mut pair.state, &mut pair.retired, scope).unwrap();
         assert!(matches!(outcome, SyncOutcome::OverLimit(LimitExceeded::Entries)), "{outcome:?}");
     }
     assert_eq!(tree(pair.mirror.path()), before, "prior files must stay");
@@ -387,7 +397,8 @@ fn the_17th_entry_and_the_big_file_are_over_the_limit_and_leave_the_mirror_alone
     std::fs::write(pair.s("small"), "x").unwrap();
     pair.sync(Scope::Full);
     std::fs::write(pair.s("big"), vec![b'x'; MAX_BYTES as usize]).unwrap();
-    let outcome = sync_mirror(pair.share.path(), pair.mirror.path(), &mut pair.state, &mut pair.retired, Scope::Full).unwrap();
+    let outcome =
+        sync_mirror(pair.share.path(), pair.mirror.path(), &mut pair.state, &mut pair.retired, Scope::Full).unwrap();
     assert!(matches!(outcome, SyncOutcome::OverLimit(LimitExceeded::Bytes(b)) if b == MAX_BYTES + 1), "{outcome:?}");
     assert!(!pair.mirror.path().join("big").exists());
 }
@@ -417,13 +428,7 @@ fn a_file_vanishing_mid_sync_is_deferred_and_blocks_the_data_swap() {
     let mut target = Snapshot::new();
     scan_below(pair.share.path(), "", &mut target).unwrap();
     std::fs::remove_file(pair.s(&format!("{ts}/key"))).unwrap();
-    let mut apply = Apply {
-        share: pair.share.path(),
-        mirror: pair.mirror.path(),
-        state: &mut pair.state,
-        retired: &mut pair.retired,
-        report: SyncReport::default(),
-    };
+    let mut apply = Apply::new(pair.share.path(), pair.mirror.path(), &mut pair.state, &mut pair.retired);
     apply.run(&target, None);
     let report = apply.report;
     assert!(report.deferred.contains(&format!("{ts}/key")), "{report:?}");
@@ -467,9 +472,10 @@ fn racing_host_changes_never_fail_a_sync_and_a_resync_converges() {
         })
     };
     for round in 0..300 {
-        let scope_paths: BTreeSet<String> = ["f0", "f1", "f2", "d0", "d1/x"].iter().map(|s| s.to_string()).collect();
+        let scope_paths = Hints::removable(["f0", "f1", "f2", "d0", "d1/x"]);
         let scope = if round % 2 == 0 { Scope::Full } else { Scope::Paths(&scope_paths) };
-        sync_mirror(pair.share.path(), pair.mirror.path(), &mut pair.state, &mut pair.retired, scope).expect("a race must not fail the sync");
+        sync_mirror(pair.share.path(), pair.mirror.path(), &mut pair.state, &mut pair.retired, scope)
+            .expect("a race must not fail the sync");
     }
     stop.store(true, Ordering::SeqCst);
     churn.join().unwrap();
@@ -497,4 +503,135 @@ fn a_batch_naming_only_the_old_directory_never_empties_what_data_shows() {
     pair.sync_paths(&[&first, &format!("{first}/key")]);
     assert_eq!(std::fs::read_to_string(pair.m("key")).unwrap(), "two");
     pair.assert_identical();
+}
+
+#[test]
+fn an_entry_gone_before_its_removal_was_reported_stays_until_that_record() {
+    let mut pair = Pair::new();
+    std::fs::write(pair.s("f"), "1").unwrap();
+    pair.sync(Scope::Full);
+    // The host writes then renames; the agent settles the write's record after the rename
+    // happened, before the rename's record arrives.
+    std::fs::write(pair.s("f"), "22").unwrap();
+    std::fs::rename(pair.s("f"), pair.s("g")).unwrap();
+    let modified = Hints { paths: BTreeSet::from(["f".to_string()]), removed: BTreeSet::new() };
+    let report = pair.sync(Scope::Paths(&modified));
+    assert!(report.ops.is_empty(), "{report:?}");
+    assert!(report.deferred.contains("f"), "{report:?}");
+    assert_eq!(std::fs::read_to_string(pair.m("f")).unwrap(), "1");
+    assert!(pair.state.contains_key("f"));
+
+    // The rename's records: now `f` may go, and it goes as a rename (same mirror inode).
+    let ino = |path: &Path| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(path).unwrap());
+    let mirror_ino = ino(&pair.m("f"));
+    let renamed = Hints::removable(["f", "g"]);
+    let report = pair.sync(Scope::Paths(&renamed));
+    assert_eq!(
+        report.ops,
+        vec![MirrorOp::RenameFile { from: "f".into(), to: "g".into() }, MirrorOp::RewriteFile("g".into())],
+        "{report:?}"
+    );
+    assert_eq!(ino(&pair.m("g")), mirror_ino);
+    pair.assert_identical();
+
+    // A removal inside a directory the records named as removed goes at once.
+    std::fs::create_dir(pair.s("d")).unwrap();
+    std::fs::write(pair.s("d/x"), "x").unwrap();
+    pair.sync(Scope::Full);
+    std::fs::remove_dir_all(pair.s("d")).unwrap();
+    let removed = Hints { paths: BTreeSet::from(["d".to_string()]), removed: BTreeSet::from(["d".to_string()]) };
+    let report = pair.sync(Scope::Paths(&removed));
+    assert_eq!(report.ops, vec![MirrorOp::Remove("d/x".into()), MirrorOp::Remove("d".into())]);
+    pair.assert_identical();
+}
+
+#[test]
+fn what_the_host_did_after_a_kubelet_update_shows_after_the_swap() {
+    let mut pair = Pair::new();
+    kubelet_update(pair.share.path(), 1, &[("key", "one".into())]);
+    pair.sync(Scope::Full);
+    let ts = kubelet_update(pair.share.path(), 2, &[("key", "two".into())]);
+    std::fs::write(pair.s("stop"), "").unwrap();
+    // Both settled in one pass (the agent was busy and merged the batches).
+    let report = pair.sync_paths(&["..data", "..data_tmp", &ts, "..2026_11_26_13_00_00.000000001", "stop"]);
+    let pos = |op: &MirrorOp| {
+        report.ops.iter().position(|o| o == op).unwrap_or_else(|| panic!("{op:?} missing from {:#?}", report.ops))
+    };
+    let swap = pos(&MirrorOp::Symlink("..data".into()));
+    assert!(pos(&MirrorOp::CreateFile(format!("{ts}/key"))) < swap);
+    assert!(pos(&MirrorOp::CreateFile("stop".into())) > swap, "{:#?}", report.ops);
+    pair.assert_identical();
+}
+
+#[test]
+fn a_data_link_that_moves_during_the_scan_never_publishes_a_partial_directory() {
+    // The host publishes generation after generation (removing each old directory right
+    // after the swap, key first) while the mirror settles; after every sync, what the mirror's
+    // `..data` shows must be a complete generation.
+    let mut pair = Pair::with_grace(Duration::from_secs(600));
+    kubelet_update(pair.share.path(), 0, &[("key", "v0".into()), ("other", "o0".into())]);
+    pair.sync(Scope::Full);
+    let share = pair.share.path().to_owned();
+    let stop = Arc::new(AtomicBool::new(false));
+    let published = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let writer = {
+        let (stop, published) = (stop.clone(), published.clone());
+        std::thread::spawn(move || {
+            let mut generation = 1u32;
+            while !stop.load(Ordering::SeqCst) && generation < 20_000 {
+                kubelet_update(
+                    &share,
+                    generation,
+                    &[("key", format!("v{generation}")), ("other", format!("o{generation}"))],
+                );
+                published.store(generation, Ordering::SeqCst);
+                generation += 1;
+            }
+            generation
+        })
+    };
+    let mut swaps = 0;
+    let mut last = std::fs::read_link(pair.m("..data")).unwrap();
+    // Many syncs, over many generations (whichever takes longer).
+    let mut round = 0;
+    while round < 400 || (published.load(Ordering::SeqCst) < 2000 && round < 20_000) {
+        round += 1;
+        if round % 3 == 0 {
+            pair.sync(Scope::Full);
+        } else {
+            // What a batch names: the links and whatever timestamped directories exist now.
+            let mut names: Vec<String> = vec!["..data".into(), "..data_tmp".into()];
+            if let Ok(entries) = std::fs::read_dir(pair.share.path()) {
+                names.extend(entries.flatten().filter_map(|e| e.file_name().to_str().map(str::to_owned)));
+            }
+            pair.sync(Scope::Paths(&Hints::removable(names)));
+        }
+        check_published(&pair, &mut last, &mut swaps);
+    }
+    stop.store(true, Ordering::SeqCst);
+    let generations = writer.join().unwrap();
+    assert!(generations > 1);
+    assert!(swaps > 0, "the mirror never swapped ..data");
+    pair.retired.grace = Duration::ZERO;
+    pair.sync(Scope::Full);
+    pair.assert_identical();
+
+    /// The published directory holds both keys of one generation.
+    fn check_published(pair: &Pair, last: &mut PathBuf, swaps: &mut u32) {
+        let published = std::fs::read_link(pair.m("..data")).unwrap();
+        let key = std::fs::read_to_string(pair.m(&format!("{}/key", published.display())));
+        let other = std::fs::read_to_string(pair.m(&format!("{}/other", published.display())));
+        let (Ok(key), Ok(other)) = (key, other) else {
+            panic!(
+                "..data -> {} is incomplete: {:?}",
+                published.display(),
+                mirror_below(pair, published.to_str().unwrap())
+            );
+        };
+        assert_eq!(key.strip_prefix('v'), other.strip_prefix('o'), "{key} / {other}");
+        if published != *last {
+            *swaps += 1;
+            *last = published;
+        }
+    }
 }

@@ -2,31 +2,46 @@
 //! rules Kata learned the hard way:
 //!
 //! - stdin: the shim opens the FIFO for reading *and* keeps a writer end of its own, so the
-//!   reader never sees end-of-file (or an endless HUP) just because containerd's writer went
-//!   away or has not arrived yet. EOF reaches the process when containerd asks for it
-//!   (`CloseIO`): then the shim drops its writer and the reader ends once containerd's is
-//!   gone too.
+//!   reader never sees end-of-file (or an endless HUP) just because containerd's writer has
+//!   not arrived yet. Once containerd's writer has delivered data, the shim drops its own
+//!   writer: containerd's writer closing is then the EOF (ctr may close it before it can send
+//!   `CloseIO`, see `copy_in`). Otherwise EOF reaches the process when containerd asks for it
+//!   (`CloseIO`): the shim drops its writer, forwards whatever containerd wrote, and
+//!   half-closes the guest stream once containerd's writer is gone too (or has been idle for
+//!   [`STDIN_CLOSE_GRACE`] — a writer that lingers after `CloseIO` must not keep stdin open).
+//!   `CloseIO` never waits for that: containerd's client closes its writer only after the
+//!   `CloseIO` call returns.
 //! - stdout/stderr: the shim opens a read end and keeps it until the process is deleted, so
 //!   whatever the process writes before containerd opens its side waits in the FIFO instead of
-//!   failing with EPIPE, and containerd sees EOF exactly when the process's output ends.
+//!   failing with EPIPE, and containerd sees EOF exactly when the process's output ends. A full
+//!   FIFO stalls the guest process through the vsock credit (backpressure), it never drops data.
 //!
-//! Data is copied by one thread per stream, never by polling RPCs; a consumer that stops
-//! reading only stalls its own copy thread, never an RPC.
+//! Data is copied by one thread per stream, never by polling RPCs. A consumer that stops
+//! reading only stalls its own copy thread, never an RPC: `Kill`, `Wait` and `Delete` do not
+//! touch the copies, and dropping the [`ProcessIo`] (at `Delete`) releases every copy thread
+//! still blocked on a stalled FIFO or on the guest, so none outlives its process.
 
 use std::fs::{File, OpenOptions};
 use std::io::{ErrorKind, Read, Write};
 use std::net::Shutdown;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use tern_protocol::StreamKind;
 
 use crate::agent::{AgentClient, AgentError};
 
 /// Copy buffer per stream.
 const COPY_BUF_LEN: usize = 64 * 1024;
+/// After `CloseIO`, how long the stdin FIFO may stay empty with containerd's writer still open
+/// before the process gets EOF anyway.
+pub const STDIN_CLOSE_GRACE: Duration = Duration::from_secs(2);
 
 /// Errors setting up a process's stdio.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +57,8 @@ pub enum IoError {
     NotFifo(PathBuf),
     #[error("cannot attach the {0:?} stream of the process")]
     Attach(StreamKind, #[source] AgentError),
+    #[error("cannot set up a stdio copy")]
+    Setup(#[source] std::io::Error),
     #[error("cannot start a stdio copy thread")]
     Thread(#[source] std::io::Error),
 }
@@ -55,24 +72,64 @@ pub struct StdioPaths {
     pub terminal: bool,
 }
 
-/// One process's FIFO ends. Dropping it closes everything the shim still holds.
+/// A one-shot signal any number of copy threads can `poll`: the read end of a pipe whose write
+/// end the owner drops (the read end then reports POLLHUP forever — no state to reset, no
+/// missed wake-up).
+#[derive(Debug)]
+struct Trigger {
+    fire: Option<OwnedFd>,
+    watch: Watch,
+}
+
+/// The listening side of a [`Trigger`].
+#[derive(Debug, Clone)]
+struct Watch(Arc<OwnedFd>);
+
+impl Trigger {
+    fn new() -> std::io::Result<Trigger> {
+        let (rx, tx) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(std::io::Error::from)?;
+        Ok(Trigger { fire: Some(tx), watch: Watch(Arc::new(rx)) })
+    }
+
+    fn fire(&mut self) {
+        self.fire = None;
+    }
+}
+
+impl Watch {
+    fn poll_fd(&self) -> PollFd<'_> {
+        PollFd::new(self.0.as_fd(), PollFlags::POLLIN)
+    }
+}
+
+/// One process's FIFO ends and copy threads. Dropping it closes everything the shim still
+/// holds and releases copy threads that are still running (see the module docs).
 #[derive(Debug, Default)]
 pub struct ProcessIo {
-    /// Read end of stdin, handed to its copy thread on [`ProcessIo::connect`].
+    /// Read end of stdin (non-blocking), handed to its copy thread on [`ProcessIo::connect`].
     stdin_reader: Option<File>,
-    /// The shim's own stdin writer (see the module docs); dropped by [`ProcessIo::close_stdin`].
+    /// The shim's own stdin writer (see the module docs); handed to the stdin copy thread,
+    /// dropped by [`ProcessIo::close_stdin`] or once containerd's writer has delivered data.
     stdin_keepalive: Option<File>,
-    /// Write ends of stdout/stderr, handed to their copy threads.
+    /// Fired by [`ProcessIo::close_stdin`]: the stdin copy forwards what is left, then EOF.
+    stdin_close: Option<Trigger>,
+    /// A stdin copy thread was started.
+    stdin_copying: bool,
+    /// Write ends (non-blocking) of stdout/stderr, handed to their copy threads.
     stdout_writer: Option<File>,
     stderr_writer: Option<File>,
     /// Read ends of stdout/stderr held until the process is deleted.
     stdout_keepalive: Option<File>,
     stderr_keepalive: Option<File>,
+    /// Fired on drop: copy threads blocked on a stalled FIFO give up.
+    release: Option<Trigger>,
+    /// Second handles of the guest streams, shut down on drop so a copy blocked on the guest
+    /// side ends too.
+    streams: Vec<UnixStream>,
 }
 
 fn check_fifo(path: &Path, stream: &'static str) -> Result<(), IoError> {
-    let meta =
-        std::fs::metadata(path).map_err(|source| IoError::Open { stream, path: path.to_path_buf(), source })?;
+    let meta = std::fs::metadata(path).map_err(|source| IoError::Open { stream, path: path.to_path_buf(), source })?;
     if meta.file_type().is_fifo() {
         Ok(())
     } else {
@@ -93,15 +150,16 @@ fn open_end(path: &Path, stream: &'static str, write: bool, nonblock: bool) -> R
     opts.open(path).map_err(|source| IoError::Open { stream, path: path.to_path_buf(), source })
 }
 
-fn set_blocking(file: &File, path: &Path, stream: &'static str) -> Result<(), IoError> {
+fn set_nonblocking(file: &File, path: &Path, stream: &'static str) -> Result<(), IoError> {
     let to_io = |e: nix::errno::Errno| IoError::Open { stream, path: path.to_path_buf(), source: e.into() };
     let flags = OFlag::from_bits_truncate(fcntl(file, FcntlArg::F_GETFL).map_err(to_io)?);
-    fcntl(file, FcntlArg::F_SETFL(flags - OFlag::O_NONBLOCK)).map_err(to_io)?;
+    fcntl(file, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK)).map_err(to_io)?;
     Ok(())
 }
 
 /// Open an output FIFO: a read end to keep (non-blocking open never waits), then the write
-/// end the copy thread uses (opening it cannot block: a reader exists).
+/// end the copy thread uses (opening it cannot block: a reader exists), made non-blocking so
+/// the copy can wait for room *or* for its release.
 fn open_output(path: &str, stream: &'static str) -> Result<(Option<File>, Option<File>), IoError> {
     if path.is_empty() {
         return Ok((None, None));
@@ -110,21 +168,21 @@ fn open_output(path: &str, stream: &'static str) -> Result<(Option<File>, Option
     check_fifo(path, stream)?;
     let keepalive = open_end(path, stream, false, true)?;
     let writer = open_end(path, stream, true, false)?;
+    set_nonblocking(&writer, path, stream)?;
     Ok((Some(writer), Some(keepalive)))
 }
 
 impl ProcessIo {
-    /// Open the FIFOs of `paths` as the module docs describe. Blocking, but never waits for
-    /// containerd's ends.
+    /// Open the FIFOs of `paths` as the module docs describe. Never waits for containerd's ends.
     pub fn open(paths: &StdioPaths) -> Result<ProcessIo, IoError> {
         let mut io = ProcessIo::default();
+        io.release = Some(Trigger::new().map_err(IoError::Setup)?);
         if !paths.stdin.is_empty() {
             let path = Path::new(&paths.stdin);
             check_fifo(path, "stdin")?;
-            let reader = open_end(path, "stdin", false, true)?;
+            io.stdin_reader = Some(open_end(path, "stdin", false, true)?);
             io.stdin_keepalive = Some(open_end(path, "stdin", true, true)?);
-            set_blocking(&reader, path, "stdin")?;
-            io.stdin_reader = Some(reader);
+            io.stdin_close = Some(Trigger::new().map_err(IoError::Setup)?);
         }
         (io.stdout_writer, io.stdout_keepalive) = open_output(&paths.stdout, "stdout")?;
         (io.stderr_writer, io.stderr_keepalive) = open_output(&paths.stderr, "stderr")?;
@@ -140,32 +198,115 @@ impl ProcessIo {
     /// process started; a stream without a FIFO is attached anyway and drained, so the
     /// process never blocks on a full pipe nobody reads.
     pub fn connect(&mut self, agent: &AgentClient, id: &str) -> Result<(), IoError> {
-        for (kind, writer) in
-            [(StreamKind::Stdout, self.stdout_writer.take()), (StreamKind::Stderr, self.stderr_writer.take())]
-        {
-            let stream = agent.attach(id, kind).map_err(|e| IoError::Attach(kind, e))?;
-            spawn_copy(format!("{kind:?}-{id}"), move || copy_out(stream, writer))?;
+        let attach = |kind| agent.attach(id, kind).map_err(|e| IoError::Attach(kind, e));
+        let stdout = attach(StreamKind::Stdout)?;
+        let stderr = attach(StreamKind::Stderr)?;
+        let stdin = if self.stdin_reader.is_some() { Some(attach(StreamKind::Stdin)?) } else { None };
+        self.start_copies(id, stdout, stderr, stdin)
+    }
+
+    /// Start the copy threads on already attached guest streams.
+    fn start_copies(
+        &mut self,
+        id: &str,
+        stdout: UnixStream,
+        stderr: UnixStream,
+        stdin: Option<UnixStream>,
+    ) -> Result<(), IoError> {
+        let release = match &self.release {
+            Some(t) => t.watch.clone(),
+            None => {
+                let t = Trigger::new().map_err(IoError::Setup)?;
+                let watch = t.watch.clone();
+                self.release = Some(t);
+                watch
+            }
+        };
+        for (kind, stream, writer) in [
+            (StreamKind::Stdout, stdout, self.stdout_writer.take()),
+            (StreamKind::Stderr, stderr, self.stderr_writer.take()),
+        ] {
+            self.streams.push(stream.try_clone().map_err(IoError::Setup)?);
+            let release = release.clone();
+            spawn_copy(format!("{kind:?}-{id}"), move || copy_out(stream, writer, &release))?;
         }
-        if let Some(reader) = self.stdin_reader.take() {
-            let stream = agent.attach(id, StreamKind::Stdin).map_err(|e| IoError::Attach(StreamKind::Stdin, e))?;
-            spawn_copy(format!("stdin-{id}"), move || copy_in(reader, stream))?;
+        if let (Some(stream), Some(reader)) = (stdin, self.stdin_reader.take()) {
+            self.streams.push(stream.try_clone().map_err(IoError::Setup)?);
+            let close = match &self.stdin_close {
+                Some(t) => t.watch.clone(),
+                None => {
+                    let t = Trigger::new().map_err(IoError::Setup)?;
+                    let watch = t.watch.clone();
+                    self.stdin_close = Some(t);
+                    watch
+                }
+            };
+            let keepalive = self.stdin_keepalive.take();
+            spawn_copy(format!("stdin-{id}"), move || copy_in(reader, keepalive, stream, &close, &release))?;
+            self.stdin_copying = true;
         }
         Ok(())
     }
 
-    /// Let stdin reach EOF once containerd's writer is closed (`CloseIO`). Idempotent.
-    pub fn close_stdin(&mut self) {
+    /// Let stdin reach EOF (`CloseIO`): drop the shim's writer and tell the stdin copy to
+    /// finish once containerd's data is forwarded. Idempotent; never waits. Returns whether
+    /// the shim delivers that EOF itself (a stdin FIFO exists); if not, only the agent can.
+    pub fn close_stdin(&mut self) -> bool {
         self.stdin_keepalive = None;
+        if let Some(t) = self.stdin_close.as_mut() {
+            t.fire();
+        }
+        self.stdin_copying || self.stdin_reader.is_some()
+    }
+}
+
+impl Drop for ProcessIo {
+    fn drop(&mut self) {
+        if let Some(t) = self.release.as_mut() {
+            t.fire();
+        }
+        for stream in &self.streams {
+            let _ = stream.shutdown(Shutdown::Both);
+        }
     }
 }
 
 fn spawn_copy(name: String, f: impl FnOnce() + Send + 'static) -> Result<(), IoError> {
-    // Detached: a copy ends with its stream; nothing must ever wait for a stalled consumer.
+    // Detached: a copy ends with its stream or its release; nothing ever joins it.
     std::thread::Builder::new().name(name).spawn(f).map(drop).map_err(IoError::Thread)
 }
 
+/// Why a FIFO write stopped.
+enum WriteStop {
+    /// The process was deleted while the FIFO was full.
+    Released,
+    Failed(std::io::Error),
+}
+
+/// Write all of `data` to a non-blocking FIFO, waiting for room or for `release`.
+fn write_fifo(fifo: &mut File, mut data: &[u8], release: &Watch) -> Result<(), WriteStop> {
+    while !data.is_empty() {
+        match fifo.write(data) {
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                let mut fds = [PollFd::new(fifo.as_fd(), PollFlags::POLLOUT), release.poll_fd()];
+                match poll(&mut fds, PollTimeout::NONE) {
+                    Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                    Err(e) => return Err(WriteStop::Failed(e.into())),
+                }
+                if fds[1].any().unwrap_or(false) {
+                    return Err(WriteStop::Released);
+                }
+            }
+            Err(e) => return Err(WriteStop::Failed(e)),
+        }
+    }
+    Ok(())
+}
+
 /// Guest output stream → FIFO (or nowhere), then close the FIFO writer: containerd's EOF.
-fn copy_out(mut from: UnixStream, mut to: Option<File>) {
+fn copy_out(mut from: UnixStream, mut to: Option<File>, release: &Watch) {
     let mut buf = vec![0u8; COPY_BUF_LEN];
     loop {
         let n = match from.read(&mut buf) {
@@ -178,30 +319,86 @@ fn copy_out(mut from: UnixStream, mut to: Option<File>) {
             }
         };
         if let Some(fifo) = to.as_mut() {
-            if let Err(e) = fifo.write_all(&buf[..n]) {
-                tracing::warn!(error = %e, "cannot write to the output FIFO; discarding the rest");
-                to = None;
+            match write_fifo(fifo, &buf[..n], release) {
+                Ok(()) => {}
+                Err(WriteStop::Released) => {
+                    tracing::debug!("process deleted while its output FIFO was full; dropping the rest");
+                    return;
+                }
+                Err(WriteStop::Failed(e)) => {
+                    // Keep draining the stream so the process never blocks on a dead consumer.
+                    tracing::warn!(error = %e, "cannot write to the output FIFO; discarding the rest");
+                    to = None;
+                }
             }
         }
     }
 }
 
-/// stdin FIFO → guest stream, then half-close so the process reads EOF.
-fn copy_in(mut from: File, mut to: UnixStream) {
+/// stdin FIFO (non-blocking) → guest stream, then half-close so the process reads EOF. Ends
+/// at EOF of the FIFO, after [`STDIN_CLOSE_GRACE`] of silence once `close` fired, or at
+/// `release` (then the stream is shut down by the owner anyway).
+///
+/// `keepalive` is the shim's own writer end. It is dropped when `close` fires *or* as soon as
+/// containerd's writer has delivered data: from then on containerd's writer going away is the
+/// end of the input, as with runc. ctr arms its `CloseIO` only after the task is created, so
+/// input small enough to fit the FIFO (≤ 64 KiB) is written and its writer closed before any
+/// `CloseIO` can come — holding the keepalive past that point would leave the process waiting
+/// for an EOF nobody sends.
+fn copy_in(mut from: File, mut keepalive: Option<File>, mut to: UnixStream, close: &Watch, release: &Watch) {
     let mut buf = vec![0u8; COPY_BUF_LEN];
-    loop {
-        let n = match from.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            Err(e) => {
-                tracing::debug!(error = %e, "stdin FIFO read failed");
-                break;
+    let mut closing = false;
+    let grace = PollTimeout::try_from(STDIN_CLOSE_GRACE).unwrap_or(PollTimeout::MAX);
+    'copy: loop {
+        let (ready, from_ready, released, close_fired) = {
+            let mut fds = [PollFd::new(from.as_fd(), PollFlags::POLLIN), release.poll_fd(), close.poll_fd()];
+            let watched = if closing { 2 } else { 3 };
+            let timeout = if closing { grace } else { PollTimeout::NONE };
+            match poll(&mut fds[..watched], timeout) {
+                Ok(ready) => {
+                    let any = |i: usize| fds.get(i).and_then(PollFd::any).unwrap_or(false);
+                    (ready, any(0), any(1), watched == 3 && any(2))
+                }
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => {
+                    tracing::debug!(error = %e, "polling the stdin FIFO failed");
+                    break;
+                }
             }
         };
-        if let Err(e) = to.write_all(&buf[..n]) {
-            tracing::debug!(error = %e, "stdin stream ended");
+        if released {
             return;
+        }
+        if close_fired {
+            closing = true;
+            keepalive = None;
+        }
+        if ready == 0 {
+            // Only possible while closing: containerd's writer lingers with nothing to send.
+            break;
+        }
+        if !(from_ready || closing) {
+            continue;
+        }
+        loop {
+            match from.read(&mut buf) {
+                Ok(0) => break 'copy,
+                Ok(n) => {
+                    if keepalive.take().is_some() {
+                        tracing::debug!("stdin: containerd's writer delivered data; its close is now EOF");
+                    }
+                    if let Err(e) = to.write_all(&buf[..n]) {
+                        tracing::debug!(error = %e, "stdin stream ended");
+                        return;
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    tracing::debug!(error = %e, "stdin FIFO read failed");
+                    break 'copy;
+                }
+            }
         }
     }
     let _ = to.shutdown(Shutdown::Write);
@@ -211,11 +408,49 @@ fn copy_in(mut from: File, mut to: UnixStream) {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use std::time::Instant;
 
     fn fifo(dir: &Path, name: &str) -> String {
         let path = dir.join(name);
         nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
         path.to_string_lossy().into_owned()
+    }
+
+    fn set_blocking(f: &File) {
+        let flags = OFlag::from_bits_truncate(fcntl(f, FcntlArg::F_GETFL).unwrap());
+        fcntl(f, FcntlArg::F_SETFL(flags - OFlag::O_NONBLOCK)).unwrap();
+    }
+
+    /// Open a FIFO for reading the way containerd does (never blocking the open), then read it
+    /// blocking.
+    fn open_reader(path: &str) -> File {
+        let f = OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path).unwrap();
+        set_blocking(&f);
+        f
+    }
+
+    /// Deterministic, non-periodic test data.
+    fn pattern(len: usize) -> Vec<u8> {
+        let mut x: u32 = 0x9e37_79b9;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                x as u8
+            })
+            .collect()
+    }
+
+    /// Read `f` to EOF on a thread; `None` if that takes longer than `limit`.
+    fn read_to_end_within(mut f: File, limit: Duration) -> Option<Vec<u8>> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut got = Vec::new();
+            let _ = f.read_to_end(&mut got);
+            let _ = tx.send(got);
+        });
+        rx.recv_timeout(limit).ok()
     }
 
     #[test]
@@ -235,27 +470,140 @@ mod tests {
     }
 
     #[test]
-    fn stdin_reader_sees_no_eof_until_close_stdin() {
+    fn a_late_reader_gets_every_byte_then_eof() {
         let d = tempfile::tempdir().unwrap();
-        let paths = StdioPaths { stdin: fifo(d.path(), "in"), ..Default::default() };
+        let paths = StdioPaths { stdout: fifo(d.path(), "out"), stderr: fifo(d.path(), "err"), ..Default::default() };
         let mut io = ProcessIo::open(&paths).unwrap();
-        let mut containerd = OpenOptions::new().write(true).open(&paths.stdin).unwrap();
-        containerd.write_all(b"x").unwrap();
-        drop(containerd);
-        let mut reader = io.stdin_reader.take().unwrap();
-        let mut byte = [0u8; 1];
-        assert_eq!(reader.read(&mut byte).unwrap(), 1);
-        // containerd's writer is gone, but ours keeps the reader from seeing EOF...
-        set_nonblocking_for_test(&reader);
-        assert_eq!(reader.read(&mut byte).unwrap_err().kind(), ErrorKind::WouldBlock);
-        // ...until CloseIO.
-        io.close_stdin();
-        assert_eq!(reader.read(&mut byte).unwrap(), 0);
+        let (guest_out, shim_out) = UnixStream::pair().unwrap();
+        let (guest_err, shim_err) = UnixStream::pair().unwrap();
+        io.start_copies("late", shim_out, shim_err, None).unwrap();
+        drop(guest_err);
+        // The "process" writes far more than the FIFO and socket buffers hold...
+        let data = pattern(8 << 20);
+        let expected = data.clone();
+        let writer = std::thread::spawn(move || {
+            let mut guest_out = guest_out;
+            guest_out.write_all(&data).unwrap();
+        });
+        // ...and blocks (backpressure) until containerd's side opens, late.
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(!writer.is_finished(), "8 MiB cannot have fit in the buffers: was output dropped?");
+        let got = read_to_end_within(open_reader(&paths.stdout), Duration::from_secs(30)).expect("no EOF");
+        writer.join().unwrap();
+        assert!(got == expected, "got {} bytes, wanted {} identical ones", got.len(), expected.len());
+        let err = read_to_end_within(open_reader(&paths.stderr), Duration::from_secs(10)).expect("no EOF");
+        assert!(err.is_empty());
     }
 
-    fn set_nonblocking_for_test(f: &File) {
-        let flags = OFlag::from_bits_truncate(fcntl(f, FcntlArg::F_GETFL).unwrap());
-        fcntl(f, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK)).unwrap();
+    #[test]
+    fn a_stalled_reader_does_not_pin_the_copy_after_delete() {
+        let d = tempfile::tempdir().unwrap();
+        let paths = StdioPaths { stdout: fifo(d.path(), "out"), ..Default::default() };
+        let mut io = ProcessIo::open(&paths).unwrap();
+        let (guest_out, shim_out) = UnixStream::pair().unwrap();
+        let (_guest_err, shim_err) = UnixStream::pair().unwrap();
+        io.start_copies("stall", shim_out, shim_err, None).unwrap();
+        let stalled = open_reader(&paths.stdout);
+        let data = pattern(4 << 20);
+        let expected = data.clone();
+        let writer = std::thread::spawn(move || {
+            let mut guest_out = guest_out;
+            // Fails once the shim shuts the stream down at delete.
+            let _ = guest_out.write_all(&data);
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(!writer.is_finished());
+        // Delete: the copy thread must let go of the FIFO and of the stream although the reader
+        // never read a byte.
+        let start = Instant::now();
+        drop(io);
+        let got = read_to_end_within(stalled, Duration::from_secs(10)).expect("the copy thread still holds the FIFO");
+        assert!(start.elapsed() < Duration::from_secs(10));
+        assert!(!got.is_empty() && got.len() < expected.len(), "got {} bytes", got.len());
+        assert!(expected.starts_with(&got), "what was written before delete must arrive intact");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !writer.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(writer.is_finished(), "the guest side is still blocked after delete");
+    }
+
+    /// The stdin FIFO with the copy running, the guest end of its stream and containerd's writer.
+    fn stdin_setup(d: &Path) -> (ProcessIo, UnixStream, File, (UnixStream, UnixStream)) {
+        let paths = StdioPaths { stdin: fifo(d, "in"), ..Default::default() };
+        let mut io = ProcessIo::open(&paths).unwrap();
+        let containerd = OpenOptions::new().write(true).open(&paths.stdin).unwrap();
+        let (guest_in, shim_in) = UnixStream::pair().unwrap();
+        let (out_a, out_b) = UnixStream::pair().unwrap();
+        let (err_a, err_b) = UnixStream::pair().unwrap();
+        io.start_copies("in", out_b, err_b, Some(shim_in)).unwrap();
+        (io, guest_in, containerd, (out_a, err_a))
+    }
+
+    fn read_stream_within(mut s: UnixStream, limit: Duration) -> Option<Vec<u8>> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut got = Vec::new();
+            let _ = s.read_to_end(&mut got);
+            let _ = tx.send(got);
+        });
+        rx.recv_timeout(limit).ok()
+    }
+
+    #[test]
+    fn close_io_before_containerd_closes_its_writer_loses_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let (mut io, guest_in, mut containerd, _out) = stdin_setup(d.path());
+        let data = pattern(1 << 20);
+        let reader = {
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let _ = tx.send(read_stream_within(guest_in, Duration::from_secs(30)));
+            });
+            rx
+        };
+        containerd.write_all(&data).unwrap();
+        // containerd's order: CloseIO first, then its writer closes.
+        assert!(io.close_stdin());
+        std::thread::sleep(Duration::from_millis(100));
+        drop(containerd);
+        let got = reader.recv().unwrap().expect("the guest never saw EOF");
+        assert!(got == data, "got {} of {} bytes", got.len(), data.len());
+    }
+
+    #[test]
+    fn small_input_whose_writer_closes_before_close_io_still_ends_in_eof() {
+        // ctr's order for input that fits the FIFO: write, close its writer, no CloseIO yet.
+        let d = tempfile::tempdir().unwrap();
+        let (_io, guest_in, mut containerd, _out) = stdin_setup(d.path());
+        let data = pattern(4096);
+        containerd.write_all(&data).unwrap();
+        drop(containerd);
+        let got = read_stream_within(guest_in, Duration::from_secs(10)).expect("the guest never saw EOF");
+        assert!(got == data, "got {} of {} bytes", got.len(), data.len());
+    }
+
+    #[test]
+    fn stdin_stays_open_until_close_io_and_a_lingering_writer_cannot_hold_it() {
+        let d = tempfile::tempdir().unwrap();
+        let (mut io, guest_in, containerd, _out) = stdin_setup(d.path());
+        drop(containerd);
+        // containerd's writer went away without sending anything: the shim's writer keeps the
+        // process from seeing EOF...
+        guest_in.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+        let mut guest = guest_in;
+        let mut byte = [0u8; 2];
+        let kind = guest.read(&mut byte).unwrap_err().kind();
+        assert!(matches!(kind, ErrorKind::WouldBlock | ErrorKind::TimedOut), "{kind:?}");
+        // ...until CloseIO; a writer that reopened and lingers delays EOF only by the grace.
+        let lingering = OpenOptions::new().write(true).open(d.path().join("in")).unwrap();
+        let start = Instant::now();
+        io.close_stdin();
+        guest.set_read_timeout(None).unwrap();
+        let rest = read_stream_within(guest, STDIN_CLOSE_GRACE * 5).expect("no EOF despite CloseIO");
+        assert!(rest.is_empty());
+        assert!(start.elapsed() >= STDIN_CLOSE_GRACE / 2, "EOF came before the grace: {:?}", start.elapsed());
+        drop(lingering);
     }
 
     #[test]

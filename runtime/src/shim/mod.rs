@@ -5,9 +5,12 @@
 //! ([`service`]); `delete` cleans up after a shim that died. One shim = one sandbox = one
 //! microVM, booted at the first `Create`.
 
+pub mod binds;
+pub mod cleanup;
 pub mod container;
 pub mod events;
 pub mod io;
+pub mod resources;
 pub mod service;
 
 use std::path::Path;
@@ -22,6 +25,7 @@ use containerd_shim_protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim_protos::protobuf::MessageField;
 
 use crate::config::Config;
+use crate::metrics::timed_task::TimedTask;
 use service::TaskService;
 
 /// The runtime name containerd knows this shim by.
@@ -35,19 +39,26 @@ const DEAD_SHIM_EXIT_STATUS: u32 = 128 + 9;
 pub struct TernShim {
     exit: Arc<ExitSignal>,
     namespace: String,
+    /// The container id containerd ran this binary for.
+    id: String,
     bundle: String,
 }
 
 #[async_trait]
 impl Shim for TernShim {
-    type T = TaskService;
+    type T = TimedTask<TaskService>;
 
     async fn new(_runtime_id: &str, args: &Flags, config: &mut ShimConfig) -> Self {
         // The shim starts no child processes that need reaping (the VM is in-process), and a
         // reaper would steal the mount helper's exit status from the containerd-shim crate.
         config.no_reaper = true;
         config.no_sub_reaper = true;
-        TernShim { exit: Arc::new(ExitSignal::default()), namespace: args.namespace.clone(), bundle: args.bundle.clone() }
+        TernShim {
+            exit: Arc::new(ExitSignal::default()),
+            namespace: args.namespace.clone(),
+            id: args.id.clone(),
+            bundle: args.bundle.clone(),
+        }
     }
 
     async fn start_shim(&mut self, opts: StartOpts) -> Result<String, ShimError> {
@@ -62,9 +73,19 @@ impl Shim for TernShim {
 
     async fn delete_shim(&mut self) -> Result<DeleteResponse, ShimError> {
         // The shim died: its VM died with it (it was in-process). What can remain on the host
-        // is the rootfs mount in the bundle.
+        // is the rootfs mount in the bundle, the sandbox's run directory and the shim's socket.
         let bundle = if self.bundle.is_empty() { Path::new(".") } else { Path::new(&self.bundle) };
         container::unmount_rootfs(&bundle.join("rootfs"));
+        // Single-file bind sources staged for the guest (see `binds`).
+        container::remove_staged_files(&bundle.join(container::HOST_FILES_DIR));
+        let sandbox_id = sandbox_id_of_bundle(bundle).unwrap_or_else(|| self.id.clone());
+        cleanup::clean_after_dead_shim(bundle, &self.namespace, &sandbox_id);
+        // The sandbox directory (metrics socket): `tern monitor` drops the sandbox when it goes.
+        if let Ok(config) = Config::load(None) {
+            if let Err(e) = crate::metrics::sbs::remove_sandbox_dir(&config.shim.root_dir, &sandbox_id) {
+                tracing::warn!(error = %crate::sandbox::error_chain(&e), "cannot remove the sandbox directory");
+            }
+        }
         Ok(DeleteResponse {
             exit_status: DEAD_SHIM_EXIT_STATUS,
             exited_at: MessageField::some(Timestamp::now()),
@@ -76,9 +97,12 @@ impl Shim for TernShim {
         self.exit.wait().await;
     }
 
-    async fn create_task_service(&self, publisher: RemotePublisher) -> TaskService {
+    async fn create_task_service(&self, publisher: RemotePublisher) -> TimedTask<TaskService> {
         let config = Config::load(None).map_err(|e| crate::sandbox::error_chain(&e));
-        TaskService::new(config, publisher, self.namespace.clone(), Arc::clone(&self.exit))
+        // The shim runs in the bundle of the container it was started for: its sandbox id names
+        // the sandbox (the same grouping as `start_shim`).
+        let sandbox_id = sandbox_id_of_bundle(Path::new(".")).unwrap_or_else(|| self.id.clone());
+        TimedTask(TaskService::new(config, publisher, self.namespace.clone(), sandbox_id, Arc::clone(&self.exit)))
     }
 }
 

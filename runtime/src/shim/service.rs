@@ -28,12 +28,20 @@ use tern_protocol::{ContainerSpec, MountRequest};
 use tokio::sync::watch;
 use vmm::api::ShareConfig;
 
-use super::container::{guest_spec, load_spec, mount_rootfs, unmount_rootfs, ContainerSpecError, RootfsMount};
+use super::binds::{self, BindShares};
+use super::container::{
+    guest_spec, guest_spec_for, host_binds, is_cri_sandbox, load_spec, mount_rootfs, unmount_rootfs, ContainerSpecError,
+    GuestAdaptation, HostBind, RootfsMount,
+};
 use super::events::EventSink;
 use super::io::{ProcessIo, StdioPaths};
 use crate::agent::AgentClient;
 use crate::config::Config;
-use crate::sandbox::{error_chain, Sandbox};
+use crate::metrics::shim::{SandboxProbe, ShimMetricsServer};
+use crate::sandbox::{error_chain, Sandbox, SandboxDir, SandboxError};
+
+mod cgroup;
+mod exec;
 
 /// Where container rootfs shares are mounted in the guest: `<this>/<container id>`.
 pub const GUEST_CONTAINERS_ROOT: &str = "/run/tern/containers";
@@ -87,6 +95,14 @@ struct Container {
     pid: u32,
     phase: Phase,
     exit_tx: watch::Sender<Option<ExitInfo>>,
+    /// Exec processes by exec id.
+    execs: HashMap<String, exec::ExecProcess>,
+    /// Frozen by `Pause` (the init still counts as running).
+    paused: bool,
+    /// The shares of the spec's host bind mounts (`binds`).
+    bind_shares: BindShares,
+    /// A CRI pod's sandbox (pause) container.
+    cri_sandbox: bool,
 }
 
 impl Container {
@@ -103,6 +119,9 @@ struct State {
 
 struct Inner {
     config: Result<Config, String>,
+    /// containerd namespace and sandbox id: they name the VM's run directory (`SandboxDir`).
+    namespace: String,
+    sandbox_id: String,
     events: EventSink,
     exit: Arc<ExitSignal>,
     /// The sandbox VM, booted by the first `Create` (held by a std mutex: only blocking code
@@ -111,6 +130,10 @@ struct Inner {
     /// Serializes the first boot.
     boot: tokio::sync::Mutex<()>,
     state: Mutex<State>,
+    /// Watchable volume shares, shared by the containers that mount the same volume.
+    watchables: binds::WatchableShares,
+    /// `<root>/sbs/<sandbox-id>/shim-monitor.sock`, served while the VM runs.
+    metrics: Mutex<Option<ShimMetricsServer>>,
 }
 
 /// The Task service containerd talks to.
@@ -125,15 +148,25 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl TaskService {
-    pub fn new(config: Result<Config, String>, publisher: RemotePublisher, namespace: String, exit: Arc<ExitSignal>) -> Self {
+    pub fn new(
+        config: Result<Config, String>,
+        publisher: RemotePublisher,
+        namespace: String,
+        sandbox_id: String,
+        exit: Arc<ExitSignal>,
+    ) -> Self {
         TaskService {
             inner: Arc::new(Inner {
                 config,
+                namespace: namespace.clone(),
+                sandbox_id,
                 events: EventSink::new(publisher, namespace),
                 exit,
                 sandbox: Mutex::new(None),
                 boot: tokio::sync::Mutex::new(()),
                 state: Mutex::new(State::default()),
+                watchables: binds::WatchableShares::default(),
+                metrics: Mutex::new(None),
             }),
         }
     }
@@ -157,27 +190,52 @@ impl TaskService {
             return Ok(());
         }
         let config = self.config()?;
-        let sandbox = blocking(move || Sandbox::boot_with_shares(&config, Vec::new(), true))
-            .await?
+        // A named run directory: `shim delete` removes it if this process is SIGKILLed.
+        let (namespace, sandbox_id) = (self.inner.namespace.clone(), self.inner.sandbox_id.clone());
+        let sandbox = blocking(move || {
+            let dir = SandboxDir::named(&namespace, &sandbox_id).map_err(SandboxError::RunDir)?;
+            Sandbox::boot_in(&config, Vec::new(), true, dir)
+        })
+        .await?
             .map_err(|e| internal("cannot boot the sandbox VM", &e))?;
         tracing::info!(run_dir = %sandbox.run_dir().display(), "sandbox VM ready");
+        let probe = self.metrics_probe(&sandbox);
         *lock(&self.inner.sandbox) = Some(sandbox);
+        self.start_metrics(probe);
         Ok(())
+    }
+
+    /// What the metrics endpoint reads about the sandbox. The watcher's counters are read
+    /// through the sandbox lock without waiting for it: a scrape never blocks on an RPC.
+    fn metrics_probe(&self, sandbox: &Sandbox) -> SandboxProbe {
+        let inner = Arc::downgrade(&self.inner);
+        let (vcpus, memory_mib) = self.config().map(|c| (c.vm.vcpus, c.vm.memory_mib)).unwrap_or_default();
+        SandboxProbe {
+            vcpus,
+            memory_mib,
+            vm: sandbox.vm_metrics(),
+            agent: sandbox.agent().clone(),
+            watcher: Arc::new(move || {
+                let inner = inner.upgrade()?;
+                let guard = inner.sandbox.try_lock().ok()?;
+                guard.as_ref()?.watcher_counters()
+            }),
+        }
+    }
+
+    /// Publish the sandbox directory and its metrics socket; a failure costs only metrics.
+    fn start_metrics(&self, probe: SandboxProbe) {
+        let Ok(config) = self.config() else { return };
+        match ShimMetricsServer::start(&config.shim.root_dir, &self.inner.sandbox_id, probe) {
+            Ok(server) => *lock(&self.inner.metrics) = Some(server),
+            Err(e) => tracing::warn!(error = %error_chain(&e), "cannot serve sandbox metrics"),
+        }
     }
 
     fn with_container<T>(&self, id: &str, f: impl FnOnce(&mut Container) -> TtrpcResult<T>) -> TtrpcResult<T> {
         let mut state = lock(&self.inner.state);
         let c = state.containers.get_mut(id).ok_or_else(|| not_found(&format!("container {id}")))?;
         f(c)
-    }
-
-    /// Only the init process exists so far; exec ids are refused.
-    fn no_exec(exec_id: &str) -> TtrpcResult<()> {
-        if exec_id.is_empty() {
-            Ok(())
-        } else {
-            Err(rpc_error(Code::UNIMPLEMENTED, "exec processes are not supported yet"))
-        }
     }
 
     /// Share the rootfs with the guest and have the agent mount it at the container's path.
@@ -213,10 +271,11 @@ impl TaskService {
     async fn teardown(&self, c: Container) {
         let inner = Arc::clone(&self.inner);
         let result = blocking(move || {
-            let Container { share, guest_rootfs, rootfs, rootfs_mounted, io, .. } = c;
+            let Container { share, guest_rootfs, rootfs, rootfs_mounted, io, bind_shares, .. } = c;
             // Closing the FIFO ends the shim held (module docs of `io`).
             drop(io);
             let guard = lock(&inner.sandbox);
+            binds::unshare_binds(guard.as_ref(), &inner.watchables, bind_shares);
             if let Some(sandbox) = guard.as_ref() {
                 if let Err(e) = sandbox.agent().unmount(&guest_rootfs) {
                     tracing::warn!(error = %error_chain(&e), "cannot unmount the rootfs in the guest");
@@ -234,6 +293,41 @@ impl TaskService {
         if let Err(e) = result {
             tracing::warn!(error = %e, "container teardown failed");
         }
+    }
+
+    /// Share the container's host bind mounts with the VM (see [`binds`]).
+    async fn share_binds(
+        &self,
+        id: &str,
+        prefix: &str,
+        bundle: &Path,
+        host: Vec<HostBind>,
+    ) -> TtrpcResult<(HashMap<usize, String>, BindShares)> {
+        if host.is_empty() {
+            return Ok((HashMap::new(), BindShares::default()));
+        }
+        let fs = self.config()?.fs;
+        let inner = Arc::clone(&self.inner);
+        let (id, prefix, bundle) = (id.to_owned(), prefix.to_owned(), bundle.to_path_buf());
+        blocking(move || {
+            let guard = lock(&inner.sandbox);
+            let sandbox =
+                guard.as_ref().ok_or_else(|| rpc_error(Code::FAILED_PRECONDITION, "the sandbox VM is not running"))?;
+            binds::share_binds(sandbox, &inner.watchables, &fs, &id, &prefix, &bundle, &host)
+                .map_err(|e| internal("cannot share the container's bind mounts", &e))
+        })
+        .await?
+    }
+
+    /// Guest pids of this VM's running containers: the only `/proc/<pid>/ns/*` paths a spec
+    /// may join (a CRI container joins its pod's sandbox namespaces that way).
+    fn running_pids(&self) -> Vec<u32> {
+        lock(&self.inner.state)
+            .containers
+            .values()
+            .filter(|c| c.phase == Phase::Running && c.pid != 0)
+            .map(|c| c.pid)
+            .collect()
     }
 
     /// Record the exit of a started container and tell containerd.
@@ -263,6 +357,9 @@ impl TaskService {
 
     /// Power the VM off (if it runs) and end the shim.
     async fn stop_sandbox(&self) {
+        if let Some(metrics) = lock(&self.inner.metrics).take() {
+            metrics.stop();
+        }
         let sandbox = lock(&self.inner.sandbox).take();
         if let Some(sandbox) = sandbox {
             match blocking(move || sandbox.shutdown(SHUTDOWN_GRACE)).await {
@@ -286,9 +383,6 @@ impl Task for TaskService {
         }
         let stdio =
             StdioPaths { stdin: req.stdin.clone(), stdout: req.stdout.clone(), stderr: req.stderr.clone(), terminal: req.terminal };
-        if req.terminal {
-            return Err(rpc_error(Code::UNIMPLEMENTED, "terminal (tty) processes are not supported yet"));
-        }
         let bundle = PathBuf::from(&req.bundle);
         let rootfs = bundle.join("rootfs");
         let mounts: Vec<RootfsMount> = req
@@ -298,14 +392,15 @@ impl Task for TaskService {
             .collect();
         // Unmounts again on every early return below.
         let mut guard = RootfsGuard { path: rootfs.clone(), armed: !mounts.is_empty() };
-        let spec = {
+        let (spec, host_bind_mounts, unusable_binds) = {
             let (bundle, rootfs) = (bundle.clone(), rootfs.clone());
             blocking(move || {
                 let spec = load_spec(&bundle)?;
+                let (host, unusable) = host_binds(&spec)?;
                 std::fs::create_dir_all(&rootfs)
                     .map_err(|e| ContainerSpecError::MountRootfs { target: rootfs.clone(), message: e.to_string() })?;
                 mount_rootfs(&mounts, &rootfs)?;
-                Ok::<_, ContainerSpecError>(spec)
+                Ok::<_, ContainerSpecError>((spec, host, unusable))
             })
             .await?
             .map_err(|e| rpc_error(Code::INVALID_ARGUMENT, error_chain(&e)))?
@@ -317,21 +412,34 @@ impl Task for TaskService {
                 .map_err(|e| rpc_error(Code::INVALID_ARGUMENT, format!("stdio: {}", error_chain(&e))))?
         };
         let guest_rootfs = format!("{GUEST_CONTAINERS_ROOT}/{id}");
-        let (oci_spec, dropped) =
-            guest_spec(&spec, &guest_rootfs).map_err(|e| rpc_error(Code::INVALID_ARGUMENT, error_chain(&e)))?;
-        let guest = ContainerSpec { id: id.clone(), oci_spec, stdin: io.has_stdin() };
-        if !dropped.is_empty() {
-            tracing::info!(%id, ?dropped, "parts of the OCI spec do not apply inside the VM and were dropped");
-        }
+        // Refuse a spec the guest cannot run before booting or sharing anything.
+        guest_spec(&spec, &guest_rootfs).map_err(|e| rpc_error(Code::INVALID_ARGUMENT, error_chain(&e)))?;
         let share = {
             let mut state = lock(&self.inner.state);
             state.next_share += 1;
             format!("c{}", state.next_share)
         };
         self.ensure_sandbox().await?;
-        self.share_rootfs(&share, &rootfs, &guest_rootfs).await?;
+        let (bind_sources, bind_shares) = self.share_binds(&id, &share, &bundle, host_bind_mounts).await?;
+        if let Err(e) = self.share_rootfs(&share, &rootfs, &guest_rootfs).await {
+            let inner = Arc::clone(&self.inner);
+            let _ = blocking(move || {
+                binds::unshare_binds(lock(&inner.sandbox).as_ref(), &inner.watchables, bind_shares)
+            })
+            .await;
+            return Err(e);
+        }
         let rootfs_mounted = guard.armed;
         guard.armed = false;
+        let adapt = GuestAdaptation { binds: bind_sources, joinable_pids: self.running_pids() };
+        let adapted = guest_spec_for(&spec, &guest_rootfs, &adapt);
+        if let Ok((_, dropped)) = &adapted {
+            if !dropped.is_empty() || !unusable_binds.is_empty() {
+                tracing::info!(%id, ?dropped, ?unusable_binds, "parts of the OCI spec do not apply inside the VM and were dropped");
+            }
+        }
+        let oci_spec = adapted.as_ref().map(|(json, _)| json.clone()).unwrap_or_default();
+        let guest = ContainerSpec { id: id.clone(), oci_spec, stdin: io.has_stdin() };
         let (exit_tx, _) = watch::channel(None);
         let container = Container {
             bundle: req.bundle.clone(),
@@ -345,14 +453,24 @@ impl Task for TaskService {
             pid: 0,
             phase: Phase::Created,
             exit_tx,
+            execs: HashMap::new(),
+            paused: false,
+            bind_shares,
+            cri_sandbox: is_cri_sandbox(&spec),
         };
+        if let Err(e) = adapted {
+            self.teardown(container).await;
+            return Err(rpc_error(Code::INVALID_ARGUMENT, error_chain(&e)));
+        }
         lock(&self.inner.state).containers.insert(id.clone(), container);
         self.inner.events.created(&id, &req.bundle, &stdio, 0).await;
         Ok(api::CreateTaskResponse { pid: 0, ..Default::default() })
     }
 
     async fn start(&self, _ctx: &TtrpcContext, req: api::StartRequest) -> TtrpcResult<api::StartResponse> {
-        Self::no_exec(&req.exec_id)?;
+        if !req.exec_id.is_empty() {
+            return self.exec_start(&req.id, &req.exec_id).await;
+        }
         let id = req.id.clone();
         let (spec, mut io) = self.with_container(&id, |c| match c.phase {
             Phase::Created => Ok((c.spec.clone(), std::mem::take(&mut c.io))),
@@ -385,6 +503,7 @@ impl Task for TaskService {
         })?;
         self.inner.events.started(&id, pid).await;
         tokio::spawn(self.clone().watch_exit(id.clone(), pid, agent.clone()));
+        tokio::spawn(self.clone().watch_oom(id.clone(), agent.clone()));
         if let Err(e) = connected {
             tracing::warn!(%id, "stdio: {e:?}");
         }
@@ -392,10 +511,14 @@ impl Task for TaskService {
     }
 
     async fn state(&self, _ctx: &TtrpcContext, req: api::StateRequest) -> TtrpcResult<api::StateResponse> {
-        Self::no_exec(&req.exec_id)?;
+        if !req.exec_id.is_empty() {
+            let bundle = self.with_container(&req.id, |c| Ok(c.bundle.clone()))?;
+            return self.exec_state(&req.id, &req.exec_id, &bundle);
+        }
         self.with_container(&req.id, |c| {
             let status = match c.phase {
                 Phase::Created => api::Status::CREATED,
+                Phase::Running if c.paused => api::Status::PAUSED,
                 Phase::Running => api::Status::RUNNING,
                 Phase::Stopped => api::Status::STOPPED,
             };
@@ -417,7 +540,10 @@ impl Task for TaskService {
     }
 
     async fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
-        Self::no_exec(&req.exec_id)?;
+        if !req.exec_id.is_empty() {
+            self.exec_kill(&req.id, &req.exec_id, req.signal).await?;
+            return Ok(api::Empty::default());
+        }
         let phase = self.with_container(&req.id, |c| Ok(c.phase))?;
         match phase {
             Phase::Stopped => return Err(not_found("process already finished")),
@@ -441,7 +567,9 @@ impl Task for TaskService {
     }
 
     async fn wait(&self, _ctx: &TtrpcContext, req: api::WaitRequest) -> TtrpcResult<api::WaitResponse> {
-        Self::no_exec(&req.exec_id)?;
+        if !req.exec_id.is_empty() {
+            return self.exec_wait(&req.id, &req.exec_id).await;
+        }
         let mut rx = self.with_container(&req.id, |c| Ok(c.exit_tx.subscribe()))?;
         let exit = rx
             .wait_for(Option::is_some)
@@ -453,7 +581,9 @@ impl Task for TaskService {
     }
 
     async fn delete(&self, _ctx: &TtrpcContext, req: api::DeleteRequest) -> TtrpcResult<api::DeleteResponse> {
-        Self::no_exec(&req.exec_id)?;
+        if !req.exec_id.is_empty() {
+            return self.exec_delete(&req.id, &req.exec_id).await;
+        }
         let c = {
             let mut state = lock(&self.inner.state);
             let c = state.containers.get(&req.id).ok_or_else(|| not_found(&format!("container {}", req.id)))?;
@@ -464,30 +594,37 @@ impl Task for TaskService {
         };
         let pid = c.pid;
         let exit = c.exit().unwrap_or(ExitInfo { status: 0, at: Timestamp::now() });
+        if c.cri_sandbox {
+            // CRI removes a pod's containers before its sandbox; the VM stops at the
+            // `Shutdown` that follows once nothing is left.
+            let left: Vec<String> = lock(&self.inner.state).containers.keys().cloned().collect();
+            if !left.is_empty() {
+                tracing::warn!(sandbox = %req.id, ?left, "pod sandbox deleted before its containers");
+            }
+        }
         self.teardown(c).await;
         self.inner.events.deleted(&req.id, pid, exit.status, &exit.at).await;
         Ok(api::DeleteResponse { pid, exit_status: exit.status, exited_at: MessageField::some(exit.at), ..Default::default() })
     }
 
     async fn pids(&self, _ctx: &TtrpcContext, req: api::PidsRequest) -> TtrpcResult<api::PidsResponse> {
-        let pid = self.with_container(&req.id, |c| Ok(c.pid))?;
-        let processes = if pid == 0 {
-            Vec::new()
-        } else {
-            vec![containerd_shim_protos::types::task::ProcessInfo { pid, ..Default::default() }]
-        };
+        let pids = self.with_container(&req.id, |c| {
+            Ok(std::iter::once(c.pid).chain(c.execs.values().map(|e| e.pid)).filter(|p| *p != 0).collect::<Vec<_>>())
+        })?;
+        let processes =
+            pids.into_iter().map(|pid| containerd_shim_protos::types::task::ProcessInfo { pid, ..Default::default() }).collect();
         Ok(api::PidsResponse { processes, ..Default::default() })
     }
 
     async fn close_io(&self, _ctx: &TtrpcContext, req: api::CloseIORequest) -> TtrpcResult<api::Empty> {
-        Self::no_exec(&req.exec_id)?;
-        self.with_container(&req.id, |c| {
-            c.io.close_stdin();
-            Ok(())
-        })?;
-        // A started container's stdin copy thread owns the reader; tell the agent as well so
-        // EOF arrives even if containerd's writer lingers.
-        if let Ok(agent) = self.agent() {
+        if !req.exec_id.is_empty() {
+            self.exec_close_io(&req.id, &req.exec_id).await?;
+            return Ok(api::Empty::default());
+        }
+        // With a stdin FIFO the shim's copy delivers EOF itself after forwarding what
+        // containerd wrote (module docs of `io`); asking the agent as well could cut that off.
+        let shim_delivers_eof = self.with_container(&req.id, |c| Ok(c.io.close_stdin()))?;
+        if let (false, Ok(agent)) = (shim_delivers_eof, self.agent()) {
             let id = req.id.clone();
             let phase = self.with_container(&req.id, |c| Ok(c.phase))?;
             if phase == Phase::Running {
@@ -498,6 +635,45 @@ impl Task for TaskService {
             }
         }
         Ok(api::Empty::default())
+    }
+
+    async fn exec(&self, _ctx: &TtrpcContext, req: api::ExecProcessRequest) -> TtrpcResult<api::Empty> {
+        self.exec_add(req).await?;
+        Ok(api::Empty::default())
+    }
+
+    async fn resize_pty(&self, _ctx: &TtrpcContext, req: api::ResizePtyRequest) -> TtrpcResult<api::Empty> {
+        let guest_id = self.guest_process_id(&req.id, &req.exec_id)?;
+        let agent = self.agent()?;
+        let rows = u16::try_from(req.height).unwrap_or(u16::MAX);
+        let cols = u16::try_from(req.width).unwrap_or(u16::MAX);
+        blocking(move || agent.resize_pty(&guest_id, rows, cols))
+            .await?
+            .map_err(|e| internal("cannot resize the terminal", &e))?;
+        Ok(api::Empty::default())
+    }
+
+    async fn pause(&self, _ctx: &TtrpcContext, req: api::PauseRequest) -> TtrpcResult<api::Empty> {
+        self.pause_container(&req.id).await?;
+        Ok(api::Empty::default())
+    }
+
+    async fn resume(&self, _ctx: &TtrpcContext, req: api::ResumeRequest) -> TtrpcResult<api::Empty> {
+        self.resume_container(&req.id).await?;
+        Ok(api::Empty::default())
+    }
+
+    async fn stats(&self, _ctx: &TtrpcContext, req: api::StatsRequest) -> TtrpcResult<api::StatsResponse> {
+        self.container_stats(&req.id).await
+    }
+
+    async fn update(&self, _ctx: &TtrpcContext, req: api::UpdateTaskRequest) -> TtrpcResult<api::Empty> {
+        self.update_container(req).await?;
+        Ok(api::Empty::default())
+    }
+
+    async fn checkpoint(&self, _ctx: &TtrpcContext, _req: api::CheckpointTaskRequest) -> TtrpcResult<api::Empty> {
+        Err(rpc_error(Code::UNIMPLEMENTED, "checkpoint is not supported by tern (no CRIU inside the VM)"))
     }
 
     async fn connect(&self, _ctx: &TtrpcContext, req: api::ConnectRequest) -> TtrpcResult<api::ConnectResponse> {

@@ -76,6 +76,7 @@ impl Write for CapturedConsole {
 struct TinyVm {
     lifecycle: Arc<VmLifecycle>,
     console: CapturedConsole,
+    metrics: Arc<crate::metrics::VmMetrics>,
     // Dropped after the vCPU threads are joined.
     _vm: Vm,
 }
@@ -118,15 +119,18 @@ fn start_tiny_vm(kvm: &KvmSystem, code: &[u8], long_mode: bool) -> TinyVm {
     } else {
         vcpu.set_real_mode_entry(CODE_ADDR).unwrap();
     }
+    let metrics = Arc::new(crate::metrics::VmMetrics::default());
     let context = VcpuRunContext {
         pio: Arc::new(pio),
         mmio: Arc::new(MmioBus::new()),
         lifecycle: lifecycle.clone(),
+        metrics: metrics.clone(),
     };
     lifecycle.adopt_vcpu_thread(vcpu.spawn(context).unwrap());
     TinyVm {
         lifecycle,
         console,
+        metrics,
         _vm: vm,
     }
 }
@@ -151,6 +155,13 @@ fn real_mode_guest_prints_and_resets() {
         std::thread::sleep(Duration::from_millis(5));
     }
     assert_eq!(console_text(&vm), "OK\n");
+    // Three characters and the reset command: at least four port writes reached the VMM.
+    let exits = vm.metrics.snapshot().exits;
+    let io_out = exits
+        .iter()
+        .find(|(r, _)| *r == crate::metrics::ExitReason::IoOut)
+        .map_or(0, |(_, n)| *n);
+    assert!(io_out >= 4, "{exits:?}");
 }
 
 #[test]

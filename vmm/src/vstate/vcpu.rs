@@ -23,6 +23,7 @@ use crate::boot::{cpu, regs};
 use crate::devices::bus::{MmioBus, PioBus};
 use crate::devices::virtio::GuestMemory;
 use crate::lifecycle::{VcpuFault, VmLifecycle};
+use crate::metrics::{ExitReason, VmMetrics};
 
 /// The kick signal is `SIGRTMIN() + VCPU_KICK_SIGNAL_OFFSET`.
 pub const VCPU_KICK_SIGNAL_OFFSET: c_int = 0;
@@ -93,6 +94,8 @@ pub struct VcpuRunContext {
     /// The MMIO bus.
     pub mmio: Arc<MmioBus>,
     pub(crate) lifecycle: Arc<VmLifecycle>,
+    /// Where exits are counted.
+    pub metrics: Arc<VmMetrics>,
 }
 
 /// One virtual CPU.
@@ -293,6 +296,7 @@ impl Vcpu {
                 Ok(exit) => handle_exit(exit, context),
                 Err(err) if err.errno() == libc::EINTR => {
                     // A kick (or a stray signal): clear the flag and let the loop decide.
+                    context.metrics.exit(ExitReason::Interrupted);
                     self.fd.set_kvm_immediate_exit(0);
                     ExitAction::Continue
                 }
@@ -335,7 +339,23 @@ impl Vcpu {
     }
 }
 
+/// The metrics label of an exit.
+fn exit_reason(exit: &VcpuExit<'_>) -> ExitReason {
+    match exit {
+        VcpuExit::IoIn(..) => ExitReason::IoIn,
+        VcpuExit::IoOut(..) => ExitReason::IoOut,
+        VcpuExit::MmioRead(..) => ExitReason::MmioRead,
+        VcpuExit::MmioWrite(..) => ExitReason::MmioWrite,
+        VcpuExit::Hlt => ExitReason::Hlt,
+        VcpuExit::Shutdown => ExitReason::Shutdown,
+        VcpuExit::SystemEvent(..) => ExitReason::SystemEvent,
+        VcpuExit::Intr => ExitReason::Interrupted,
+        _ => ExitReason::Other,
+    }
+}
+
 fn handle_exit(exit: VcpuExit<'_>, context: &VcpuRunContext) -> ExitAction {
+    context.metrics.exit(exit_reason(&exit));
     match exit {
         VcpuExit::IoIn(port, data) => {
             if !context.pio.read(u64::from(port), data) {

@@ -3,6 +3,7 @@
 mod boot;
 mod check;
 mod fs_serve;
+mod monitor;
 mod run;
 
 use anyhow::Result;
@@ -44,6 +45,13 @@ enum Command {
     /// `mount -t virtiofs myfs /mnt` in the guest. Serves one frontend connection: exits 0
     /// when the frontend disconnects or on SIGINT/SIGTERM, and removes the socket.
     FsServe(fs_serve::FsServeArgs),
+    /// Serve every tern sandbox's metrics in one Prometheus endpoint.
+    ///
+    /// Watches the sandbox directory (`<shim.root_dir>/sbs`) for shims, scrapes each one's
+    /// `shim-monitor.sock` concurrently and labels every series with `sandbox_id` and the pod's
+    /// `cri_uid`, `cri_name`, `cri_namespace` from CRI. Endpoints: /metrics
+    /// (`?filter_family=PREFIX`), /sandboxes, /agent-url?sandbox=ID.
+    Monitor(monitor::MonitorArgs),
     /// Boot a kernel and an initramfs with no agent, console on stdout, until the guest
     /// reboots (for benchmarks and debugging).
     #[command(hide = true)]
@@ -101,6 +109,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
         Command::Run(args) => run::run(config, args),
         Command::Check(args) => check::check(&config, args),
         Command::FsServe(args) => fs_serve::fs_serve(args),
+        Command::Monitor(args) => monitor::monitor(&config, args),
         Command::Boot(args) => boot::boot(config, args),
     }
 }

@@ -84,11 +84,17 @@ impl Coalescer {
             return;
         }
         if let Some(&at) = burst.index.get(&record.path) {
-            // The latest kind wins; the position of the first sighting keeps the order. A
-            // rename's old path stays known through later changes at the new path (write then
-            // rename then write is still a rename), until the entry is removed.
+            // The latest kind wins, except that a change never hides that the entry went away
+            // (the agent removes only what a record says was removed or renamed away, and a
+            // late IN_MODIFY/IN_ATTRIB can follow the IN_DELETE or IN_MOVED_FROM of a name);
+            // the position of the first sighting keeps the order. A rename's old path stays
+            // known through later changes at the new path (write then rename then write is
+            // still a rename), until the entry is removed.
             if let Some(pending) = burst.records.get_mut(at) {
-                pending.kind = record.kind;
+                let went_away = matches!(pending.kind, ChangeKind::Removed | ChangeKind::Moved);
+                if !(went_away && record.kind == ChangeKind::Modified) {
+                    pending.kind = record.kind;
+                }
                 if record.kind == ChangeKind::Removed {
                     pending.from = None;
                 } else if record.from.is_some() {
@@ -199,12 +205,34 @@ mod tests {
         c.push("s", moved("h", "x"), t0, 6);
         c.push("s", rec("h", ChangeKind::Removed), t0, 7);
         let records = c.take().remove(0).records;
+        assert_eq!(records, vec![rec("f", ChangeKind::Moved), moved("g", "f"), rec("h", ChangeKind::Removed),]);
+    }
+
+    #[test]
+    fn a_modify_then_a_rename_stays_a_rename_and_a_late_change_never_hides_a_removal() {
+        let mut c = long();
+        let t0 = Instant::now();
+        // Write then rename: the old name went away, the new one names it.
+        c.push("s", rec("f", ChangeKind::Modified), t0, 1);
+        c.push("s", rec("f", ChangeKind::Moved), t0, 2);
+        c.push("s", moved("g", "f"), t0, 3);
+        c.push("s", rec("f", ChangeKind::Modified), t0, 4);
+        c.push("s", rec("g", ChangeKind::Modified), t0, 5);
+        // Removed, then a late attribute change of the same name.
+        c.push("s", rec("x", ChangeKind::Removed), t0, 6);
+        c.push("s", rec("x", ChangeKind::Modified), t0, 7);
+        // Removed and created again: the new entry is what is there.
+        c.push("s", rec("y", ChangeKind::Removed), t0, 8);
+        c.push("s", rec("y", ChangeKind::Created), t0, 9);
+        c.push("s", rec("y", ChangeKind::Modified), t0, 10);
+        let records = c.take().remove(0).records;
         assert_eq!(
             records,
             vec![
                 rec("f", ChangeKind::Moved),
-                ChangeRecord { path: "g".into(), kind: ChangeKind::Modified, from: Some("f".into()) },
-                rec("h", ChangeKind::Removed),
+                moved("g", "f"),
+                rec("x", ChangeKind::Removed),
+                rec("y", ChangeKind::Modified),
             ]
         );
     }

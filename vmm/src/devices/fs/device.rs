@@ -20,6 +20,7 @@ use super::policy::ShareFs;
 use super::share::{validate_share_name, ShareConfig, ShareError};
 use super::{NUM_QUEUES, QUEUE_SIZE, TAG_LEN};
 use crate::devices::event_loop::{EventLoopHandle, SharedSubscriber, SubscriberToken};
+use crate::metrics::VmMetrics;
 use crate::devices::virtio::{
     read_config_space, ActivateError, ActivatedQueue, GuestMemory, InterruptSignal, VirtioDevice,
 };
@@ -122,9 +123,15 @@ pub struct VirtioFs {
     events: EventLoopHandle,
     acked_features: u64,
     active: Option<Active>,
+    metrics: Option<Arc<VmMetrics>>,
 }
 
 impl VirtioFs {
+    /// Count this device's queue notifications and requests in `metrics`.
+    pub fn set_metrics(&mut self, metrics: Arc<VmMetrics>) {
+        self.metrics = Some(metrics);
+    }
+
     /// A device with tag `tag` (at most [`TAG_LEN`] bytes) serving `shares`.
     pub fn new(tag: &str, shares: Arc<FsShares>, events: EventLoopHandle) -> Result<Self, ShareError> {
         if tag.is_empty() || tag.len() > TAG_LEN || tag.contains('\0') {
@@ -134,7 +141,7 @@ impl VirtioFs {
         config[..tag.len()].copy_from_slice(tag.as_bytes());
         let request_queues = (NUM_QUEUES - 1) as u32;
         config[TAG_LEN..].copy_from_slice(&request_queues.to_le_bytes());
-        Ok(VirtioFs { config, shares, events, acked_features: 0, active: None })
+        Ok(VirtioFs { config, shares, events, acked_features: 0, active: None, metrics: None })
     }
 
     fn deactivate(&mut self) {
@@ -193,7 +200,8 @@ impl VirtioDevice for VirtioFs {
             [hiprio.kick, request.kick],
             Arc::new(Server::new(self.shares.vfs())),
             stopped.clone(),
-        );
+        )
+        .with_metrics(self.metrics.clone());
         let subscriber: SharedSubscriber = Arc::new(Mutex::new(handler));
         let token = self.events.add_subscriber(subscriber)?;
         self.active = Some(Active { token, stopped });

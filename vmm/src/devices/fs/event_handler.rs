@@ -22,6 +22,8 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::virtio::{GuestMemory, InterruptSignal, INT_VRING};
+use crate::metrics::FsMetrics;
+use crate::metrics::VmMetrics;
 
 /// Queue indices (virtio 1.2, 5.11.2): FORGETs go on hiprio, everything else on request 0.
 pub const HIPRIO_QUEUE: usize = 0;
@@ -61,6 +63,7 @@ pub struct FsHandler {
     server: Arc<Server<Arc<Vfs>>>,
     /// Set by a device reset: from then on the guest's queue memory is no longer ours to touch.
     stopped: Arc<AtomicBool>,
+    metrics: Option<Arc<VmMetrics>>,
 }
 
 /// Count descriptors and bytes of a chain without consuming it.
@@ -118,8 +121,24 @@ fn reply_error(writer: &mut Writer<'_>, unique: u64, errno: i32) -> u32 {
 
 /// Serve one chain; returns the number of bytes written for the used ring.
 pub fn serve_chain(server: &Server<Arc<Vfs>>, mem: &GuestMemory, chain: Chain<'_>) -> u32 {
+    serve_chain_counted(server, mem, chain, None)
+}
+
+/// [`serve_chain`], counting the request (opcode, latency, failures) in `metrics`.
+pub fn serve_chain_counted(
+    server: &Server<Arc<Vfs>>,
+    mem: &GuestMemory,
+    chain: Chain<'_>,
+    metrics: Option<&FsMetrics>,
+) -> u32 {
+    let refused = || {
+        if let Some(m) = metrics {
+            m.request_refused();
+        }
+    };
     if let Err(e) = check_chain_shape(&chain) {
         tracing::debug!(error = %e, "virtio-fs chain refused");
+        refused();
         // Not even an error reply: a chain this shape is not from a well-behaved driver.
         return 0;
     }
@@ -127,6 +146,7 @@ pub fn serve_chain(server: &Server<Arc<Vfs>>, mem: &GuestMemory, chain: Chain<'_
         Ok(r) => r,
         Err(e) => {
             tracing::debug!(error = ?e, "{}", ChainError::BadMemory);
+            refused();
             return 0;
         }
     };
@@ -134,6 +154,7 @@ pub fn serve_chain(server: &Server<Arc<Vfs>>, mem: &GuestMemory, chain: Chain<'_
         Ok(w) => w.into(),
         Err(e) => {
             tracing::debug!(error = ?e, "{}", ChainError::BadMemory);
+            refused();
             return 0;
         }
     };
@@ -141,6 +162,7 @@ pub fn serve_chain(server: &Server<Arc<Vfs>>, mem: &GuestMemory, chain: Chain<'_
         Ok(h) => h,
         Err(e) => {
             tracing::debug!(error = %e, "malformed virtio-fs request");
+            refused();
             // The unique id is only trustworthy if the header was read at all.
             let unique = match e {
                 ChainError::BadHeaderLen { .. } => reader.clone().read_obj::<InHeader>().map_or(0, |h| h.unique),
@@ -150,7 +172,12 @@ pub fn serve_chain(server: &Server<Arc<Vfs>>, mem: &GuestMemory, chain: Chain<'_
         }
     };
     tracing::trace!(opcode = header.opcode, unique = header.unique, nodeid = header.nodeid, len = header.len, "virtio-fs request");
-    match server.handle_message(reader, writer, None, None) {
+    let started = std::time::Instant::now();
+    let result = server.handle_message(reader, writer, None, None);
+    if let Some(m) = metrics {
+        m.request_served(header.opcode, started.elapsed(), result.is_err());
+    }
+    match result {
         Ok(written) => u32::try_from(written).unwrap_or(0),
         Err(e) => {
             tracing::debug!(opcode = header.opcode, error = ?e, "virtio-fs request failed");
@@ -168,7 +195,13 @@ impl FsHandler {
         server: Arc<Server<Arc<Vfs>>>,
         stopped: Arc<AtomicBool>,
     ) -> Self {
-        FsHandler { mem, interrupt, queues, kicks, server, stopped }
+        FsHandler { mem, interrupt, queues, kicks, server, stopped, metrics: None }
+    }
+
+    /// Count queue notifications and requests in `metrics`.
+    pub fn with_metrics(mut self, metrics: Option<Arc<VmMetrics>>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Serve every chain posted on `queue`. Returns whether any was used.
@@ -177,7 +210,7 @@ impl FsHandler {
         let mut used = false;
         while let Some(chain) = q.pop_descriptor_chain(&self.mem) {
             let head = chain.head_index();
-            let len = serve_chain(&self.server, &self.mem, chain);
+            let len = serve_chain_counted(&self.server, &self.mem, chain, self.metrics.as_deref().map(|m| &m.fs));
             // Every chain goes back, even a refused one, or the guest leaks the buffer.
             if let Err(e) = q.add_used(&self.mem, head, len) {
                 tracing::warn!(error = %e, "cannot return a virtio-fs buffer");
@@ -190,7 +223,9 @@ impl FsHandler {
     fn handle(&mut self, queue: usize) {
         if let Some(kick) = self.kicks.get(queue) {
             // EAGAIN only means no kick was pending.
-            let _ = kick.read();
+            if let (Ok(kicks), Some(m)) = (kick.read(), &self.metrics) {
+                m.fs.device.queue_notified(queue, kicks);
+            }
         }
         if self.process_queue(queue) {
             self.notify(queue);

@@ -13,6 +13,7 @@ use super::event_handler::VsockHandler;
 use super::muxer::Muxer;
 use super::VsockError;
 use crate::devices::event_loop::{EventLoopHandle, SharedSubscriber, SubscriberToken};
+use crate::metrics::VmMetrics;
 use crate::devices::virtio::{
     read_config_space, ActivateError, ActivatedQueue, GuestMemory, InterruptSignal, VirtioDevice,
 };
@@ -37,9 +38,15 @@ pub struct Vsock {
     events: EventLoopHandle,
     acked_features: u64,
     active: Option<Active>,
+    metrics: Option<Arc<VmMetrics>>,
 }
 
 impl Vsock {
+    /// Count this device's queue notifications and payload bytes in `metrics`.
+    pub fn set_metrics(&mut self, metrics: Arc<VmMetrics>) {
+        self.metrics = Some(metrics);
+    }
+
     /// Create the device and bind its host listener at `uds_path` (which must not exist).
     /// Host clients may connect at once; they are served once the guest driver is up.
     pub fn new(guest_cid: u64, uds_path: &Path, events: EventLoopHandle) -> Result<Vsock, VsockError> {
@@ -55,6 +62,7 @@ impl Vsock {
             events,
             acked_features: 0,
             active: None,
+            metrics: None,
         })
     }
 
@@ -126,7 +134,8 @@ impl VirtioDevice for Vsock {
             [rx.kick, tx.kick, ev.kick],
             muxer,
             stopped.clone(),
-        );
+        )
+        .with_metrics(self.metrics.clone());
         let subscriber: SharedSubscriber = Arc::new(Mutex::new(handler));
         let token = self.events.add_subscriber(subscriber)?;
         self.active = Some(Active { token, stopped });

@@ -11,8 +11,9 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::muxer::Muxer;
-use super::packet::{Header, HEADER_SIZE, MAX_PKT_DATA};
+use super::packet::{Header, HEADER_SIZE, MAX_PKT_DATA, VSOCK_OP_RW};
 use crate::devices::virtio::{GuestMemory, InterruptSignal, INT_VRING};
+use crate::metrics::VmMetrics;
 
 /// Queue indices (virtio 1.2, 5.10.2).
 pub const RX_QUEUE: usize = 0;
@@ -30,6 +31,7 @@ pub struct VsockHandler {
     muxer: Muxer,
     /// Set by a device reset: from then on the guest's queue memory is no longer ours to touch.
     stopped: Arc<AtomicBool>,
+    metrics: Option<Arc<VmMetrics>>,
 }
 
 impl VsockHandler {
@@ -41,7 +43,13 @@ impl VsockHandler {
         muxer: Muxer,
         stopped: Arc<AtomicBool>,
     ) -> Self {
-        VsockHandler { mem, interrupt, queues, kicks, muxer, stopped }
+        VsockHandler { mem, interrupt, queues, kicks, muxer, stopped, metrics: None }
+    }
+
+    /// Count queue notifications and payload bytes in `metrics`.
+    pub fn with_metrics(mut self, metrics: Option<Arc<VmMetrics>>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// The muxer (tests drive it directly).
@@ -81,7 +89,9 @@ impl VsockHandler {
     fn drain_kick(&mut self, queue: usize) {
         if let Some(kick) = self.kicks.get(queue) {
             // EAGAIN only means no kick was pending.
-            let _ = kick.read();
+            if let (Ok(kicks), Some(m)) = (kick.read(), &self.metrics) {
+                m.vsock.device.queue_notified(queue, kicks);
+            }
         }
     }
 
@@ -94,6 +104,9 @@ impl VsockHandler {
             match VsockPacket::from_tx_virtq_chain(&self.mem, &mut chain, MAX_PKT_DATA) {
                 Ok(pkt) => {
                     let hdr = Header::of(&pkt);
+                    if let (VSOCK_OP_RW, Some(m)) = (hdr.op, &self.metrics) {
+                        m.vsock.from_guest(hdr.len);
+                    }
                     self.muxer.send_pkt(&hdr, pkt.data_slice());
                 }
                 Err(e) => tracing::debug!(error = %e, "malformed vsock tx chain dropped"),
@@ -117,7 +130,12 @@ impl VsockHandler {
             let used_len = match VsockPacket::from_rx_virtq_chain(&self.mem, &mut chain, MAX_PKT_DATA) {
                 Ok(mut pkt) => match self.muxer.recv_pkt(pkt.data_slice()) {
                     Some(hdr) => match hdr.write_to(&mut pkt) {
-                        Ok(()) => HEADER_SIZE as u32 + hdr.len,
+                        Ok(()) => {
+                            if let (VSOCK_OP_RW, Some(m)) = (hdr.op, &self.metrics) {
+                                m.vsock.to_guest(hdr.len);
+                            }
+                            HEADER_SIZE as u32 + hdr.len
+                        }
                         Err(e) => {
                             tracing::warn!(error = %e, "cannot write a vsock rx header");
                             0

@@ -1,0 +1,379 @@
+//! FIFO I/O guarantees and cleanup of `containerd-shim-tern-v2`, end to end through a real
+//! containerd and `ctr` (each test starts its own containerd, see `tern_tests::containerd`):
+//!
+//! - 50 MiB of stdout arrives byte-identical when the reader opens late (`ctr run -d`, the
+//!   process starts writing after ctr's reader is gone, `ctr task attach` reads it later);
+//! - a stdout reader that stalls (a foreground `ctr run` whose own stdout nobody reads) blocks
+//!   neither `ctr task kill` nor the exit (STOPPED) nor `ctr task delete`, and what was written
+//!   arrives as a gapless prefix;
+//! - stdin EOF through CloseIO (`ctr run` with piped stdin) after byte-exact forwarding;
+//! - a SIGKILLed shim, and a guest kernel panic, end with the task stopped and nothing left:
+//!   no shim process, mount, socket, run directory, bundle, or open FIFO.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use tern_tests::containerd::{
+    containerd_unavailable, stderr, stdout, TestContainerd, BUSYBOX_IMAGE, NAMESPACE, SNAPSHOTTER, TERN_RUNTIME,
+};
+
+/// One `ctr run` includes a VM boot, which is slow under the nested runner's emulation.
+const RUN_LIMIT: Duration = Duration::from_secs(180);
+/// Bound for task operations that must not depend on a consumer: kill, delete.
+const TASK_OP_LIMIT: Duration = Duration::from_secs(60);
+/// 50 MiB.
+const LATE_ATTACH_BYTES: usize = 50 << 20;
+
+/// KVM guard plus containerd availability; `None` means skip.
+fn setup(test: &str) -> Option<TestContainerd> {
+    if !tern_tests::require_linux_kvm(test) {
+        return None;
+    }
+    if let Some(reason) = containerd_unavailable() {
+        let msg = format!("*** {test}: NOT RUN — {reason}");
+        if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
+            panic!("{msg}");
+        }
+        eprintln!("{msg}");
+        return None;
+    }
+    let ctrd = TestContainerd::start();
+    ctrd.import_busybox();
+    Some(ctrd)
+}
+
+/// `ctr` against the test containerd, not yet run.
+fn ctr_command(ctrd: &TestContainerd, args: &[&str]) -> Command {
+    let mut cmd = Command::new("ctr");
+    cmd.arg("--address").arg(ctrd.address()).arg("--namespace").arg(NAMESPACE).args(args);
+    cmd
+}
+
+/// `ctr run` arguments with tern's runtime and the test image.
+fn run_args<'a>(flags: &[&'a str], id: &'a str, argv: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["run", "--snapshotter", SNAPSHOTTER, "--runtime", TERN_RUNTIME];
+    args.extend_from_slice(flags);
+    args.push(BUSYBOX_IMAGE);
+    args.push(id);
+    args.extend_from_slice(argv);
+    args
+}
+
+/// A background `ctr`, killed if the test ends early.
+struct Background(Option<Child>);
+
+impl Background {
+    fn spawn(mut cmd: Command, stdin: Stdio) -> Background {
+        cmd.stdin(stdin).stdout(Stdio::piped()).stderr(Stdio::piped());
+        Background(Some(cmd.spawn().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))))
+    }
+
+    fn child(&mut self) -> &mut Child {
+        self.0.as_mut().unwrap()
+    }
+
+    /// Wait for the exit with all output; `None` after `limit` (the child is then killed).
+    fn finish(mut self, limit: Duration) -> Option<Output> {
+        let child = self.0.take().unwrap();
+        let pid = child.id() as i32;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(child.wait_with_output());
+        });
+        match rx.recv_timeout(limit) {
+            Ok(out) => Some(out.unwrap()),
+            Err(_) => {
+                // SAFETY: kill(2) on our child; its waiter thread has not reaped it.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                None
+            }
+        }
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// `seq 1 n` output, the container side's deterministic, non-periodic data.
+fn seq_output(n: u64) -> Vec<u8> {
+    let mut out = Vec::new();
+    for i in 1..=n {
+        out.extend_from_slice(i.to_string().as_bytes());
+        out.push(b'\n');
+    }
+    out
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Deterministic pseudo-random bytes.
+fn pattern(len: usize) -> Vec<u8> {
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// Whether `got` is what `seq 1 …` prints, cut anywhere (a gapless prefix).
+fn is_seq_prefix(got: &[u8]) -> bool {
+    let mut expected = 1u64;
+    let mut rest = got;
+    while let Some(nl) = rest.iter().position(|&b| b == b'\n') {
+        if rest[..nl] != *expected.to_string().as_bytes() {
+            return false;
+        }
+        expected += 1;
+        rest = &rest[nl + 1..];
+    }
+    expected.to_string().as_bytes().starts_with(rest)
+}
+
+fn task_status(ctrd: &TestContainerd, id: &str) -> Option<String> {
+    let tasks = stdout(&ctrd.ctr(&["task", "ls"], TASK_OP_LIMIT));
+    tasks
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(id))
+        .and_then(|l| l.split_whitespace().nth(2).map(str::to_owned))
+}
+
+/// Poll until the task reaches `status`; the time it took, or `None` after `limit`.
+fn wait_status(ctrd: &TestContainerd, id: &str, status: &str, limit: Duration) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if task_status(ctrd, id).as_deref() == Some(status) {
+            return Some(start.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    None
+}
+
+/// Bundle directory containerd made for container `id`.
+fn bundle_of(ctrd: &TestContainerd, id: &str) -> PathBuf {
+    ctrd.dir().join("state/io.containerd.runtime.v2.task").join(NAMESPACE).join(id)
+}
+
+/// Sandbox run directories (the shims' `TERN_RUN_DIR` is `<dir>/vm`).
+fn run_dirs(ctrd: &TestContainerd) -> Vec<PathBuf> {
+    std::fs::read_dir(ctrd.dir().join("vm")).into_iter().flatten().flatten().map(|e| e.path()).collect()
+}
+
+/// Processes that have any file under `dir` open.
+fn holders_of(dir: &Path) -> Vec<String> {
+    let mut holders = Vec::new();
+    for proc_entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(fds) = std::fs::read_dir(proc_entry.path().join("fd")) else { continue };
+        for fd in fds.flatten() {
+            if std::fs::read_link(fd.path()).is_ok_and(|target| target.starts_with(dir)) {
+                holders.push(proc_entry.file_name().to_string_lossy().into_owned());
+                break;
+            }
+        }
+    }
+    holders
+}
+
+/// After a sandbox is gone: no shim, no bundle mount, no run directory, no bundle, no task.
+fn assert_clean(ctrd: &TestContainerd, id: &str) {
+    assert!(ctrd.wait_no_shims(Duration::from_secs(30)), "a shim outlived its tasks\n{}", ctrd.logs());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while bundle_of(ctrd, id).exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(!bundle_of(ctrd, id).exists(), "bundle of {id} left behind\n{}", ctrd.logs());
+    let mounts = ctrd.mounts_left();
+    assert!(mounts.is_empty(), "mounts left behind: {mounts:?}");
+    assert_eq!(run_dirs(ctrd), Vec::<PathBuf>::new(), "sandbox run directories left behind");
+    assert_eq!(task_status(ctrd, id), None, "task {id} still listed");
+}
+
+#[test]
+fn late_reader_gets_50_mib_of_stdout_byte_identical() {
+    let Some(ctrd) = setup("late_reader_gets_50_mib_of_stdout_byte_identical") else { return };
+    let fifo_dir = ctrd.dir().join("fifo");
+    let fifo_flag = format!("--fifo-dir={}", fifo_dir.display());
+    // The process writes nothing until ctr run -d (the first reader) has exited; then 50 MiB
+    // of `seq` output, far more than the FIFO, socket and vsock buffers hold, so it blocks
+    // until the late reader comes.
+    let script = format!("sleep 5; seq 1 9000000 | head -c {LATE_ATTACH_BYTES}");
+    let out = ctrd.ctr(&run_args(&["-d", &fifo_flag], "late", &["sh", "-c", &script]), RUN_LIMIT);
+    assert!(out.status.success(), "ctr run -d failed: {}\n{}", stderr(&out), ctrd.logs());
+    assert!(out.stdout.is_empty(), "ctr run -d read output before it detached; the test needs a later start");
+    std::thread::sleep(Duration::from_secs(15));
+    assert_eq!(task_status(&ctrd, "late").as_deref(), Some("RUNNING"), "the writer should be blocked, not done");
+
+    // ctr task attach opens the FIFOs now, reads to EOF and deletes the task.
+    let out = ctrd.ctr(&["task", "attach", "late"], Duration::from_secs(600));
+    assert!(out.status.success(), "ctr task attach failed: {}\n{}", stderr(&out), ctrd.logs());
+    let mut expected = seq_output(9_000_000);
+    expected.truncate(LATE_ATTACH_BYTES);
+    assert_eq!(
+        (out.stdout.len(), sha256_hex(&out.stdout)),
+        (expected.len(), sha256_hex(&expected)),
+        "late reader's stdout differs from what the process wrote"
+    );
+    let out = ctrd.ctr(&["container", "delete", "late"], TASK_OP_LIMIT);
+    assert!(out.status.success(), "ctr container delete failed: {}", stderr(&out));
+    assert_clean(&ctrd, "late");
+}
+
+#[test]
+fn stalled_stdout_reader_blocks_neither_kill_nor_delete() {
+    let Some(ctrd) = setup("stalled_stdout_reader_blocks_neither_kill_nor_delete") else { return };
+    // A foreground ctr whose stdout pipe the test never reads: its FIFO copy stalls as soon as
+    // the pipe is full, i.e. a reader that holds the FIFO open and stops reading.
+    let cmd = ctr_command(&ctrd, &run_args(&["--rm"], "stall", &["seq", "1", "1000000000"]));
+    let mut ctr_run = Background::spawn(cmd, Stdio::null());
+    assert!(wait_status(&ctrd, "stall", "RUNNING", RUN_LIMIT).is_some(), "the task never ran\n{}", ctrd.logs());
+    std::thread::sleep(Duration::from_secs(5));
+
+    let start = Instant::now();
+    let out = ctrd.ctr(&["task", "kill", "--signal", "SIGKILL", "stall"], TASK_OP_LIMIT);
+    assert!(out.status.success(), "ctr task kill failed: {}\n{}", stderr(&out), ctrd.logs());
+    let killed_in = start.elapsed();
+    let stopped_in = wait_status(&ctrd, "stall", "STOPPED", TASK_OP_LIMIT);
+    assert!(stopped_in.is_some(), "the task did not stop with its reader stalled\n{}", ctrd.logs());
+    let start = Instant::now();
+    let out = ctrd.ctr(&["task", "delete", "stall"], TASK_OP_LIMIT);
+    assert!(out.status.success(), "ctr task delete failed: {}\n{}", stderr(&out), ctrd.logs());
+    let deleted_in = start.elapsed();
+    eprintln!("stalled reader: kill {killed_in:?}, stopped after {stopped_in:?}, delete {deleted_in:?}");
+    assert!(ctrd.wait_no_shims(Duration::from_secs(30)), "the shim stayed with a stalled reader\n{}", ctrd.logs());
+
+    // The consumer resumes: the foreground ctr drains and ends; what it got is intact.
+    let mut ctr_stdout = ctr_run.child().stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut got = Vec::new();
+        let _ = ctr_stdout.read_to_end(&mut got);
+        let _ = tx.send(got);
+    });
+    let got = rx.recv_timeout(TASK_OP_LIMIT).expect("the stalled ctr never saw EOF");
+    assert!(ctr_run.finish(TASK_OP_LIMIT).is_some(), "ctr run did not end");
+    assert!(got.len() >= 64 << 10, "only {} bytes: the reader cannot have stalled on a full FIFO", got.len());
+    assert!(is_seq_prefix(&got), "the {} bytes read are not a gapless prefix of the output", got.len());
+    let _ = ctrd.ctr(&["container", "delete", "stall"], TASK_OP_LIMIT);
+    assert_clean(&ctrd, "stall");
+}
+
+#[test]
+fn close_io_ends_stdin_after_every_byte() {
+    let Some(ctrd) = setup("close_io_ends_stdin_after_every_byte") else { return };
+    let input = pattern(1 << 20);
+    // ctr copies its stdin to the FIFO and, at EOF, calls CloseIO before closing its writer.
+    let cmd = ctr_command(&ctrd, &run_args(&["--rm"], "cat", &["sh", "-c", "cat; echo; echo stdin-eof"]));
+    let mut ctr_run = Background::spawn(cmd, Stdio::piped());
+    let mut stdin = ctr_run.child().stdin.take().unwrap();
+    let feed = input.clone();
+    let feeder = std::thread::spawn(move || stdin.write_all(&feed));
+    let out = ctr_run.finish(RUN_LIMIT).unwrap_or_else(|| panic!("cat never saw EOF\n{}", ctrd.logs()));
+    feeder.join().unwrap().unwrap();
+    assert!(out.status.success(), "ctr run failed: {}\n{}", stderr(&out), ctrd.logs());
+    let mut expected = input;
+    expected.extend_from_slice(b"\nstdin-eof\n");
+    assert_eq!(
+        (out.stdout.len(), sha256_hex(&out.stdout)),
+        (expected.len(), sha256_hex(&expected)),
+        "stdin did not come back byte-exact before EOF"
+    );
+    assert_clean(&ctrd, "cat");
+}
+
+#[test]
+fn sigkill_of_the_shim_leaves_nothing_behind() {
+    let Some(ctrd) = setup("sigkill_of_the_shim_leaves_nothing_behind") else { return };
+    let fifo_dir = ctrd.dir().join("fifo");
+    let fifo_flag = format!("--fifo-dir={}", fifo_dir.display());
+    let cmd = ctr_command(&ctrd, &run_args(&["--rm", &fifo_flag], "victim", &["sleep", "1000"]));
+    let ctr_run = Background::spawn(cmd, Stdio::null());
+    assert!(wait_status(&ctrd, "victim", "RUNNING", RUN_LIMIT).is_some(), "the task never ran\n{}", ctrd.logs());
+
+    // What a live sandbox has: one shim, its socket, a run directory with the vsock socket,
+    // the rootfs mounted in the bundle.
+    let pids = ctrd.shim_pids();
+    assert_eq!(pids.len(), 1, "shims: {pids:?}");
+    let bundle = bundle_of(&ctrd, "victim");
+    let address = std::fs::read_to_string(bundle.join("address")).expect("the shim's address in the bundle");
+    let socket = PathBuf::from(address.trim().trim_start_matches("unix://"));
+    assert!(socket.exists(), "no shim socket at {}", socket.display());
+    let dirs = run_dirs(&ctrd);
+    assert!(
+        dirs.len() == 1 && dirs[0].join("vsock.sock").exists(),
+        "expected one sandbox run directory with the vsock socket: {dirs:?}"
+    );
+    let rootfs = bundle.join("rootfs").to_string_lossy().into_owned();
+    assert!(ctrd.mounts_left().contains(&rootfs), "rootfs not mounted: {:?}", ctrd.mounts_left());
+
+    // SAFETY: kill(2) on the shim of our own containerd (matched by its socket address).
+    assert_eq!(unsafe { libc::kill(pids[0], libc::SIGKILL) }, 0);
+
+    // containerd notices the dead shim, runs `shim delete` and reports the task gone; ctr run
+    // ends (its Wait fails) and removes the container.
+    let out = ctr_run.finish(RUN_LIMIT).unwrap_or_else(|| panic!("ctr run hung after the shim died\n{}", ctrd.logs()));
+    assert!(!out.status.success(), "ctr run succeeded although its shim was killed");
+    let _ = ctrd.ctr(&["task", "delete", "victim"], TASK_OP_LIMIT);
+    let _ = ctrd.ctr(&["container", "delete", "victim"], TASK_OP_LIMIT);
+    assert_clean(&ctrd, "victim");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", pids[0])).unwrap_or_default();
+    assert!(status.is_empty() || status.contains("State:\tZ"), "the shim (and its VM threads) still run:\n{status}");
+    assert!(!socket.exists(), "the dead shim's socket {} was left behind", socket.display());
+    // The FIFOs are ctr's (it made them and removes them itself unless it fails, as here, and
+    // for runc alike); nothing may still hold them open.
+    assert_eq!(holders_of(&fifo_dir), Vec::<String>::new(), "processes still hold the task's FIFOs");
+}
+
+#[test]
+fn guest_kernel_panic_stops_the_task_and_cleans_up() {
+    let Some(ctrd) = setup("guest_kernel_panic_stops_the_task_and_cleans_up") else { return };
+    // The guest kernel has no magic SysRq, so the container panics it the other way a
+    // workload can: `vm.panic_on_oom` (through a proc mount of its own, /proc/sys being
+    // read-only in the container) and a tmpfs filled past the guest's memory.
+    let script = "mount -t proc proc /root && echo 1 > /root/sys/vm/panic_on_oom && \
+                  mount -t tmpfs -o size=100% fill /tmp && cat /dev/zero > /tmp/fill; echo survived";
+    let out = ctrd.ctr(&run_args(&["-d", "--cap-add", "CAP_SYS_ADMIN"], "panic", &["sh", "-c", script]), RUN_LIMIT);
+    assert!(out.status.success(), "ctr run -d failed: {}\n{}", stderr(&out), ctrd.logs());
+    let stopped = wait_status(&ctrd, "panic", "STOPPED", RUN_LIMIT);
+    assert!(stopped.is_some(), "the task did not stop after the guest panicked\n{}", ctrd.logs());
+    let console = std::fs::read_to_string(ctrd.dir().join("console.log")).unwrap_or_default();
+    assert!(console.contains("Kernel panic"), "the guest did not panic; console:\n{console}\n{}", ctrd.logs());
+    let out = ctrd.ctr(&["task", "delete", "panic"], TASK_OP_LIMIT);
+    assert!(out.status.success(), "ctr task delete failed: {}\n{}", stderr(&out), ctrd.logs());
+    // The exit is reported as a kill (137), not as success: the workload did not finish.
+    assert!(
+        stderr(&out).contains("137") || stdout(&out).contains("137"),
+        "expected exit 137 from ctr task delete: {} {}",
+        stdout(&out),
+        stderr(&out)
+    );
+    let out = ctrd.ctr(&["container", "delete", "panic"], TASK_OP_LIMIT);
+    assert!(out.status.success(), "ctr container delete failed: {}", stderr(&out));
+    assert_clean(&ctrd, "panic");
+}
+
+#[test]
+fn seq_prefix_check_rejects_gaps() {
+    let all = seq_output(2000);
+    assert!(is_seq_prefix(&all));
+    assert!(is_seq_prefix(&all[..1234]));
+    assert!(is_seq_prefix(b""));
+    let mut gap = all.clone();
+    gap.drain(100..110);
+    assert!(!is_seq_prefix(&gap));
+}

@@ -1,0 +1,447 @@
+//! Metrics end to end: real shims under a private containerd publish
+//! `<root>/sbs/<id>/shim-monitor.sock`, and `tern monitor` (a real process) finds them through
+//! that directory, scrapes them and serves one exposition that Python's `prometheus_client`
+//! parser must accept.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tern_tests::containerd::{
+    containerd_unavailable, stderr, TestContainerd, BUSYBOX_IMAGE, CRI_HANDLER, PAUSE_IMAGE, SNAPSHOTTER, TERN_RUNTIME,
+};
+use tern_tests::cri::{pod_config, Cri};
+
+fn setup(test: &str) -> Option<TestContainerd> {
+    if !tern_tests::require_linux_kvm(test) {
+        return None;
+    }
+    if let Some(reason) = containerd_unavailable() {
+        let msg = format!("*** {test}: NOT RUN — {reason}");
+        assert!(!std::env::var("CI").is_ok_and(|v| v == "true" || v == "1"), "{msg}");
+        eprintln!("{msg}");
+        return None;
+    }
+    let ctrd = TestContainerd::start();
+    ctrd.import_busybox();
+    Some(ctrd)
+}
+
+/// Point the shims' `shim.root_dir` at a private directory (shims read the config file when
+/// they start, so appending before the first container is enough). The directory is short and
+/// under /run: `<root>/sbs/<64-hex CRI id>/shim-monitor.sock` must fit a unix socket path
+/// (108 bytes), which a root under the test's temp dir would not. Removed on drop.
+fn private_root(ctrd: &TestContainerd) -> tempfile::TempDir {
+    let root = tempfile::Builder::new().prefix("tm").tempdir_in("/run").unwrap();
+    let mut f = std::fs::OpenOptions::new().append(true).open(ctrd.dir().join("tern.toml")).unwrap();
+    writeln!(f, "\n[shim]\nroot_dir = \"{}\"", root.path().display()).unwrap();
+    root
+}
+
+/// A process serving HTTP on `addr` (`tern monitor`, Prometheus), killed on drop.
+struct HttpProcess {
+    child: Child,
+    addr: String,
+}
+
+impl HttpProcess {
+    /// Start `tern monitor` on a free port, watching `sbs`.
+    fn monitor(sbs: &Path) -> HttpProcess {
+        HttpProcess::monitor_with_cri(sbs, None)
+    }
+
+    /// [`HttpProcess::monitor`] asking the CRI endpoint at `cri` for pod labels.
+    fn monitor_with_cri(sbs: &Path, cri: Option<&Path>) -> HttpProcess {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let addr = format!("127.0.0.1:{port}");
+        let child = Command::new(tern_tests::tern_bin())
+            .args(["monitor", "--listen", &addr, "--scrape-timeout", "3000", "--sbs-root"])
+            .arg(sbs)
+            .arg("--cri-socket")
+            .arg(cri.unwrap_or(Path::new("")))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let m = HttpProcess { child, addr };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while m.get("/sandboxes").is_none() {
+            assert!(Instant::now() < deadline, "tern monitor did not come up");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        m
+    }
+
+    /// GET `path`: status and body, `None` if the connection failed.
+    fn get(&self, path: &str) -> Option<(u16, String)> {
+        let mut s = TcpStream::connect(&self.addr).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(60))).ok()?;
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").ok()?;
+        let mut raw = String::new();
+        s.read_to_string(&mut raw).ok()?;
+        let (head, body) = raw.split_once("\r\n\r\n")?;
+        let status = head.split(' ').nth(1)?.parse().ok()?;
+        Some((status, body.to_owned()))
+    }
+
+    fn sandbox_ids(&self) -> Vec<String> {
+        let (_, body) = self.get("/sandboxes").unwrap_or_default();
+        body.split("\"sandbox_id\":\"").skip(1).filter_map(|s| s.split('"').next()).map(str::to_owned).collect()
+    }
+
+    fn wait_for_ids(&self, want: &[&str], within: Duration) -> Vec<String> {
+        let deadline = Instant::now() + within;
+        loop {
+            let mut ids = self.sandbox_ids();
+            ids.sort();
+            if ids == want {
+                return ids;
+            }
+            assert!(Instant::now() < deadline, "sandboxes {ids:?}, wanted {want:?}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for HttpProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Parse `text` with `prometheus_client.parser` and return, per family name, the sum of its
+/// samples' values for `sandbox_id` (families without that label are skipped).
+fn parse_with_prometheus_client(text: &str, sandbox_id: &str) -> std::collections::HashMap<String, f64> {
+    let script = r#"
+import sys
+from prometheus_client.parser import text_string_to_metric_families
+want = sys.argv[1]
+for fam in text_string_to_metric_families(sys.stdin.read()):
+    total, seen = 0.0, False
+    for s in fam.samples:
+        if s.labels.get("sandbox_id") == want:
+            total += s.value; seen = True
+    if seen:
+        print(f"{fam.name} {total}")
+"#;
+    // Debian's interpreter: `make deps` installs python3-prometheus-client for it.
+    let mut child = Command::new("/usr/bin/python3")
+        .args(["-c", script, sandbox_id])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "prometheus_client rejected the exposition: {}\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let (n, v) = l.split_once(' ')?;
+            Some((n.to_owned(), v.parse().ok()?))
+        })
+        .collect()
+}
+
+#[test]
+fn monitor_follows_real_shims_through_the_sandbox_directory() {
+    let Some(ctrd) = setup("monitor_follows_real_shims_through_the_sandbox_directory") else { return };
+    let root = private_root(&ctrd);
+    let sbs = root.path().join("sbs");
+    // Started before any sandbox (and before the directory exists).
+    let early = HttpProcess::monitor(&sbs);
+    let ctr = |args: &[&str]| ctrd.ctr(args, Duration::from_secs(300));
+    let out = ctr(&[
+        "run",
+        "-d",
+        "--snapshotter",
+        SNAPSHOTTER,
+        "--runtime",
+        TERN_RUNTIME,
+        BUSYBOX_IMAGE,
+        "mon1",
+        "sleep",
+        "1000",
+    ]);
+    assert!(out.status.success(), "ctr run -d failed: {}\n{}", stderr(&out), ctrd.logs());
+    assert!(
+        sbs.join("mon1/shim-monitor.sock").exists(),
+        "no shim-monitor.sock after the task started\n{}",
+        ctrd.logs()
+    );
+    early.wait_for_ids(&["mon1"], Duration::from_secs(30));
+
+    let started = Instant::now();
+    let (status, text) = early.get("/metrics").unwrap();
+    let took = started.elapsed();
+    assert_eq!(status, 200, "{text}");
+    eprintln!("scrape of 1 sandbox: {took:?}, {} bytes", text.len());
+    let families = parse_with_prometheus_client(&text, "mon1");
+    for prefix in ["tern_hypervisor_", "tern_vmm_virtio_", "tern_shim_", "tern_agent_", "tern_guest_", "tern_watch_"] {
+        assert!(families.keys().any(|k| k.starts_with(prefix)), "no {prefix} family for mon1:\n{text}");
+    }
+    let nonzero = |name: &str| families.get(name).copied().unwrap_or(0.0) > 0.0;
+    // The parser strips `_total` from counter family names.
+    for name in [
+        "tern_hypervisor_vm_exits",
+        "tern_vmm_virtio_fs_ops",
+        "tern_vmm_virtio_vsock_bytes",
+        "tern_shim_rss_bytes",
+        "tern_guest_memory_bytes",
+        "tern_guest_tasks",
+        "tern_agent_rss_bytes",
+        "tern_agent_up",
+        "tern_shim_task_rpcs",
+    ] {
+        assert!(nonzero(name), "{name} is zero or missing: {:?}\n{text}", families.get(name));
+    }
+    assert!(text.contains("tern_monitor_scrape_failures_total 0\n"), "{text}");
+
+    // A stale socket (a directory whose socket nobody serves) costs one failure, fast.
+    let stale_dir = sbs.join("stale-sandbox");
+    std::fs::create_dir_all(&stale_dir).unwrap();
+    let stale = std::os::unix::net::UnixListener::bind(stale_dir.join("shim-monitor.sock")).unwrap();
+    early.wait_for_ids(&["mon1", "stale-sandbox"], Duration::from_secs(10));
+    let started = Instant::now();
+    let (status, text) = early.get("/metrics").unwrap();
+    assert_eq!(status, 200);
+    assert!(started.elapsed() < Duration::from_secs(10), "scrape with a stale socket took {:?}", started.elapsed());
+    assert!(text.contains("tern_monitor_scrape_failures_total 1\n"), "{text}");
+    assert!(text.contains("sandbox_id=\"mon1\""), "{text}");
+    drop(stale);
+    std::fs::remove_dir_all(&stale_dir).unwrap();
+
+    // Started after the sandbox: the same set.
+    let late = HttpProcess::monitor(&sbs);
+    assert_eq!(
+        late.wait_for_ids(&["mon1"], Duration::from_secs(10)),
+        early.wait_for_ids(&["mon1"], Duration::from_secs(10))
+    );
+    let (status, url) = late.get("/agent-url?sandbox=mon1").unwrap();
+    assert_eq!(status, 200);
+    assert!(url.starts_with("hvsock://") && url.trim_end().ends_with(":1024"), "{url}");
+
+    // A real Prometheus scrapes the monitor and answers a query for a tern_ series.
+    if let Some(answer) = query_through_prometheus(&late, "tern_hypervisor_vcpus") {
+        assert!(answer.contains("\"sandbox_id\":\"mon1\""), "{answer}");
+    }
+
+    // Deleting the task ends the shim and removes the sandbox directory.
+    let out = ctr(&["task", "kill", "--signal", "SIGKILL", "mon1"]);
+    assert!(out.status.success(), "ctr task kill failed: {}", stderr(&out));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = ctr(&["task", "delete", "mon1"]);
+        if out.status.success() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "ctr task delete failed: {}", stderr(&out));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let _ = ctr(&["container", "delete", "mon1"]);
+    early.wait_for_ids(&[], Duration::from_secs(60));
+    late.wait_for_ids(&[], Duration::from_secs(10));
+    assert!(!sbs.join("mon1").exists(), "sandbox directory left behind");
+}
+
+/// Have a real Prometheus server scrape `monitor` and return what its HTTP API answers for
+/// `query` once the answer holds a series (`None` when Prometheus is not installed).
+fn query_through_prometheus(monitor: &HttpProcess, query: &str) -> Option<String> {
+    let Some(prometheus) =
+        ["/usr/bin/prometheus", "/usr/local/bin/prometheus"].into_iter().map(PathBuf::from).find(|p| p.is_file())
+    else {
+        let msg =
+            "*** prometheus is not installed (make deps installs Debian's prometheus): real-Prometheus check NOT RUN";
+        assert!(!std::env::var("CI").is_ok_and(|v| v == "true" || v == "1"), "{msg}");
+        eprintln!("{msg}");
+        return None;
+    };
+    let dir = tempfile::Builder::new().prefix("tern-prom-").tempdir_in("/tmp").unwrap();
+    std::fs::write(
+        dir.path().join("prometheus.yml"),
+        format!(
+            "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n  - job_name: tern\n    static_configs:\n      - targets: ['{}']\n",
+            monitor.addr
+        ),
+    )
+    .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let listen = format!("127.0.0.1:{port}");
+    let child = Command::new(prometheus)
+        .arg(format!("--config.file={}", dir.path().join("prometheus.yml").display()))
+        .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
+        .arg(format!("--web.listen-address={listen}"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("prometheus.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let api = HttpProcess { child, addr: listen };
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        if let Some((200, body)) = api.get(&format!("/api/v1/query?query={query}")) {
+            if body.contains("\"status\":\"success\"") && body.contains("\"__name__\"") {
+                return Some(body);
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Prometheus never returned {query}:\n{}",
+            std::fs::read_to_string(dir.path().join("prometheus.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// Scrape size and latency for `n` sandboxes, as one line of the results table.
+fn measure(monitor: &HttpProcess, n: usize, rounds: usize) -> String {
+    let mut times = Vec::new();
+    let mut size = 0;
+    for _ in 0..rounds {
+        let started = Instant::now();
+        let (status, text) = monitor.get("/metrics").unwrap();
+        times.push(started.elapsed());
+        assert_eq!(status, 200);
+        size = text.len();
+    }
+    times.sort();
+    let median = times[times.len() / 2];
+    format!(
+        "| {n} | {:.1} | {:.1} | {} | {:.1} |\n",
+        median.as_secs_f64() * 1e3,
+        times[times.len() - 1].as_secs_f64() * 1e3,
+        size,
+        size as f64 / n as f64 / 1024.0
+    )
+}
+
+#[test]
+fn monitor_scrapes_ten_sandboxes_in_one_response() {
+    let Some(ctrd) = setup("monitor_scrapes_ten_sandboxes_in_one_response") else { return };
+    // Ten VMs in the runner's 2 GiB: give each less RAM than the default.
+    let config = std::fs::read_to_string(ctrd.dir().join("tern.toml")).unwrap().replacen(
+        "[vm]\n",
+        "[vm]\nmemory_mib = 128\n",
+        1,
+    );
+    std::fs::write(ctrd.dir().join("tern.toml"), config).unwrap();
+    let root = private_root(&ctrd);
+    let sbs = root.path().join("sbs");
+    let monitor = HttpProcess::monitor(&sbs);
+    let ctr = |args: &[&str]| ctrd.ctr(args, Duration::from_secs(300));
+    let mut ids: Vec<String> = Vec::new();
+    let mut table =
+        String::from("| sandboxes | median ms | max ms | bytes | KiB per sandbox |\n|---|---|---|---|---|\n");
+    for i in 0..10 {
+        let id = format!("ten{i}");
+        let out = ctr(&[
+            "run",
+            "-d",
+            "--snapshotter",
+            SNAPSHOTTER,
+            "--runtime",
+            TERN_RUNTIME,
+            BUSYBOX_IMAGE,
+            &id,
+            "sleep",
+            "1000",
+        ]);
+        assert!(out.status.success(), "ctr run -d {id} failed: {}\n{}", stderr(&out), ctrd.logs());
+        ids.push(id);
+        if i == 0 {
+            monitor.wait_for_ids(&["ten0"], Duration::from_secs(30));
+            table.push_str(&measure(&monitor, 1, 11));
+        }
+    }
+    let want: Vec<&str> = ids.iter().map(String::as_str).collect();
+    monitor.wait_for_ids(&want, Duration::from_secs(30));
+    table.push_str(&measure(&monitor, 10, 11));
+    let (_, text) = monitor.get("/metrics").unwrap();
+    for id in &ids {
+        let families = parse_with_prometheus_client(&text, id);
+        assert!(families.get("tern_agent_up").copied() == Some(1.0), "{id}: agent not up in the scrape:\n{text}");
+    }
+    assert!(text.contains("tern_monitor_running_shims 10"), "{text}");
+    let results = tern_tests::workspace_root().join("tests/bench/results/metrics_scrape.md");
+    let note = "Measured inside the nested-virt runner (TCG outer VM, nested KVM): absolute times are emulated.\n\n";
+    std::fs::write(&results, format!("# tern monitor scrape cost\n\n{note}{table}")).unwrap();
+    eprintln!("{table}");
+    for id in &ids {
+        let _ = ctr(&["task", "kill", "--signal", "SIGKILL", id]);
+    }
+    for id in &ids {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !ctr(&["task", "delete", id]).status.success() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        let _ = ctr(&["container", "delete", id]);
+    }
+    monitor.wait_for_ids(&[], Duration::from_secs(60));
+}
+
+#[test]
+fn monitor_labels_a_cri_pod_with_its_metadata() {
+    let test = "monitor_labels_a_cri_pod_with_its_metadata";
+    if !tern_tests::require_linux_kvm(test) {
+        return;
+    }
+    let reason = containerd_unavailable().or_else(|| {
+        (!Path::new("/usr/lib/cni/bridge").is_file())
+            .then(|| "/usr/lib/cni/bridge is missing (containernetworking-plugins)".to_owned())
+    });
+    if let Some(reason) = reason {
+        let msg = format!("*** {test}: NOT RUN — {reason}");
+        assert!(!std::env::var("CI").is_ok_and(|v| v == "true" || v == "1"), "{msg}");
+        eprintln!("{msg}");
+        return;
+    }
+    let ctrd = TestContainerd::start_with_cri();
+    let root = private_root(&ctrd);
+    let sbs = root.path().join("sbs");
+    let cri = Cri::connect(&ctrd);
+    cri.wait_image(PAUSE_IMAGE, Duration::from_secs(30));
+    // Started before the pod: CRI does not know it at first sight of its directory.
+    let monitor = HttpProcess::monitor_with_cri(&sbs, Some(ctrd.address()));
+    let (name, uid, ns) = ("metrics-pod", "5d1f7a52-0000-4c1e-9f00-00000000beef", "tern-metrics");
+    let log_dir = ctrd.dir().join("logs").join(format!("{ns}_{name}_{uid}"));
+    std::fs::create_dir_all(&log_dir).unwrap();
+    let pod = pod_config(name, uid, ns, &log_dir);
+    let sandbox = cri
+        .call(|c| async move { c.run_pod_sandbox(pod, CRI_HANDLER).await })
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", ctrd.logs()));
+    monitor.wait_for_ids(&[sandbox.as_str()], Duration::from_secs(60));
+    let labels = format!("sandbox_id=\"{sandbox}\",cri_uid=\"{uid}\",cri_name=\"{name}\",cri_namespace=\"{ns}\"");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, text) = monitor.get("/metrics?filter_family=tern_hypervisor").unwrap();
+        assert_eq!(status, 200);
+        if text.contains(&format!("tern_hypervisor_vcpus{{{labels}}}")) {
+            assert!(!text.contains("tern_shim_"), "filter_family let other families through:\n{text}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no series with {labels}:\n{text}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let (_, list) = monitor.get("/sandboxes").unwrap();
+    assert!(list.contains(&format!("\"cri_uid\":\"{uid}\"")), "{list}");
+
+    let sb = sandbox.clone();
+    cri.call(|c| async move { c.stop_pod_sandbox(&sb).await }).unwrap();
+    let sb = sandbox.clone();
+    cri.call(|c| async move { c.remove_pod_sandbox(&sb).await }).unwrap();
+    monitor.wait_for_ids(&[], Duration::from_secs(60));
+}
