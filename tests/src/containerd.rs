@@ -62,6 +62,41 @@ pub fn containerd_unavailable() -> Option<String> {
     None
 }
 
+/// Whether `test` can run here: a KVM that boots Linux, containerd, and no `extra` reason
+/// against it. When it cannot, prints a loud notice and returns false — or, under `CI=true`,
+/// fails the test: CI must never pass a test that did not run.
+pub fn require_containerd(test: &str, extra: Option<String>) -> bool {
+    if !crate::require_linux_kvm(test) {
+        return false;
+    }
+    let Some(reason) = containerd_unavailable().or(extra) else {
+        return true;
+    };
+    let msg = format!("*** {test}: NOT RUN — {reason}");
+    assert!(!std::env::var("CI").is_ok_and(|v| v == "true" || v == "1"), "{msg}");
+    eprintln!("{msg}");
+    false
+}
+
+/// For a test that needs containerd: a private containerd with the busybox image imported,
+/// or `None` (after a loud notice) when [`require_containerd`] says the test cannot run.
+pub fn containerd_for_test(test: &str) -> Option<TestContainerd> {
+    if !require_containerd(test, None) {
+        return None;
+    }
+    let ctrd = TestContainerd::start();
+    ctrd.import_busybox();
+    Some(ctrd)
+}
+
+/// For a test that needs containerd's CRI plugin: [`TestContainerd::start_with_cri`], or `None`
+/// (after a loud notice; a failure under `CI=true`) when the test cannot run here.
+pub fn cri_containerd_for_test(test: &str) -> Option<TestContainerd> {
+    let no_cni = (!Path::new("/usr/lib/cni/bridge").is_file())
+        .then(|| "/usr/lib/cni/bridge is missing (containernetworking-plugins)".to_owned());
+    require_containerd(test, no_cni).then(TestContainerd::start_with_cri)
+}
+
 fn which(tool: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path).map(|d| d.join(tool)).find(|p| p.is_file())

@@ -3,27 +3,14 @@
 
 use std::time::Duration;
 
-use tern_tests::containerd::{containerd_unavailable, stderr, stdout, TestContainerd, SNAPSHOTTER, TERN_RUNTIME, BUSYBOX_IMAGE};
+use tern_tests::containerd::{stderr, stdout, TestContainerd, SNAPSHOTTER, TERN_RUNTIME, BUSYBOX_IMAGE};
 
 /// One `ctr run` includes a VM boot, which is slow under the nested runner's emulation.
 const RUN_LIMIT: Duration = Duration::from_secs(180);
 
 /// KVM guard plus containerd availability; `None` means skip.
 fn setup(test: &str) -> Option<TestContainerd> {
-    if !tern_tests::require_linux_kvm(test) {
-        return None;
-    }
-    if let Some(reason) = containerd_unavailable() {
-        let msg = format!("*** {test}: NOT RUN — {reason}");
-        if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
-            panic!("{msg}");
-        }
-        eprintln!("{msg}");
-        return None;
-    }
-    let ctrd = TestContainerd::start();
-    ctrd.import_busybox();
-    Some(ctrd)
+    tern_tests::containerd::containerd_for_test(test)
 }
 
 /// After the last task of a sandbox is gone, its shim (and VM) must be gone too, and no

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use tern_tests::containerd::{
-    containerd_unavailable, stderr, stdout, TestContainerd, BUSYBOX_IMAGE, NAMESPACE, SNAPSHOTTER, TERN_RUNTIME,
+    stderr, stdout, TestContainerd, BUSYBOX_IMAGE, NAMESPACE, SNAPSHOTTER, TERN_RUNTIME,
 };
 
 /// One `ctr run` includes a VM boot, which is slow under the nested runner's emulation.
@@ -30,20 +30,7 @@ const LATE_ATTACH_BYTES: usize = 50 << 20;
 
 /// KVM guard plus containerd availability; `None` means skip.
 fn setup(test: &str) -> Option<TestContainerd> {
-    if !tern_tests::require_linux_kvm(test) {
-        return None;
-    }
-    if let Some(reason) = containerd_unavailable() {
-        let msg = format!("*** {test}: NOT RUN — {reason}");
-        if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
-            panic!("{msg}");
-        }
-        eprintln!("{msg}");
-        return None;
-    }
-    let ctrd = TestContainerd::start();
-    ctrd.import_busybox();
-    Some(ctrd)
+    tern_tests::containerd::containerd_for_test(test)
 }
 
 /// `ctr` against the test containerd, not yet run.

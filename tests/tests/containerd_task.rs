@@ -11,7 +11,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use tern_tests::containerd::{
-    containerd_unavailable, stderr, stdout, TestContainerd, BUSYBOX_IMAGE, NAMESPACE, SNAPSHOTTER, TERN_RUNTIME,
+    stderr, stdout, TestContainerd, BUSYBOX_IMAGE, NAMESPACE, SNAPSHOTTER, TERN_RUNTIME,
 };
 
 /// One `ctr` call that may include a VM boot.
@@ -19,20 +19,7 @@ const LIMIT: Duration = Duration::from_secs(180);
 
 /// KVM guard plus containerd availability; `None` means skip.
 fn setup(test: &str) -> Option<TestContainerd> {
-    if !tern_tests::require_linux_kvm(test) {
-        return None;
-    }
-    if let Some(reason) = containerd_unavailable() {
-        let msg = format!("*** {test}: NOT RUN — {reason}");
-        if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
-            panic!("{msg}");
-        }
-        eprintln!("{msg}");
-        return None;
-    }
-    let ctrd = TestContainerd::start();
-    ctrd.import_busybox();
-    Some(ctrd)
+    tern_tests::containerd::containerd_for_test(test)
 }
 
 /// `ctr` with this containerd's address and namespace, as a shell word list (for `script`).

@@ -9,11 +9,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use tern_runtime::cri::api;
-use tern_tests::containerd::{containerd_unavailable, TestContainerd, BUSYBOX_IMAGE, CRI_HANDLER, PAUSE_IMAGE};
+use tern_tests::containerd::{TestContainerd, BUSYBOX_IMAGE, CRI_HANDLER, PAUSE_IMAGE};
 use tern_tests::cri::{container_config, pod_config, wait_log_line, Cri, SecretVolume};
 
 /// A container's first output includes a VM boot (for the first) under emulation.
@@ -24,22 +23,7 @@ const PROPAGATION: Duration = Duration::from_secs(20);
 
 /// KVM guard plus containerd/CNI availability; `None` means skip (a failure under `CI=true`).
 fn setup(test: &str) -> Option<TestContainerd> {
-    if !tern_tests::require_linux_kvm(test) {
-        return None;
-    }
-    let reason = containerd_unavailable().or_else(|| {
-        (!Path::new("/usr/lib/cni/bridge").is_file())
-            .then(|| "/usr/lib/cni/bridge is missing (containernetworking-plugins)".to_owned())
-    });
-    if let Some(reason) = reason {
-        let msg = format!("*** {test}: NOT RUN — {reason}");
-        if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
-            panic!("{msg}");
-        }
-        eprintln!("{msg}");
-        return None;
-    }
-    Some(TestContainerd::start_with_cri())
+    tern_tests::containerd::cri_containerd_for_test(test)
 }
 
 fn is_boot_id(s: &str) -> bool {

@@ -12,23 +12,12 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tern_tests::containerd::{
-    containerd_unavailable, stderr, TestContainerd, BUSYBOX_IMAGE, CRI_HANDLER, PAUSE_IMAGE, SNAPSHOTTER, TERN_RUNTIME,
+    stderr, TestContainerd, BUSYBOX_IMAGE, CRI_HANDLER, PAUSE_IMAGE, SNAPSHOTTER, TERN_RUNTIME,
 };
 use tern_tests::cri::{pod_config, Cri};
 
 fn setup(test: &str) -> Option<TestContainerd> {
-    if !tern_tests::require_linux_kvm(test) {
-        return None;
-    }
-    if let Some(reason) = containerd_unavailable() {
-        let msg = format!("*** {test}: NOT RUN — {reason}");
-        assert!(!std::env::var("CI").is_ok_and(|v| v == "true" || v == "1"), "{msg}");
-        eprintln!("{msg}");
-        return None;
-    }
-    let ctrd = TestContainerd::start();
-    ctrd.import_busybox();
-    Some(ctrd)
+    tern_tests::containerd::containerd_for_test(test)
 }
 
 /// Point the shims' `shim.root_dir` at a private directory (shims read the config file when
@@ -395,21 +384,9 @@ fn monitor_scrapes_ten_sandboxes_in_one_response() {
 
 #[test]
 fn monitor_labels_a_cri_pod_with_its_metadata() {
-    let test = "monitor_labels_a_cri_pod_with_its_metadata";
-    if !tern_tests::require_linux_kvm(test) {
+    let Some(ctrd) = tern_tests::containerd::cri_containerd_for_test("monitor_labels_a_cri_pod_with_its_metadata") else {
         return;
-    }
-    let reason = containerd_unavailable().or_else(|| {
-        (!Path::new("/usr/lib/cni/bridge").is_file())
-            .then(|| "/usr/lib/cni/bridge is missing (containernetworking-plugins)".to_owned())
-    });
-    if let Some(reason) = reason {
-        let msg = format!("*** {test}: NOT RUN — {reason}");
-        assert!(!std::env::var("CI").is_ok_and(|v| v == "true" || v == "1"), "{msg}");
-        eprintln!("{msg}");
-        return;
-    }
-    let ctrd = TestContainerd::start_with_cri();
+    };
     let root = private_root(&ctrd);
     let sbs = root.path().join("sbs");
     let cri = Cri::connect(&ctrd);

@@ -206,9 +206,12 @@ impl TaskService {
     }
 
     /// What the metrics endpoint reads about the sandbox. The watcher's counters are read
-    /// through the sandbox lock without waiting for it: a scrape never blocks on an RPC.
+    /// through the sandbox lock without waiting for it: a scrape never blocks on an RPC. While
+    /// an RPC holds the lock, the last values read are reported again (never zeros, which a
+    /// Prometheus server would take for a counter reset).
     fn metrics_probe(&self, sandbox: &Sandbox) -> SandboxProbe {
         let inner = Arc::downgrade(&self.inner);
+        let last = Mutex::new(None);
         let (vcpus, memory_mib) = self.config().map(|c| (c.vm.vcpus, c.vm.memory_mib)).unwrap_or_default();
         SandboxProbe {
             vcpus,
@@ -217,8 +220,11 @@ impl TaskService {
             agent: sandbox.agent().clone(),
             watcher: Arc::new(move || {
                 let inner = inner.upgrade()?;
-                let guard = inner.sandbox.try_lock().ok()?;
-                guard.as_ref()?.watcher_counters()
+                let mut last = lock(&last);
+                if let Ok(guard) = inner.sandbox.try_lock() {
+                    *last = guard.as_ref().and_then(Sandbox::watcher_counters);
+                }
+                *last
             }),
         }
     }
