@@ -80,6 +80,10 @@ pub enum WatchError {
     /// A share of that name is already watched.
     #[error("share {0:?} is already watched")]
     DuplicateShare(String),
+    /// The share's host directory is, contains or lies inside another watched share's:
+    /// inotify gives one watch per directory inode, so two shares cannot both own it.
+    #[error("share {share:?} overlaps watched share {other:?} ({}): watchable shares must be disjoint", path.display())]
+    Overlap { share: String, other: String, path: PathBuf },
     /// No share of that name is watched.
     #[error("share {0:?} is not watched")]
     UnknownShare(String),
@@ -263,6 +267,15 @@ impl Watcher {
             let mut state = self.shared.lock();
             if state.shares.contains_key(name) {
                 return Err(WatchError::DuplicateShare(name.to_owned()));
+            }
+            // One inotify watch per directory inode: a directory in two shares would report
+            // to only one of them, and the other would go stale until its resync.
+            let real = std::fs::canonicalize(host_dir).unwrap_or_else(|_| host_dir.to_owned());
+            if let Some((other, _)) = state.shares.iter().find(|(_, s)| {
+                let theirs = std::fs::canonicalize(&s.host_dir).unwrap_or_else(|_| s.host_dir.clone());
+                real.starts_with(&theirs) || theirs.starts_with(&real)
+            }) {
+                return Err(WatchError::Overlap { share: name.to_owned(), other: other.clone(), path: real });
             }
             // The root must be watchable; failures deeper down are races we log and survive.
             let root = state

@@ -116,6 +116,10 @@ fn watcher_retries_until_the_agent_listens_and_resyncs_each_share() {
     watcher.add_share("b", b.path()).unwrap();
     assert!(matches!(watcher.add_share("a", b.path()), Err(WatchError::DuplicateShare(_))));
     assert!(matches!(watcher.add_share("../x", b.path()), Err(WatchError::InvalidName(_))));
+    // The same directory, or one inside another share, cannot be watched twice.
+    assert!(matches!(watcher.add_share("a2", a.path()), Err(WatchError::Overlap { .. })));
+    std::fs::create_dir(b.path().join("sub")).unwrap();
+    assert!(matches!(watcher.add_share("b-sub", &b.path().join("sub")), Err(WatchError::Overlap { .. })));
     std::thread::sleep(Duration::from_millis(100));
     assert_eq!(watcher.counters().connects, 0);
 
