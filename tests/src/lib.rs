@@ -230,3 +230,17 @@ pub fn busybox_initramfs(work: &Path, init_script: &str) -> PathBuf {
     assert!(status.success(), "cpio failed");
     out
 }
+
+/// Deterministic pseudo-random bytes (xorshift) in which every byte value appears: test data
+/// whose corruption, loss or reordering a checksum comparison will notice.
+pub fn pseudo_random(len: usize) -> Vec<u8> {
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}

@@ -105,19 +105,6 @@ fn sha256_hex(data: &[u8]) -> String {
     Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Deterministic pseudo-random bytes.
-fn pattern(len: usize) -> Vec<u8> {
-    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
-
 /// Whether `got` is what `seq 1 …` prints, cut anywhere (a gapless prefix).
 fn is_seq_prefix(got: &[u8]) -> bool {
     let mut expected = 1u64;
@@ -263,7 +250,7 @@ fn stalled_stdout_reader_blocks_neither_kill_nor_delete() {
 #[test]
 fn close_io_ends_stdin_after_every_byte() {
     let Some(ctrd) = setup("close_io_ends_stdin_after_every_byte") else { return };
-    let input = pattern(1 << 20);
+    let input = tern_tests::pseudo_random(1 << 20);
     // ctr copies its stdin to the FIFO and, at EOF, calls CloseIO before closing its writer.
     let cmd = ctr_command(&ctrd, &run_args(&["--rm"], "cat", &["sh", "-c", "cat; echo; echo stdin-eof"]));
     let mut ctr_run = Background::spawn(cmd, Stdio::piped());

@@ -19,19 +19,6 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Deterministic pseudo-random bytes (xorshift) so every byte value appears.
-fn pseudo_random(len: usize) -> Vec<u8> {
-    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
-
 /// Every path under `root` (except under `skip`) with its kind and content, for "nothing
 /// changed" checks.
 fn snapshot(root: &Path, skip: &Path) -> BTreeMap<String, String> {
@@ -74,7 +61,7 @@ fn fs_shares_read_write_read_only_and_two_at_once() {
 
     let rw = tempfile::tempdir().unwrap();
     let ro = tempfile::tempdir().unwrap();
-    let input = pseudo_random(5 << 20);
+    let input = tern_tests::pseudo_random(5 << 20);
     std::fs::write(rw.path().join("in.bin"), &input).unwrap();
     std::fs::write(ro.path().join("ro.txt"), b"read-only content\n").unwrap();
     let script = r#"

@@ -44,19 +44,6 @@ echo "@@DONE"
 reboot -f
 "#;
 
-/// Deterministic pseudo-random bytes (xorshift).
-fn pseudo_random(len: usize) -> Vec<u8> {
-    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
-
 /// Wait for `child` at most `limit`; kill it past that. `None` on timeout.
 fn wait_bounded(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
     let deadline = Instant::now() + limit;
@@ -172,7 +159,7 @@ fn run_guest(work: &Path, share: &Path, read_only: bool) -> GuestRun {
 
 /// The host tree both runs start from.
 fn prepare_share(dir: &Path) -> Vec<u8> {
-    let input = pseudo_random(1 << 20);
+    let input = tern_tests::pseudo_random(1 << 20);
     std::fs::write(dir.join("input.bin"), &input).unwrap();
     std::fs::write(dir.join("hello.txt"), "hello from the host").unwrap();
     std::fs::write(dir.join("delete-me.txt"), "doomed").unwrap();
