@@ -22,7 +22,8 @@ if [ ${#bins[@]} -eq 0 ]; then
 fi
 export TERN_BIN="$root/target/release/tern"
 
-# Each finished test binary is recorded (inside the runner) in $progress, under the repo,
+# Each binary runs through tests/run-test-binary.py (one rerun of tests that failed only
+# after a guest triple fault, TERN_KVM_RETRY=0 turns it off) and is recorded (inside the runner) in $progress, under the repo,
 # which the runner shares read-write.
 progress=$root/target/kvm-tests.progress
 : >"$progress"
@@ -31,7 +32,7 @@ run_in_runner() {
 		bash -c 'p=$1; shift; rc=0
 			for b in "$@"; do
 				echo ">> $b"
-				if "$b" --test-threads=1 ${TERN_TEST_ARGS:-}; then echo "$b ok" >>"$p"; else echo "$b failed" >>"$p"; rc=1; fi
+				tests/run-test-binary.py "$p" "$b" ${TERN_TEST_ARGS:-} || rc=1
 			done
 			exit $rc' _ "$progress" "$@"
 }
@@ -50,6 +51,9 @@ if [ "$rc" -eq 125 ] && [ "${TERN_KVM_RETRY:-1}" = 1 ]; then
 	echo ">> the outer VM failed (console above): rerunning the ${#remaining[@]} test binaries that had not finished in a fresh runner boot" >&2
 	rc=0
 	run_in_runner "${remaining[@]}" || rc=$?
+fi
+if grep -q ' retried ' "$progress"; then
+	echo ">> RETRIED after a guest triple fault (see above): $(grep ' retried ' "$progress" | sed 's|^.*/||' | tr '\n' ';')" >&2
 fi
 if grep -q ' failed$' "$progress"; then
 	echo ">> failed test binaries: $(grep ' failed$' "$progress" | sed 's| failed$||; s|.*/||' | tr '\n' ' ')" >&2

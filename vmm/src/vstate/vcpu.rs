@@ -11,8 +11,8 @@ use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 
 use kvm_bindings::{
-    kvm_run, CpuId, Msrs, KVM_EXIT_INTERNAL_ERROR, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
-    KVM_SYSTEM_EVENT_SHUTDOWN,
+    kvm_run, CpuId, Msrs, KVM_EXIT_INTERNAL_ERROR, KVM_EXIT_SHUTDOWN, KVM_SYSTEM_EVENT_CRASH,
+    KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
@@ -310,7 +310,24 @@ impl Vcpu {
                     // guest was, which is all there is to go on after an early triple fault.
                     let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or_default();
                     let exit_reason = self.fd.get_kvm_run().exit_reason;
-                    tracing::info!(vcpu = self.index, exit_reason, rip = format_args!("{rip:#x}"), "guest shut down or halted");
+                    if exit_reason == KVM_EXIT_SHUTDOWN {
+                        // `panic=-1` reboots through the i8042 (a Reset), so this is a crash
+                        // the guest could not even report. tests/run-test-binary.py keys on
+                        // `exit_reason=8`.
+                        tracing::warn!(
+                            vcpu = self.index,
+                            exit_reason,
+                            rip = format_args!("{rip:#x}"),
+                            "guest triple fault (KVM_EXIT_SHUTDOWN)"
+                        );
+                    } else {
+                        tracing::info!(
+                            vcpu = self.index,
+                            exit_reason,
+                            rip = format_args!("{rip:#x}"),
+                            "guest shut down or halted"
+                        );
+                    }
                     return Ok(VmExit::Shutdown);
                 }
                 ExitAction::End(exit) => return Ok(exit),
