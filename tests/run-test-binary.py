@@ -9,8 +9,7 @@ unchanged. The outcome is appended to PROGRESS_FILE as "BINARY ok" or "BINARY fa
 One failure is not taken at face value: a guest that triple-faulted. tern boots guests with
 `reboot=k panic=-1`, so a guest that panics or reboots resets through the i8042 controller;
 the only way to a KVM_EXIT_SHUTDOWN (logged by the VMM as `exit_reason=8`) is a triple fault
-nobody asked for. Under the runner's emulated SVM this happens now and then (DESIGN.md,
-"measured facts"; issues ci of stop 7: once in a 50 MiB stdout transfer). When every failed
+nobody asked for. Under the runner's emulated SVM this happens now and then (README, "Tests"). When every failed
 test's report shows that exit, those tests run once more (`--exact`), loudly; a second failure
 of any kind fails the binary. Any other failure fails it at once. TERN_KVM_RETRY=0 turns the
 rerun off.
