@@ -36,8 +36,9 @@ pub struct FsShares {
     shares: Mutex<BTreeMap<String, ShareConfig>>,
 }
 
-/// Mount options of the root [`Vfs`]: no DAX window, no writeback cache, real opens.
-fn vfs_options() -> VfsOptions {
+/// Mount options of the root [`Vfs`] (also the vhost-user backend's): no DAX window, no
+/// writeback cache, real opens.
+pub(super) fn vfs_options() -> VfsOptions {
     let mut opts = VfsOptions {
         no_open: false,
         no_opendir: false,

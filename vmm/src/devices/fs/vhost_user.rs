@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use fuse_backend_rs::api::server::Server;
-use fuse_backend_rs::api::{Vfs, VfsOptions};
+use fuse_backend_rs::api::Vfs;
 use fuse_backend_rs::passthrough::PassthroughFs;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::Listener;
@@ -64,20 +64,6 @@ pub enum VhostUserFsError {
     Session(String),
 }
 
-/// Mount options of the exported [`Vfs`], the same as the built-in device's
-/// (`device::vfs_options`): no DAX window, no writeback cache, real opens.
-fn vfs_options() -> VfsOptions {
-    let mut opts = VfsOptions {
-        no_open: false,
-        no_opendir: false,
-        no_writeback: true,
-        killpriv_v2: false,
-        ..VfsOptions::default()
-    };
-    opts.out_opts.remove(fuse_backend_rs::api::filesystem::FsOptions::PERFILE_DAX);
-    opts
-}
-
 /// The file tree a vhost-user frontend sees: `share` alone, at the root, behind the same
 /// policy ([`ShareFs`]) as the built-in device's shares.
 pub fn share_vfs(share: &ShareConfig) -> Result<Arc<Vfs>, VhostUserFsError> {
@@ -85,7 +71,8 @@ pub fn share_vfs(share: &ShareConfig) -> Result<Arc<Vfs>, VhostUserFsError> {
     let passthrough_error = |source| ShareError::Passthrough { path: share.host_dir.clone(), source };
     let fs = PassthroughFs::<()>::new(share.passthrough_config()?).map_err(passthrough_error)?;
     fs.import().map_err(passthrough_error)?;
-    let vfs = Vfs::new(vfs_options());
+    // The same mount options as the built-in device: both serve a share the same way.
+    let vfs = Vfs::new(super::device::vfs_options());
     vfs.mount(Box::new(ShareFs::new(fs, share.read_only)), "/")
         .map_err(|err| ShareError::Vfs(format!("{err:?}")))?;
     Ok(Arc::new(vfs))
