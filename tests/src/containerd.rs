@@ -308,11 +308,16 @@ impl Drop for TestContainerd {
         // Deepest first, so nested mounts go before their parents.
         let mut mounts = self.mounts_left();
         mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        // Bounded like every other command here: a cleanup that hangs would hide the test's result.
         for m in mounts {
-            let _ = Command::new("umount").arg("-l").arg(&m).status();
+            let mut umount = Command::new("umount");
+            umount.arg("-l").arg(&m);
+            run_cleanup_command(umount, Duration::from_secs(10));
         }
         if Path::new("/sys/class/net").join(CNI_BRIDGE).exists() {
-            let _ = Command::new("ip").args(["link", "delete", CNI_BRIDGE]).stderr(Stdio::null()).status();
+            let mut ip = Command::new("ip");
+            ip.args(["link", "delete", CNI_BRIDGE]);
+            run_cleanup_command(ip, Duration::from_secs(10));
         }
     }
 }
@@ -361,6 +366,22 @@ fn cni_conflist(root: &Path) -> String {
 "#,
         root = root.display()
     )
+}
+
+/// A cleanup command for `Drop`: bounded by `limit` (then killed), output discarded, and it
+/// never panics (a panic while a failed test unwinds would abort and lose its report).
+fn run_cleanup_command(mut cmd: Command, limit: Duration) {
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    let Ok(mut child) = cmd.spawn() else { return };
+    let deadline = Instant::now() + limit;
+    while matches!(child.try_wait(), Ok(None)) {
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.wait();
 }
 
 /// Run a command with a time limit; a hung command is killed and reported as failed.

@@ -13,6 +13,11 @@ use crate::containerd::TestContainerd;
 /// Per-request deadline: a RunPodSandbox boots a VM, slow under the runner's emulation.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
 
+/// Bound on one connect + `Version` probe in [`Cri::connect`] and on one `ImageStatus` in
+/// [`Cri::wait_image`]: both are local and cheap, so a wedged daemon shows as a failure with
+/// containerd's log instead of a [`REQUEST_TIMEOUT`]-long silence.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// A CRI client with its own tokio runtime, for synchronous tests.
 pub struct Cri {
     rt: tokio::runtime::Runtime,
@@ -32,8 +37,14 @@ impl Cri {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let attempt = rt.block_on(async {
-                let client = cri::connect_with_timeout(ctrd.address(), REQUEST_TIMEOUT).await?;
-                client.version().await.map(|v| (client, v))
+                let probe = async {
+                    let client = cri::connect_with_timeout(ctrd.address(), REQUEST_TIMEOUT).await?;
+                    client.version().await.map(|v| (client, v))
+                };
+                match tokio::time::timeout(PROBE_TIMEOUT, probe).await {
+                    Ok(result) => result.map_err(|e| e.to_string()),
+                    Err(_) => Err(format!("no answer to Version within {PROBE_TIMEOUT:?}")),
+                }
             });
             match attempt {
                 Ok((client, version)) => {
@@ -78,10 +89,14 @@ impl Cri {
     pub fn wait_image(&self, image: &str, limit: Duration) {
         let deadline = Instant::now() + limit;
         loop {
-            match self.call(|c| async move { c.image_status(image).await }) {
-                Ok(Some(_)) => return,
-                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(200)),
-                other => panic!("CRI does not know image {image}: {other:?}"),
+            // The timer must be created inside the runtime: hence the async block.
+            let status =
+                self.rt.block_on(async { tokio::time::timeout(PROBE_TIMEOUT, self.client.image_status(image)).await });
+            match status {
+                Ok(Ok(Some(_))) => return,
+                Ok(Ok(None)) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(200)),
+                Err(_) => panic!("CRI did not answer ImageStatus({image}) within {PROBE_TIMEOUT:?}"),
+                other => panic!("CRI does not know image {image} after {limit:?}: {other:?}"),
             }
         }
     }
