@@ -12,18 +12,7 @@ cd "$(dirname "$0")/../.."
 for f in target/release/containerd-shim-tern-v2 target/release/tern-vmlinux target/release/tern-initramfs.cpio; do
 	[ -e "$f" ] || { echo "cri_bench: missing $f — run \`make build\` first" >&2; exit 2; }
 done
-bin=$(cargo test --release -p tern-tests --test cri_bench --no-run --message-format=json 2>/dev/null |
-	python3 -c '
-import json, sys
-for line in sys.stdin:
-    try:
-        m = json.loads(line)
-    except ValueError:
-        continue
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "cri_bench":
-        print(m["executable"])
-')
-[ -n "$bin" ] || { echo "cri_bench: the benchmark binary was not built" >&2; exit 1; }
+bin=$(tests/bench/test_binary.sh cri_bench)
 if [ "${1:-}" = --build-only ]; then
 	echo "$bin"
 	exit 0

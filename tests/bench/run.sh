@@ -5,7 +5,8 @@
 #   tests/bench/run.sh --runs 3          quick run
 #   tests/bench/run.sh --systems qemu    QEMU only
 #   tests/bench/run.sh --selftest        harness self-test (no KVM, no runner)
-# Results: tests/bench/results/{boot,fs,watch_latency,containerd,cri}.{md,json} (+ boot.svg).
+# Results: tests/bench/results/{boot,fs,watch_latency,containerd,cri}.{md,json} (+ boot.svg),
+# metrics_scrape.md.
 #   TERN_BENCH_TIMEOUT=S        runner time limit (default 3000)
 # QEMU gets a vhost-vsock device (as tern has a vsock device) when /dev/vhost-vsock exists
 # in the runner; `--qemu-vsock off` leaves it out (the agent prints its marker either way).
@@ -79,6 +80,15 @@ if [ "${TERN_BENCH_CRI:-1}" != 0 ]; then
 	cri_cmd="$(printf %q "$cri_bin") --ignored --exact cri_bench_concurrent_pods --nocapture --test-threads=1"
 fi
 
+# Then the metrics scrape cost: `tern monitor` over 1 and 10 real sandboxes under the harness's
+# containerd, against one shim's own answer (the ignored test `metrics_scrape_bench` in
+# tests/tests/metrics.rs; results/metrics_scrape.md). TERN_BENCH_METRICS=0 leaves it out.
+metrics_cmd=true
+if [ "${TERN_BENCH_METRICS:-1}" != 0 ]; then
+	metrics_bin=$(tests/bench/test_binary.sh metrics)
+	metrics_cmd="$(printf %q "$metrics_bin") --ignored --exact metrics_scrape_bench --nocapture --test-threads=1"
+fi
+
 # Then the watchable-mount latency benchmark (event vs poll mode) in the same runner boot.
 exec tests/nested-runner --timeout "${TERN_BENCH_TIMEOUT:-3000}" -- \
-	bash -c '"$0" tests/bench/bench.py "$@" && "$0" tests/bench/watch_latency.py && '"$fs_cmd"' && '"$ctrd_cmd"' && '"$cri_cmd" "$py" "$@"
+	bash -c '"$0" tests/bench/bench.py "$@" && "$0" tests/bench/watch_latency.py && '"$fs_cmd"' && '"$ctrd_cmd"' && '"$cri_cmd"' && '"$metrics_cmd" "$py" "$@"
