@@ -22,9 +22,9 @@ if [ ${#bins[@]} -eq 0 ]; then
 fi
 export TERN_BIN="$root/target/release/tern"
 
-# Each binary runs through tests/run-test-binary.py (one rerun of tests that failed only
-# after a guest triple fault, TERN_KVM_RETRY=0 turns it off) and is recorded (inside the runner) in $progress, under the repo,
-# which the runner shares read-write.
+# Each binary runs through tests/run-test-binary.py (inside the runner a failed test runs once
+# more, recorded and summed up below; TERN_KVM_RETRY=0 turns that off). Its outcome is
+# recorded (inside the runner) in $progress, under the repo, which the runner shares read-write.
 progress=$root/target/kvm-tests.progress
 : >"$progress"
 run_in_runner() {
@@ -53,7 +53,8 @@ if [ "$rc" -eq 125 ] && [ "${TERN_KVM_RETRY:-1}" = 1 ]; then
 	run_in_runner "${remaining[@]}" || rc=$?
 fi
 if grep -q ' retried ' "$progress"; then
-	echo ">> RETRIED after a guest triple fault (see above): $(grep ' retried ' "$progress" | sed 's|^.*/||' | tr '\n' ';')" >&2
+	echo ">> RERUN under the emulated runner (see RETRY above):" >&2
+	grep ' retried ' "$progress" | sed 's|^.*/|>>   |' >&2
 fi
 if grep -q ' failed$' "$progress"; then
 	echo ">> failed test binaries: $(grep ' failed$' "$progress" | sed 's| failed$||; s|.*/||' | tr '\n' ' ')" >&2

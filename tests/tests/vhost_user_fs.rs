@@ -106,6 +106,8 @@ fn run_guest(work: &Path, share: &Path, read_only: bool) -> GuestRun {
     }
     let mut serve = Command::new(tern_bin())
         .args(&args)
+        // Its connection and shutdown messages, for the report when the guest gets stuck.
+        .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -146,7 +148,16 @@ fn run_guest(work: &Path, share: &Path, read_only: bool) -> GuestRun {
     let qemu_status = wait_bounded(&mut qemu, QEMU_LIMIT);
     let console = console.join().unwrap();
     let qemu_stderr = qemu_stderr.join().unwrap();
-    assert!(qemu_status.is_some(), "QEMU did not finish within {QEMU_LIMIT:?}; console:\n{console}\nstderr:\n{qemu_stderr}");
+    if qemu_status.is_none() {
+        // QEMU is gone (killed): fs-serve should now end on its own; what it said tells
+        // whether the frontend ever connected and sent requests.
+        let serve_status = wait_bounded(&mut serve, EXIT_LIMIT);
+        panic!(
+            "QEMU did not finish within {QEMU_LIMIT:?}; console:\n{console}\nqemu stderr:\n{qemu_stderr}\n\
+             fs-serve ({serve_status:?}) stderr:\n{}",
+            serve_stderr.join().unwrap()
+        );
+    }
 
     let serve_status = wait_bounded(&mut serve, EXIT_LIMIT);
     GuestRun {
