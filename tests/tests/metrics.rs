@@ -87,6 +87,11 @@ impl HttpProcess {
     }
 
     fn wait_for_ids(&self, want: &[&str], within: Duration) -> Vec<String> {
+        self.wait_for_ids_or(want, within, String::new)
+    }
+
+    /// [`Self::wait_for_ids`] whose panic ends with `context()` (what was awaited, logs).
+    fn wait_for_ids_or(&self, want: &[&str], within: Duration, context: impl Fn() -> String) -> Vec<String> {
         let deadline = Instant::now() + within;
         loop {
             let mut ids = self.sandbox_ids();
@@ -94,7 +99,7 @@ impl HttpProcess {
             if ids == want {
                 return ids;
             }
-            assert!(Instant::now() < deadline, "sandboxes {ids:?}, wanted {want:?}");
+            assert!(Instant::now() < deadline, "waited {within:?}: sandboxes {ids:?}, wanted {want:?}{}", context());
             std::thread::sleep(Duration::from_millis(200));
         }
     }
@@ -529,7 +534,9 @@ fn monitor_labels_a_cri_pod_with_its_metadata() {
         c.run_pod_sandbox(pod, CRI_HANDLER).await
     });
     progress.step(&format!("sandbox {sandbox}: waiting for the monitor to list it"));
-    wait_for_ids_or_panic(&monitor, &[sandbox.as_str()], Duration::from_secs(60), "the pod's sandbox to appear", &ctrd);
+    monitor.wait_for_ids_or(&[sandbox.as_str()], Duration::from_secs(60), || {
+        format!(" (the pod's sandbox to appear)\n{}", ctrd.logs())
+    });
     // Two of the monitor's CRI retry rounds (2 s each) without CRI: listed, scraped, unlabelled.
     std::thread::sleep(Duration::from_secs(5));
     let (_, list) = monitor.get("/sandboxes").expect("GET /sandboxes from tern monitor failed");
@@ -567,29 +574,11 @@ fn monitor_labels_a_cri_pod_with_its_metadata() {
         c.remove_pod_sandbox(&sb).await
     });
     progress.step("waiting for the monitor to drop the sandbox");
-    wait_for_ids_or_panic(&monitor, &[], Duration::from_secs(60), "the pod's sandbox to go away", &ctrd);
+    monitor.wait_for_ids_or(&[], Duration::from_secs(60), || format!(" (the pod's sandbox to go away)\n{}", ctrd.logs()));
     progress.step("stopping tern monitor");
     drop(monitor);
     progress.step("dropping the CRI client");
     drop(cri);
     progress.step("stopping containerd");
     drop(ctrd);
-}
-
-/// [`HttpProcess::wait_for_ids`] whose panic names what was awaited and carries containerd's log.
-fn wait_for_ids_or_panic(monitor: &HttpProcess, want: &[&str], within: Duration, what: &str, ctrd: &TestContainerd) {
-    let deadline = Instant::now() + within;
-    loop {
-        let mut ids = monitor.sandbox_ids();
-        ids.sort();
-        if ids == want {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "waited {within:?} for {what}: the monitor lists {ids:?}, wanted {want:?}\n{}",
-            ctrd.logs()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
