@@ -23,8 +23,8 @@ fi
 export TERN_BIN="$root/target/release/tern"
 
 # Each binary runs through tests/run-test-binary.py (inside the runner a test that failed only
-# after a guest triple fault runs once more, recorded and summed up below; TERN_KVM_RETRY=0
-# turns that off). Its outcome is
+# because its guest triple-faulted or hung before its vsock driver started runs once more,
+# recorded and summed up below; TERN_KVM_RETRY=0 turns that off). Its outcome is
 # recorded (inside the runner) in $progress, under the repo, which the runner shares read-write.
 progress=$root/target/kvm-tests.progress
 : >"$progress"
@@ -54,7 +54,7 @@ if [ "$rc" -eq 125 ] && [ "${TERN_KVM_RETRY:-1}" = 1 ]; then
 	run_in_runner "${remaining[@]}" || rc=$?
 fi
 if grep -q ' retried ' "$progress"; then
-	echo ">> RERUN after a guest triple fault (see RETRY above):" >&2
+	echo ">> RERUN after a guest that never got going (see RETRY above):" >&2
 	grep ' retried ' "$progress" | sed 's|^.*/|>>   |' >&2
 fi
 if grep -q ' failed$' "$progress"; then

@@ -6,12 +6,17 @@ Usage: run-test-binary.py PROGRESS_FILE BINARY [TEST ARGS...]
 The binary runs with `--test-threads=1` and the given arguments; its output passes through
 unchanged. The outcome is appended to PROGRESS_FILE as "BINARY ok" or "BINARY failed".
 
-Inside the nested runner (TERN_RUNNER_INSIDE=1) one failure is not taken at face value: a
-guest that triple-faulted. tern boots guests with `reboot=k panic=-1`, so a guest's own panic
-or reboot is an i8042 reset; a KVM_EXIT_SHUTDOWN (logged by the VMM as `exit_reason=8`) is a
-crash the guest could not even report, and under the runner's emulated SVM that happens now
-and then (README, "Tests"). When every failed test's report shows it, those tests run once
-more (`--exact`), loudly; a second failure of any kind fails the binary, and every rerun is
+Inside the nested runner (TERN_RUNNER_INSIDE=1) two failures are not taken at face value,
+both of a guest that never got far enough to run tern's code (README, "Tests"):
+- a guest that triple-faulted. tern boots guests with `reboot=k panic=-1`, so a guest's own
+  panic or reboot is an i8042 reset; a KVM_EXIT_SHUTDOWN (logged by the VMM as
+  `exit_reason=8`) is a crash the guest could not even report, and under the runner's
+  emulated SVM that happens now and then;
+- a guest that hung in early boot: its agent never answered and it never kicked a single
+  vsock queue (tern's error reports `vsock queue kicks rx/tx/event 0/0/0`), so it never
+  reached its vsock driver. A guest that did reach it and still had no agent fails at once.
+When every failed test's report shows one of these, those tests run once more (`--exact`),
+loudly; a second failure of any kind fails the binary, and every rerun is
 recorded in PROGRESS_FILE as "BINARY retried NAME… (why): passed|failed again". Any other
 failure fails at once: a hang that looked like the emulation (fs-serve's guest stuck before
 its first line) was a lost-kick bug in vhost-user-backend 0.21. On a host whose KVM boots
@@ -24,6 +29,16 @@ import subprocess
 import sys
 
 TRIPLE_FAULT = "exit_reason=8"
+EARLY_BOOT_HANG = re.compile(r"the agent never became ready \(guest: \d+ vCPU exits, [^;]*; vsock queue kicks rx/tx/event 0/0/0;")
+
+
+def emulation_failure(report):
+    """Why a failed test's report looks like the emulated SVM's fault, or None."""
+    if TRIPLE_FAULT in report:
+        return f"guest triple fault, {TRIPLE_FAULT}"
+    if EARLY_BOOT_HANG.search(report):
+        return "guest hung before its vsock driver started"
+    return None
 
 
 def run(binary, args):
@@ -60,10 +75,11 @@ def main():
     progress, binary, args = sys.argv[1], sys.argv[2], sys.argv[3:]
     status, stdout = run(binary, args)
     reports = failure_reports(stdout) if status != 0 else {}
-    if reports and retry_enabled() and all(TRIPLE_FAULT in text for text in reports.values()):
+    whys = {emulation_failure(text) for text in reports.values()}
+    if reports and retry_enabled() and None not in whys:
         names = sorted(reports)
-        why = f"guest triple fault, {TRIPLE_FAULT}"
-        print(f">> RETRY {os.path.basename(binary)}: {' '.join(names)} failed after a {why}; once more", flush=True)
+        why = "; ".join(sorted(whys))
+        print(f">> RETRY {os.path.basename(binary)}: {' '.join(names)} failed ({why}); once more", flush=True)
         flags = [a for a in args if a.startswith("-")]  # e.g. --include-ignored; not filters
         status, _ = run(binary, [*flags, "--exact", *names])
         with open(progress, "a") as f:

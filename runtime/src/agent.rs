@@ -36,8 +36,8 @@ pub enum AgentError {
     Handshake(String),
     #[error("agent speaks protocol version {got}, this runtime speaks {PROTOCOL_VERSION}")]
     Version { got: u32 },
-    #[error("agent did not answer within {0:?}")]
-    NotReady(Duration),
+    #[error("agent did not answer within {waited:?} (last attempt: {last})")]
+    NotReady { waited: Duration, last: String },
     #[error("the VM ended before its agent answered ({0})")]
     VmGone(String),
     #[error("agent protocol error")]
@@ -114,15 +114,17 @@ impl AgentClient {
             if let Some(reason) = give_up() {
                 return Err(AgentError::VmGone(reason));
             }
-            match self.probe_health() {
+            let last = match self.probe_health() {
                 Ok(version) => return Ok(version),
                 Err(e @ AgentError::Version { .. }) => return Err(e),
                 Err(e) => {
                     tracing::trace!(error = %e, "agent not ready yet");
+                    e
                 }
-            }
+            };
             if start.elapsed() >= timeout {
-                return Err(AgentError::NotReady(timeout));
+                let last = crate::sandbox::error_chain(&last);
+                return Err(AgentError::NotReady { waited: timeout, last });
             }
             std::thread::sleep(RETRY_INTERVAL);
         }

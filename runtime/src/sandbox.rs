@@ -25,10 +25,66 @@ pub enum SandboxError {
     RunDir(#[source] std::io::Error),
     #[error("cannot start the VM")]
     Start(#[source] VmmError),
-    #[error("the VM ended before its agent answered ({0}); see the console log")]
-    VmGone(String),
-    #[error("the agent never became ready")]
-    Agent(#[source] AgentError),
+    #[error("the VM ended before its agent answered ({reason}); {report}")]
+    VmGone { reason: String, report: GuestReport },
+    #[error("the agent never became ready ({report})")]
+    Agent {
+        report: GuestReport,
+        #[source]
+        source: AgentError,
+    },
+}
+
+/// Console lines a [`GuestReport`] quotes.
+const REPORT_CONSOLE_LINES: usize = 8;
+/// Characters of one quoted console line.
+const REPORT_LINE_CHARS: usize = 160;
+
+/// What a guest whose agent never answered had done: enough to tell a guest that never ran
+/// (no exits), one whose vsock driver never came up (no vsock kicks) and one that printed a
+/// panic (its last console lines, kept even when the console is discarded).
+#[derive(Debug)]
+pub struct GuestReport(String);
+
+impl GuestReport {
+    fn of(vm: &VmHandle) -> GuestReport {
+        use vmm::metrics::ExitReason;
+        let m = vm.metrics().snapshot();
+        let exits: u64 = m.exits.iter().map(|(_, n)| n).sum();
+        let virtio: u64 = m
+            .exits
+            .iter()
+            .filter(|(r, _)| matches!(r, ExitReason::MmioRead | ExitReason::MmioWrite))
+            .map(|(_, n)| n)
+            .sum();
+        let kicks: Vec<String> = m.vsock_queue_notifications.iter().map(u64::to_string).collect();
+        GuestReport(format!(
+            "guest: {exits} vCPU exits, {virtio} of them virtio register accesses; vsock queue kicks \
+             rx/tx/event {}; {} vsock bytes from the guest; {}",
+            kicks.join("/"),
+            m.vsock_bytes_from_guest,
+            console_excerpt(&vm.console_tail()),
+        ))
+    }
+}
+
+impl std::fmt::Display for GuestReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The last non-empty console lines, on one line ("console: a | b | c").
+fn console_excerpt(tail: &str) -> String {
+    let lines: Vec<&str> = tail.lines().map(str::trim_end).filter(|l| !l.trim().is_empty()).collect();
+    if lines.is_empty() {
+        return "the guest console is empty".to_string();
+    }
+    let quoted: Vec<String> = lines[lines.len().saturating_sub(REPORT_CONSOLE_LINES)..]
+        .iter()
+        .map(|l| l.chars().filter(|c| !c.is_control()).take(REPORT_LINE_CHARS).collect())
+        .collect();
+    format!("guest console ended with: {}", quoted.join(" | "))
 }
 
 /// Timestamps of one boot, for `--timings` and the benchmark.
@@ -112,8 +168,13 @@ impl Sandbox {
         let agent_ready = Instant::now();
         match ready {
             Ok(version) => tracing::debug!(%version, "agent ready"),
-            Err(AgentError::VmGone(reason)) => return Err(SandboxError::VmGone(reason)),
-            Err(e) => return Err(SandboxError::Agent(e)),
+            Err(AgentError::VmGone(reason)) => {
+                return Err(SandboxError::VmGone { reason, report: GuestReport::of(&vm) })
+            }
+            Err(source) => {
+                let report = GuestReport::of(&vm);
+                return Err(SandboxError::Agent { report, source });
+            }
         }
         let timeline = BootTimeline { vmm_start, kernel_entry: vm.timings().vcpus_started, agent_ready };
         let vm = Arc::new(vm);
@@ -314,6 +375,22 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn console_excerpt_quotes_the_last_lines_on_one_line() {
+        assert_eq!(console_excerpt(""), "the guest console is empty");
+        assert_eq!(console_excerpt("\r\n  \n"), "the guest console is empty");
+        let tail: String = (1..=20).map(|i| format!("line {i}\r\n")).collect();
+        let excerpt = console_excerpt(&tail);
+        assert_eq!(
+            excerpt,
+            "guest console ended with: line 13 | line 14 | line 15 | line 16 | line 17 | line 18 | line 19 | line 20"
+        );
+        // Control characters go; long lines are cut.
+        assert_eq!(console_excerpt("\u{1b}[0mok\tdone\n"), "guest console ended with: [0mokdone");
+        let long = format!("{}\n", "x".repeat(500));
+        assert_eq!(console_excerpt(&long), format!("guest console ended with: {}", "x".repeat(160)));
+    }
 
     #[test]
     fn named_dirs_are_deterministic_short_and_distinct() {

@@ -151,8 +151,12 @@ fn agent_that_never_answers_times_out_cleanly() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    // An /init that never starts an agent.
-    let initrd = tern_tests::busybox_initramfs(dir.path(), "#!/bin/sh\n/bin/busybox sleep 100000\n");
+    // An /init that says so on the serial console and never starts an agent.
+    let initrd = tern_tests::busybox_initramfs(
+        dir.path(),
+        "#!/bin/sh\n/bin/busybox mkdir -p /dev\n/bin/busybox mount -t devtmpfs dev /dev\n\
+         echo 'tern-test: no agent in this guest' > /dev/ttyS0\n/bin/busybox sleep 100000\n",
+    );
     let config = dir.path().join("config.toml");
     std::fs::write(&config, "[vm]\nagent_timeout_secs = 20\n").unwrap();
     let run_dir = dir.path().join("run");
@@ -164,7 +168,18 @@ fn agent_that_never_answers_times_out_cleanly() {
     );
     let (_, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(125), "stderr: {stderr}");
-    assert!(stderr.contains("agent"), "stderr: {stderr}");
+    // The error says what was tried last and what the guest did: it ran (vCPU exits), and
+    // its console, discarded by default, is quoted.
+    assert!(stderr.contains("the agent never became ready"), "stderr: {stderr}");
+    assert!(stderr.contains("agent did not answer within 20s (last attempt: "), "stderr: {stderr}");
+    assert!(stderr.contains("guest console ended with: tern-test: no agent in this guest"), "stderr: {stderr}");
+    let exits: u64 = stderr
+        .split("guest: ")
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no vCPU exit count in: {stderr}"));
+    assert!(exits > 0, "stderr: {stderr}");
     assert!(elapsed < Duration::from_secs(90), "took {elapsed:?}");
     assert_run_dir_empty(&run_dir);
 }

@@ -10,6 +10,8 @@ use crate::boot::cmdline::CmdlineError;
 use crate::boot::BootError;
 use crate::builder::{self, RunningVm};
 use crate::devices::bus::BusError;
+pub use crate::devices::legacy::TAIL_BYTES as CONSOLE_TAIL_BYTES;
+use crate::devices::legacy::ConsoleTail;
 pub use crate::devices::fs::watcher::WatcherCounters;
 use crate::devices::fs::watcher::ShareWatchers;
 pub use crate::devices::fs::{CachePolicy, ShareConfig, ShareError};
@@ -218,6 +220,7 @@ impl Vmm {
         let running = builder::build_and_start(&config, lifecycle.clone(), metrics.clone())?;
         Ok(VmHandle {
             lifecycle,
+            console_tail: running.console_tail(),
             running: Mutex::new(Some(running)),
             vmm_start,
             metrics,
@@ -231,6 +234,7 @@ pub struct VmHandle {
     running: Mutex<Option<RunningVm>>,
     vmm_start: Instant,
     metrics: Arc<VmMetrics>,
+    console_tail: Arc<ConsoleTail>,
 }
 
 fn outcome_to_result(outcome: VmOutcome) -> Result<VmExit, VmmError> {
@@ -293,6 +297,12 @@ impl VmHandle {
         self.watchers()?.unwatch(name);
         shares.remove(name)?;
         Ok(())
+    }
+
+    /// The last bytes (up to [`CONSOLE_TAIL_BYTES`]) the guest wrote to its serial console,
+    /// whatever [`VmConfig::console`] says; readable after the VM ended. For error reports.
+    pub fn console_tail(&self) -> String {
+        self.console_tail.text()
     }
 
     /// The VM's counters (vCPU exits, queue notifications, fs requests, vsock bytes). They

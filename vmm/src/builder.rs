@@ -21,7 +21,7 @@ use crate::devices::event_loop::{EventLoop, EventLoopHandle, EventLoopThread};
 use crate::devices::fs::watcher::ShareWatchers;
 use crate::devices::fs::{FsShares, VirtioFs, FS_TAG};
 use crate::devices::legacy::{
-    ConsoleWriter, I8042ResetPort, SerialConsole, COM1_IRQ, COM1_PORT, COM1_PORT_COUNT,
+    ConsoleTail, ConsoleWriter, I8042ResetPort, SerialConsole, COM1_IRQ, COM1_PORT, COM1_PORT_COUNT,
     I8042_DATA_PORT, I8042_PORT_COUNT,
 };
 use crate::devices::virtio::mmio::MmioTransport;
@@ -49,9 +49,15 @@ pub(crate) struct RunningVm {
     mmio: Arc<MmioBus>,
     vm: Vm,
     memory: GuestMemory,
+    console_tail: Arc<ConsoleTail>,
 }
 
 impl RunningVm {
+    /// The last bytes of the serial console (kept even when the console is discarded).
+    pub(crate) fn console_tail(&self) -> Arc<ConsoleTail> {
+        self.console_tail.clone()
+    }
+
     /// The share table of the virtio-fs device, if the VM has one.
     pub(crate) fn fs_shares(&self) -> Option<Arc<FsShares>> {
         self.fs_shares.clone()
@@ -72,6 +78,7 @@ impl RunningVm {
             mmio,
             vm,
             memory,
+            console_tail: _, // the VM handle keeps its own reference
         } = self;
         // The watcher talks to the guest through the vsock device: stop it first.
         watchers.stop();
@@ -213,11 +220,13 @@ fn build_legacy_devices(
     config: &VmConfig,
     vm: &Vm,
     lifecycle: &Arc<VmLifecycle>,
-) -> Result<PioBus, VmmError> {
+) -> Result<(PioBus, Arc<ConsoleTail>), VmmError> {
     let mut pio = PioBus::new();
     let serial_irq = new_eventfd()?;
     vm.register_irqfd(&serial_irq, COM1_IRQ)?;
-    let serial = SerialConsole::new(serial_irq, console_writer(&config.console)?);
+    let console = console_writer(&config.console)?;
+    let console_tail = console.tail();
+    let serial = SerialConsole::new(serial_irq, console);
     pio.insert(COM1_PORT, COM1_PORT_COUNT, Arc::new(Mutex::new(serial)))?;
 
     // A weak reference: the lifecycle must not be kept alive by a device it outlives.
@@ -233,7 +242,7 @@ fn build_legacy_devices(
         I8042_PORT_COUNT,
         Arc::new(Mutex::new(reset_port)),
     )?;
-    Ok(pio)
+    Ok((pio, console_tail))
 }
 
 /// Build the VM described by `config` and start its vCPUs.
@@ -253,7 +262,7 @@ pub(crate) fn build_and_start(
     let event_loop = EventLoop::new().map_err(|err| VmmError::Thread("device event loop", err))?;
     let VirtioDevices { mmio, slots: virtio_slots, fs_shares } =
         build_virtio_devices(config, &vm, &memory, &event_loop.handle(), &metrics)?;
-    let pio = build_legacy_devices(config, &vm, &lifecycle)?;
+    let (pio, console_tail) = build_legacy_devices(config, &vm, &lifecycle)?;
 
     let cmdline = build_cmdline(&virtio_slots, &config.cmdline)?;
     let boot = prepare_guest_memory(
@@ -297,6 +306,7 @@ pub(crate) fn build_and_start(
         mmio: Arc::new(mmio),
         vm,
         memory,
+        console_tail,
     };
 
     // Application processors first: they wait in KVM for the bootstrap processor's SIPI.

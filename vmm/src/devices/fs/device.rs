@@ -148,9 +148,7 @@ impl VirtioFs {
     fn deactivate(&mut self) {
         if let Some(active) = self.active.take() {
             active.stopped.store(true, Ordering::SeqCst);
-            if let Err(e) = self.events.remove_subscriber(&active.token) {
-                tracing::warn!(error = %e, "cannot remove the virtio-fs handler from the event loop");
-            }
+            self.events.remove_subscriber(&active.token);
         }
     }
 }

@@ -2,11 +2,15 @@
 //! slow or stuck reader (a full pipe, a closed terminal), so bytes go through a bounded
 //! queue to a `tern-console` writer thread; when the queue is full, bytes are dropped and
 //! counted instead of stalling the guest.
+//!
+//! Whatever the sink, the last [`TAIL_BYTES`] bytes are also kept in a [`ConsoleTail`], so a
+//! failed boot can say what the guest printed last even when its console was discarded.
 
+use std::collections::VecDeque;
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -16,6 +20,32 @@ const QUEUE_CHUNKS: usize = 1024;
 const CHUNK_BYTES: usize = 256;
 /// How long dropping the writer waits for queued output to drain.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
+/// Console bytes a [`ConsoleTail`] keeps.
+pub const TAIL_BYTES: usize = 8 * 1024;
+
+/// The last [`TAIL_BYTES`] bytes the guest wrote to its console; shared between the serial
+/// device (writer) and the VM handle (reader).
+#[derive(Debug, Default)]
+pub struct ConsoleTail {
+    bytes: Mutex<VecDeque<u8>>,
+}
+
+impl ConsoleTail {
+    fn push(&self, buf: &[u8]) {
+        let mut bytes = self.bytes.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let keep = buf.len().min(TAIL_BYTES);
+        let overflow = (bytes.len() + keep).saturating_sub(TAIL_BYTES);
+        bytes.drain(..overflow);
+        bytes.extend(&buf[buf.len() - keep..]);
+    }
+
+    /// The kept bytes, oldest first, as text (invalid UTF-8 replaced).
+    pub fn text(&self) -> String {
+        let bytes = self.bytes.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let (front, back) = bytes.as_slices();
+        String::from_utf8_lossy(&[front, back].concat()).into_owned()
+    }
+}
 
 /// A `Write` that never blocks its caller: see the module docs.
 pub struct ConsoleWriter {
@@ -23,6 +53,7 @@ pub struct ConsoleWriter {
     queue: Option<SyncSender<Vec<u8>>>,
     thread: Option<JoinHandle<()>>,
     dropped_bytes: Arc<AtomicU64>,
+    tail: Arc<ConsoleTail>,
 }
 
 impl ConsoleWriter {
@@ -44,6 +75,7 @@ impl ConsoleWriter {
             queue: Some(queue),
             thread: Some(thread),
             dropped_bytes: Arc::new(AtomicU64::new(0)),
+            tail: Arc::default(),
         })
     }
 
@@ -54,7 +86,13 @@ impl ConsoleWriter {
             queue: None,
             thread: None,
             dropped_bytes: Arc::new(AtomicU64::new(0)),
+            tail: Arc::default(),
         }
+    }
+
+    /// The tail of everything written, readable while the guest runs and after.
+    pub fn tail(&self) -> Arc<ConsoleTail> {
+        self.tail.clone()
     }
 
     /// Bytes lost because the sink could not keep up.
@@ -83,6 +121,7 @@ impl ConsoleWriter {
 
 impl Write for ConsoleWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.tail.push(buf);
         if self.queue.is_some() {
             self.pending.extend_from_slice(buf);
             if self.pending.len() >= CHUNK_BYTES {
@@ -176,5 +215,27 @@ mod tests {
         writer.write_all(&[0u8; 10_000]).unwrap();
         writer.flush().unwrap();
         assert_eq!(writer.dropped_bytes(), 0);
+    }
+
+    #[test]
+    fn tail_keeps_the_last_bytes_even_when_discarding() {
+        let mut writer = ConsoleWriter::discard();
+        let tail = writer.tail();
+        assert_eq!(tail.text(), "");
+        writer.write_all(b"first line\n").unwrap();
+        assert_eq!(tail.text(), "first line\n");
+        let long: Vec<u8> = (0..TAIL_BYTES + 100).map(|i| b'a' + (i % 26) as u8).collect();
+        for chunk in long.chunks(7) {
+            writer.write_all(chunk).unwrap();
+        }
+        writer.write_all(b"end").unwrap();
+        let text = tail.text();
+        assert_eq!(text.len(), TAIL_BYTES);
+        assert!(text.ends_with("end"), "{text:?}");
+        let expected = [&long[long.len() - (TAIL_BYTES - 3)..], b"end"].concat();
+        assert_eq!(text.as_bytes(), expected.as_slice());
+        // One write longer than the tail keeps only its own end.
+        writer.write_all(&vec![b'z'; TAIL_BYTES * 2]).unwrap();
+        assert_eq!(tail.text(), "z".repeat(TAIL_BYTES));
     }
 }

@@ -5,7 +5,7 @@ mod console;
 mod i8042;
 mod serial;
 
-pub use console::ConsoleWriter;
+pub use console::{ConsoleTail, ConsoleWriter, TAIL_BYTES};
 pub use i8042::I8042ResetPort;
 pub use serial::SerialConsole;
 

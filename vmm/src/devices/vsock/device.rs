@@ -79,9 +79,7 @@ impl Vsock {
     fn deactivate(&mut self) {
         if let Some(active) = self.active.take() {
             active.stopped.store(true, Ordering::SeqCst);
-            if let Err(e) = self.events.remove_subscriber(&active.token) {
-                tracing::warn!(error = %e, "cannot remove the vsock handler from the event loop");
-            }
+            self.events.remove_subscriber(&active.token);
         }
     }
 }
