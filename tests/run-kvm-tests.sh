@@ -41,8 +41,8 @@ run_in_runner() {
 echo ">> KVM tests: ${bins[*]##*/}"
 rc=0
 run_in_runner "${bins[@]}" || rc=$?
-# 125: the outer VM itself failed (its kernel crashed under the emulated SVM — the
-# runner printed its console); that is not a test result. The binaries that had not finished
+# 125: the outer VM itself failed (its kernel crashed, or it hung, under the emulated SVM —
+# the runner printed its console); that is not a test result. The binaries that had not finished
 # get one fresh runner boot; what had finished keeps its result.
 if [ "$rc" -eq 125 ] && [ "${TERN_KVM_RETRY:-1}" = 1 ]; then
 	remaining=()

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Self-test for tests/nested-runner: exit codes, separate byte-exact stdout/stderr,
 # binary pass-through, the time limit, /dev/kvm with nested SVM, env pass-through,
-# a current directory under /tmp, and a writable cache dir.
+# a current directory under /tmp, a writable cache dir, and a hung outer VM (125).
 #
 # Usage: tests/runner-selftest.sh      (TERN_NESTED=1 forces the outer VM)
 set -euo pipefail
@@ -121,6 +121,24 @@ if [ $rc = 0 ] && [ "$(cat "$work/h.out")" = o ] && [ "$(strip_notice "$work/h.e
 	ok "(h) /dev/stdout, /dev/stderr, /dev/fd/N can be reopened"
 else
 	bad "(h) rc=$rc out=$(cat "$work/h.out") err=$(cat "$work/h.err")"
+fi
+
+# (i) a hung outer VM: CMD starves every other task (real-time spinners on every CPU, RT
+# throttling off), so the init's heartbeat stops; the runner says so, shows where the vCPUs
+# are, and exits 125 well before the time limit
+t0=$(now)
+rc=0
+TERN_RUNNER_STALL=20 "$runner" --timeout 300 -- sh -c \
+	'echo -1 >/proc/sys/kernel/sched_rt_runtime_us || exit 3
+	 for i in $(seq "$(nproc)"); do chrt -f 99 sh -c "while :; do :; done" & done; wait' \
+	>"$work/i.out" 2>"$work/i.err" || rc=$?
+t1=$(now)
+el=$(secs "$t0" "$t1")
+if [ $rc = 125 ] && grep -q 'the outer VM is hung: its heartbeat .* has not moved for 20 s' "$work/i.err" &&
+	grep -q '^nested-runner:   vCPU 0 RIP=0x' "$work/i.err" && awk -v e="$el" 'BEGIN { exit !(e < 150) }'; then
+	ok "(i) hung outer VM -> exit 125 after $el s, vCPUs: $(grep -c '^nested-runner:   vCPU' "$work/i.err")"
+else
+	bad "(i) rc=$rc after $el s; stderr: $(tail -n 8 "$work/i.err")"
 fi
 
 echo "$pass passed, $fail failed"
