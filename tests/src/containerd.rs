@@ -114,6 +114,22 @@ pub struct TestContainerd {
     address: PathBuf,
 }
 
+/// KVM debugfs statistics [`TestContainerd::shim_report`] quotes.
+const KVM_DEBUGFS_STATS: [&str; 12] = [
+    "exits",
+    "irq_exits",
+    "halt_exits",
+    "io_exits",
+    "mmio_exits",
+    "signal_exits",
+    "pf_taken",
+    "pf_fixed",
+    "insn_emulation",
+    "irq_injections",
+    "nmi_injections",
+    "req_event",
+];
+
 impl TestContainerd {
     /// Start containerd (CRI disabled) and wait until `ctr version` answers.
     pub fn start() -> TestContainerd {
@@ -279,6 +295,60 @@ disabled_plugins = [{cri_disabled}"io.containerd.snapshotter.v1.btrfs",
             std::thread::sleep(Duration::from_millis(100));
         }
         false
+    }
+
+    /// What this containerd's shims are doing, for failure messages about a stall: every
+    /// thread's name, state and kernel wait channel, and from sandbox `sandbox`'s metrics
+    /// socket the VM's vCPU-exit and vsock counters, whether its agent answers and its load.
+    pub fn shim_report(&self, sandbox: &str) -> String {
+        let mut report = String::new();
+        for pid in self.shim_pids() {
+            report.push_str(&format!("shim {pid} threads (name state wchan):\n"));
+            let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten();
+            for task in tasks {
+                let read = |name: &str| std::fs::read_to_string(task.path().join(name)).unwrap_or_default();
+                let stat = read("stat");
+                // The state follows the parenthesised name, which may contain spaces.
+                let state = stat.rsplit_once(") ").and_then(|(_, rest)| rest.split(' ').next()).unwrap_or("?");
+                report.push_str(&format!("  {} {state} {}\n", read("comm").trim_end(), read("wchan")));
+            }
+        }
+        // KVM's own counters (debugfs, where mounted): do vCPU exits still happen inside the
+        // kernel while none reaches the VMM? KVM names a VM's directory "<tid>-<fd>" after the
+        // thread that created it, which may be gone: every VM is listed.
+        {
+            let vms = std::fs::read_dir("/sys/kernel/debug/kvm").into_iter().flatten().flatten();
+            for vm in vms.filter(|e| e.path().is_dir() && e.file_name().to_string_lossy().contains('-')) {
+                let stats: Vec<String> = KVM_DEBUGFS_STATS
+                    .iter()
+                    .filter_map(|name| {
+                        let value = std::fs::read_to_string(vm.path().join(name)).ok()?;
+                        Some(format!("{name}={}", value.trim()))
+                    })
+                    .collect();
+                report.push_str(&format!("kvm {}: {}\n", vm.file_name().to_string_lossy(), stats.join(" ")));
+            }
+        }
+        let socket = Path::new("/run/tern/sbs").join(sandbox).join("shim-monitor.sock");
+        let metrics = (|| -> std::io::Result<String> {
+            use std::io::Read;
+            let mut s = std::os::unix::net::UnixStream::connect(&socket)?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+            let mut raw = String::new();
+            s.read_to_string(&mut raw)?;
+            Ok(raw)
+        })();
+        match metrics {
+            Ok(raw) => {
+                report.push_str("sandbox metrics (vCPU exits, vsock, agent up, guest load):\n");
+                for line in raw.lines().filter(|l| !l.starts_with('#') && ["vsock", "exits", "agent_up", "guest_load"].iter().any(|k| l.contains(k))) {
+                    report.push_str(&format!("  {line}\n"));
+                }
+            }
+            Err(e) => report.push_str(&format!("no metrics from {}: {e}\n", socket.display())),
+        }
+        report
     }
 
     /// Mount points under this instance's temp dir.

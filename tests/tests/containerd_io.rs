@@ -199,17 +199,23 @@ fn late_reader_gets_50_mib_of_stdout_byte_identical() {
 
     // ctr task attach opens the FIFOs now, reads to EOF and deletes the task.
     let out = ctrd.ctr(&["task", "attach", "late"], Duration::from_secs(600));
-    // On failure say how far the data got (a stall in the stream vs. a missed exit) and what
-    // containerd thinks of the task.
-    assert!(
-        out.status.success(),
-        "ctr task attach failed ({:?}) after {} of {LATE_ATTACH_BYTES} bytes, task {:?}: {}\n{}",
-        out.status,
-        out.stdout.len(),
-        task_status(&ctrd, "late"),
-        stderr(&out),
-        ctrd.logs()
-    );
+    // On failure say how far the data got (a stall in the stream vs. a missed exit), what
+    // containerd thinks of the task, and where the shim's threads wait, twice 5 s apart (do
+    // the VM's counters still move?).
+    if !out.status.success() {
+        let first = ctrd.shim_report("late");
+        std::thread::sleep(Duration::from_secs(5));
+        panic!(
+            "ctr task attach failed ({:?}) after {} of {LATE_ATTACH_BYTES} bytes, task {:?}: {}\n\
+             --- shim ---\n{first}--- shim 5 s later ---\n{}\n{}",
+            out.status,
+            out.stdout.len(),
+            task_status(&ctrd, "late"),
+            stderr(&out),
+            ctrd.shim_report("late"),
+            ctrd.logs()
+        );
+    }
     let mut expected = seq_output(9_000_000);
     expected.truncate(LATE_ATTACH_BYTES);
     assert_eq!(
