@@ -59,7 +59,7 @@ pub struct Ring {
 impl Ring {
     pub fn new(mem: &'static GuestMemory, base: u64) -> Self {
         let avail = base + 16 * u64::from(QSIZE);
-        let used = (avail + 6 + 2 * u64::from(QSIZE) + 3) & !3;
+        let used = Ring::used_ring_of(base);
         for addr in [avail, avail + 2, used, used + 2] {
             mem.write_obj(0u16, GuestAddress(addr)).unwrap();
         }
@@ -85,6 +85,12 @@ impl Ring {
         self.avail_idx = self.avail_idx.wrapping_add(1);
         self.mem.write_obj(self.avail_idx, GuestAddress(self.avail + 2)).unwrap();
         head
+    }
+
+    /// Where [`Ring::new`] puts the used ring of a queue at `base`.
+    pub fn used_ring_of(base: u64) -> u64 {
+        let avail = base + 16 * u64::from(QSIZE);
+        (avail + 6 + 2 * u64::from(QSIZE) + 3) & !3
     }
 
     pub fn used_idx(&self) -> u16 {
@@ -160,6 +166,9 @@ pub struct Guest {
     pub _dir: tempfile::TempDir,
     /// Head index → rx buffer number.
     pub rx_heads: std::collections::HashMap<u16, u16>,
+    /// Check after every device call that it wrote guest memory only where a device may
+    /// (see [`Guest::handle`]); slow, so only some tests turn it on.
+    pub watch_writes: bool,
 }
 
 impl Guest {
@@ -188,7 +197,17 @@ impl Guest {
             muxer,
             Arc::new(AtomicBool::new(false)),
         );
-        let mut g = Guest { mem, rx, tx, handler, interrupts, uds, _dir: dir, rx_heads: Default::default() };
+        let mut g = Guest {
+            mem,
+            rx,
+            tx,
+            handler,
+            interrupts,
+            uds,
+            _dir: dir,
+            rx_heads: Default::default(),
+            watch_writes: false,
+        };
         for i in 0..n {
             g.post_rx(i);
         }
@@ -223,16 +242,65 @@ impl Guest {
         self.check();
         let head = self.tx.post(chain);
         self.check();
-        self.handler.handle(TX_QUEUE as u32);
+        self.handle(TX_QUEUE as u32);
         self.check();
         let used = self.tx.used();
         assert_eq!(used, vec![(head, 0)], "every tx chain comes back");
     }
 
+    /// Let the device handle one wakeup. With [`Guest::watch_writes`], every guest byte it
+    /// changed must lie in a used ring or in an rx buffer it returned during this call, within
+    /// the header and the payload length it reported: a device that writes anywhere else
+    /// corrupts guest memory the driver (and the guest kernel) still uses.
+    pub fn handle(&mut self, source: u32) {
+        if !self.watch_writes {
+            self.handler.handle(source);
+            return;
+        }
+        let mut before = vec![0u8; MEM_SIZE as usize];
+        self.mem.read_slice(&mut before, GuestAddress(0)).unwrap();
+        let first_new = self.rx.used_idx();
+        self.handler.handle(source);
+        let mut after = vec![0u8; MEM_SIZE as usize];
+        self.mem.read_slice(&mut after, GuestAddress(0)).unwrap();
+
+        let used_ring_bytes = 4 + 8 * u64::from(QSIZE) + 2;
+        let ev_used = Ring::used_ring_of(0x2_0000);
+        let mut allowed: Vec<std::ops::Range<u64>> = [self.rx.used, self.tx.used, ev_used]
+            .iter()
+            .map(|&used| used..used + used_ring_bytes)
+            .collect();
+        let mut idx = first_new;
+        while idx != self.rx.used_idx() {
+            let elem = self.rx.used + 4 + 8 * u64::from(idx % QSIZE);
+            let head: u32 = self.mem.read_obj(GuestAddress(elem)).unwrap();
+            let len: u32 = self.mem.read_obj(GuestAddress(elem + 4)).unwrap();
+            let Some(&i) = self.rx_heads.get(&(head as u16)) else { panic!("used rx head {head} was not posted") };
+            let hdr = RX_BUF_BASE + u64::from(i) * 0x2000;
+            allowed.push(hdr..hdr + HEADER_SIZE as u64);
+            let payload = u64::from(len).saturating_sub(HEADER_SIZE as u64);
+            allowed.push(hdr + 0x100..hdr + 0x100 + payload);
+            idx = idx.wrapping_add(1);
+        }
+        for (offset, (a, b)) in before.chunks(8).zip(after.chunks(8)).enumerate() {
+            if a == b {
+                continue;
+            }
+            for (j, (x, y)) in a.iter().zip(b).enumerate() {
+                let addr = (offset * 8 + j) as u64;
+                assert!(
+                    x == y || allowed.iter().any(|r| r.contains(&addr)),
+                    "the device wrote guest address {addr:#x} ({x:#04x} -> {y:#04x}) outside every used ring \
+                     and returned rx buffer (source {source})"
+                );
+            }
+        }
+    }
+
     /// Let the device look at the host sockets.
     pub fn pump(&mut self) {
         self.check();
-        self.handler.handle(MUXER);
+        self.handle(MUXER);
         self.check();
     }
 
@@ -243,7 +311,7 @@ impl Guest {
             self.post_rx(i);
         }
         if !out.is_empty() {
-            self.handler.handle(RX_QUEUE as u32);
+            self.handle(RX_QUEUE as u32);
         }
         out.into_iter().map(|(_, h, d)| (h, d)).collect()
     }

@@ -253,7 +253,7 @@ fn rx_without_buffers_keeps_data_until_the_next_kick() {
     for (i, _, _) in taken {
         g.post_rx(i);
     }
-    g.handler.handle(RX_QUEUE as u32);
+    g.handle(RX_QUEUE as u32);
     let pkts = g.recv();
     assert_eq!(pkts.len(), 1);
     assert_eq!(pkts[0].0.op, VSOCK_OP_RW);
@@ -275,12 +275,26 @@ fn pattern(len: usize, seed: u32) -> Vec<u8> {
 
 #[test]
 fn large_transfers_both_ways_are_byte_exact() {
-    const SIZE: usize = 16 << 20;
+    transfer_both_ways(16 << 20, false);
+}
+
+/// A transfer both ways in which the host stops reading for a while (the guest runs out of
+/// credit, the device buffers, credit requests and updates follow), checking after every
+/// device call that it wrote guest memory only in used rings and returned rx buffers.
+#[test]
+fn device_writes_guest_memory_only_where_allowed() {
+    transfer_both_ways(1 << 20, true);
+}
+
+fn transfer_both_ways(size: usize, watch_writes: bool) {
+    const SIZE_LIMIT: usize = 16 << 20;
     const GUEST_BUF_ALLOC: u32 = 256 * 1024;
+    assert!(size <= SIZE_LIMIT);
     let mut g = Guest::new();
+    g.watch_writes = watch_writes;
     let (host, local) = establish(&mut g);
-    let to_guest = pattern(SIZE, 1);
-    let to_host = pattern(SIZE, 2);
+    let to_guest = pattern(size, 1);
+    let to_host = pattern(size, 2);
 
     let mut host_reader = host.try_clone().unwrap();
     let mut host_writer = host;
@@ -290,12 +304,15 @@ fn large_transfers_both_ways_are_byte_exact() {
         host_writer.shutdown(Shutdown::Write).unwrap();
     });
     let reader = std::thread::spawn(move || {
-        let mut got = Vec::with_capacity(SIZE);
+        let mut got = vec![0u8; size / 4];
+        host_reader.read_exact(&mut got).unwrap();
+        // A host that stops reading for a while: the device buffers up to its credit.
+        std::thread::sleep(Duration::from_millis(500));
         host_reader.read_to_end(&mut got).unwrap();
         got
     });
 
-    let mut received = Vec::with_capacity(SIZE);
+    let mut received = Vec::with_capacity(size);
     let mut sent = 0usize;
     // The device's window for guest data, from its latest header.
     let (mut dev_buf_alloc, mut dev_fwd_cnt) = (CONN_TX_BUF_SIZE, 0u32);
@@ -303,6 +320,7 @@ fn large_transfers_both_ways_are_byte_exact() {
     let mut host_eof = false;
     let mut shut_sent = false;
     let mut reset = false;
+    let mut credit_ran_out = false;
     let deadline = Instant::now() + Duration::from_secs(120);
     while !reset {
         assert!(Instant::now() < deadline, "transfer stalled: {} received, {} sent", received.len(), sent);
@@ -336,13 +354,14 @@ fn large_transfers_both_ways_are_byte_exact() {
         }
         // Guest writes, within the device's advertised credit.
         let credit = dev_buf_alloc - (sent as u32 - dev_fwd_cnt);
-        let n = (credit as usize).min(MAX_PKT_DATA as usize).min(SIZE - sent);
+        let n = (credit as usize).min(MAX_PKT_DATA as usize).min(size - sent);
+        credit_ran_out |= credit == 0;
         if n > 0 {
             let h = Header { buf_alloc: GUEST_BUF_ALLOC, fwd_cnt: guest_fwd_cnt, ..rw(local, GUEST_PORT, n) };
             g.send(h, &to_host[sent..sent + n]);
             sent += n;
             progressed = true;
-        } else if sent == SIZE && !shut_sent {
+        } else if sent == size && !shut_sent {
             g.send(Header { flags: VSOCK_SHUTDOWN_SEND, ..hdr(VSOCK_OP_SHUTDOWN, local, GUEST_PORT) }, &[]);
             shut_sent = true;
         }
@@ -353,11 +372,14 @@ fn large_transfers_both_ways_are_byte_exact() {
     writer.join().unwrap();
     let got = reader.join().unwrap();
     assert!(host_eof);
-    assert_eq!(received.len(), SIZE);
+    assert_eq!(received.len(), size);
     assert!(received == to_guest, "guest received corrupted data");
-    assert_eq!(got.len(), SIZE);
+    assert_eq!(got.len(), size);
     assert!(got == to_host, "host received corrupted data");
     assert_eq!(g.handler.muxer().connection_count(), 0);
+    if watch_writes {
+        assert!(credit_ran_out, "the host's pause never used up the guest's credit");
+    }
 }
 
 #[test]
