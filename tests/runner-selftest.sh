@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Self-test for tests/nested-runner: exit codes, separate byte-exact stdout/stderr,
 # binary pass-through, the time limit, /dev/kvm with nested SVM, env pass-through,
-# a current directory under /tmp, a writable cache dir, and a hung outer VM (125).
+# a current directory under /tmp, a writable cache dir, and a hung or oopsed outer VM (125).
 #
 # Usage: tests/runner-selftest.sh      (TERN_NESTED=1 forces the outer VM)
 set -euo pipefail
@@ -139,6 +139,21 @@ if [ $rc = 125 ] && grep -q 'the outer VM is hung: its heartbeat .* has not move
 	ok "(i) hung outer VM -> exit 125 after $el s, vCPUs: $(grep -c '^nested-runner:   vCPU' "$work/i.err")"
 else
 	bad "(i) rc=$rc after $el s; stderr: $(tail -n 8 "$work/i.err")"
+fi
+
+# (j) an outer kernel that oopses and runs on: the runner stops it at once (an Oops line at
+# emergency level on the outer console is what an oops prints) and exits 125
+t0=$(now)
+rc=0
+"$runner" --timeout 300 -- sh -c 'echo "<0>Oops: 0000 [#1] nested-runner self-test" >/dev/kmsg; sleep 200; echo survived' \
+	>"$work/j.out" 2>"$work/j.err" || rc=$?
+t1=$(now)
+el=$(secs "$t0" "$t1")
+if [ $rc = 125 ] && grep -q "the outer VM's kernel failed" "$work/j.err" && grep -q 'Oops: 0000 \[#1\] nested-runner self-test' "$work/j.err" &&
+	[ ! -s "$work/j.out" ] && awk -v e="$el" 'BEGIN { exit !(e < 60) }'; then
+	ok "(j) outer kernel oops -> exit 125 after $el s"
+else
+	bad "(j) rc=$rc after $el s; out: $(cat "$work/j.out"); stderr: $(tail -n 8 "$work/j.err")"
 fi
 
 echo "$pass passed, $fail failed"
