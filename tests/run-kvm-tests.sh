@@ -41,18 +41,21 @@ run_in_runner() {
 echo ">> KVM tests: ${bins[*]##*/}"
 rc=0
 run_in_runner "${bins[@]}" || rc=$?
-# 125: the outer VM itself failed (its kernel crashed, or it hung, under the emulated SVM —
+# 125: the outer VM itself failed (its kernel oopsed, crashed or hung under the emulated SVM —
 # the runner printed its console); that is not a test result. The binaries that had not finished
-# get one fresh runner boot; what had finished keeps its result.
-if [ "$rc" -eq 125 ] && [ "${TERN_KVM_RETRY:-1}" = 1 ]; then
+# get a fresh runner boot, at most twice; what had finished keeps its result.
+boots=1
+while [ "$rc" -eq 125 ] && [ "${TERN_KVM_RETRY:-1}" = 1 ] && [ $boots -lt 3 ]; do
 	remaining=()
 	for b in "${bins[@]}"; do
 		grep -qxF "$b ok" "$progress" || grep -qxF "$b failed" "$progress" || remaining+=("$b")
 	done
 	echo ">> the outer VM failed (console above): rerunning the ${#remaining[@]} test binaries that had not finished in a fresh runner boot" >&2
+	boots=$((boots + 1))
 	rc=0
 	run_in_runner "${remaining[@]}" || rc=$?
-fi
+done
+[ $boots -eq 1 ] || echo ">> the KVM tests needed $boots runner boots (the outer VM failed $((boots - 1)) time(s))" >&2
 if grep -q ' retried ' "$progress"; then
 	echo ">> RERUN after a guest that never got going (see RETRY above):" >&2
 	grep ' retried ' "$progress" | sed 's|^.*/|>>   |' >&2
