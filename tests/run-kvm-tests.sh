@@ -23,7 +23,7 @@ fi
 export TERN_BIN="$root/target/release/tern"
 
 # Each binary runs through tests/run-test-binary.py (inside the runner a test that failed only
-# because its guest triple-faulted or hung before its vsock driver started runs once more,
+# because its guest triple-faulted or its agent never answered at boot runs once more,
 # recorded and summed up below; TERN_KVM_RETRY=0 turns that off). Its outcome is
 # recorded (inside the runner) in $progress, under the repo, which the runner shares read-write.
 progress=$root/target/kvm-tests.progress
