@@ -329,20 +329,22 @@ disabled_plugins = [{cri_disabled}"io.containerd.snapshotter.v1.btrfs",
                 report.push_str(&format!("kvm {}: {}\n", vm.file_name().to_string_lossy(), stats.join(" ")));
             }
         }
-        let socket = Path::new("/run/tern/sbs").join(sandbox).join("shim-monitor.sock");
-        let metrics = (|| -> std::io::Result<String> {
-            use std::io::Read;
-            let mut s = std::os::unix::net::UnixStream::connect(&socket)?;
-            s.set_read_timeout(Some(Duration::from_secs(10)))?;
-            write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
-            let mut raw = String::new();
-            s.read_to_string(&mut raw)?;
-            Ok(raw)
-        })();
+        // The shim's metrics socket, asked the way `tern monitor` asks it.
+        let root = Path::new(tern_runtime::config::DEFAULT_ROOT_DIR);
+        let socket = tern_runtime::metrics::sbs::sbs_root(root).join(sandbox).join(tern_runtime::metrics::sbs::MONITOR_SOCKET);
+        let metrics = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())
+            .and_then(|rt| {
+                rt.block_on(tern_runtime::metrics::http::get_unix(&socket, "/metrics", Duration::from_secs(10)))
+                    .map_err(|e| e.to_string())
+            });
         match metrics {
-            Ok(raw) => {
+            Ok((_, body)) => {
                 report.push_str("sandbox metrics (vCPU exits, vsock, agent up, guest load):\n");
-                for line in raw.lines().filter(|l| !l.starts_with('#') && ["vsock", "exits", "agent_up", "guest_load"].iter().any(|k| l.contains(k))) {
+                let body = String::from_utf8_lossy(&body);
+                for line in body.lines().filter(|l| !l.starts_with('#') && ["vsock", "exits", "agent_up", "guest_load"].iter().any(|k| l.contains(k))) {
                     report.push_str(&format!("  {line}\n"));
                 }
             }
