@@ -179,12 +179,6 @@ fn assert_clean(ctrd: &TestContainerd, id: &str) {
 }
 
 #[test]
-#[ignore = "its guest crashes or hangs in the nested runner (issue 4 stays open): of 9 runs in stop 9, \
-            4 passed, 3 stalled with the guest stuck mid-transfer (its vCPU thread running inside \
-            KVM_RUN, no exit reaching the VMM for 5 s, agent silent), 1 guest triple-faulted, and 1 \
-            crashed the outer VM's kernel (stack guard hit in error_entry on a tern vCPU thread); \
-            with od instead of seq writing, 2 of 2 triple-faulted. The vsock device's guest-memory \
-            writes are checked by device_writes_guest_memory_only_where_allowed"]
 fn late_reader_gets_50_mib_of_stdout_byte_identical() {
     let Some(ctrd) = setup("late_reader_gets_50_mib_of_stdout_byte_identical") else { return };
     let fifo_dir = ctrd.dir().join("fifo");
