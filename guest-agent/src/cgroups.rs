@@ -235,6 +235,53 @@ pub fn set_frozen(dir: &Path, frozen: bool, timeout: Duration) -> Result<(), Cgr
     }
 }
 
+/// The pids in the cgroup at `dir` and in every cgroup below it. A cgroup removed while
+/// being walked counts as empty.
+pub fn pids_below(dir: &Path) -> Result<Vec<i32>, CgroupError> {
+    let mut pids = Vec::new();
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        if let Some(procs) = read_optional(&d, "cgroup.procs")? {
+            pids.extend(procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
+        }
+        let entries = match std::fs::read_dir(&d) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == ErrorKind::NotFound => continue,
+            Err(source) => return Err(CgroupError::Read { path: d, source }),
+        };
+        dirs.extend(entries.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).map(|e| e.path()));
+    }
+    Ok(pids)
+}
+
+/// Send `signal` to every process in the cgroup at `dir` and below it, as `runc kill --all`
+/// does, and return how many there were. SIGKILL goes through `cgroup.kill`, which the kernel
+/// applies atomically, forks in flight included. Any other signal is sent with the cgroup
+/// frozen, so no process can fork a child that misses it; a cgroup the user paused stays
+/// frozen (its processes get the signal when resumed).
+pub fn signal_all(dir: &Path, signal: i32) -> Result<usize, CgroupError> {
+    if signal == libc::SIGKILL && dir.join("cgroup.kill").exists() {
+        let n = pids_below(dir)?.len();
+        write(dir, "cgroup.kill", "1")?;
+        return Ok(n);
+    }
+    let was_frozen = is_frozen(dir)?;
+    if !was_frozen {
+        set_frozen(dir, true, FREEZE_TIMEOUT)?;
+    }
+    let signalled = pids_below(dir).map(|pids| {
+        pids.iter()
+            // SAFETY: kill(2) takes two integers and touches no memory. (Frozen processes
+            // cannot exit, so the pids just read still name them.)
+            .filter(|&&pid| unsafe { libc::kill(pid, signal) } == 0)
+            .count()
+    });
+    if !was_frozen {
+        set_frozen(dir, false, FREEZE_TIMEOUT)?;
+    }
+    signalled
+}
+
 /// OOM kills recorded so far (`oom_kill` of `memory.events`; 0 without the memory controller).
 pub fn oom_kills(dir: &Path) -> Result<u64, CgroupError> {
     Ok(read_optional(dir, "memory.events")?.map_or(0, |t| flat_keyed(&t).get("oom_kill").copied().unwrap_or(0)))
@@ -317,6 +364,25 @@ mod tests {
             std::fs::write(d.path().join(f), c).unwrap();
         }
         d
+    }
+
+    #[test]
+    fn signal_all_reaches_every_process_below_the_cgroup() {
+        use std::os::unix::process::ExitStatusExt;
+        let d = fake_cgroup();
+        // Already frozen (as by a pause): no freeze or thaw is attempted on these plain files.
+        std::fs::write(d.path().join("cgroup.events"), "populated 1\nfrozen 1\n").unwrap();
+        let spawn = || std::process::Command::new("sleep").arg("100").spawn().unwrap();
+        let (mut top, mut nested) = (spawn(), spawn());
+        std::fs::write(d.path().join("cgroup.procs"), format!("{}\n", top.id())).unwrap();
+        std::fs::create_dir_all(d.path().join("sub/inner")).unwrap();
+        std::fs::write(d.path().join("sub/inner/cgroup.procs"), format!("{}\n", nested.id())).unwrap();
+
+        assert_eq!(signal_all(d.path(), libc::SIGTERM).unwrap(), 2);
+        assert_eq!(top.wait().unwrap().signal(), Some(libc::SIGTERM));
+        assert_eq!(nested.wait().unwrap().signal(), Some(libc::SIGTERM));
+        // Still frozen as the user left it.
+        assert!(is_frozen(d.path()).unwrap());
     }
 
     #[test]

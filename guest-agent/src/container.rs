@@ -135,6 +135,23 @@ impl Containers {
         Ok(())
     }
 
+    /// Signal every process in the container's cgroup (`kill --all`); see [`cgroups::signal_all`].
+    pub fn signal_all(&self, id: &str, signal: i32) -> Result<(), ContainerError> {
+        if !(0..=libc::SIGRTMAX()).contains(&signal) {
+            return Err(ProcessError::BadSignal(signal).into());
+        }
+        let n = cgroups::signal_all(&self.get(id)?.cgroup, signal)?;
+        info!(id, signal, processes = n, "signalled every process of the container");
+        Ok(())
+    }
+
+    /// Every process in the container's cgroup (and below it), sorted.
+    pub fn pids(&self, id: &str) -> Result<Vec<i32>, ContainerError> {
+        let mut pids = cgroups::pids_below(&self.get(id)?.cgroup)?;
+        pids.sort_unstable();
+        Ok(pids)
+    }
+
     pub fn stats(&self, id: &str) -> Result<CgroupStats, ContainerError> {
         Ok(cgroups::read_stats(&self.get(id)?.cgroup)?)
     }

@@ -333,7 +333,15 @@ impl ProcessTable {
             .procs
             .get_mut(id)
             .ok_or_else(|| ProcessError::Unknown(id.to_owned()))?;
-        proc.stdin = None;
+        if proc.stdin.take().is_some() {
+            // No stream ever took stdin. A pipe's EOF comes with the drop above; a terminal
+            // stays open, so it gets its EOF character.
+            if let Some(master) = &proc.pty {
+                if let Err(e) = crate::pty::send_eof(master, false) {
+                    debug!(id, error = %e, "cannot send EOF to the terminal");
+                }
+            }
+        }
         if let Some(conn) = proc.stdin_stream.take() {
             // Makes the stream thread's read return 0, so it drops the pipe itself.
             if let Err(e) = conn.shutdown(Shutdown::Read) {

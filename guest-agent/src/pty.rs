@@ -130,12 +130,83 @@ pub fn set_window_size(master: &File, rows: u16, cols: u16) -> Result<(), PtyErr
     Errno::result(rc).map(drop).map_err(PtyError::Resize)
 }
 
+/// End the input of the terminal whose master is `master`, as a user's ^D would: closing our
+/// copy of the master is not EOF for the process (the terminal stays open). In canonical mode
+/// the terminal's EOF character ends the input; after an unfinished line (`line_pending`) the
+/// first one only hands that line over, so a second one follows. Without canonical mode the
+/// terminal has no EOF, and nothing is sent (returns false).
+pub fn send_eof(master: &File, line_pending: bool) -> std::io::Result<bool> {
+    use nix::sys::termios::{tcgetattr, LocalFlags, SpecialCharacterIndices};
+    let attrs = tcgetattr(master)?;
+    if !attrs.local_flags.contains(LocalFlags::ICANON) {
+        return Ok(false);
+    }
+    let eof = attrs.control_chars[SpecialCharacterIndices::VEOF as usize];
+    let (both, one) = ([eof, eof], [eof]);
+    let mut out = master;
+    std::io::Write::write_all(&mut out, if line_pending { &both[..] } else { &one[..] })?;
+    Ok(true)
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use nix::sys::socket::{sendmsg, ControlMessage};
     use std::io::IoSlice;
+
+    /// What a canonical-mode reader of the slave gets: each read's bytes, up to EOF (a read
+    /// of 0), or the reads so far if none comes within 2 s.
+    pub(crate) fn reads_until_eof(slave: OwnedFd) -> Vec<Vec<u8>> {
+        use std::io::Read;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut slave = File::from(slave);
+            let mut buf = [0u8; 256];
+            loop {
+                let n = slave.read(&mut buf).unwrap_or(0);
+                let _ = tx.send(buf[..n].to_vec());
+                if n == 0 {
+                    return;
+                }
+            }
+        });
+        let mut reads = Vec::new();
+        while let Ok(r) = rx.recv_timeout(Duration::from_secs(2)) {
+            let end = r.is_empty();
+            reads.push(r);
+            if end {
+                break;
+            }
+        }
+        reads
+    }
+
+    #[test]
+    fn send_eof_ends_a_canonical_terminal_reader_after_a_full_or_partial_line() {
+        for (input, line_pending, want) in [
+            (&b"abc\n"[..], false, vec![b"abc\n".to_vec(), vec![]]),
+            (&b"abc"[..], true, vec![b"abc".to_vec(), vec![]]),
+            (&b""[..], false, vec![vec![]]),
+        ] {
+            let pty = nix::pty::openpty(None, None).unwrap();
+            let master = File::from(pty.master);
+            // No echo: the master would otherwise fill with it.
+            let mut attrs = nix::sys::termios::tcgetattr(&master).unwrap();
+            attrs.local_flags.remove(nix::sys::termios::LocalFlags::ECHO);
+            nix::sys::termios::tcsetattr(&master, nix::sys::termios::SetArg::TCSANOW, &attrs).unwrap();
+            std::io::Write::write_all(&mut &master, input).unwrap();
+            assert!(send_eof(&master, line_pending).unwrap());
+            assert_eq!(reads_until_eof(pty.slave), want, "input {input:?}");
+        }
+        // Raw mode has no EOF character: nothing is sent.
+        let pty = nix::pty::openpty(None, None).unwrap();
+        let master = File::from(pty.master);
+        let mut attrs = nix::sys::termios::tcgetattr(&master).unwrap();
+        nix::sys::termios::cfmakeraw(&mut attrs);
+        nix::sys::termios::tcsetattr(&master, nix::sys::termios::SetArg::TCSANOW, &attrs).unwrap();
+        assert!(!send_eof(&master, false).unwrap());
+    }
 
     #[test]
     fn master_travels_over_the_console_socket_and_resizes() {

@@ -134,6 +134,11 @@ impl Agent {
             },
             Request::PauseContainer { id } => ok_or_error(self.containers.pause(&id)),
             Request::ResumeContainer { id } => ok_or_error(self.containers.resume(&id)),
+            Request::SignalContainer { id, signal } => ok_or_error(self.containers.signal_all(&id, signal)),
+            Request::ContainerPids { id } => match self.containers.pids(&id) {
+                Ok(pids) => Response::Pids { pids },
+                Err(e) => error_response(&e),
+            },
             Request::ContainerStats { id } => match self.containers.stats(&id) {
                 Ok(stats) => Response::ContainerStats(stats),
                 Err(e) => error_response(&e),

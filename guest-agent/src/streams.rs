@@ -81,16 +81,52 @@ fn pump_output(mut pipe: File, conn: &mut Connection) -> io::Result<()> {
 }
 
 /// Copy the connection into the stdin pipe until the host half-closes (or the process closed
-/// its stdin). The pipe is dropped on return, which is what delivers EOF to the process.
-fn pump_stdin(conn: &mut Connection, mut pipe: File) -> io::Result<()> {
+/// its stdin). The pipe is dropped on return, which is what delivers EOF to the process; a
+/// terminal stays open without it, so there the terminal's EOF character is sent instead.
+fn pump_stdin(conn: &mut impl Read, mut pipe: File) -> io::Result<()> {
     let mut buf = vec![0u8; COPY_BUF_LEN];
+    let mut line_pending = false;
     loop {
         let n = match conn.read(&mut buf) {
-            Ok(0) => return Ok(()),
+            Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         };
         pipe.write_all(&buf[..n])?;
+        line_pending = buf[n - 1] != b'\n';
+    }
+    if nix::unistd::isatty(&pipe).unwrap_or(false) {
+        crate::pty::send_eof(&pipe, line_pending)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stdin_ends_with_eof_for_a_pipe_and_for_a_terminal() {
+        // A pipe: the data, then EOF because the write end is dropped.
+        let (rx, tx) = nix::unistd::pipe().unwrap();
+        pump_stdin(&mut &b"to a pipe"[..], File::from(tx)).unwrap();
+        let mut got = Vec::new();
+        File::from(rx).read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"to a pipe");
+
+        // A terminal (our copy of the master is not its last handle): an unfinished line,
+        // then EOF as the terminal's reader sees it.
+        let pty = nix::pty::openpty(None, None).unwrap();
+        let master = File::from(pty.master);
+        let mut attrs = nix::sys::termios::tcgetattr(&master).unwrap();
+        attrs.local_flags.remove(nix::sys::termios::LocalFlags::ECHO);
+        nix::sys::termios::tcsetattr(&master, nix::sys::termios::SetArg::TCSANOW, &attrs).unwrap();
+        pump_stdin(&mut &b"line 1\npartial"[..], master.try_clone().unwrap()).unwrap();
+        // Canonical reads: "line 1\n", "partial", then 0 (EOF) while the master is still open.
+        let got = crate::pty::tests::reads_until_eof(pty.slave);
+        assert_eq!(got, [b"line 1\n".to_vec(), b"partial".to_vec(), vec![]]);
+        drop(master);
     }
 }

@@ -214,6 +214,19 @@ impl AgentClient {
         self.expect_ok(&Request::PauseContainer { id: id.to_owned() })
     }
 
+    /// Signal every process of a container, not just its init (`kill --all`).
+    pub fn signal_container(&self, id: &str, signal: i32) -> Result<(), AgentError> {
+        self.expect_ok(&Request::SignalContainer { id: id.to_owned(), signal })
+    }
+
+    /// The guest pids of every process in a container.
+    pub fn container_pids(&self, id: &str) -> Result<Vec<i32>, AgentError> {
+        match self.call(&Request::ContainerPids { id: id.to_owned() })? {
+            Response::Pids { pids } => Ok(pids),
+            other => Err(AgentError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
     pub fn resume_container(&self, id: &str) -> Result<(), AgentError> {
         self.expect_ok(&Request::ResumeContainer { id: id.to_owned() })
     }

@@ -45,27 +45,63 @@ fn container_sees_its_own_root_and_pid_namespace() {
     assert_clean(&ctrd);
 }
 
-#[test]
-fn kill_wait_delete_of_a_sleeping_task() {
-    let Some(ctrd) = setup("kill_wait_delete_of_a_sleeping_task") else { return };
-    let ctr = |args: &[&str]| ctrd.ctr(args, RUN_LIMIT);
-    let out = ctr(&["run", "-d", "--snapshotter", SNAPSHOTTER, "--runtime", TERN_RUNTIME, BUSYBOX_IMAGE, "sleeper", "sleep", "1000"]);
-    assert!(out.status.success(), "ctr run -d failed: {}\n{}", stderr(&out), ctrd.logs());
-    let tasks = stdout(&ctr(&["task", "ls"]));
-    assert!(tasks.lines().any(|l| l.starts_with("sleeper") && l.contains("RUNNING")), "task ls: {tasks}");
+/// The pids `ctr task ps` lists.
+fn task_pids(ctrd: &TestContainerd, id: &str) -> Vec<u32> {
+    stdout(&ctrd.ctr(&["task", "ps", id], RUN_LIMIT))
+        .lines()
+        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+        .collect()
+}
 
-    let out = ctr(&["task", "kill", "--signal", "SIGKILL", "sleeper"]);
-    assert!(out.status.success(), "ctr task kill failed: {}\n{}", stderr(&out), ctrd.logs());
-    let mut stopped = false;
-    for _ in 0..100 {
-        let tasks = stdout(&ctr(&["task", "ls"]));
-        if tasks.lines().any(|l| l.starts_with("sleeper") && l.contains("STOPPED")) {
-            stopped = true;
-            break;
+/// Poll `ctr task ls` until task `id` has `status`.
+fn wait_status(ctrd: &TestContainerd, id: &str, status: &str, limit: Duration) -> bool {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let tasks = stdout(&ctrd.ctr(&["task", "ls"], RUN_LIMIT));
+        if tasks.lines().any(|l| l.starts_with(id) && l.contains(status)) {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(stopped, "the task did not stop after SIGKILL\n{}", ctrd.logs());
+}
+
+#[test]
+fn ps_kill_all_wait_delete_of_a_task_with_children() {
+    let Some(ctrd) = setup("ps_kill_all_wait_delete_of_a_task_with_children") else { return };
+    let ctr = |args: &[&str]| ctrd.ctr(args, RUN_LIMIT);
+    // A shell waiting for two sleeps. As PID 1 of its namespace without a handler it ignores
+    // SIGTERM, so a plain kill leaves it running; `kill --all` reaches the sleeps too, their
+    // end ends the shell's wait and the shell.
+    let script = "sleep 1000 & sleep 1000 & wait";
+    let out = ctr(&["run", "-d", "--snapshotter", SNAPSHOTTER, "--runtime", TERN_RUNTIME, BUSYBOX_IMAGE, "sleeper", "sh", "-c", script]);
+    assert!(out.status.success(), "ctr run -d failed: {}\n{}", stderr(&out), ctrd.logs());
+    assert!(wait_status(&ctrd, "sleeper", "RUNNING", Duration::from_secs(10)), "task ls: {}", stdout(&ctr(&["task", "ls"])));
+
+    // ps lists the children as well as the init.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut pids = task_pids(&ctrd, "sleeper");
+    while pids.len() < 3 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        pids = task_pids(&ctrd, "sleeper");
+    }
+    assert_eq!(pids.len(), 3, "ctr task ps should list sh and both sleeps: {pids:?}\n{}", ctrd.logs());
+
+    let out = ctr(&["task", "kill", "--signal", "SIGTERM", "sleeper"]);
+    assert!(out.status.success(), "ctr task kill failed: {}\n{}", stderr(&out), ctrd.logs());
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(wait_status(&ctrd, "sleeper", "RUNNING", Duration::ZERO), "SIGTERM to the init alone should not stop it");
+    assert_eq!(task_pids(&ctrd, "sleeper"), pids, "SIGTERM to the init alone should kill no process");
+
+    let out = ctr(&["task", "kill", "--all", "--signal", "SIGTERM", "sleeper"]);
+    assert!(out.status.success(), "ctr task kill --all failed: {}\n{}", stderr(&out), ctrd.logs());
+    assert!(
+        wait_status(&ctrd, "sleeper", "STOPPED", Duration::from_secs(10)),
+        "the task did not stop after kill --all SIGTERM\n{}",
+        ctrd.logs()
+    );
     let out = ctr(&["task", "delete", "sleeper"]);
     assert!(out.status.success(), "ctr task delete failed: {}\n{}", stderr(&out), ctrd.logs());
     let out = ctr(&["container", "delete", "sleeper"]);

@@ -69,6 +69,11 @@ pub enum Request {
     ResizePty { id: String, rows: u16, cols: u16 },
     /// Freeze every process of container `id` (cgroup v2 freezer); returns once frozen.
     PauseContainer { id: String },
+    /// Send a signal to every process in container `id`'s cgroup (`kill --all`), also after
+    /// its init has exited (a container sharing a PID namespace can leave processes behind).
+    SignalContainer { id: String, signal: i32 },
+    /// The guest pids of every process in container `id`'s cgroup; returns [`Response::Pids`].
+    ContainerPids { id: String },
     /// Thaw a container frozen by [`Request::PauseContainer`].
     ResumeContainer { id: String },
     /// cgroup v2 statistics of container `id`; returns [`Response::ContainerStats`].
@@ -223,6 +228,7 @@ pub enum Response {
     ContainerStats(CgroupStats),
     /// Total OOM kills recorded in a container's cgroup so far.
     OomKills { count: u64 },
+    Pids { pids: Vec<i32> },
     Ok,
     Error { message: String },
 }

@@ -244,6 +244,23 @@ impl TaskService {
         f(c)
     }
 
+    /// `Kill` with `all`: every process in the container's cgroup, as `runc kill --all`, also
+    /// after its init has exited (containerd's forced delete sends SIGKILL this way). Once the
+    /// init has exited, a failure is "not found", which containerd takes as nothing left.
+    async fn kill_all(&self, id: &str, signal: u32, phase: Phase) -> TtrpcResult<api::Empty> {
+        let signal = i32::try_from(signal).map_err(|_| rpc_error(Code::INVALID_ARGUMENT, "bad signal number"))?;
+        let agent = self.agent()?;
+        let guest_id = id.to_owned();
+        match blocking(move || agent.signal_container(&guest_id, signal)).await? {
+            Ok(()) => Ok(api::Empty::default()),
+            Err(e) if phase == Phase::Stopped => {
+                tracing::debug!(id, error = %error_chain(&e), "kill --all after the init exited");
+                Err(not_found("process already finished"))
+            }
+            Err(e) => Err(internal("cannot signal the container's processes", &e)),
+        }
+    }
+
     /// Share the rootfs with the guest and have the agent mount it at the container's path.
     async fn share_rootfs(&self, share: &str, rootfs: &Path, guest_path: &str) -> TtrpcResult<()> {
         let config = self.config()?;
@@ -551,6 +568,9 @@ impl Task for TaskService {
             return Ok(api::Empty::default());
         }
         let phase = self.with_container(&req.id, |c| Ok(c.phase))?;
+        if req.all && phase != Phase::Created {
+            return self.kill_all(&req.id, req.signal, phase).await;
+        }
         match phase {
             Phase::Stopped => return Err(not_found("process already finished")),
             Phase::Created => {
@@ -614,9 +634,21 @@ impl Task for TaskService {
     }
 
     async fn pids(&self, _ctx: &TtrpcContext, req: api::PidsRequest) -> TtrpcResult<api::PidsResponse> {
-        let pids = self.with_container(&req.id, |c| {
-            Ok(std::iter::once(c.pid).chain(c.execs.values().map(|e| e.pid)).filter(|p| *p != 0).collect::<Vec<_>>())
+        let (tracked, phase) = self.with_container(&req.id, |c| {
+            let tracked = std::iter::once(c.pid).chain(c.execs.values().map(|e| e.pid)).filter(|p| *p != 0);
+            Ok((tracked.collect::<Vec<_>>(), c.phase))
         })?;
+        // Every process in the container's cgroup, as runc lists them (children of the init
+        // and of execs too); the processes the shim started when the guest cannot say.
+        let mut pids = tracked;
+        if phase == Phase::Running {
+            let agent = self.agent()?;
+            let id = req.id.clone();
+            match blocking(move || agent.container_pids(&id)).await? {
+                Ok(all) => pids = all.into_iter().filter_map(|p| u32::try_from(p).ok()).collect(),
+                Err(e) => tracing::warn!(id = %req.id, error = %error_chain(&e), "cannot list the container's processes"),
+            }
+        }
         let processes =
             pids.into_iter().map(|pid| containerd_shim_protos::types::task::ProcessInfo { pid, ..Default::default() }).collect();
         Ok(api::PidsResponse { processes, ..Default::default() })
