@@ -249,7 +249,12 @@ impl TaskService {
     /// init has exited, a failure is "not found", which containerd takes as nothing left.
     async fn kill_all(&self, id: &str, signal: u32, phase: Phase) -> TtrpcResult<api::Empty> {
         let signal = i32::try_from(signal).map_err(|_| rpc_error(Code::INVALID_ARGUMENT, "bad signal number"))?;
-        let agent = self.agent()?;
+        let agent = match self.agent() {
+            Ok(agent) => agent,
+            // The VM is gone with every process in it.
+            Err(_) if phase == Phase::Stopped => return Err(not_found("process already finished")),
+            Err(e) => return Err(e),
+        };
         let guest_id = id.to_owned();
         match blocking(move || agent.signal_container(&guest_id, signal)).await? {
             Ok(()) => Ok(api::Empty::default()),
@@ -641,8 +646,7 @@ impl Task for TaskService {
         // Every process in the container's cgroup, as runc lists them (children of the init
         // and of execs too); the processes the shim started when the guest cannot say.
         let mut pids = tracked;
-        if phase == Phase::Running {
-            let agent = self.agent()?;
+        if let (Phase::Running, Ok(agent)) = (phase, self.agent()) {
             let id = req.id.clone();
             match blocking(move || agent.container_pids(&id)).await? {
                 Ok(all) => pids = all.into_iter().filter_map(|p| u32::try_from(p).ok()).collect(),
