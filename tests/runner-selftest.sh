@@ -41,6 +41,17 @@ else
 	bad "(a) stderr: $(cat "$work/a.err")"
 fi
 
+# (a') in an outer VM, the first boot of its kernel saved the kernel's text symbols, which
+# name the outer vCPUs' places when the VM hangs (see (i))
+if head -n 1 "$work/a.err" | grep -q '^nested-runner: .*outer TCG VM'; then
+	ks=$(ls "${TERN_CACHE:-$HOME/.cache/tern}"/runner/linux-image-*/kallsyms 2>/dev/null | head -n 1)
+	if [ -n "$ks" ] && [ "$(wc -l <"$ks")" -gt 10000 ] && grep -q ' exc_int3$' "$ks"; then
+		ok "(a') outer-kernel symbols saved ($(wc -l <"$ks") in $ks)"
+	else
+		bad "(a') no outer-kernel symbols saved (${ks:-no kallsyms file})"
+	fi
+fi
+
 # (b) binary pass-through, byte-exact, run from a cwd under /tmp (shared automatically)
 head -c 1000000 /dev/urandom >"$work/f"
 want=$(sha256sum <"$work/f")
