@@ -5,7 +5,7 @@
 //! listens the VMM closes the socket instead of answering `OK`; [`AgentClient::wait_ready`]
 //! retries until the agent answers or a deadline passes.
 
-use std::io::{Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -18,6 +18,10 @@ use tern_protocol::{
 const MAX_HANDSHAKE_LINE: usize = 64;
 /// Timeout for one non-blocking RPC (everything but `Wait`).
 const RPC_TIMEOUT: Duration = Duration::from_secs(30);
+/// Timeout for starting a container or an exec in one: libcontainer's namespace, mount and
+/// cgroup setup is the guest's heaviest request. In the nested runner with ten pods booting
+/// at once it took over 30 s (a CRI pod failed on it); Kata allows 60 s by default.
+const CONTAINER_START_TIMEOUT: Duration = Duration::from_secs(120);
 /// Pause between connection attempts while the guest is booting.
 const RETRY_INTERVAL: Duration = Duration::from_millis(10);
 /// How long one readiness probe waits for the guest to accept or refuse a connection. A live
@@ -44,6 +48,8 @@ pub enum AgentError {
     Protocol(#[from] ProtocolError),
     #[error("agent I/O failed")]
     Io(#[from] std::io::Error),
+    #[error("the agent did not answer {request} within {after:?}")]
+    Timeout { request: &'static str, after: Duration },
     #[error("agent refused the request: {0}")]
     Remote(String),
     #[error("agent sent an unexpected reply: {0}")]
@@ -151,7 +157,14 @@ impl AgentClient {
             sock.set_read_timeout(Some(timeout))?;
         }
         tern_protocol::send(&mut sock, req)?;
-        let resp: Response = tern_protocol::recv(&mut sock)?;
+        let resp: Response = match tern_protocol::recv(&mut sock) {
+            Ok(resp) => resp,
+            // The read timeout set above (EAGAIN on a socket).
+            Err(ProtocolError::Io(e)) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                return Err(AgentError::Timeout { request: request_name(req), after: timeout });
+            }
+            Err(e) => return Err(e.into()),
+        };
         if let Response::Error { message } = resp {
             return Err(AgentError::Remote(message));
         }
@@ -190,7 +203,7 @@ impl AgentClient {
     /// Create a container and start its process (registered under `spec.id`); returns its
     /// guest pid.
     pub fn start_container(&self, spec: ContainerSpec) -> Result<i32, AgentError> {
-        match self.call(&Request::StartContainer(spec))? {
+        match self.call_within(&Request::StartContainer(spec), CONTAINER_START_TIMEOUT)? {
             Response::Started { pid } => Ok(pid),
             other => Err(AgentError::Unexpected(format!("{other:?}"))),
         }
@@ -198,7 +211,7 @@ impl AgentClient {
 
     /// Start a process inside a running container; returns its guest pid.
     pub fn exec_in_container(&self, req: ContainerExecRequest) -> Result<i32, AgentError> {
-        match self.call(&Request::ExecInContainer(req))? {
+        match self.call_within(&Request::ExecInContainer(req), CONTAINER_START_TIMEOUT)? {
             Response::Started { pid } => Ok(pid),
             other => Err(AgentError::Unexpected(format!("{other:?}"))),
         }
@@ -324,6 +337,7 @@ fn request_name(req: &Request) -> &'static str {
         Request::Mount(_) => "mount",
         Request::Unmount { .. } => "unmount",
         Request::StartContainer(_) => "start_container",
+        Request::ExecInContainer(_) => "exec_in_container",
         #[allow(unreachable_patterns)]
         _ => "other",
     }
@@ -346,6 +360,28 @@ mod tests {
             s.write_all(reply).unwrap();
         });
         (dir, AgentClient::new(path), t)
+    }
+
+    #[test]
+    fn an_agent_that_never_answers_is_a_timeout_naming_the_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vsock.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let t = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut buf = [0u8; 64];
+            let _ = s.read(&mut buf).unwrap();
+            s.write_all(b"OK 1073741824\n").unwrap();
+            // Takes the request and holds the connection open without an answer.
+            let _ = done_rx.recv();
+        });
+        let client = AgentClient::new(path);
+        let err = client.call_within(&Request::Stats, Duration::from_millis(200)).unwrap_err();
+        assert!(matches!(err, AgentError::Timeout { request: "stats", .. }), "{err:?}");
+        assert_eq!(err.to_string(), "the agent did not answer stats within 200ms");
+        done_tx.send(()).unwrap();
+        t.join().unwrap();
     }
 
     #[test]
