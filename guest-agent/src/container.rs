@@ -137,9 +137,7 @@ impl Containers {
 
     /// Signal every process in the container's cgroup (`kill --all`); see [`cgroups::signal_all`].
     pub fn signal_all(&self, id: &str, signal: i32) -> Result<(), ContainerError> {
-        if !(0..=libc::SIGRTMAX()).contains(&signal) {
-            return Err(ProcessError::BadSignal(signal).into());
-        }
+        crate::process::check_signal(signal)?;
         let n = cgroups::signal_all(&self.get(id)?.cgroup, signal)?;
         info!(id, signal, processes = n, "signalled every process of the container");
         Ok(())

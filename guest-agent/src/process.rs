@@ -199,6 +199,15 @@ pub struct ProcessTable {
     changed: Condvar,
 }
 
+/// Any signal the kernel knows, real-time ones included (nix's `Signal` lacks those), or 0.
+pub fn check_signal(signal: i32) -> Result<(), ProcessError> {
+    if (0..=libc::SIGRTMAX()).contains(&signal) {
+        Ok(())
+    } else {
+        Err(ProcessError::BadSignal(signal))
+    }
+}
+
 impl ProcessTable {
     pub fn new() -> Self {
         Self::default()
@@ -305,10 +314,7 @@ impl ProcessTable {
 
     /// Send `signal` (0 only checks that the process is alive).
     pub fn signal(&self, id: &str, signal: i32) -> Result<(), ProcessError> {
-        // Any signal the kernel knows, real-time ones included (nix's `Signal` lacks those).
-        if !(0..=libc::SIGRTMAX()).contains(&signal) {
-            return Err(ProcessError::BadSignal(signal));
-        }
+        check_signal(signal)?;
         // Held across kill(): the reaper can't reap this pid meanwhile, so it can't be reused.
         let state = self.lock();
         let proc = state
