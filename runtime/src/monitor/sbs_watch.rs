@@ -6,8 +6,15 @@
 //! [`RESCAN_INTERVAL`]) re-reads the directory and reconciles: events only say *when* to
 //! look, the listing says *what* is there, so a missed or overflowed event costs nothing. If
 //! the directory itself goes, every sandbox goes with it and the thread waits again.
+//!
+//! A directory removed and recreated at once is not left to `IN_DELETE_SELF`: while anything
+//! pins the old inode (a unix socket still bound below it, say) the kernel may send that event
+//! only when the inode is finally evicted. So every wake-up and every poll tick compares the
+//! watched inode with the one the path names now, and a replaced directory is followed anew
+//! within one [`POLL_INTERVAL`] (kata#3550's failure class: never lose sandboxes for a rescan).
 
 use std::os::fd::AsFd;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -101,6 +108,9 @@ fn follow(sbs_root: &Path, sandboxes: &Sandboxes, stop: &AtomicBool) -> std::io:
         | AddWatchFlags::IN_MOVE_SELF
         | AddWatchFlags::IN_ONLYDIR;
     inotify.add_watch(sbs_root, flags)?;
+    // The inode the watch is on (a path swapped between add_watch and here is caught at the
+    // first tick: the listing below reads the new directory, the identity check re-follows it).
+    let watched = DirIdentity::of(sbs_root)?;
     // Entries that existed before the watch.
     sandboxes.reconcile(sbs_root, &list_sandbox_dirs(sbs_root)?);
     let mut since_rescan = Duration::ZERO;
@@ -121,17 +131,25 @@ fn follow(sbs_root: &Path, sandboxes: &Sandboxes, stop: &AtomicBool) -> std::io:
                 Err(nix::errno::Errno::EAGAIN) => {}
                 Err(e) => return Err(e.into()),
             }
-        } else {
+        }
+        match DirIdentity::of(sbs_root) {
+            Ok(now) if now == watched && !gone => {}
+            // Replaced by another directory, or the watch ended: follow the path anew (its
+            // listing reconciles, keeping the metadata of sandboxes that are still there).
+            Ok(_) => return Ok(()),
+            // Gone: every sandbox goes with it.
+            Err(_) => {
+                sandboxes.reconcile(sbs_root, &[]);
+                return Ok(());
+            }
+        }
+        if ready == 0 {
             since_rescan += POLL_INTERVAL;
             if since_rescan < RESCAN_INTERVAL {
                 continue;
             }
         }
         since_rescan = Duration::ZERO;
-        if gone || !sbs_root.is_dir() {
-            sandboxes.reconcile(sbs_root, &[]);
-            return Ok(());
-        }
         match list_sandbox_dirs(sbs_root) {
             Ok(ids) => sandboxes.reconcile(sbs_root, &ids),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -142,4 +160,21 @@ fn follow(sbs_root: &Path, sandboxes: &Sandboxes, stop: &AtomicBool) -> std::io:
         }
     }
     Ok(())
+}
+
+/// Which directory a path names: device and inode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct DirIdentity {
+    dev: u64,
+    ino: u64,
+}
+
+impl DirIdentity {
+    fn of(path: &Path) -> std::io::Result<DirIdentity> {
+        let meta = std::fs::metadata(path)?;
+        if !meta.is_dir() {
+            return Err(std::io::Error::new(std::io::ErrorKind::NotADirectory, "not a directory"));
+        }
+        Ok(DirIdentity { dev: meta.dev(), ino: meta.ino() })
+    }
 }
