@@ -10,7 +10,6 @@ use nix::fcntl::{open, OFlag};
 use nix::mount::{mount, MsFlags};
 use nix::sys::reboot::{reboot, RebootMode};
 use nix::sys::stat::Mode;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 
 use crate::process::DEFAULT_PATH;
@@ -39,7 +38,7 @@ pub enum InitError {
     #[error("cannot set the hostname")]
     Hostname(#[source] Errno),
     #[error("cannot bring up the loopback interface")]
-    Loopback(#[source] Errno),
+    Loopback(#[source] tern_netconf::NetError),
 }
 
 /// One filesystem to mount at boot.
@@ -160,10 +159,9 @@ pub fn configure_system() -> Vec<InitError> {
     }
     // Still single-threaded here, so changing our own environment is race-free.
     std::env::set_var("PATH", DEFAULT_PATH);
-    // Optional: a guest kernel without IPv4 has nothing to bring up.
-    match loopback_up() {
-        Ok(()) | Err(Errno::EAFNOSUPPORT) => {}
-        Err(e) => errors.push(InitError::Loopback(e)),
+    // Always, so that a sandbox without a pod network (no ConfigureNetwork) still has `lo`.
+    if let Err(e) = tern_netconf::guest::loopback_up() {
+        errors.push(InitError::Loopback(e));
     }
     // devtmpfs lacks these; shells and some programs expect them.
     for (link, target) in [
@@ -177,29 +175,6 @@ pub fn configure_system() -> Vec<InitError> {
         }
     }
     errors
-}
-
-/// `ip link set lo up`, with one ioctl.
-fn loopback_up() -> Result<(), Errno> {
-    // SAFETY: plain socket(2) call; the result is checked before use.
-    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    let raw = Errno::result(raw)?;
-    // SAFETY: `raw` is a new descriptor that nothing else owns.
-    let sock = unsafe { OwnedFd::from_raw_fd(raw) };
-    // SAFETY: ifreq is plain old data; all-zero is a valid value.
-    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
-        *dst = *src as libc::c_char;
-    }
-    // SAFETY: SIOCGIFFLAGS reads the interface name and writes the flags into `req`, which
-    // is a valid, exclusively borrowed ifreq for the duration of the call.
-    Errno::result(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) })?;
-    // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
-    let flags = unsafe { req.ifr_ifru.ifru_flags };
-    req.ifr_ifru.ifru_flags = flags | libc::IFF_UP as libc::c_short;
-    // SAFETY: as above; SIOCSIFFLAGS only reads `req`.
-    Errno::result(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) })?;
-    Ok(())
 }
 
 /// Read the log level from `tern.log=<level>` on the kernel command line.

@@ -150,6 +150,19 @@ impl Agent {
                 Ok(count) => Response::OomKills { count },
                 Err(e) => error_response(&e),
             },
+            Request::ConfigureNetwork(config) => {
+                let result = tern_netconf::guest::configure(&config);
+                match &result {
+                    Ok(()) => info!(
+                        interfaces = %describe_interfaces(&config),
+                        routes = config.routes.len(),
+                        neighbours = config.neighbors.len(),
+                        "network configured"
+                    ),
+                    Err(e) => warn!(error = %e, "network configuration failed"),
+                }
+                ok_or_error(result)
+            }
         }
     }
 
@@ -191,6 +204,29 @@ fn kill_everything() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let _ = kill(all, Signal::SIGKILL);
+}
+
+/// `eth0 0a:58:0a:58:00:05 mtu 1450 [10.88.0.5/16]`, `;`-separated, for the log.
+fn describe_interfaces(config: &tern_protocol::net::NetworkConfig) -> String {
+    let described: Vec<String> = config
+        .interfaces
+        .iter()
+        .map(|i| {
+            let addresses: Vec<String> = i.addresses.iter().map(ToString::to_string).collect();
+            format!(
+                "{} {} mtu {} [{}]",
+                i.name,
+                tern_protocol::net::format_mac(&i.mac),
+                i.mtu,
+                addresses.join(", ")
+            )
+        })
+        .collect();
+    if described.is_empty() {
+        "none (lo only)".to_owned()
+    } else {
+        described.join("; ")
+    }
 }
 
 fn ok_or_error<E: StdError>(result: Result<(), E>) -> Response {

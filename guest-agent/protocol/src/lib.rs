@@ -17,10 +17,11 @@ use serde::{Deserialize, Serialize};
 use std::io::{Read, Write};
 
 pub mod frame;
+pub mod net;
 pub mod watch;
 
 /// Bumped on every incompatible change of the messages below.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 /// vsock port of the agent's RPC server.
 pub const AGENT_RPC_PORT: u32 = 1024;
 /// vsock port on which the agent accepts process stdio streams.
@@ -84,6 +85,10 @@ pub enum Request {
     /// returns [`Response::OomKills`] with the new count. Ends with an error when the
     /// container's cgroup goes away.
     WaitOom { id: String, seen: u64 },
+    /// Configure the guest's network from what the host found in the pod's network namespace
+    /// (sent once, before the first container starts): NICs found by MAC, renamed, given their
+    /// MTU and addresses and brought up; `lo` up; neighbours; routes, link-scope ones first.
+    ConfigureNetwork(net::NetworkConfig),
 }
 
 /// A process to run inside a running container (containerd's `Exec`).
