@@ -67,6 +67,7 @@ fn main() -> ExitCode {
         fs_shares: Vec::new(),
         fs_device: false,
         watch_resync_interval: tern_protocol::watch::DEFAULT_RESYNC_INTERVAL,
+        net: Vec::new(),
     };
 
     let vm = match Vmm::start(config) {

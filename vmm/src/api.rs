@@ -49,6 +49,10 @@ pub struct VmConfig {
     /// How often the host watcher sends a full resync of every watchable share, the safety
     /// net under change records (default [`tern_protocol::watch::DEFAULT_RESYNC_INTERVAL`]).
     pub watch_resync_interval: std::time::Duration,
+    /// One virtio-net device per entry, in this order (after vsock and virtio-fs in the
+    /// virtio-mmio slots). Their queues run on a `tern-net` thread of their own, started only
+    /// when this is not empty.
+    pub net: Vec<NetConfig>,
 }
 
 impl VmConfig {
@@ -78,6 +82,22 @@ pub struct VsockConfig {
     pub guest_cid: u32,
     /// Host unix socket: clients connect and send `CONNECT <port>\n`.
     pub uds_path: PathBuf,
+}
+
+/// A virtio-net device backed by a host tap.
+#[derive(Debug, Clone)]
+pub struct NetConfig {
+    /// The tap, opened by the caller with `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR` (in the pod's
+    /// netns). The device keeps a duplicate and makes the open file non-blocking; on activation
+    /// it sets the vnet header size (12) and the offloads the guest acked.
+    pub tap: std::sync::Arc<std::os::fd::OwnedFd>,
+    /// The guest interface's MAC address (unicast).
+    pub mac: [u8; 6],
+    /// The guest interface's MTU (68 or more).
+    pub mtu: u16,
+    /// The host tap's name: used in logs and as the `device` label of the net metrics, so
+    /// unique within a VM.
+    pub name: String,
 }
 
 /// How a VM ended.
@@ -305,8 +325,8 @@ impl VmHandle {
         self.console_tail.text()
     }
 
-    /// The VM's counters (vCPU exits, queue notifications, fs requests, vsock bytes). They
-    /// stay readable after the VM ended.
+    /// The VM's counters (vCPU exits, queue notifications, fs requests, vsock bytes, traffic
+    /// per net device). They stay readable after the VM ended.
     pub fn metrics(&self) -> Arc<VmMetrics> {
         self.metrics.clone()
     }

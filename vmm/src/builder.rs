@@ -1,8 +1,9 @@
 //! Assembling a VM, in order: check KVM, map guest RAM, create the VM (irqchip, PIT) and
-//! register RAM, create the devices (virtio-mmio windows with their irqfds and ioeventfds,
-//! then COM1 and the i8042 reset port), build the command line, load the kernel and boot
-//! structures, create and configure the vCPUs, start the device event loop, start the vCPU
-//! threads. [`RunningVm`] owns what must outlive the vCPUs and releases it in order.
+//! register RAM, create the devices (virtio-mmio windows with their irqfds and ioeventfds:
+//! vsock, virtio-fs, then the net devices; then COM1 and the i8042 reset port), build the
+//! command line, load the kernel and boot structures, create and configure the vCPUs, start the
+//! device event loop (and the net one, if the VM has net devices), start the vCPU threads.
+//! [`RunningVm`] owns what must outlive the vCPUs and releases it in order.
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -24,6 +25,7 @@ use crate::devices::legacy::{
     ConsoleTail, ConsoleWriter, I8042ResetPort, SerialConsole, COM1_IRQ, COM1_PORT, COM1_PORT_COUNT,
     I8042_DATA_PORT, I8042_PORT_COUNT,
 };
+use crate::devices::net::Net;
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::{GuestMemory, VirtioDevice};
 use crate::devices::vsock::Vsock;
@@ -38,10 +40,14 @@ use crate::vstate::vm::Vm;
 const VIRTIO_MMIO_QUEUE_NOTIFY: u64 = 0x50;
 /// Context ids 0–2 are the hypervisor, local and host; `u32::MAX` is "any".
 const FIRST_GUEST_CID: u32 = 3;
+/// The thread of the net devices' event loop.
+const NET_THREAD_NAME: &str = "tern-net";
 
 /// What a started VM owns besides its vCPU threads.
 pub(crate) struct RunningVm {
     event_loop: EventLoopThread,
+    /// The net devices' loop, apart so that network load cannot stall vsock or virtio-fs.
+    net_event_loop: Option<EventLoopThread>,
     fs_shares: Option<Arc<FsShares>>,
     /// Host watchers of the watchable shares (threads only once one is added).
     watchers: Arc<ShareWatchers>,
@@ -72,6 +78,7 @@ impl RunningVm {
     pub(crate) fn shut_down(self) {
         let RunningVm {
             event_loop,
+            net_event_loop,
             fs_shares,
             watchers,
             pio,
@@ -83,6 +90,9 @@ impl RunningVm {
         // The watcher talks to the guest through the vsock device: stop it first.
         watchers.stop();
         event_loop.stop();
+        if let Some(net_event_loop) = net_event_loop {
+            net_event_loop.stop();
+        }
         // Devices go before the VM: their eventfds are still registered with it.
         drop(mmio);
         drop(pio);
@@ -107,6 +117,18 @@ fn validate(config: &VmConfig, kvm: &KvmSystem) -> Result<(), VmmError> {
                 vsock.guest_cid
             )));
         }
+    }
+    let mut names = std::collections::HashSet::new();
+    for net in &config.net {
+        if net.name.is_empty() || !names.insert(net.name.as_str()) {
+            return Err(VmmError::InvalidConfig(format!(
+                "net device name {:?} is empty or used twice",
+                net.name
+            )));
+        }
+        crate::devices::net::validate_params(&net.mac, net.mtu).map_err(|err| {
+            VmmError::InvalidConfig(format!("net device {}: {err}", net.name))
+        })?;
     }
     Ok(())
 }
@@ -176,13 +198,20 @@ struct VirtioDevices {
     fs_shares: Option<Arc<FsShares>>,
 }
 
+/// The event loops devices register with: `net` exists iff the VM has net devices.
+struct DeviceLoops {
+    devices: EventLoopHandle,
+    net: Option<EventLoopHandle>,
+}
+
 fn build_virtio_devices(
     config: &VmConfig,
     vm: &Vm,
     memory: &GuestMemory,
-    events: &EventLoopHandle,
+    loops: &DeviceLoops,
     metrics: &Arc<VmMetrics>,
 ) -> Result<VirtioDevices, VmmError> {
+    let events = &loops.devices;
     let mut mmio = MmioBus::new();
     let mut slots = Vec::new();
     if let Some(vsock) = &config.vsock {
@@ -212,6 +241,16 @@ fn build_virtio_devices(
         device.set_metrics(metrics.clone());
         slots.push(attach_virtio_device(vm, memory, &mut mmio, Box::new(device), slots.len())?);
         fs_shares = Some(shares);
+    }
+    // Last, so the vsock and virtio-fs slots are the same with or without net devices.
+    for net in &config.net {
+        let events = loops.net.as_ref().ok_or_else(|| {
+            VmmError::InvalidConfig("net devices need the net event loop".into())
+        })?;
+        let mut device = Net::new(&net.name, &net.tap, net.mac, net.mtu, events.clone())
+            .map_err(|err| VmmError::Device { device: "virtio-net", source: Box::new(err) })?;
+        device.set_metrics(metrics.add_net_device(&net.name));
+        slots.push(attach_virtio_device(vm, memory, &mut mmio, Box::new(device), slots.len())?);
     }
     Ok(VirtioDevices { mmio, slots, fs_shares })
 }
@@ -260,8 +299,17 @@ pub(crate) fn build_and_start(
     vm.register_memory(&memory)?;
 
     let event_loop = EventLoop::new().map_err(|err| VmmError::Thread("device event loop", err))?;
+    let net_event_loop = if config.net.is_empty() {
+        None
+    } else {
+        Some(EventLoop::new().map_err(|err| VmmError::Thread("net event loop", err))?)
+    };
+    let loops = DeviceLoops {
+        devices: event_loop.handle(),
+        net: net_event_loop.as_ref().map(EventLoop::handle),
+    };
     let VirtioDevices { mmio, slots: virtio_slots, fs_shares } =
-        build_virtio_devices(config, &vm, &memory, &event_loop.handle(), &metrics)?;
+        build_virtio_devices(config, &vm, &memory, &loops, &metrics)?;
     let (pio, console_tail) = build_legacy_devices(config, &vm, &lifecycle)?;
 
     let cmdline = build_cmdline(&virtio_slots, &config.cmdline)?;
@@ -298,8 +346,13 @@ pub(crate) fn build_and_start(
     let event_loop = event_loop
         .spawn()
         .map_err(|err| VmmError::Thread("device event loop", err))?;
+    let net_event_loop = net_event_loop
+        .map(|net_loop| net_loop.spawn_named(NET_THREAD_NAME))
+        .transpose()
+        .map_err(|err| VmmError::Thread("net event loop", err))?;
     let running = RunningVm {
         event_loop,
+        net_event_loop,
         fs_shares,
         watchers,
         pio: Arc::new(pio),

@@ -15,4 +15,6 @@ mod lifecycle;
 pub mod metrics;
 pub mod vstate;
 
-pub use api::{BootTimings, ConsoleOutput, VmConfig, VmExit, VmHandle, Vmm, VmmError, VsockConfig};
+pub use api::{
+    BootTimings, ConsoleOutput, NetConfig, VmConfig, VmExit, VmHandle, Vmm, VmmError, VsockConfig,
+};

@@ -1,13 +1,16 @@
 //! What the VMM counts while a VM runs: vCPU exits by reason, queue notifications per virtio
-//! device, virtio-fs requests by FUSE opcode with a latency histogram, vsock payload bytes.
+//! device, virtio-fs requests by FUSE opcode with a latency histogram, vsock payload bytes,
+//! and per virtio-net device its packets, bytes, drops and refused chains.
 //!
 //! Plain relaxed atomics, bumped on the hot paths (a vCPU exit, a queue kick, a FUSE request)
 //! and read by whoever asks through [`crate::api::VmHandle::metrics`]. The VMM knows nothing
 //! of Prometheus or containerd: the runtime turns a [`VmMetricsSnapshot`] into its exposition.
 //! Every label set is fixed and small (the exit reasons below, two or three queues per device,
-//! at most [`FUSE_OPCODE_SLOTS`] opcodes), so a scrape stays cheap however long the VM runs.
+//! at most [`FUSE_OPCODE_SLOTS`] opcodes, one entry per net device configured at boot), so a
+//! scrape stays cheap however long the VM runs.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Why a vCPU left `KVM_RUN`, as counted by [`VmMetrics::exits`].
@@ -236,6 +239,110 @@ impl VsockMetrics {
     }
 }
 
+/// Counters of one virtio-net device. "rx" is host → guest (frames the tap gave us for the
+/// guest), "tx" is guest → host; bytes are Ethernet frame bytes, without the virtio-net header.
+#[derive(Debug)]
+pub struct NetMetrics {
+    name: String,
+    /// Queue notifications (rx, tx).
+    pub device: DeviceMetrics,
+    rx_packets: AtomicU64,
+    rx_bytes: AtomicU64,
+    rx_drops: AtomicU64,
+    tx_packets: AtomicU64,
+    tx_bytes: AtomicU64,
+    tx_drops: AtomicU64,
+    bad_chains: AtomicU64,
+}
+
+impl NetMetrics {
+    /// Zeroed counters of the device named `name` (the host tap's name).
+    pub fn new(name: &str) -> Self {
+        NetMetrics {
+            name: name.to_owned(),
+            device: DeviceMetrics::new(2),
+            rx_packets: AtomicU64::new(0),
+            rx_bytes: AtomicU64::new(0),
+            rx_drops: AtomicU64::new(0),
+            tx_packets: AtomicU64::new(0),
+            tx_bytes: AtomicU64::new(0),
+            tx_drops: AtomicU64::new(0),
+            bad_chains: AtomicU64::new(0),
+        }
+    }
+
+    /// The device's name (the host tap's name).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// A frame of `bytes` went into the guest's rx buffers.
+    pub fn rx_frame(&self, bytes: usize) {
+        self.rx_packets.fetch_add(1, Ordering::Relaxed);
+        self.rx_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    /// A frame from the tap was dropped (too large for the guest's buffers, or malformed).
+    pub fn rx_dropped(&self) {
+        self.rx_drops.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A guest frame of `bytes` was written to the tap.
+    pub fn tx_frame(&self, bytes: usize) {
+        self.tx_packets.fetch_add(1, Ordering::Relaxed);
+        self.tx_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    /// A well-formed guest frame the tap did not take (EAGAIN or any other write error).
+    pub fn tx_dropped(&self) {
+        self.tx_drops.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A descriptor chain (rx or tx) refused as malformed and returned unused.
+    pub fn bad_chain(&self) {
+        self.bad_chains.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Copy the counters.
+    pub fn snapshot(&self) -> NetMetricsSnapshot {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        NetMetricsSnapshot {
+            device: self.name.clone(),
+            queue_notifications: self.device.snapshot(),
+            rx_packets: get(&self.rx_packets),
+            rx_bytes: get(&self.rx_bytes),
+            rx_drops: get(&self.rx_drops),
+            tx_packets: get(&self.tx_packets),
+            tx_bytes: get(&self.tx_bytes),
+            tx_drops: get(&self.tx_drops),
+            bad_chains: get(&self.bad_chains),
+        }
+    }
+}
+
+/// A point-in-time copy of one device's [`NetMetrics`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetMetricsSnapshot {
+    /// The device's name (the host tap's name): the `device` label.
+    pub device: String,
+    /// Queue notifications, by queue index (0 rx, 1 tx).
+    pub queue_notifications: Vec<u64>,
+    /// Frames put in guest rx buffers.
+    pub rx_packets: u64,
+    /// Bytes of those frames (without the virtio-net header).
+    pub rx_bytes: u64,
+    /// Frames from the tap that were dropped.
+    pub rx_drops: u64,
+    /// Guest frames written to the tap.
+    pub tx_packets: u64,
+    /// Bytes of those frames (without the virtio-net header).
+    pub tx_bytes: u64,
+    /// Well-formed guest frames the tap refused.
+    pub tx_drops: u64,
+    /// Malformed descriptor chains (rx and tx) returned unused.
+    pub bad_chains: u64,
+}
+
 /// Everything one VM counts. Shared (`Arc`) by the vCPU threads, the device handlers and the
 /// VM handle.
 #[derive(Debug)]
@@ -245,6 +352,8 @@ pub struct VmMetrics {
     pub fs: FsMetrics,
     /// The vsock device's counters (zero when the VM has none).
     pub vsock: VsockMetrics,
+    /// One entry per virtio-net device, in device order; filled while the VM is built.
+    net: Mutex<Vec<Arc<NetMetrics>>>,
 }
 
 impl Default for VmMetrics {
@@ -253,6 +362,7 @@ impl Default for VmMetrics {
             exits: Default::default(),
             fs: FsMetrics::new(),
             vsock: VsockMetrics::new(),
+            net: Mutex::new(Vec::new()),
         }
     }
 }
@@ -277,6 +387,8 @@ pub struct VmMetricsSnapshot {
     pub vsock_bytes_to_guest: u64,
     /// vsock payload bytes guest → host.
     pub vsock_bytes_from_guest: u64,
+    /// Per virtio-net device, in device order (empty without net devices).
+    pub net: Vec<NetMetricsSnapshot>,
 }
 
 impl VmMetrics {
@@ -289,6 +401,19 @@ impl VmMetrics {
         if let Some(c) = self.exits.get(slot) {
             c.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Counters for a new virtio-net device named `name` (the host tap's name), included in
+    /// every later snapshot.
+    pub fn add_net_device(&self, name: &str) -> Arc<NetMetrics> {
+        let metrics = Arc::new(NetMetrics::new(name));
+        self.net_devices().push(metrics.clone());
+        metrics
+    }
+
+    fn net_devices(&self) -> std::sync::MutexGuard<'_, Vec<Arc<NetMetrics>>> {
+        // Every update is one push: a panic elsewhere cannot leave the list half-changed.
+        self.net.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Copy every counter.
@@ -316,6 +441,7 @@ impl VmMetrics {
             vsock_queue_notifications: self.vsock.device.snapshot(),
             vsock_bytes_to_guest: get(&self.vsock.bytes_to_guest),
             vsock_bytes_from_guest: get(&self.vsock.bytes_from_guest),
+            net: self.net_devices().iter().map(|m| m.snapshot()).collect(),
         }
     }
 }
@@ -422,6 +548,27 @@ mod tests {
         assert_eq!(s.fs_latency.count, 2);
         assert_eq!(s.fs_queue_notifications, vec![0, 3]);
         assert_eq!((s.vsock_bytes_to_guest, s.vsock_bytes_from_guest), (100, 7));
+    }
+
+    #[test]
+    fn net_devices_are_snapshotted_in_order_with_their_names() {
+        let m = VmMetrics::default();
+        assert!(m.snapshot().net.is_empty());
+        let a = m.add_net_device("tap0");
+        let b = m.add_net_device("tap1");
+        a.rx_frame(60);
+        a.rx_dropped();
+        a.device.queue_notified(1, 2);
+        b.tx_frame(1500);
+        b.tx_frame(40);
+        b.tx_dropped();
+        b.bad_chain();
+        let s = m.snapshot();
+        assert_eq!(s.net.len(), 2);
+        assert_eq!((s.net[0].device.as_str(), s.net[0].rx_packets, s.net[0].rx_bytes), ("tap0", 1, 60));
+        assert_eq!((s.net[0].rx_drops, s.net[0].queue_notifications.clone()), (1, vec![0, 2]));
+        assert_eq!((s.net[1].device.as_str(), s.net[1].tx_packets, s.net[1].tx_bytes), ("tap1", 2, 1540));
+        assert_eq!((s.net[1].tx_drops, s.net[1].bad_chains), (1, 1));
     }
 
     #[test]

@@ -89,6 +89,7 @@ fn config(kernel: PathBuf, vcpus: u8) -> VmConfig {
         fs_shares: Vec::new(),
         fs_device: false,
         watch_resync_interval: tern_protocol::watch::DEFAULT_RESYNC_INTERVAL,
+        net: Vec::new(),
     }
 }
 

@@ -1,5 +1,7 @@
-//! The device event loop: one `tern-devices` thread running an [`event_manager::EventManager`]
-//! that dispatches queue kicks and host sockets to device subscribers.
+//! A device event loop: a thread running an [`event_manager::EventManager`] that dispatches
+//! queue kicks and host sockets to device subscribers. A VM runs one for vsock and virtio-fs
+//! (`tern-devices`) and, when it has network devices, a second one for them (`tern-net`), so
+//! network load cannot stall the agent's channel or the shares.
 //!
 //! Devices register their subscribers through an [`EventLoopHandle`], which works from any
 //! thread and at any time: before the loop runs (the request waits in the manager's channel)
@@ -102,15 +104,21 @@ impl EventLoop {
     }
 
     /// Run the loop on a thread named `tern-devices`.
-    pub fn spawn(mut self) -> io::Result<EventLoopThread> {
+    pub fn spawn(self) -> io::Result<EventLoopThread> {
+        self.spawn_named("tern-devices")
+    }
+
+    /// Run the loop on a thread named `name` (Linux keeps the first 15 bytes).
+    pub fn spawn_named(mut self, name: &str) -> io::Result<EventLoopThread> {
         let exit = Arc::new(AtomicBool::new(false));
         let thread_fd = self.exit_fd.try_clone()?;
         let subscriber: SharedSubscriber =
             Arc::new(Mutex::new(ExitSubscriber { fd: thread_fd, exit: exit.clone() }));
         self.manager.add_subscriber(subscriber);
         let mut manager = self.manager;
+        let thread_name = name.to_owned();
         let thread = std::thread::Builder::new()
-            .name("tern-devices".into())
+            .name(name.into())
             .spawn(move || {
                 let mut consecutive_errors = 0u32;
                 while !exit.load(Ordering::SeqCst) {
@@ -118,15 +126,15 @@ impl EventLoop {
                         Ok(_) => consecutive_errors = 0,
                         Err(e) => {
                             consecutive_errors += 1;
-                            tracing::error!(error = %e, "device event loop failed to poll");
+                            tracing::error!(thread = %thread_name, error = %e, "device event loop failed to poll");
                             if consecutive_errors > 100 {
-                                tracing::error!("device event loop gives up");
+                                tracing::error!(thread = %thread_name, "device event loop gives up");
                                 break;
                             }
                         }
                     }
                 }
-                tracing::debug!("device event loop exits");
+                tracing::debug!(thread = %thread_name, "device event loop exits");
             })?;
         Ok(EventLoopThread { exit_fd: self.exit_fd, thread: Some(thread) })
     }
@@ -240,6 +248,25 @@ mod tests {
         fd2.write(5).unwrap();
         assert_eq!(rx2.recv_timeout(Duration::from_secs(5)).unwrap(), 5);
         assert!(token2.id.lock().unwrap().is_some());
+        thread.stop();
+    }
+
+    #[test]
+    fn spawn_named_names_the_thread() {
+        struct ThreadName(mpsc::Sender<Option<String>>);
+        impl MutEventSubscriber for ThreadName {
+            fn process(&mut self, _events: Events, _ops: &mut EventOps) {}
+            fn init(&mut self, _ops: &mut EventOps) {
+                let _ = self.0.send(std::thread::current().name().map(str::to_owned));
+            }
+        }
+        let lp = EventLoop::new().unwrap();
+        let handle = lp.handle();
+        let thread = lp.spawn_named("tern-net").unwrap();
+        let (tx, rx) = mpsc::channel();
+        handle.add_subscriber(Arc::new(Mutex::new(ThreadName(tx)))).unwrap();
+        // A subscriber's init runs on the loop's thread.
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap().as_deref(), Some("tern-net"));
         thread.stop();
     }
 
