@@ -304,6 +304,11 @@ impl AgentClient {
         self.expect_ok(&Request::Unmount { guest_path: guest_path.to_string() })
     }
 
+    /// Configure the guest's NICs, addresses, neighbours and routes (before any container).
+    pub fn configure_network(&self, config: &tern_protocol::net::NetworkConfig) -> Result<(), AgentError> {
+        self.expect_ok(&Request::ConfigureNetwork(config.clone()))
+    }
+
     /// Ask the agent to power the guest off.
     pub fn shutdown(&self) -> Result<(), AgentError> {
         self.expect_ok(&Request::Shutdown)
@@ -338,6 +343,7 @@ fn request_name(req: &Request) -> &'static str {
         Request::Unmount { .. } => "unmount",
         Request::StartContainer(_) => "start_container",
         Request::ExecInContainer(_) => "exec_in_container",
+        Request::ConfigureNetwork(_) => "configure_network",
         #[allow(unreachable_patterns)]
         _ => "other",
     }

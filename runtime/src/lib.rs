@@ -8,6 +8,7 @@ pub mod config;
 pub mod cri;
 pub mod metrics;
 pub mod monitor;
+pub mod network;
 pub mod sandbox;
 pub mod share;
 pub mod shim;

@@ -8,6 +8,7 @@
 
 use crate::agent::{AgentClient, AgentError};
 use crate::config::Config;
+use crate::network::SandboxNetwork;
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -27,6 +28,8 @@ pub enum SandboxError {
     Start(#[source] VmmError),
     #[error("the VM ended before its agent answered ({reason}); {report}")]
     VmGone { reason: String, report: GuestReport },
+    #[error("the guest could not configure its network")]
+    ConfigureNetwork(#[source] AgentError),
     #[error("the agent never became ready ({report})")]
     Agent {
         report: GuestReport,
@@ -104,6 +107,9 @@ pub struct Sandbox {
     monitor: Option<std::thread::JoinHandle<()>>,
     agent: AgentClient,
     timeline: BootTimeline,
+    /// Held only to be dropped, after the VM (fields drop in order): the VM's taps must be
+    /// closed before the namespace is disconnected.
+    _network: Option<SandboxNetwork>,
     run_dir: SandboxDir,
 }
 
@@ -121,15 +127,17 @@ impl Sandbox {
         fs_device: bool,
     ) -> Result<Sandbox, SandboxError> {
         let run_dir = SandboxDir::private().map_err(SandboxError::RunDir)?;
-        Sandbox::boot_in(config, shares, fs_device, run_dir)
+        Sandbox::boot_in(config, shares, fs_device, run_dir, None)
     }
 
-    /// [`Sandbox::boot_with_shares`] in a given run directory (the shim's named one).
+    /// [`Sandbox::boot_with_shares`] in a given run directory (the shim's named one), with the
+    /// pod network's taps as the VM's NICs; the agent configures them before this returns.
     pub fn boot_in(
         config: &Config,
         shares: Vec<ShareConfig>,
         fs_device: bool,
         run_dir: SandboxDir,
+        network: Option<SandboxNetwork>,
     ) -> Result<Sandbox, SandboxError> {
         let kernel = config.kernel_path();
         let initrd = config.initrd_path();
@@ -155,6 +163,7 @@ impl Sandbox {
             fs_shares: shares,
             fs_device,
             watch_resync_interval: Duration::from_secs(config.fs.resync_interval_secs),
+            net: network.as_ref().map(SandboxNetwork::vm_devices).unwrap_or_default(),
         };
         let vmm_start = Instant::now();
         let vm = Vmm::start(vm_config).map_err(SandboxError::Start)?;
@@ -176,10 +185,14 @@ impl Sandbox {
                 return Err(SandboxError::Agent { report, source });
             }
         }
+        if let Some(network) = network.as_ref().filter(|n| !n.is_empty()) {
+            agent.configure_network(network.guest_config()).map_err(SandboxError::ConfigureNetwork)?;
+            tracing::debug!(netns = %network.netns().display(), "guest network configured");
+        }
         let timeline = BootTimeline { vmm_start, kernel_entry: vm.timings().vcpus_started, agent_ready };
         let vm = Arc::new(vm);
         let monitor = spawn_vm_monitor(Arc::clone(&vm));
-        Ok(Sandbox { vm, monitor, agent, timeline, run_dir })
+        Ok(Sandbox { vm, monitor, agent, timeline, _network: network, run_dir })
     }
 
     pub fn agent(&self) -> &AgentClient {

@@ -261,7 +261,13 @@ fn virtio(vm: &VmMetricsSnapshot, out: &mut Vec<Family>) {
             notes = notes.with(labels([("device", device), ("queue", queue)]), Value::Counter(*n));
         }
     }
+    for net in &vm.net {
+        for (queue, n) in ["rx", "tx"].iter().zip(&net.queue_notifications) {
+            notes = notes.with(vec![("device", net.device.clone()), ("queue", (*queue).to_owned())], Value::Counter(*n));
+        }
+    }
     out.push(notes);
+    net(vm, out);
     let mut ops = Family::new("tern_vmm_virtio_fs_ops", "virtio-fs requests served, by FUSE opcode.");
     for (op, n) in &vm.fs_ops {
         ops = ops.with(vec![("op", fuse_opcode_name(*op).into_owned())], Value::Counter(*n));
@@ -282,6 +288,27 @@ fn virtio(vm: &VmMetricsSnapshot, out: &mut Vec<Family>) {
             .with(labels([("direction", "to_guest")]), Value::Counter(vm.vsock_bytes_to_guest))
             .with(labels([("direction", "from_guest")]), Value::Counter(vm.vsock_bytes_from_guest)),
     );
+}
+
+/// The virtio-net devices, labelled by their host tap (`to_guest` = rx, `from_guest` = tx).
+fn net(vm: &VmMetricsSnapshot, out: &mut Vec<Family>) {
+    let mut packets = Family::new("tern_vmm_virtio_net_packets", "Frames through the virtio-net devices, by device and direction.");
+    let mut bytes = Family::new("tern_vmm_virtio_net_bytes", "Frame bytes through the virtio-net devices, by device and direction.");
+    let mut drops = Family::new(
+        "tern_vmm_virtio_net_drops",
+        "Frames dropped: from the tap with no room in the guest, or refused by the tap.",
+    );
+    let mut bad = Family::new("tern_vmm_virtio_net_bad_chains", "Malformed descriptor chains a virtio-net device returned unused.");
+    for n in &vm.net {
+        let by = |direction: &str| vec![("device", n.device.clone()), ("direction", direction.to_owned())];
+        packets = packets
+            .with(by("to_guest"), Value::Counter(n.rx_packets))
+            .with(by("from_guest"), Value::Counter(n.tx_packets));
+        bytes = bytes.with(by("to_guest"), Value::Counter(n.rx_bytes)).with(by("from_guest"), Value::Counter(n.tx_bytes));
+        drops = drops.with(by("to_guest"), Value::Counter(n.rx_drops)).with(by("from_guest"), Value::Counter(n.tx_drops));
+        bad = bad.with(vec![("device", n.device.clone())], Value::Counter(n.bad_chains));
+    }
+    out.extend([packets, bytes, drops, bad]);
 }
 
 fn rpc_families(out: &mut Vec<Family>, s: &RpcSnapshot, names: [&'static str; 3], helps: [&'static str; 3]) {
@@ -462,6 +489,9 @@ mod tests {
         vm.exit(vmm::metrics::ExitReason::MmioWrite);
         vm.fs.request_served(1, Duration::from_micros(80), false);
         vm.vsock.to_guest(42);
+        let net = vm.add_net_device("tap0_tern");
+        net.rx_frame(1500);
+        net.tx_dropped();
         let guest = guest.then(|| GuestStats {
             mem_total_kib: 1000,
             cpu_ticks: vec![1, 2, 3, 4, 5, 6, 7, 8],
@@ -491,6 +521,14 @@ mod tests {
         }
         assert!(text.contains("tern_hypervisor_vm_exits_total{reason=\"mmio_write\"} 1\n"), "{text}");
         assert!(text.contains("tern_vmm_virtio_fs_ops_total{op=\"lookup\"} 1\n"), "{text}");
+        assert!(
+            text.contains("tern_vmm_virtio_net_bytes_total{device=\"tap0_tern\",direction=\"to_guest\"} 1500\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tern_vmm_virtio_net_drops_total{device=\"tap0_tern\",direction=\"from_guest\"} 1\n"),
+            "{text}"
+        );
         assert!(text.contains("tern_vmm_virtio_vsock_bytes_total{direction=\"to_guest\"} 42\n"), "{text}");
         assert!(text.contains("tern_hypervisor_guest_memory_bytes 268435456"), "{text}");
         assert!(text.contains("tern_guest_memory_bytes{type=\"total\"} 1024000"), "{text}");

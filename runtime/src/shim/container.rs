@@ -68,6 +68,28 @@ pub enum ContainerSpecError {
         #[source]
         error: std::io::Error,
     },
+    #[error(
+        "the pod asks for the host's network namespace (hostNetwork); tern runs every pod in its own VM \
+         and cannot share the host network namespace"
+    )]
+    HostNetwork,
+}
+
+/// The network namespace a sandbox's VM is connected to, from the spec that boots it: the path
+/// of its `network` namespace (CRI's pod netns, or `ctr run --with-ns network:PATH`). A
+/// `network` namespace without a path is a new, empty one: the guest gets `lo` only. A CRI pod
+/// sandbox with no `network` namespace at all is a hostNetwork pod, which tern refuses.
+pub fn network_namespace(spec: &Spec) -> Result<Option<PathBuf>, ContainerSpecError> {
+    let network = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_ref())
+        .and_then(|namespaces| namespaces.iter().find(|ns| ns.typ() == LinuxNamespaceType::Network));
+    match network {
+        Some(ns) => Ok(ns.path().clone()),
+        None if is_cri_sandbox(spec) => Err(ContainerSpecError::HostNetwork),
+        None => Ok(None),
+    }
 }
 
 /// Whether the spec says this container is a pod's sandbox (pause) container.
@@ -389,6 +411,22 @@ mod tests {
             back.linux().as_ref().unwrap().namespaces().iter().flatten().map(|n| n.typ()).collect();
         assert_eq!(namespaces, [LinuxNamespaceType::Pid, LinuxNamespaceType::Mount, LinuxNamespaceType::Uts]);
         assert_eq!(dropped.namespaces.len(), 2);
+    }
+
+    #[test]
+    fn the_network_namespace_comes_from_the_spec_and_host_network_pods_are_refused() {
+        let with_path = SPEC.replace("/proc/1/ns/net", "/var/run/netns/cni-1");
+        assert_eq!(network_namespace(&spec(&with_path)).unwrap(), Some(PathBuf::from("/var/run/netns/cni-1")));
+        let new_netns = SPEC.replace(r#"{"type": "network", "path": "/proc/1/ns/net"}"#, r#"{"type": "network"}"#);
+        assert_eq!(network_namespace(&spec(&new_netns)).unwrap(), None);
+        let host = SPEC.replace(r#"{"type": "network", "path": "/proc/1/ns/net"}, "#, "");
+        assert_eq!(network_namespace(&spec(&host)).unwrap(), None, "a plain container on the host network: lo only");
+        let host_pod = host.replace(
+            r#""hostname": "box","#,
+            r#""hostname": "box", "annotations": {"io.kubernetes.cri.container-type": "sandbox"},"#,
+        );
+        let err = network_namespace(&spec(&host_pod)).unwrap_err();
+        assert!(err.to_string().contains("cannot share the host network namespace"), "{err}");
     }
 
     #[test]

@@ -79,7 +79,16 @@ impl Shim for TernShim {
         // Single-file bind sources staged for the guest (see `binds`).
         container::remove_staged_files(&bundle.join(container::HOST_FILES_DIR));
         let sandbox_id = sandbox_id_of_bundle(bundle).unwrap_or_else(|| self.id.clone());
-        cleanup::clean_after_dead_shim(bundle, &self.namespace, &sandbox_id);
+        let cleaned = cleanup::clean_after_dead_shim(bundle, &self.namespace, &sandbox_id);
+        // The taps died with the shim; the tc state it added to the pod's interfaces did not.
+        // Only the sandbox's own bundle names its netns (a pod's app containers name /proc paths).
+        if !cleaned.shim_alive {
+            let spec = container::load_spec(bundle).ok();
+            let netns = spec.and_then(|spec| container::network_namespace(&spec).ok().flatten());
+            if let Some(netns) = netns.filter(|p| !p.starts_with("/proc")) {
+                crate::network::clean_dead_sandbox_network(&netns);
+            }
+        }
         // The sandbox directory (metrics socket): `tern monitor` drops the sandbox when it goes.
         if let Ok(config) = Config::load(None) {
             if let Err(e) = crate::metrics::sbs::remove_sandbox_dir(&config.shim.root_dir, &sandbox_id) {

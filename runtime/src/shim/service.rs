@@ -30,14 +30,15 @@ use vmm::api::ShareConfig;
 
 use super::binds::{self, BindShares};
 use super::container::{
-    guest_spec, guest_spec_for, host_binds, is_cri_sandbox, load_spec, mount_rootfs, unmount_rootfs, ContainerSpecError,
-    GuestAdaptation, HostBind, RootfsMount,
+    guest_spec, guest_spec_for, host_binds, is_cri_sandbox, load_spec, mount_rootfs, network_namespace, unmount_rootfs,
+    ContainerSpecError, GuestAdaptation, HostBind, RootfsMount,
 };
 use super::events::EventSink;
 use super::io::{ProcessIo, StdioPaths};
 use crate::agent::AgentClient;
 use crate::config::Config;
 use crate::metrics::shim::{SandboxProbe, ShimMetricsServer};
+use crate::network::SandboxNetwork;
 use crate::sandbox::{error_chain, Sandbox, SandboxDir, SandboxError};
 
 mod cgroup;
@@ -183,21 +184,30 @@ impl TaskService {
             .ok_or_else(|| rpc_error(Code::FAILED_PRECONDITION, "the sandbox VM is not running"))
     }
 
-    /// Boot the sandbox VM unless it runs already.
-    async fn ensure_sandbox(&self) -> TtrpcResult<()> {
+    /// Boot the sandbox VM unless it runs already, connected to `netns` (the network namespace
+    /// of the spec that boots it, see [`network_namespace`]; ignored once the VM runs).
+    async fn ensure_sandbox(&self, netns: Result<Option<PathBuf>, ContainerSpecError>) -> TtrpcResult<()> {
         let _boot = self.inner.boot.lock().await;
         if lock(&self.inner.sandbox).is_some() {
             return Ok(());
         }
+        let netns = netns.map_err(|e| rpc_error(Code::INVALID_ARGUMENT, error_chain(&e)))?;
         let config = self.config()?;
         // A named run directory: `shim delete` removes it if this process is SIGKILLed.
         let (namespace, sandbox_id) = (self.inner.namespace.clone(), self.inner.sandbox_id.clone());
         let sandbox = blocking(move || {
-            let dir = SandboxDir::named(&namespace, &sandbox_id).map_err(SandboxError::RunDir)?;
-            Sandbox::boot_in(&config, Vec::new(), true, dir)
+            // The taps exist before the VM: virtio-mmio devices are fixed at boot.
+            let network = netns
+                .as_deref()
+                .map(SandboxNetwork::connect)
+                .transpose()
+                .map_err(|e| internal("cannot connect the sandbox to its network", &e))?;
+            let dir = SandboxDir::named(&namespace, &sandbox_id)
+                .map_err(|e| internal("cannot boot the sandbox VM", &SandboxError::RunDir(e)))?;
+            Sandbox::boot_in(&config, Vec::new(), true, dir, network)
+                .map_err(|e| internal("cannot boot the sandbox VM", &e))
         })
-        .await?
-            .map_err(|e| internal("cannot boot the sandbox VM", &e))?;
+        .await??;
         tracing::info!(run_dir = %sandbox.run_dir().display(), "sandbox VM ready");
         let probe = self.metrics_probe(&sandbox);
         *lock(&self.inner.sandbox) = Some(sandbox);
@@ -447,7 +457,7 @@ impl Task for TaskService {
             state.next_share += 1;
             format!("c{}", state.next_share)
         };
-        self.ensure_sandbox().await?;
+        self.ensure_sandbox(network_namespace(&spec)).await?;
         let (bind_sources, bind_shares) = self.share_binds(&id, &share, &bundle, host_bind_mounts).await?;
         if let Err(e) = self.share_rootfs(&share, &rootfs, &guest_rootfs).await {
             let inner = Arc::clone(&self.inner);

@@ -79,6 +79,7 @@ pub fn boot(config: Config, args: BootArgs) -> Result<i32> {
         fs_device: !fs_shares.is_empty(),
         watch_resync_interval: tern_protocol::watch::DEFAULT_RESYNC_INTERVAL,
         fs_shares,
+        net: Vec::new(),
     };
     let handle = Vmm::start(vm).context("cannot start the VM")?;
     match handle.wait_timeout(Duration::from_secs(args.timeout)) {

@@ -73,6 +73,7 @@ pub fn check(config: &Config, args: CheckArgs) -> Result<i32> {
     }
     check_guest_file(&mut r, "guest kernel", &config.kernel_path(), GuestFile::Kernel);
     check_guest_file(&mut r, "initramfs", &config.initrd_path(), GuestFile::Initrd);
+    check_pod_networking(&mut r);
     if r.failures == 0 {
         if !r.quiet {
             println!("tern can run microVMs on this host");
@@ -118,4 +119,77 @@ fn read_head(path: &Path) -> std::io::Result<Vec<u8>> {
     let mut head = Vec::with_capacity(1024);
     std::fs::File::open(path)?.take(1024).read_to_end(&mut head)?;
     Ok(head)
+}
+
+/// The host pieces a networked sandbox needs (`--netns`, every CRI pod): the tun device and
+/// the tc qdisc, classifier and action that mirror a pod interface to its tap.
+fn check_pod_networking(r: &mut Report) {
+    match std::fs::metadata("/dev/net/tun") {
+        Ok(m) if std::os::unix::fs::FileTypeExt::is_char_device(&m.file_type()) => {
+            r.pass("/dev/net/tun", "taps for pod networks can be created")
+        }
+        Ok(_) => r.fail("/dev/net/tun", "exists but is not a character device", "recreate it: mknod /dev/net/tun c 10 200"),
+        Err(e) => r.fail(
+            "/dev/net/tun",
+            &e.to_string(),
+            "load the tun module (modprobe tun) or create the node: mkdir -p /dev/net && mknod /dev/net/tun c 10 200",
+        ),
+    }
+    let kernel_config = kernel_config_text();
+    for (module, symbol, what) in [
+        ("sch_ingress", "CONFIG_NET_SCH_INGRESS", "tc ingress qdisc"),
+        ("cls_u32", "CONFIG_NET_CLS_U32", "tc u32 classifier"),
+        ("act_mirred", "CONFIG_NET_ACT_MIRRED", "tc mirred action"),
+    ] {
+        let name = format!("{what} ({module})");
+        match module_state(module, symbol, kernel_config.as_deref()) {
+            Some(state) => r.pass(&name, state),
+            None => r.fail(
+                &name,
+                "neither loaded, built in, nor available as a module",
+                &format!("modprobe {module}, or use a kernel with {symbol}=y or =m"),
+            ),
+        }
+    }
+}
+
+/// How a kernel module is present, if it is: loaded, built in, or loadable on demand.
+fn module_state(module: &str, symbol: &str, kernel_config: Option<&str>) -> Option<&'static str> {
+    if Path::new("/sys/module").join(module).exists() {
+        return Some("loaded");
+    }
+    let release = kernel_release()?;
+    let modules = Path::new("/lib/modules").join(&release);
+    let listed = |file: &str| {
+        std::fs::read_to_string(modules.join(file))
+            .is_ok_and(|text| text.lines().any(|l| l.rsplit('/').next().is_some_and(|f| f.starts_with(&format!("{module}.ko")))))
+    };
+    if listed("modules.builtin") {
+        return Some("built into the kernel");
+    }
+    if listed("modules.dep") {
+        return Some("available as a module (loaded on first use)");
+    }
+    let config = kernel_config?;
+    if config.lines().any(|l| l == format!("{symbol}=y")) {
+        Some("built into the kernel")
+    } else if config.lines().any(|l| l == format!("{symbol}=m")) {
+        Some("available as a module (loaded on first use)")
+    } else {
+        None
+    }
+}
+
+/// The running kernel's configuration, from `/proc/config.gz` (through `zcat`) or `/boot`.
+fn kernel_config_text() -> Option<String> {
+    if let Ok(out) = std::process::Command::new("zcat").arg("/proc/config.gz").output() {
+        if out.status.success() {
+            return String::from_utf8(out.stdout).ok();
+        }
+    }
+    std::fs::read_to_string(format!("/boot/config-{}", kernel_release()?)).ok()
+}
+
+fn kernel_release() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease").ok().map(|r| r.trim().to_owned())
 }

@@ -9,7 +9,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use tern_protocol::{ExecRequest, StreamKind};
 use tern_runtime::config::Config;
-use tern_runtime::sandbox::Sandbox;
+use tern_runtime::network::SandboxNetwork;
+use tern_runtime::sandbox::{Sandbox, SandboxDir};
 use tern_runtime::share::{parse_share_arg, plan_shares, PlannedShare};
 
 /// Exit code for failures of tern itself (not of the command).
@@ -47,6 +48,12 @@ pub struct RunArgs {
     /// downward-API volumes) makes GUEST a mirror that follows host changes with inotify events.
     #[arg(long = "share", value_name = "HOST:GUEST[:OPTS]")]
     shares: Vec<String>,
+    /// Connect the VM to the network namespace at PATH (e.g. /var/run/netns/NAME), as the shim
+    /// does for a pod: every interface there that has an address gets a tap mirrored to it with
+    /// tc, the guest NIC takes the interface's name, MAC, MTU, addresses and routes. Without
+    /// it the guest has `lo` only.
+    #[arg(long, value_name = "PATH")]
+    netns: Option<PathBuf>,
     /// Print boot timings to stderr: VMM start -> kernel entry -> agent ready -> command exit.
     #[arg(long)]
     timings: bool,
@@ -61,7 +68,9 @@ pub fn run(mut config: Config, args: RunArgs) -> Result<i32> {
     let specs = args.shares.iter().map(|arg| parse_share_arg(arg)).collect::<Result<Vec<_>, _>>()?;
     let shares = plan_shares(&specs, &config.fs)?;
     let vm_shares = shares.iter().map(|s| s.config.clone()).collect();
-    let sandbox = Sandbox::boot_with_shares(&config, vm_shares, false).map_err(|e| {
+    let network = args.netns.as_deref().map(SandboxNetwork::connect).transpose()?;
+    let run_dir = SandboxDir::private().context("cannot create the run directory")?;
+    let sandbox = Sandbox::boot_in(&config, vm_shares, false, run_dir, network).map_err(|e| {
         let err = anyhow::Error::new(e).context("cannot boot the microVM");
         match vmm::api::probe_kvm() {
             Ok(p) if p.kind == vmm::api::KvmKind::Pvm => err.context(
