@@ -5,9 +5,12 @@
 #   tests/bench/run.sh --runs 3          quick run
 #   tests/bench/run.sh --systems qemu    QEMU only
 #   tests/bench/run.sh --selftest        harness self-test (no KVM, no runner)
-# Results: tests/bench/results/{boot,fs,watch_latency,containerd,cri}.{md,json} (+ boot.svg),
+# Results: tests/bench/results/{boot,fs,net,watch_latency,containerd,cri}.{md,json} (+ boot.svg),
 # metrics_scrape.md.
-#   TERN_BENCH_TIMEOUT=S        runner time limit (default 3000)
+#   TERN_BENCH_TIMEOUT=S        runner time limit (default 4200)
+#   TERN_BENCH_NET=0            leave out the network benchmark (tests/bench/net_bench.py:
+#                               tern vs QEMU vs runc, TCP throughput and latency); its arguments
+#                               go in TERN_NET_BENCH_ARGS (more on each step below)
 # QEMU gets a vhost-vsock device (as tern has a vsock device) when /dev/vhost-vsock exists
 # in the runner; `--qemu-vsock off` leaves it out (the agent prints its marker either way).
 set -euo pipefail
@@ -62,6 +65,20 @@ if [ "${TERN_BENCH_FS:-1}" != 0 ]; then
 	fs_cmd="\"\$0\" tests/bench/fs_bench.py ${TERN_FS_BENCH_ARGS:-}"
 fi
 
+# Then the network benchmark (tests/bench/net_bench.py: TCP throughput host→guest and
+# guest→host, 10 s each, and round-trip latency p50/p99, through tern's virtio-net device
+# (`tern boot --netns`) vs QEMU microvm's user-space virtio-net (tap, vhost=off) vs a runc
+# container, each in its own netns behind a veth; results/net.{md,json}; about 20 minutes in
+# the runner, mostly the 3 x 20,000 round trips per system). The static tern-netperf and the
+# bench initramfs (target/release/tern-netbench.cpio) are built on the host first.
+# TERN_NET_BENCH_ARGS goes to net_bench.py (e.g. "--runs 1 --seconds 5 --count 5000");
+# TERN_BENCH_NET=0 leaves it out.
+net_cmd=true
+if [ "${TERN_BENCH_NET:-1}" != 0 ]; then
+	"$py" tests/bench/net_bench.py --prepare
+	net_cmd="\"\$0\" tests/bench/net_bench.py ${TERN_NET_BENCH_ARGS:-}"
+fi
+
 # Then the container benchmark through a real containerd (tests/bench/containerd_bench.py:
 # tern's shim vs runc — `ctr run --rm IMAGE true` start, 1 GiB of stdout, host memory per
 # sandbox; results/containerd.{md,json}). TERN_CONTAINERD_BENCH_ARGS goes to it (e.g.
@@ -90,5 +107,5 @@ if [ "${TERN_BENCH_METRICS:-1}" != 0 ]; then
 fi
 
 # Then the watchable-mount latency benchmark (event vs poll mode) in the same runner boot.
-exec tests/nested-runner --timeout "${TERN_BENCH_TIMEOUT:-3000}" -- \
-	bash -c '"$0" tests/bench/bench.py "$@" && "$0" tests/bench/watch_latency.py && '"$fs_cmd"' && '"$ctrd_cmd"' && '"$cri_cmd"' && '"$metrics_cmd" "$py" "$@"
+exec tests/nested-runner --timeout "${TERN_BENCH_TIMEOUT:-4200}" -- \
+	bash -c '"$0" tests/bench/bench.py "$@" && "$0" tests/bench/watch_latency.py && '"$fs_cmd"' && '"$net_cmd"' && '"$ctrd_cmd"' && '"$cri_cmd"' && '"$metrics_cmd" "$py" "$@"

@@ -1,7 +1,9 @@
 //! `tern boot` (hidden): boot the VMM alone — a kernel, an initramfs whose /init is anything
 //! (no tern-agent), shares on the built-in virtio-fs device — with the serial console on
 //! stdout, and wait until the guest reboots or powers off. The benchmark uses it to run the
-//! very same busybox-script initramfs under tern and under QEMU.
+//! very same busybox-script initramfs under tern and under QEMU. With `--netns` the guest also
+//! gets the namespace's interfaces as virtio-net devices (their MAC and MTU; with no agent,
+//! configuring addresses is left to the guest's /init).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -9,6 +11,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use tern_runtime::config::Config;
+use tern_runtime::network::SandboxNetwork;
 use vmm::api::{CachePolicy, ConsoleOutput, ShareConfig, VmConfig, VmExit, Vmm};
 
 #[derive(Debug, Args)]
@@ -35,6 +38,10 @@ pub struct BootArgs {
     /// Where the serial console goes.
     #[arg(long, value_enum, default_value_t = ConsoleArg::Stdout)]
     console: ConsoleArg,
+    /// Connect the VM to the network namespace at PATH (e.g. /run/netns/NAME): one virtio-net
+    /// device per addressed interface, as for a pod. The guest's /init configures it.
+    #[arg(long, value_name = "PATH")]
+    netns: Option<PathBuf>,
     /// Give up (and stop the VM) after this many seconds.
     #[arg(long, value_name = "SECS", default_value_t = 3600)]
     timeout: u64,
@@ -64,6 +71,10 @@ pub fn boot(config: Config, args: BootArgs) -> Result<i32> {
     let cache = config.fs.cache.policy();
     let fs_shares = args.shares.iter().map(|s| parse_share(s, cache)).collect::<Result<Vec<_>>>()?;
     let kernel = args.kernel.clone().unwrap_or_else(|| config.kernel_path());
+    // Declared before the VM handle, so it drops after it: its Drop removes the tc state, and
+    // the taps go once the VM's fds are closed.
+    // (The error names the path.)
+    let network = args.netns.as_deref().map(SandboxNetwork::connect).transpose()?;
     let vm = VmConfig {
         vcpus: args.vcpus.unwrap_or(config.vm.vcpus),
         memory_mib: args.memory.unwrap_or(config.vm.memory_mib),
@@ -79,7 +90,7 @@ pub fn boot(config: Config, args: BootArgs) -> Result<i32> {
         fs_device: !fs_shares.is_empty(),
         watch_resync_interval: tern_protocol::watch::DEFAULT_RESYNC_INTERVAL,
         fs_shares,
-        net: Vec::new(),
+        net: network.as_ref().map(SandboxNetwork::vm_devices).unwrap_or_default(),
     };
     let handle = Vmm::start(vm).context("cannot start the VM")?;
     match handle.wait_timeout(Duration::from_secs(args.timeout)) {
