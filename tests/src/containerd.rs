@@ -426,13 +426,14 @@ pub fn cri_plugin_config(root: &Path) -> String {
     )
 }
 
-/// A bridge + host-local network (the VM does not use the pod's host network namespace, but
-/// CRI sets one up for every non-host-network pod); IPAM state under `root`.
+/// A bridge + host-local network with the bridge as the pods' gateway and default route, as a
+/// node's CNI config has it (tern connects the pod's VM to the namespace CRI sets up with it);
+/// IPAM state under `root`.
 fn cni_conflist(root: &Path) -> String {
     format!(
         r#"{{"cniVersion": "0.4.0", "name": "tern-test", "plugins": [
   {{"type": "bridge", "bridge": "{CNI_BRIDGE}", "isGateway": true, "ipMasq": false,
-    "ipam": {{"type": "host-local", "ranges": [[{{"subnet": "10.88.77.0/24"}}]],
+    "ipam": {{"type": "host-local", "ranges": [[{{"subnet": "10.88.77.0/24"}}]], "routes": [{{"dst": "0.0.0.0/0"}}],
              "dataDir": "{root}/cni-ipam"}}}}
 ]}}
 "#,

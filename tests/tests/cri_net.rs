@@ -43,13 +43,15 @@ fn run_pod(cri: &Cri, ctrd: &TestContainerd, name: &'static str, uid: &str, hand
 }
 
 /// Start the `net` container of `pod`: report its address, default route and resolver, serve
-/// its name over HTTP on 8080, then fetch every peer's name until each answered.
+/// its name over HTTP on 8080, then fetch every peer's name until each answered (with `nc`:
+/// Debian's busybox-static `wget` segfaults when it cannot connect).
 fn start_net_container(cri: &Cri, ctrd: &TestContainerd, pod: &Pod, peers: &[&str]) {
     let script = format!(
         "echo \"addr: $(ip -o addr show dev eth0 | grep ' inet ')\"; echo \"route: $(ip route | grep default)\"; \
          echo \"resolv: $(grep nameserver /etc/resolv.conf)\"; mkdir -p /tmp/www; echo {name} > /tmp/www/id; \
          httpd -p 8080 -h /tmp/www; for ip in {peers}; do \
-         until r=$(wget -q -T 3 -O - http://$ip:8080/id 2>/dev/null); do sleep 0.5; done; echo \"reached $ip $r\"; done; \
+         until r=$(printf 'GET /id HTTP/1.0\\r\\n\\r\\n' | nc -w 3 $ip 8080 2>/dev/null | tail -n 1) && [ -n \"$r\" ]; \
+         do sleep 0.5; done; echo \"reached $ip $r\"; done; \
          echo all-reached; exec sleep 100000",
         name = pod.name,
         peers = peers.join(" "),
