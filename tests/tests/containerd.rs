@@ -108,3 +108,24 @@ fn ps_kill_all_wait_delete_of_a_task_with_children() {
     assert!(out.status.success(), "ctr container delete failed: {}", stderr(&out));
     assert_clean(&ctrd);
 }
+
+/// `ctr run --with-ns network:PATH` connects the container's VM to that namespace, as CRI does
+/// for a pod: the guest has the veth's address and reaches the host end; deleting the
+/// container leaves no tap or tc state in the namespace.
+#[test]
+fn ctr_run_with_a_network_namespace_gets_its_interface() {
+    let Some(ctrd) = setup("ctr_run_with_a_network_namespace_gets_its_interface") else { return };
+    let net = tern_tests::netns::TestPodNetwork::new("c", 232);
+    let with_ns = format!("network:{}", net.path());
+    let script = format!("ip -o addr show dev eth0; ping -c 1 -W 10 {}", net.gateway);
+    let args = [
+        "run", "--rm", "--snapshotter", SNAPSHOTTER, "--runtime", TERN_RUNTIME, "--with-ns", &with_ns, BUSYBOX_IMAGE,
+        "netns", "sh", "-c", &script,
+    ];
+    let out = ctrd.ctr(&args, RUN_LIMIT);
+    assert!(out.status.success(), "ctr run failed: {}\nstdout: {}\n{}", stderr(&out), stdout(&out), ctrd.logs());
+    assert!(stdout(&out).contains(&format!("inet {}/24", net.pod_ip)), "{}", stdout(&out));
+    assert!(stdout(&out).contains("1 packets received"), "{}", stdout(&out));
+    assert_clean(&ctrd);
+    assert_eq!(net.leftovers(), Vec::<String>::new(), "tern left state in the container's netns");
+}
