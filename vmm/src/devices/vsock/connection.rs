@@ -401,10 +401,8 @@ impl Connection {
     }
 
     fn next_rx_inner<B: BitmapSlice>(&mut self, data: Option<&VolatileSlice<'_, B>>) -> Option<RxOp> {
-        if self.pending_rst {
-            self.pending_rst = false;
-            self.state = ConnState::Done;
-            return Some(RxOp::control(VSOCK_OP_RST));
+        if let Some(rst) = self.take_rst() {
+            return Some(rst);
         }
         if matches!(self.state, ConnState::Killed | ConnState::Done) {
             return None;
@@ -427,6 +425,13 @@ impl Connection {
             } else if let Some(op) = self.read_host(data, credit) {
                 return Some(op);
             }
+            // The read may have ended the connection (EOF of a host stream that is gone, a
+            // read error). Its RST goes in this buffer: returning nothing would leave it queued
+            // with no wakeup to come, since the host fd is no longer watched and an idle guest
+            // kicks nothing (issue 11: stdin EOF lost after interactive use).
+            if let Some(rst) = self.take_rst() {
+                return Some(rst);
+            }
         }
         if self.pending_shutdown != 0 {
             let flags = self.pending_shutdown;
@@ -437,6 +442,16 @@ impl Connection {
             return Some(RxOp::control(VSOCK_OP_CREDIT_UPDATE));
         }
         None
+    }
+
+    /// The RST owed to the guest, if any; sending it is the connection's last act.
+    fn take_rst(&mut self) -> Option<RxOp> {
+        if !self.pending_rst {
+            return None;
+        }
+        self.pending_rst = false;
+        self.state = ConnState::Done;
+        Some(RxOp::control(VSOCK_OP_RST))
     }
 
     /// Read host bytes straight into the guest buffer.

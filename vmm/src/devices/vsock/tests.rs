@@ -139,6 +139,42 @@ fn host_close_after_half_close_resets_the_connection() {
     assert_eq!(g.handler.muxer().connection_count(), 0);
 }
 
+/// Issue 11, bug 1: `tern run` half-closes its stdin stream and closes it right after, so one
+/// wakeup sees the EOF and the hang-up together. The guest is idle then (it consumed every line
+/// and waits in `read`), so nothing else will wake the device: the end of the stream must
+/// reach the guest in that same wakeup, or the process never sees EOF.
+#[test]
+fn host_eof_with_hangup_reaches_an_idle_guest_in_one_wakeup() {
+    let mut g = Guest::new();
+    let (mut host, local) = establish(&mut g);
+    // Interactive use: a line, delivered and consumed, then silence.
+    host.write_all(b"line\n").unwrap();
+    let (pkt, data) = g.expect_packet();
+    assert_eq!((pkt.op, data.as_slice()), (VSOCK_OP_RW, &b"line\n"[..]));
+    g.send(Header { fwd_cnt: 5, ..hdr(VSOCK_OP_CREDIT_UPDATE, local, GUEST_PORT) }, &[]);
+    g.expect_nothing();
+    // stdin ends: half-close, then close, before the device looks.
+    host.shutdown(Shutdown::Write).unwrap();
+    drop(host);
+    g.pump();
+    let ops: Vec<u16> = g.take_used().iter().map(|(_, h, _)| h.op).collect();
+    assert_eq!(ops.last(), Some(&VSOCK_OP_RST), "the guest must learn the stream ended; got ops {ops:?}");
+    assert_eq!(g.handler.muxer().connection_count(), 0);
+}
+
+/// The same with data still unread when the host goes: the data first, then the end.
+#[test]
+fn host_data_eof_and_hangup_in_one_wakeup_arrive_in_order() {
+    let mut g = Guest::new();
+    let (mut host, _local) = establish(&mut g);
+    host.write_all(b"last line\n").unwrap();
+    host.shutdown(Shutdown::Write).unwrap();
+    drop(host);
+    g.pump();
+    let got: Vec<(u16, Vec<u8>)> = g.take_used().into_iter().map(|(_, h, d)| (h.op, d)).collect();
+    assert_eq!(got, vec![(VSOCK_OP_RW, b"last line\n".to_vec()), (VSOCK_OP_RST, Vec::new())]);
+}
+
 #[test]
 fn guest_credit_is_never_exceeded() {
     let mut g = Guest::new();
