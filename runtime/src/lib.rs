@@ -9,6 +9,7 @@ pub mod cri;
 pub mod metrics;
 pub mod monitor;
 pub mod network;
+pub mod run_dir;
 pub mod sandbox;
 pub mod share;
 pub mod shim;

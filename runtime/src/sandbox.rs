@@ -2,14 +2,16 @@
 //!
 //! Owns a run directory ([`SandboxDir`]: the vsock socket lives there); dropping the sandbox
 //! stops the VM, joins its threads and removes the directory, so nothing leaks on any exit
-//! path of this process. A process that is SIGKILLed runs no destructor: that is why the
-//! shim's sandboxes use a *named* directory whose path follows from the sandbox's namespace and
-//! id, which containerd's `shim delete` (a new process) can find and remove.
+//! path of this process. A process that is SIGKILLed runs no destructor: that is why every
+//! run directory records its owner process, so the next `tern run` or shim `start` reaps it
+//! (see [`crate::run_dir`]), and why the shim's sandboxes use a *named* directory whose path
+//! follows from the sandbox's namespace and id, which containerd's `shim delete` (a new
+//! process) can find and remove at once.
 
 use crate::agent::{AgentClient, AgentError};
 use crate::config::Config;
 use crate::network::SandboxNetwork;
-use sha2::{Digest, Sha256};
+pub use crate::run_dir::SandboxDir;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,6 +32,8 @@ pub enum SandboxError {
     VmGone { reason: String, report: GuestReport },
     #[error("the guest could not configure its network")]
     ConfigureNetwork(#[source] AgentError),
+    #[error("the boot was cancelled ({0})")]
+    Cancelled(String),
     #[error("the agent never became ready ({report})")]
     Agent {
         report: GuestReport,
@@ -139,6 +143,20 @@ impl Sandbox {
         run_dir: SandboxDir,
         network: Option<SandboxNetwork>,
     ) -> Result<Sandbox, SandboxError> {
+        Sandbox::boot_cancellable(config, shares, fs_device, run_dir, network, &|| None)
+    }
+
+    /// [`Sandbox::boot_in`], giving up with [`SandboxError::Cancelled`] (the VM stopped, its
+    /// run directory removed) as soon as `cancelled` returns a reason while the guest boots:
+    /// `tern run` interrupted by a signal.
+    pub fn boot_cancellable(
+        config: &Config,
+        shares: Vec<ShareConfig>,
+        fs_device: bool,
+        run_dir: SandboxDir,
+        network: Option<SandboxNetwork>,
+        cancelled: &dyn Fn() -> Option<String>,
+    ) -> Result<Sandbox, SandboxError> {
         let kernel = config.kernel_path();
         let initrd = config.initrd_path();
         if !kernel.is_file() {
@@ -147,7 +165,7 @@ impl Sandbox {
         if !initrd.is_file() {
             return Err(SandboxError::MissingInitrd(initrd));
         }
-        let uds_path = run_dir.path().join("vsock.sock");
+        let uds_path = run_dir.path().join(crate::run_dir::VSOCK_SOCKET);
         let vm_config = VmConfig {
             vcpus: config.vm.vcpus,
             memory_mib: config.vm.memory_mib,
@@ -169,12 +187,24 @@ impl Sandbox {
         let vm = Vmm::start(vm_config).map_err(SandboxError::Start)?;
         let agent = AgentClient::new(uds_path);
         let timeout = Duration::from_secs(config.vm.agent_timeout_secs);
-        let ready = agent.wait_ready(timeout, || match vm.wait_timeout(Duration::ZERO) {
-            Some(Ok(exit)) => Some(format!("{exit:?}")),
-            Some(Err(e)) => Some(error_chain(&e)),
-            None => None,
+        let mut cancel_reason = None;
+        let ready = agent.wait_ready(timeout, || {
+            if let Some(reason) = cancelled() {
+                cancel_reason = Some(reason.clone());
+                return Some(reason);
+            }
+            match vm.wait_timeout(Duration::ZERO) {
+                Some(Ok(exit)) => Some(format!("{exit:?}")),
+                Some(Err(e)) => Some(error_chain(&e)),
+                None => None,
+            }
         });
         let agent_ready = Instant::now();
+        if let Some(reason) = cancel_reason {
+            // Dropping the handle stops the VM; the run directory goes after it.
+            drop(vm);
+            return Err(SandboxError::Cancelled(reason));
+        }
         match ready {
             Ok(version) => tracing::debug!(%version, "agent ready"),
             Err(AgentError::VmGone(reason)) => {
@@ -282,87 +312,6 @@ fn spawn_vm_monitor(vm: Arc<VmHandle>) -> Option<std::thread::JoinHandle<()>> {
     }
 }
 
-/// Base of the sandbox run directories: `$TERN_RUN_DIR`, else `/run/tern/vm` when it can be
-/// created, else `<temp dir>/tern-vm`. Deterministic for a given environment, so the shim's
-/// `delete` finds the directories the shim made.
-fn run_base() -> PathBuf {
-    if let Some(dir) = std::env::var_os("TERN_RUN_DIR") {
-        return PathBuf::from(dir);
-    }
-    let run = PathBuf::from("/run/tern/vm");
-    if std::fs::create_dir_all(&run).is_ok() {
-        run
-    } else {
-        std::env::temp_dir().join("tern-vm")
-    }
-}
-
-/// A sandbox's run directory (its sockets). Removed with everything in it when dropped.
-#[derive(Debug)]
-pub struct SandboxDir {
-    path: PathBuf,
-}
-
-/// File in a named [`SandboxDir`] saying whose it is (for people; the name is a hash).
-const OWNER_FILE: &str = "sandbox";
-
-impl SandboxDir {
-    /// A fresh private directory with a random name (`tern run`, tests).
-    pub fn private() -> std::io::Result<SandboxDir> {
-        let base = run_base();
-        std::fs::create_dir_all(&base)?;
-        let dir = tempfile::Builder::new().prefix("vm-").tempdir_in(&base)?;
-        Ok(SandboxDir { path: dir.keep() })
-    }
-
-    /// The directory of sandbox `id` in containerd namespace `namespace`:
-    /// `<base>/sb-<24 hex digits of sha256(namespace/id)>`. Hashed because CRI sandbox ids are
-    /// 64 characters and a unix socket path must stay under 108 bytes. A stale directory of the
-    /// same sandbox (a shim killed before its `delete` ran) is replaced.
-    pub fn named(namespace: &str, id: &str) -> std::io::Result<SandboxDir> {
-        let path = SandboxDir::named_path(namespace, id);
-        if path.exists() {
-            tracing::warn!(path = %path.display(), "replacing a stale sandbox run directory");
-            std::fs::remove_dir_all(&path)?;
-        }
-        std::fs::create_dir_all(&path)?;
-        let dir = SandboxDir { path };
-        std::fs::write(dir.path.join(OWNER_FILE), format!("{namespace}/{id}\n"))?;
-        Ok(dir)
-    }
-
-    /// Where [`SandboxDir::named`] puts sandbox `id` of `namespace`.
-    pub fn named_path(namespace: &str, id: &str) -> PathBuf {
-        let digest = Sha256::digest(format!("{namespace}/{id}").as_bytes());
-        let hex: String = digest.iter().take(12).map(|b| format!("{b:02x}")).collect();
-        run_base().join(format!("sb-{hex}"))
-    }
-
-    /// Remove the named directory of a sandbox whose process died (containerd's `shim delete`).
-    /// Returns whether there was one. Only for a dead owner: a live VM's socket would vanish.
-    pub fn remove_named(namespace: &str, id: &str) -> std::io::Result<bool> {
-        match std::fs::remove_dir_all(SandboxDir::named_path(namespace, id)) {
-            Ok(()) => Ok(true),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(e),
-        }
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-}
-
-impl Drop for SandboxDir {
-    fn drop(&mut self) {
-        if let Err(e) = std::fs::remove_dir_all(&self.path) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::warn!(path = %self.path.display(), error = %e, "cannot remove the sandbox run directory");
-            }
-        }
-    }
-}
-
 fn console_output(setting: &str) -> ConsoleOutput {
     match setting {
         "" => ConsoleOutput::Discard,
@@ -403,30 +352,5 @@ mod tests {
         assert_eq!(console_excerpt("\u{1b}[0mok\tdone\n"), "guest console ended with: [0mokdone");
         let long = format!("{}\n", "x".repeat(500));
         assert_eq!(console_excerpt(&long), format!("guest console ended with: {}", "x".repeat(160)));
-    }
-
-    #[test]
-    fn named_dirs_are_deterministic_short_and_distinct() {
-        let a = SandboxDir::named_path("k8s.io", &"f".repeat(64));
-        assert_eq!(a, SandboxDir::named_path("k8s.io", &"f".repeat(64)));
-        assert_ne!(a, SandboxDir::named_path("default", &"f".repeat(64)));
-        assert_ne!(a, SandboxDir::named_path("k8s.io", &"e".repeat(64)));
-        let name = a.file_name().unwrap().to_string_lossy().into_owned();
-        assert!(name.starts_with("sb-") && name.len() == 3 + 24, "{name}");
-    }
-
-    #[test]
-    fn a_named_dir_replaces_a_stale_one_and_goes_on_drop() {
-        let id = format!("sandbox-unit-{}", std::process::id());
-        let path = SandboxDir::named_path("tern-unit", &id);
-        std::fs::create_dir_all(&path).unwrap();
-        std::fs::write(path.join("vsock.sock"), b"stale").unwrap();
-        let dir = SandboxDir::named("tern-unit", &id).unwrap();
-        assert_eq!(dir.path(), path);
-        assert!(!path.join("vsock.sock").exists(), "stale content kept");
-        assert_eq!(std::fs::read_to_string(path.join(OWNER_FILE)).unwrap(), format!("tern-unit/{id}\n"));
-        drop(dir);
-        assert!(!path.exists());
-        assert!(!SandboxDir::remove_named("tern-unit", &id).unwrap());
     }
 }

@@ -112,6 +112,8 @@ pub fn text(out: &Output) -> (String, String) {
 /// host while the guest command is still going (e.g. change a watched share). Killed on drop.
 pub struct LiveTern {
     child: std::process::Child,
+    /// tern's stdin, when spawned with [`LiveTern::spawn_interactive`].
+    stdin: Option<std::process::ChildStdin>,
     lines: std::sync::mpsc::Receiver<String>,
     stderr: std::sync::Arc<std::sync::Mutex<String>>,
     deadline: Instant,
@@ -121,9 +123,19 @@ pub struct LiveTern {
 impl LiveTern {
     /// Start `tern args…`; everything must be over within `limit`.
     pub fn spawn(args: &[&str], env: &[(&str, &str)], limit: Duration) -> LiveTern {
+        LiveTern::start(args, env, limit, Stdio::null())
+    }
+
+    /// [`LiveTern::spawn`] with tern's stdin a pipe the test writes with [`LiveTern::send`]
+    /// and closes with [`LiveTern::close_stdin`], as a program driving tern would.
+    pub fn spawn_interactive(args: &[&str], env: &[(&str, &str)], limit: Duration) -> LiveTern {
+        LiveTern::start(args, env, limit, Stdio::piped())
+    }
+
+    fn start(args: &[&str], env: &[(&str, &str)], limit: Duration, stdin: Stdio) -> LiveTern {
         use std::io::{BufRead, Read};
         let mut cmd = Command::new(tern_bin());
-        cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.args(args).stdin(stdin).stdout(Stdio::piped()).stderr(Stdio::piped());
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -147,7 +159,51 @@ impl LiveTern {
                 sink.lock().unwrap_or_else(|p| p.into_inner()).push_str(&String::from_utf8_lossy(&buf[..n]));
             }
         });
-        LiveTern { child, lines, stderr, deadline: Instant::now() + limit, seen: Vec::new() }
+        let stdin = child.stdin.take();
+        LiveTern { child, stdin, lines, stderr, deadline: Instant::now() + limit, seen: Vec::new() }
+    }
+
+    /// tern's pid (for signals).
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Send `signal` to tern.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on our child, which has not been waited for (its pid is not reused).
+        let rc = unsafe { libc::kill(self.pid(), signal) };
+        assert_eq!(rc, 0, "kill({}, {signal}) failed", self.pid());
+    }
+
+    /// Write `bytes` to tern's stdin (spawned with [`LiveTern::spawn_interactive`]).
+    pub fn send(&mut self, bytes: &[u8]) {
+        use std::io::Write;
+        let Some(stdin) = self.stdin.as_mut() else { panic!("tern's stdin is not a pipe, or was closed") };
+        stdin.write_all(bytes).and_then(|()| stdin.flush()).unwrap_or_else(|e| panic!("writing tern's stdin: {e}"));
+    }
+
+    /// Close tern's stdin: the command should read EOF.
+    pub fn close_stdin(&mut self) {
+        self.stdin = None;
+    }
+
+    /// Wait up to `within` for tern to exit; its exit status, or None if it still runs.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The stdout lines seen so far.
+    pub fn seen(&self) -> &[String] {
+        &self.seen
     }
 
     /// The next stdout line, `None` at EOF. Panics past the deadline.

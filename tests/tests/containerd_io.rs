@@ -6,7 +6,8 @@
 //! - a stdout reader that stalls (a foreground `ctr run` whose own stdout nobody reads) blocks
 //!   neither `ctr task kill` nor the exit (STOPPED) nor `ctr task delete`, and what was written
 //!   arrives as a gapless prefix;
-//! - stdin EOF through CloseIO (`ctr run` with piped stdin) after byte-exact forwarding;
+//! - stdin EOF through CloseIO (`ctr run` with piped stdin) after byte-exact forwarding, and
+//!   after interactive use (a line, its echo, a pause, five times, then EOF);
 //! - a SIGKILLed shim, and a guest kernel panic, end with the task stopped and nothing left:
 //!   no shim process, mount, socket, run directory, bundle, or open FIFO.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
@@ -284,6 +285,60 @@ fn close_io_ends_stdin_after_every_byte() {
         "stdin did not come back byte-exact before EOF"
     );
     assert_clean(&ctrd, "cat");
+}
+
+/// Lines of a child's stdout, as they come (a reader thread feeds the channel).
+fn line_channel(out: impl Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// Issue 11, bug 1 through the shim's CloseIO path: `ctr run` with stdin attached (always, in
+/// the ctr 1.6 Debian ships; `-i` in later ones) driven as a program drives it — a line
+/// written and its echo read, five times with pauses, then stdin closed — ends.
+/// Also, the shim's `start` reaps a run directory whose owner died without cleaning up.
+#[test]
+fn interactive_stdin_then_close_ends_ctr_run() {
+    let Some(ctrd) = setup("interactive_stdin_then_close_ends_ctr_run") else { return };
+    let stale = ctrd.dir().join("vm/sb-0123456789abcdef01234567");
+    std::fs::create_dir_all(&stale).unwrap();
+    let mut dead = Command::new("true").spawn().unwrap();
+    let dead_pid = dead.id();
+    dead.wait().unwrap();
+    std::fs::write(stale.join("owner"), format!("{dead_pid} 1\n")).unwrap();
+
+    let cmd = ctr_command(&ctrd, &run_args(&["--rm"], "interactive", &["sh", "-c", "echo READY; exec cat"]));
+    let mut ctr_run = Background::spawn(cmd, Stdio::piped());
+    let mut stdin = ctr_run.child().stdin.take().unwrap();
+    let lines = line_channel(ctr_run.child().stdout.take().unwrap());
+    let expect = |want: &str, within: Duration| match lines.recv_timeout(within) {
+        Ok(line) => assert_eq!(line, want),
+        Err(e) => panic!("no {want:?} from ctr run ({e})\n{}", ctrd.logs()),
+    };
+    expect("READY", RUN_LIMIT);
+    for i in 0..5 {
+        let line = format!("line {i}");
+        stdin.write_all(format!("{line}\n").as_bytes()).unwrap();
+        stdin.flush().unwrap();
+        expect(&line, TASK_OP_LIMIT);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(stdin);
+    let out = ctr_run
+        .finish(TASK_OP_LIMIT)
+        .unwrap_or_else(|| panic!("ctr run still runs after its stdin closed\n{}", ctrd.logs()));
+    assert!(out.status.success(), "ctr run failed: {}\n{}", stderr(&out), ctrd.logs());
+    assert!(!stale.exists(), "the shim's start left the dead owner's run directory");
+    assert_clean(&ctrd, "interactive");
 }
 
 #[test]

@@ -45,7 +45,7 @@ pub fn clean_after_dead_shim(bundle: &Path, namespace: &str, sandbox_id: &str) -
     let mut cleaned = Cleaned::default();
     let run_dir = SandboxDir::named_path(namespace, sandbox_id);
     let socket = std::fs::read_to_string(bundle.join("address")).ok().and_then(|a| socket_path(&a));
-    if socket.as_deref().is_some_and(answers) || answers(&run_dir.join("vsock.sock")) {
+    if socket.as_deref().is_some_and(answers) || answers(&run_dir.join(crate::run_dir::VSOCK_SOCKET)) {
         tracing::info!(%sandbox_id, "the sandbox's shim is alive; leaving its state alone");
         cleaned.shim_alive = true;
         return cleaned;

@@ -62,6 +62,9 @@ impl Shim for TernShim {
     }
 
     async fn start_shim(&mut self, opts: StartOpts) -> Result<String, ShimError> {
+        // Run directories of shims and `tern run`s that died without cleaning up (SIGKILL)
+        // and whose `delete` never came: only those whose owner process is really gone.
+        crate::run_dir::reap_stale();
         // Containers of one pod share a shim (and a VM); others get their own.
         let grouping = sandbox_id_of_bundle(Path::new(".")).unwrap_or_else(|| opts.id.clone());
         let address = spawn(opts, &grouping, Vec::new()).await?;

@@ -5,6 +5,7 @@ mod check;
 mod fs_serve;
 mod monitor;
 mod run;
+mod signals;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -31,6 +32,7 @@ enum Command {
     ///
     /// The exit code is CMD's, or 128+N when a signal N killed it. The VM is shut down
     /// afterwards in every case. Errors of tern itself exit with 125 (as `docker run` does).
+    /// SIGINT, SIGTERM, SIGHUP and SIGQUIT are passed on to CMD (see --stop-timeout).
     Run(run::RunArgs),
     /// Check that this host can run tern microVMs, like `kata-runtime check`.
     ///

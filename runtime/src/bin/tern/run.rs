@@ -1,16 +1,26 @@
 //! `tern run`: boot, run one command with its stdio attached, shut down.
+//!
+//! SIGINT, SIGTERM, SIGHUP and SIGQUIT go to the command, as with `docker run` (see
+//! [`crate::signals`]); a second SIGINT, or a command still running `--stop-timeout` seconds
+//! after the first signal, ends the VM at once. Every way out stops the VM and removes the run
+//! directory; a run directory left by a `tern` that was SIGKILLed is reaped by the next
+//! `tern run` (see `tern_runtime::run_dir`).
 
+use crate::signals::{exit_code_of, RunEvent, Signals};
 use anyhow::{Context, Result};
 use clap::Args;
+use nix::sys::signal::Signal;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
+use std::sync::mpsc::RecvTimeoutError;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use tern_protocol::{ExecRequest, StreamKind};
+use tern_runtime::agent::AgentClient;
 use tern_runtime::config::Config;
 use tern_runtime::network::SandboxNetwork;
-use tern_runtime::sandbox::{Sandbox, SandboxDir};
+use tern_runtime::sandbox::{Sandbox, SandboxDir, SandboxError};
 use tern_runtime::share::{parse_share_arg, plan_shares, PlannedShare};
 
 /// Exit code for failures of tern itself (not of the command).
@@ -57,36 +67,88 @@ pub struct RunArgs {
     /// Print boot timings to stderr: VMM start -> kernel entry -> agent ready -> command exit.
     #[arg(long)]
     timings: bool,
+    /// Seconds the command gets to exit after tern passed it a signal (SIGINT, SIGTERM,
+    /// SIGHUP or SIGQUIT, forwarded as `docker run` does). Past them, or at a second SIGINT,
+    /// tern stops the VM and exits with 128 + the number of the first signal (130 for SIGINT,
+    /// 143 for SIGTERM). A command that exits in time gives its own status, as always.
+    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    stop_timeout: u64,
     /// The command and its arguments.
     #[arg(required = true, last = true, value_name = "CMD")]
     command: Vec<String>,
 }
 
 pub fn run(mut config: Config, args: RunArgs) -> Result<i32> {
+    // First, while this is the only thread (see `signals`).
+    let signals = Signals::catch().context("cannot take over SIGINT, SIGTERM, SIGHUP and SIGQUIT")?;
     apply_flags(&mut config, &args);
     config.validate()?;
     let specs = args.shares.iter().map(|arg| parse_share_arg(arg)).collect::<Result<Vec<_>, _>>()?;
     let shares = plan_shares(&specs, &config.fs)?;
     let vm_shares = shares.iter().map(|s| s.config.clone()).collect();
     let network = args.netns.as_deref().map(SandboxNetwork::connect).transpose()?;
+    // Run directories of `tern run`s and shims that were SIGKILLed (logged one by one).
+    tern_runtime::run_dir::reap_stale();
     let run_dir = SandboxDir::private().context("cannot create the run directory")?;
-    let sandbox = Sandbox::boot_in(&config, vm_shares, false, run_dir, network).map_err(|e| {
-        let err = anyhow::Error::new(e).context("cannot boot the microVM");
-        match vmm::api::probe_kvm() {
-            Ok(p) if p.kind == vmm::api::KvmKind::Pvm => err.context(
-                "this host's KVM is kvm_pvm, which cannot boot Linux guests; run tern inside \
-                 tests/nested-runner (see `tern check`)",
-            ),
-            _ => err,
+    let interrupted = || signals.first().map(|signal| format!("{signal} received"));
+    let sandbox = match Sandbox::boot_cancellable(&config, vm_shares, false, run_dir, network, &interrupted) {
+        Ok(sandbox) => sandbox,
+        Err(SandboxError::Cancelled(reason)) => {
+            tracing::debug!(%reason, "boot interrupted");
+            return Ok(signals.first().map_or(TERN_FAILURE_EXIT, exit_code_of));
         }
-    })?;
-    let result = mount_shares(&sandbox, &shares).and_then(|()| run_command(&sandbox, &args));
+        Err(e) => return Err(boot_error(e)),
+    };
+    let result = mount_shares(&sandbox, &shares).and_then(|()| match signals.first() {
+        // A signal before the command started: it never starts.
+        Some(signal) => Ok(Ending::Forced { code: exit_code_of(signal), pumps: Vec::new() }),
+        None => run_command(&sandbox, &args, &signals),
+    });
     let command_exit = Instant::now();
-    // Shut down whatever happened to the command: no VM outlives `tern run`.
-    if let Err(e) = sandbox_shutdown(sandbox, &args, command_exit) {
+    match result {
+        Ok(Ending::Exited(code)) => {
+            shutdown_after_command(sandbox, &args, command_exit);
+            Ok(code)
+        }
+        Ok(Ending::Forced { code, pumps }) => {
+            // At once, without the agent: stop the VM; its run directory goes with it. The
+            // output streams end with the VM, so their last bytes are written before we exit.
+            drop(sandbox);
+            join_pumps(pumps);
+            Ok(code)
+        }
+        Err(e) => {
+            shutdown_after_command(sandbox, &args, command_exit);
+            Err(e)
+        }
+    }
+}
+
+fn boot_error(e: SandboxError) -> anyhow::Error {
+    let err = anyhow::Error::new(e).context("cannot boot the microVM");
+    match vmm::api::probe_kvm() {
+        Ok(p) if p.kind == vmm::api::KvmKind::Pvm => err.context(
+            "this host's KVM is kvm_pvm, which cannot boot Linux guests; run tern inside \
+             tests/nested-runner (see `tern check`)",
+        ),
+        _ => err,
+    }
+}
+
+/// Shut down whatever happened to the command: no VM outlives `tern run`.
+fn shutdown_after_command(sandbox: Sandbox, args: &RunArgs, command_exit: Instant) {
+    if let Err(e) = sandbox_shutdown(sandbox, args, command_exit) {
         tracing::warn!("VM shutdown: {e:#}");
     }
-    result
+}
+
+/// How the command's run ended.
+enum Ending {
+    /// The command exited with this shell-style code; its output streams are drained.
+    Exited(i32),
+    /// tern gives up on the command (a second SIGINT, or the stop timeout passed): the VM is
+    /// to be stopped at once, then the output pumps joined.
+    Forced { code: i32, pumps: Vec<JoinHandle<std::io::Result<()>>> },
 }
 
 fn apply_flags(config: &mut Config, args: &RunArgs) {
@@ -117,7 +179,7 @@ fn mount_shares(sandbox: &Sandbox, shares: &[PlannedShare]) -> Result<()> {
     Ok(())
 }
 
-fn run_command(sandbox: &Sandbox, args: &RunArgs) -> Result<i32> {
+fn run_command(sandbox: &Sandbox, args: &RunArgs, signals: &Signals) -> Result<Ending> {
     let agent = sandbox.agent();
     let mut env = vec![
         "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
@@ -140,15 +202,97 @@ fn run_command(sandbox: &Sandbox, args: &RunArgs) -> Result<i32> {
     let err_pump = pump_out(stderr, std::io::stderr());
     // The stdin pump is not joined: a terminal may never reach EOF. It dies with the process.
     pump_stdin(stdin);
-    let status = agent.wait(MAIN_PROCESS).context("lost the agent while waiting for the command")?;
-    for pump in [out_pump, err_pump] {
+    let waiter = agent.clone();
+    let exited = signals.sender();
+    std::thread::Builder::new()
+        .name("wait".into())
+        .spawn(move || {
+            let _ = exited.send(RunEvent::Exited(waiter.wait(MAIN_PROCESS)));
+        })
+        .context("cannot start the thread that waits for the command")?;
+    let pumps = vec![out_pump, err_pump];
+    let stop_timeout = Duration::from_secs(args.stop_timeout);
+    let code = match relay_signals_until_exit(agent, signals, stop_timeout)? {
+        Relayed::Exited(code) => code,
+        Relayed::GaveUp(code) => return Ok(Ending::Forced { code, pumps }),
+    };
+    join_pumps(pumps);
+    Ok(Ending::Exited(code))
+}
+
+/// What [`relay_signals_until_exit`] saw.
+enum Relayed {
+    /// The command exited with this shell-style code.
+    Exited(i32),
+    /// tern gives up on the command; exit with this code once the VM is stopped.
+    GaveUp(i32),
+}
+
+/// Forward every signal tern gets to the command until it exits; give up on it at a second
+/// SIGINT or `stop_timeout` after the first signal.
+fn relay_signals_until_exit(agent: &AgentClient, signals: &Signals, stop_timeout: Duration) -> Result<Relayed> {
+    let mut first: Option<(Signal, Instant)> = None;
+    let mut interrupts = 0u32;
+    loop {
+        let event = match first {
+            None => signals.events().recv().ok(),
+            Some((signal, since)) => match signals.events().recv_timeout(stop_timeout.saturating_sub(since.elapsed())) {
+                Ok(event) => Some(event),
+                Err(RecvTimeoutError::Timeout) => {
+                    eprintln!(
+                        "tern: the command did not exit within {} s of {signal}; stopping the VM",
+                        stop_timeout.as_secs()
+                    );
+                    return Ok(Relayed::GaveUp(exit_code_of(signal)));
+                }
+                Err(RecvTimeoutError::Disconnected) => None,
+            },
+        };
+        // `signals` holds a sender itself, so the channel cannot disconnect.
+        let Some(event) = event else { anyhow::bail!("the signal channel closed") };
+        match event {
+            RunEvent::Exited(status) => {
+                let status = status.context("lost the agent while waiting for the command")?;
+                return Ok(Relayed::Exited(status.shell_code()));
+            }
+            RunEvent::Signal(signal) => {
+                let (first_signal, _) = *first.get_or_insert((signal, Instant::now()));
+                if signal == Signal::SIGINT {
+                    interrupts += 1;
+                    if interrupts >= 2 {
+                        eprintln!("tern: interrupted twice; stopping the VM");
+                        return Ok(Relayed::GaveUp(exit_code_of(first_signal)));
+                    }
+                }
+                forward(agent, signal);
+            }
+        }
+    }
+}
+
+/// Pass `signal` to the command, from a thread of its own: a stuck agent must delay neither
+/// the stop timeout nor a second SIGINT.
+fn forward(agent: &AgentClient, signal: Signal) {
+    let agent = agent.clone();
+    let spawned = std::thread::Builder::new().name("forward-signal".into()).spawn(move || {
+        // Fails when the command has just exited; its exit is on its way to the run loop.
+        if let Err(e) = agent.signal(MAIN_PROCESS, signal as i32) {
+            tracing::debug!(?signal, error = %e, "cannot forward the signal");
+        }
+    });
+    if let Err(e) = spawned {
+        tracing::warn!(?signal, error = %e, "cannot start a thread to forward the signal");
+    }
+}
+
+fn join_pumps(pumps: Vec<JoinHandle<std::io::Result<()>>>) {
+    for pump in pumps {
         match pump.join() {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!("output stream: {e}"),
             Err(_) => tracing::warn!("output stream thread panicked"),
         }
     }
-    Ok(status.shell_code())
 }
 
 /// Copy a guest output stream to a host writer until the guest closes it.
