@@ -15,6 +15,10 @@
 //! - either way kept while something accepts connections on its `vsock.sock`: a VM is alive
 //!   there, in a process this one cannot see (another pid namespace sharing the base).
 //!
+//! A sandbox connected to a pod network also records its namespace's path ([`NETNS_RECORD`]):
+//! the taps died with the owner, but the tc state it added to the pod's interfaces did not, so
+//! reaping the directory disconnects that namespace first.
+//!
 //! Creating a directory (with its record) holds a shared `flock` on the base and reaping holds
 //! an exclusive one, so a reaper never sees a directory between its `mkdir` and its record, and
 //! never removes a directory that a new owner recreated (a shim replacing its dead
@@ -33,6 +37,8 @@ use sha2::{Digest, Sha256};
 const OWNER_RECORD: &str = "owner";
 /// File in a named [`SandboxDir`] saying whose sandbox it is (for people; the name is a hash).
 pub(crate) const SANDBOX_NAME_FILE: &str = "sandbox";
+/// The network namespace a sandbox connected to (its path, one line), if any.
+pub const NETNS_RECORD: &str = "netns";
 /// The VM's hybrid vsock socket inside a run directory.
 pub const VSOCK_SOCKET: &str = "vsock.sock";
 /// Prefix of `tern run`'s private directories.
@@ -191,6 +197,12 @@ impl SandboxDir {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// Record that this sandbox connected the network namespace at `netns`, so that reaping
+    /// the directory after a SIGKILL also undoes that (module docs).
+    pub fn record_netns(&self, netns: &Path) -> std::io::Result<()> {
+        std::fs::write(self.path.join(NETNS_RECORD), format!("{}\n", netns.display()))
+    }
 }
 
 impl Drop for SandboxDir {
@@ -243,6 +255,7 @@ pub fn reap_stale_in(base: &Path, now: SystemTime) -> Vec<(PathBuf, StaleReason)
         }
         let path = entry.path();
         let Some(reason) = staleness(&path, now) else { continue };
+        disconnect_recorded_netns(&path);
         match std::fs::remove_dir_all(&path) {
             Ok(()) => {
                 tracing::info!(path = %path.display(), ?reason, "removed a stale sandbox run directory");
@@ -253,6 +266,18 @@ pub fn reap_stale_in(base: &Path, now: SystemTime) -> Vec<(PathBuf, StaleReason)
         }
     }
     reaped
+}
+
+/// Undo what the dead sandbox of the run directory at `path` left in its pod network namespace
+/// (tern's ingress redirects), if it recorded one. Idempotent; a namespace that is gone has
+/// nothing left.
+fn disconnect_recorded_netns(path: &Path) {
+    let Ok(text) = std::fs::read_to_string(path.join(NETNS_RECORD)) else { return };
+    let netns = Path::new(text.trim_end_matches('\n'));
+    match tern_netconf::host::disconnect_pod_network(netns) {
+        Ok(()) => tracing::info!(netns = %netns.display(), "disconnected the pod network of a dead sandbox"),
+        Err(e) => tracing::warn!(netns = %netns.display(), error = %e, "cannot disconnect the pod network of a dead sandbox"),
+    }
 }
 
 /// Why the run directory at `path` is stale, or None if it must stay.

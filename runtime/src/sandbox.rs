@@ -165,6 +165,10 @@ impl Sandbox {
         if !initrd.is_file() {
             return Err(SandboxError::MissingInitrd(initrd));
         }
+        if let Some(network) = network.as_ref().filter(|n| !n.is_empty()) {
+            // Should this process be SIGKILLed, whoever reaps the directory disconnects it.
+            run_dir.record_netns(network.netns()).map_err(SandboxError::RunDir)?;
+        }
         let uds_path = run_dir.path().join(crate::run_dir::VSOCK_SOCKET);
         let vm_config = VmConfig {
             vcpus: config.vm.vcpus,

@@ -10,7 +10,7 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 use tern_tests::netns::{TestPodNetwork, TEST_MTU};
-use tern_tests::{pseudo_random, require_linux_kvm, tern, text, LiveTern};
+use tern_tests::{pseudo_random, require_linux_kvm, tern, tern_with_env, text, LiveTern};
 
 /// One boot plus 128 MiB through an emulated NIC in the nested runner.
 const LIMIT: Duration = Duration::from_secs(600);
@@ -142,4 +142,29 @@ fn bad_netns_paths_are_refused_by_name_and_leave_nothing() {
     }
     let runs_after = std::fs::read_dir("/run/tern/vm").map(|d| d.count()).unwrap_or(0);
     assert_eq!(runs_before, runs_after, "a refused --netns left a run directory");
+}
+
+/// A SIGKILLed `tern run --netns` cannot undo its tc redirects (its taps die with it); the next
+/// `tern run` reaps its run directory, which recorded the namespace, and disconnects it.
+#[test]
+fn the_next_run_disconnects_the_netns_of_a_sigkilled_tern() {
+    if !require_linux_kvm("the_next_run_disconnects_the_netns_of_a_sigkilled_tern") {
+        return;
+    }
+    let net = TestPodNetwork::new("k", 233);
+    let base = tempfile::tempdir().unwrap();
+    let env = [("TERN_RUN_DIR", base.path().to_str().unwrap())];
+    let netns = net.path();
+    let mut guest = LiveTern::spawn(&["run", "--netns", &netns, "--", "sh", "-c", "echo READY; sleep 600"], &env, LIMIT);
+    guest.wait_for(LIMIT, |l| l == "READY");
+    assert!(!net.leftovers().is_empty(), "tern's redirects must be in the namespace while it runs");
+    guest.signal(libc::SIGKILL);
+    assert!(guest.wait_exit(Duration::from_secs(30)).is_some(), "SIGKILL did not end tern");
+    let left = net.leftovers();
+    assert!(left.iter().all(|l| l.starts_with("qdisc")), "the tap must go with the process: {left:?}");
+    assert!(!left.is_empty(), "nothing cleaned up yet: SIGKILL runs no destructor");
+
+    let (out, _) = tern_with_env(&["run", "--", "true"], b"", LIMIT, &env);
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out).1);
+    assert_eq!(net.leftovers(), Vec::<String>::new(), "the next tern run left the dead run's tc state");
 }

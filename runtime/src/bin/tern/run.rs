@@ -86,9 +86,10 @@ pub fn run(mut config: Config, args: RunArgs) -> Result<i32> {
     let specs = args.shares.iter().map(|arg| parse_share_arg(arg)).collect::<Result<Vec<_>, _>>()?;
     let shares = plan_shares(&specs, &config.fs)?;
     let vm_shares = shares.iter().map(|s| s.config.clone()).collect();
-    let network = args.netns.as_deref().map(SandboxNetwork::connect).transpose()?;
-    // Run directories of `tern run`s and shims that were SIGKILLed (logged one by one).
+    // Run directories of `tern run`s and shims that were SIGKILLed (logged one by one). Before
+    // connecting: reaping a dead run that used the same namespace disconnects it.
     tern_runtime::run_dir::reap_stale();
+    let network = args.netns.as_deref().map(SandboxNetwork::connect).transpose()?;
     let run_dir = SandboxDir::private().context("cannot create the run directory")?;
     let interrupted = || signals.first().map(|signal| format!("{signal} received"));
     let sandbox = match Sandbox::boot_cancellable(&config, vm_shares, false, run_dir, network, &interrupted) {
