@@ -21,8 +21,14 @@ export TMPDIR=$work/runs
 mkdir -p "$TMPDIR"
 # drop the runner's own leading notice lines ("nested-runner: … outer TCG VM …", and on a
 # fresh machine "nested-runner: downloading … outer-VM kernel …") from stderr
+# (byte-exact: only whole leading lines are dropped, with tail)
 strip_notice() {
-	awk '!body && /^nested-runner: / { next } { body = 1; print }' "$1"
+	local n=0 lines
+	lines=$(wc -l <"$1")
+	while [ "$n" -lt "$lines" ] && [ "$(sed -n "$((n + 1))p" "$1" | cut -c1-15 | tr -d '\0')" = "nested-runner: " ]; do
+		n=$((n + 1))
+	done
+	tail -n +$((n + 1)) "$1"
 }
 
 # (a) exit code, separate stdout/stderr
