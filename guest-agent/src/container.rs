@@ -171,15 +171,9 @@ fn wants_terminal(process: &serde_json::Value) -> bool {
     process.get("terminal").and_then(serde_json::Value::as_bool).unwrap_or(false)
 }
 
-/// The pipes of a terminal process: the master carries output (as stdout) and input. A
-/// terminal has no separate stderr; its stderr stream is an empty one (a pipe whose writer
-/// is already closed), so a host that attaches all three streams just sees EOF there.
+/// [`crate::pty::terminal_pipes`], failing as a container start does.
 fn terminal_pipes(master: File, stdin: bool) -> Result<Pipes, ContainerError> {
-    let input = if stdin { Some(master.try_clone().map_err(ContainerError::Pipe)?) } else { None };
-    let output = master.try_clone().map_err(ContainerError::Pipe)?;
-    let (empty, writer) = pipe()?;
-    drop(writer);
-    Ok(Pipes { stdin: input, stdout: Some(output), stderr: Some(File::from(empty)), pty: Some(master) })
+    crate::pty::terminal_pipes(master, stdin).map_err(ContainerError::Pipe)
 }
 
 /// The ends of a non-terminal process's stdio: the container's (child) ends and ours.

@@ -20,6 +20,7 @@ use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::net::Shutdown;
 use std::os::fd::OwnedFd;
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
@@ -59,6 +60,8 @@ pub enum ProcessError {
     NoTerminal(String),
     #[error("cannot resize the terminal of process {id:?}: {reason}")]
     Resize { id: String, reason: String },
+    #[error("cannot give the process a terminal")]
+    Terminal(#[source] crate::pty::PtyError),
     #[error("the {stream:?} stream of process {id:?} is not available (already attached, or stdin was not requested)")]
     StreamTaken { id: String, stream: StreamKind },
 }
@@ -227,19 +230,25 @@ impl ProcessTable {
 
     /// Start a process and register it; returns its pid.
     pub fn spawn(&self, req: &ExecRequest) -> Result<i32, ProcessError> {
-        let mut cmd = build_command(req)?;
+        let (mut cmd, terminal) = build_command(req)?;
         self.lock().reserve(&req.id)?;
         // The reservation closes the reap gate until we register or abandon below.
         let spawned = cmd.spawn();
+        // Our copies of a terminal's slave go with `cmd`: the master sees the hang-up once
+        // the process side alone closed it.
+        drop(cmd);
         let mut state = self.lock();
         let result = match spawned {
             Ok(mut child) => {
                 let pid = child.id() as i32;
-                let pipes = Pipes {
-                    stdin: child.stdin.take().map(|p| File::from(OwnedFd::from(p))),
-                    stdout: child.stdout.take().map(|p| File::from(OwnedFd::from(p))),
-                    stderr: child.stderr.take().map(|p| File::from(OwnedFd::from(p))),
-                    pty: None,
+                let pipes = match terminal {
+                    Some(pipes) => pipes,
+                    None => Pipes {
+                        stdin: child.stdin.take().map(|p| File::from(OwnedFd::from(p))),
+                        stdout: child.stdout.take().map(|p| File::from(OwnedFd::from(p))),
+                        stderr: child.stderr.take().map(|p| File::from(OwnedFd::from(p))),
+                        pty: None,
+                    },
                 };
                 // Dropping `child` neither waits nor kills: the reaper owns the exit status.
                 drop(child);
@@ -532,8 +541,9 @@ fn decode_wait_status(raw: i32) -> Option<ExitStatus> {
     }
 }
 
-/// Validate the request and build the command, before anything is reserved.
-fn build_command(req: &ExecRequest) -> Result<Command, ProcessError> {
+/// Validate the request and build the command, before anything is reserved. A terminal
+/// process comes with the agent's side of its pty.
+fn build_command(req: &ExecRequest) -> Result<(Command, Option<Pipes>), ProcessError> {
     let Some((program, args)) = req.argv.split_first() else {
         return Err(ProcessError::EmptyArgv);
     };
@@ -571,14 +581,38 @@ fn build_command(req: &ExecRequest) -> Result<Command, ProcessError> {
         // Also what std searches argv[0] in, since the child's PATH is set explicitly.
         cmd.env("PATH", DEFAULT_PATH);
     }
-    cmd.stdin(if req.stdin {
-        Stdio::piped()
-    } else {
-        Stdio::null()
-    })
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
-    Ok(cmd)
+    let Some(size) = req.terminal else {
+        cmd.stdin(if req.stdin {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        return Ok((cmd, None));
+    };
+    let (master, slave) = crate::pty::open_pty(size).map_err(ProcessError::Terminal)?;
+    let open_err = |e| ProcessError::Terminal(crate::pty::PtyError::Open(e));
+    cmd.stdin(slave.try_clone().map_err(open_err)?).stdout(slave.try_clone().map_err(open_err)?).stderr(slave);
+    // SAFETY: `claim_terminal` only makes async-signal-safe system calls, as a closure run
+    // between fork and exec must.
+    unsafe { cmd.pre_exec(claim_terminal) };
+    let pipes = crate::pty::terminal_pipes(master, req.stdin).map_err(open_err)?;
+    Ok((cmd, Some(pipes)))
+}
+
+/// In the child, before exec: a session of its own whose controlling terminal is the pty on
+/// its stdin, so the terminal's ^C, ^Z and hang-up reach it and its job control works.
+fn claim_terminal() -> std::io::Result<()> {
+    // SAFETY: setsid(2) takes no arguments and touches no memory.
+    if unsafe { libc::setsid() } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: TIOCSCTTY takes an integer argument (0: do not steal it from another session).
+    if unsafe { libc::ioctl(libc::STDIN_FILENO, libc::TIOCSCTTY, 0) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// "No such file or directory" rather than "No such file or directory (os error 2)".
@@ -715,6 +749,40 @@ mod tests {
     }
 
     #[test]
+    fn a_terminal_process_gets_a_pty_of_the_size_asked_as_its_controlling_terminal() {
+        use std::io::Read;
+        let req = ExecRequest {
+            id: "t".into(),
+            argv: ["sh", "-c", "stty size; echo probe > /dev/tty && echo has-ctty; echo to-stderr >&2"]
+                .map(String::from)
+                .to_vec(),
+            stdin: true,
+            terminal: Some(tern_protocol::WindowSize { rows: 31, cols: 97 }),
+            ..Default::default()
+        };
+        let (mut cmd, pipes) = build_command(&req).unwrap();
+        let pipes = pipes.unwrap();
+        let mut child = cmd.spawn().unwrap();
+        drop(cmd);
+        assert!(child.wait().unwrap().success());
+        // Every slave handle is closed now: the master reads what is left, then EIO.
+        let mut out = Vec::new();
+        let mut buf = [0u8; 1024];
+        let mut master = pipes.stdout.unwrap();
+        while let Ok(n @ 1..) = master.read(&mut buf) {
+            out.extend_from_slice(&buf[..n]);
+        }
+        let out = String::from_utf8_lossy(&out);
+        assert!(out.contains("31 97\r\n"), "{out:?}");
+        assert!(out.contains("probe\r\nhas-ctty\r\nto-stderr\r\n"), "{out:?}");
+        // A terminal has one output: the stderr stream is empty.
+        let mut err = Vec::new();
+        pipes.stderr.unwrap().read_to_end(&mut err).unwrap();
+        assert_eq!(err, b"");
+        assert!(pipes.stdin.is_some() && pipes.pty.is_some());
+    }
+
+    #[test]
     fn bad_requests_are_refused_before_spawning() {
         let req = |argv: &[&str], env: &[&str], cwd: Option<&str>| ExecRequest {
             id: "x".into(),
@@ -722,6 +790,7 @@ mod tests {
             env: env.iter().map(|s| s.to_string()).collect(),
             cwd: cwd.map(str::to_owned),
             stdin: false,
+            terminal: None,
         };
         assert!(matches!(
             build_command(&req(&[], &[], None)),

@@ -1,19 +1,24 @@
-//! Terminal processes: the pty master comes back from libcontainer over a console socket
-//! (runc's `--console-socket` protocol: the container creates the pty from its own devpts,
-//! makes the slave its controlling terminal and stdio, and sends the master with
-//! `SCM_RIGHTS`). The agent keeps the master: its output travels on the process's stdout
-//! stream (a tty has no separate stderr), stdin is written into it, and `ResizePty` is a
-//! `TIOCSWINSZ` on it.
+//! Terminal processes. A container's pty master comes back from libcontainer over a console
+//! socket (runc's `--console-socket` protocol: the container creates the pty from its own
+//! devpts, makes the slave its controlling terminal and stdio, and sends the master with
+//! `SCM_RIGHTS`); a plain `Exec` with `terminal` (`tern run -t`) gets one the agent opens
+//! itself ([`open_pty`]). Either way the agent keeps the master: its output travels on the
+//! process's stdout stream (a tty has no separate stderr), stdin is written into it, and
+//! `ResizePty` is a `TIOCSWINSZ` on it.
 
 use std::fs::File;
 use std::io::{ErrorKind, IoSliceMut};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, UnixAddr};
+use tern_protocol::WindowSize;
+
+use crate::process::Pipes;
 
 /// How long the container gets to send its pty master after it was built.
 pub const MASTER_TIMEOUT: Duration = Duration::from_secs(20);
@@ -35,6 +40,33 @@ pub enum PtyError {
     NoFd,
     #[error("cannot set the window size")]
     Resize(#[source] Errno),
+    #[error("cannot open a pty")]
+    Open(#[source] std::io::Error),
+}
+
+/// A new pty of `size` (left at the kernel's 0x0 when `size` is 0x0): its master and its
+/// slave, both close-on-exec from the start, so a process spawned meanwhile by another
+/// thread holds neither (a stray slave would keep the master from seeing the hang-up).
+pub fn open_pty(size: WindowSize) -> Result<(File, File), PtyError> {
+    use nix::fcntl::OFlag;
+    use nix::pty::{grantpt, posix_openpt, unlockpt};
+    let open_err = |e: Errno| PtyError::Open(e.into());
+    let master = posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC).map_err(open_err)?;
+    grantpt(&master).map_err(open_err)?;
+    unlockpt(&master).map_err(open_err)?;
+    let name = nix::pty::ptsname_r(&master).map_err(open_err)?;
+    // O_NOCTTY: the agent must not become the terminal's session; the child claims it.
+    let slave = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY)
+        .open(&name)
+        .map_err(PtyError::Open)?;
+    let master = File::from(OwnedFd::from(master));
+    if size != WindowSize::default() {
+        set_window_size(&master, size.rows, size.cols)?;
+    }
+    Ok((master, slave))
 }
 
 /// A listening console socket; removed from the file system on drop.
@@ -119,6 +151,17 @@ fn receive_fd(stream: &UnixStream) -> Result<File, PtyError> {
     let master = fds.next().ok_or(PtyError::NoFd)?;
     // Any extra descriptors are closed as `fds` drops.
     Ok(File::from(master))
+}
+
+/// The pipes of a terminal process: the master carries output (as stdout) and input. A
+/// terminal has no separate stderr; its stderr stream is an empty one (a pipe whose writer
+/// is already closed), so a host that attaches all three streams just sees EOF there.
+pub(crate) fn terminal_pipes(master: File, stdin: bool) -> std::io::Result<Pipes> {
+    let input = if stdin { Some(master.try_clone()?) } else { None };
+    let output = master.try_clone()?;
+    let (empty, writer) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    drop(writer);
+    Ok(Pipes { stdin: input, stdout: Some(output), stderr: Some(File::from(empty)), pty: Some(master) })
 }
 
 /// Set the window size of the terminal whose master is `master`; the kernel sends SIGWINCH

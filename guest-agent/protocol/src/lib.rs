@@ -218,8 +218,22 @@ pub struct ExecRequest {
     pub env: Vec<String>,
     /// Working directory; `/` when `None`.
     pub cwd: Option<String>,
-    /// Whether the host will attach a stdin stream; when false stdin is /dev/null.
+    /// Whether the host will attach a stdin stream; when false stdin is /dev/null (or, with
+    /// `terminal`, a terminal nobody types into).
     pub stdin: bool,
+    /// Run the process on a new pty of this window size (`tern run -t`): the pty's slave is
+    /// its controlling terminal and its stdin, stdout and stderr. Its output comes on the
+    /// stdout stream (a terminal has one output), the stderr stream ends at once, and
+    /// [`Request::ResizePty`] resizes it. `None`, also when absent (an older runtime): pipes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub terminal: Option<WindowSize>,
+}
+
+/// A terminal's window size in character cells; 0 for what is not known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct WindowSize {
+    pub rows: u16,
+    pub cols: u16,
 }
 
 /// An answer from the agent.
@@ -398,11 +412,23 @@ mod tests {
             env: vec!["A=B".into()],
             cwd: Some("/tmp".into()),
             stdin: true,
+            terminal: Some(WindowSize { rows: 24, cols: 80 }),
         });
         let mut buf = Vec::new();
         send(&mut buf, &req).unwrap();
         let back: Request = recv(&mut buf.as_slice()).unwrap();
         assert_eq!(back, req);
+    }
+
+    #[test]
+    fn exec_without_a_terminal_reads_and_writes_as_before() {
+        // What a runtime from before `terminal` sends: pipes.
+        let old = br#"{"op":"exec","id":"p","argv":["true"],"env":[],"cwd":null,"stdin":false}"#;
+        let req: Request = serde_json::from_slice(old).unwrap();
+        let Request::Exec(exec) = &req else { panic!("not an exec: {req:?}") };
+        assert_eq!(exec.terminal, None);
+        // And no pty is asked for in a field an older agent would not know.
+        assert_eq!(serde_json::to_vec(&req).unwrap(), old.to_vec());
     }
 
     #[test]

@@ -6,6 +6,7 @@ mod fs_serve;
 mod monitor;
 mod run;
 mod signals;
+mod terminal;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -33,6 +34,7 @@ enum Command {
     /// The exit code is CMD's, or 128+N when a signal N killed it. The VM is shut down
     /// afterwards in every case. Errors of tern itself exit with 125 (as `docker run` does).
     /// SIGINT, SIGTERM, SIGHUP and SIGQUIT are passed on to CMD (see --stop-timeout).
+    /// `tern run -it -- sh` is an interactive shell on a pseudo-terminal (see --tty).
     Run(run::RunArgs),
     /// Check that this host can run tern microVMs, like `kata-runtime check`.
     ///

@@ -4,13 +4,15 @@
 //! [`crate::signals`]); a second SIGINT, or a command still running `--stop-timeout` seconds
 //! after the first signal, ends the VM at once. Every way out stops the VM and removes the run
 //! directory; a run directory left by a `tern` that was SIGKILLed is reaped by the next
-//! `tern run` (see `tern_runtime::run_dir`).
+//! `tern run` (see `tern_runtime::run_dir`). With `-t` the command runs on a pty in the guest
+//! and the host terminal is raw meanwhile (see [`crate::terminal`]).
 
 use crate::signals::{exit_code_of, RunEvent, Signals};
+use crate::terminal::{RawMode, WindowSizeRelay};
 use anyhow::{Context, Result};
 use clap::Args;
 use nix::sys::signal::Signal;
-use std::io::{Read, Write};
+use std::io::{IsTerminal, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::mpsc::RecvTimeoutError;
@@ -73,12 +75,28 @@ pub struct RunArgs {
     /// 143 for SIGTERM). A command that exits in time gives its own status, as always.
     #[arg(long, value_name = "SECS", default_value_t = 10)]
     stop_timeout: u64,
+    /// Keep stdin attached, as `docker run -i` does. tern run always passes stdin on (its end
+    /// is the command's EOF), so this is the default; with -t it also asks that stdin be a
+    /// terminal.
+    #[arg(short = 'i', long)]
+    interactive: bool,
+    /// Run the command on a pseudo-terminal in the guest, as `docker run -t` does: its
+    /// stdout and stderr become one stream (tern's stdout). When stdin is a terminal, it is in
+    /// raw mode while the command runs, so keys such as ^C and ^D act in the guest as on a
+    /// local terminal, and the guest terminal follows its window size. `-it` refuses a stdin
+    /// that is no terminal, as docker does; `-t` alone passes such input on through the pty.
+    #[arg(short = 't', long)]
+    tty: bool,
     /// The command and its arguments.
     #[arg(required = true, last = true, value_name = "CMD")]
     command: Vec<String>,
 }
 
 pub fn run(mut config: Config, args: RunArgs) -> Result<i32> {
+    if args.tty && args.interactive && !std::io::stdin().is_terminal() {
+        // docker's words, before anything is booted.
+        anyhow::bail!("the input device is not a TTY (-it needs a terminal on stdin; -t alone takes piped input)");
+    }
     // First, while this is the only thread (see `signals`).
     let signals = Signals::catch().context("cannot take over SIGINT, SIGTERM, SIGHUP and SIGQUIT")?;
     apply_flags(&mut config, &args);
@@ -194,11 +212,23 @@ fn run_command(sandbox: &Sandbox, args: &RunArgs, signals: &Signals) -> Result<E
             env,
             cwd: args.workdir.clone(),
             stdin: true,
+            // A size of 0x0 when tern's stdio has no terminal: the kernel's default.
+            terminal: args.tty.then(|| crate::terminal::window_size().unwrap_or_default()),
         })
         .with_context(|| format!("cannot start {:?} in the guest", args.command[0]))?;
+    // With a terminal the stderr stream ends at once: its output is all on stdout.
     let stdout = agent.attach(MAIN_PROCESS, StreamKind::Stdout)?;
     let stderr = agent.attach(MAIN_PROCESS, StreamKind::Stderr)?;
     let stdin = agent.attach(MAIN_PROCESS, StreamKind::Stdin)?;
+    // Raw only now: during the boot ^C is still tern's SIGINT, which cancels it.
+    let raw_mode = if args.tty { RawMode::enter().context("cannot put the terminal into raw mode")? } else { None };
+    let window_sizes = if args.tty {
+        let relay = WindowSizeRelay::start(agent.clone(), MAIN_PROCESS)
+            .context("cannot start the thread that passes on the window size")?;
+        Some(relay)
+    } else {
+        None
+    };
     let out_pump = pump_out(stdout, std::io::stdout());
     let err_pump = pump_out(stderr, std::io::stderr());
     // The stdin pump is not joined: a terminal may never reach EOF. It dies with the process.
@@ -213,9 +243,15 @@ fn run_command(sandbox: &Sandbox, args: &RunArgs, signals: &Signals) -> Result<E
         .context("cannot start the thread that waits for the command")?;
     let pumps = vec![out_pump, err_pump];
     let stop_timeout = Duration::from_secs(args.stop_timeout);
-    let code = match relay_signals_until_exit(agent, signals, stop_timeout)? {
+    let relayed = relay_signals_until_exit(agent, signals, stop_timeout, window_sizes.as_ref());
+    // The terminal is itself again before tern says anything on it.
+    drop(raw_mode);
+    let code = match relayed? {
         Relayed::Exited(code) => code,
-        Relayed::GaveUp(code) => return Ok(Ending::Forced { code, pumps }),
+        Relayed::GaveUp { code, why } => {
+            eprintln!("tern: {why}");
+            return Ok(Ending::Forced { code, pumps });
+        }
     };
     join_pumps(pumps);
     Ok(Ending::Exited(code))
@@ -225,13 +261,19 @@ fn run_command(sandbox: &Sandbox, args: &RunArgs, signals: &Signals) -> Result<E
 enum Relayed {
     /// The command exited with this shell-style code.
     Exited(i32),
-    /// tern gives up on the command; exit with this code once the VM is stopped.
-    GaveUp(i32),
+    /// tern gives up on the command (`why`); exit with `code` once the VM is stopped.
+    GaveUp { code: i32, why: String },
 }
 
 /// Forward every signal tern gets to the command until it exits; give up on it at a second
-/// SIGINT or `stop_timeout` after the first signal.
-fn relay_signals_until_exit(agent: &AgentClient, signals: &Signals, stop_timeout: Duration) -> Result<Relayed> {
+/// SIGINT or `stop_timeout` after the first signal. Window size changes go to `window_sizes`
+/// when the command has a terminal.
+fn relay_signals_until_exit(
+    agent: &AgentClient,
+    signals: &Signals,
+    stop_timeout: Duration,
+    window_sizes: Option<&WindowSizeRelay>,
+) -> Result<Relayed> {
     let mut first: Option<(Signal, Instant)> = None;
     let mut interrupts = 0u32;
     loop {
@@ -240,11 +282,13 @@ fn relay_signals_until_exit(agent: &AgentClient, signals: &Signals, stop_timeout
             Some((signal, since)) => match signals.events().recv_timeout(stop_timeout.saturating_sub(since.elapsed())) {
                 Ok(event) => Some(event),
                 Err(RecvTimeoutError::Timeout) => {
-                    eprintln!(
-                        "tern: the command did not exit within {} s of {signal}; stopping the VM",
-                        stop_timeout.as_secs()
-                    );
-                    return Ok(Relayed::GaveUp(exit_code_of(signal)));
+                    return Ok(Relayed::GaveUp {
+                        code: exit_code_of(signal),
+                        why: format!(
+                            "the command did not exit within {} s of {signal}; stopping the VM",
+                            stop_timeout.as_secs()
+                        ),
+                    });
                 }
                 Err(RecvTimeoutError::Disconnected) => None,
             },
@@ -261,11 +305,18 @@ fn relay_signals_until_exit(agent: &AgentClient, signals: &Signals, stop_timeout
                 if signal == Signal::SIGINT {
                     interrupts += 1;
                     if interrupts >= 2 {
-                        eprintln!("tern: interrupted twice; stopping the VM");
-                        return Ok(Relayed::GaveUp(exit_code_of(first_signal)));
+                        return Ok(Relayed::GaveUp {
+                            code: exit_code_of(first_signal),
+                            why: "interrupted twice; stopping the VM".into(),
+                        });
                     }
                 }
                 forward(agent, signal);
+            }
+            RunEvent::WindowChanged => {
+                if let Some(relay) = window_sizes {
+                    relay.changed();
+                }
             }
         }
     }

@@ -1,9 +1,12 @@
-//! The signals `tern run` takes for its command: SIGINT, SIGTERM, SIGHUP and SIGQUIT.
+//! The signals `tern run` takes for its command: SIGINT, SIGTERM, SIGHUP and SIGQUIT, and
+//! SIGWINCH for `-t`.
 //!
-//! Their default action would kill tern before it stopped its VM and removed its run
-//! directory. So [`Signals::catch`] blocks them in the calling thread before any other thread
-//! exists (every thread tern starts later inherits the mask) and one thread takes them with
-//! `sigwait`, recording the first and sending each one to the run loop as a [`RunEvent`].
+//! The default action of the first four would kill tern before it stopped its VM and removed
+//! its run directory. So [`Signals::catch`] blocks them in the calling thread before any other
+//! thread exists (every thread tern starts later inherits the mask) and one thread takes them
+//! with `sigwait`, recording the first and sending each one to the run loop as a [`RunEvent`].
+//! SIGWINCH (ignored by default) is taken the same way, but is no signal for the command: it
+//! becomes [`RunEvent::WindowChanged`] and counts as no "first signal".
 //! Processes tern spawns start with an empty mask (std resets it).
 
 use std::sync::atomic::{AtomicI32, Ordering};
@@ -20,6 +23,8 @@ pub enum RunEvent {
     Signal(Signal),
     /// The command ended (or the agent was lost while waiting for it).
     Exited(Result<ExitStatus, AgentError>),
+    /// The host terminal's window size changed (SIGWINCH).
+    WindowChanged,
 }
 
 /// The forwarded signals, blocked and taken by a thread of their own.
@@ -34,13 +39,14 @@ pub struct Signals {
 pub const FORWARDED: [Signal; 4] = [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP, Signal::SIGQUIT];
 
 impl Signals {
-    /// Block [`FORWARDED`] in this thread and start the thread that takes them. Call before
-    /// any other thread is started, or that thread would still die of them.
+    /// Block [`FORWARDED`] and SIGWINCH in this thread and start the thread that takes
+    /// them. Call before any other thread is started, or that thread would still die of them.
     pub fn catch() -> std::io::Result<Signals> {
         let mut set = SigSet::empty();
         for signal in FORWARDED {
             set.add(signal);
         }
+        set.add(Signal::SIGWINCH);
         set.thread_block().map_err(std::io::Error::from)?;
         let (sender, events) = channel();
         let first = Arc::new(AtomicI32::new(0));
@@ -49,6 +55,9 @@ impl Signals {
         // Detached: it lives as long as the process, blocked in sigwait.
         std::thread::Builder::new().name("signals".into()).spawn(move || loop {
             match set.wait() {
+                Ok(Signal::SIGWINCH) => {
+                    let _ = relay.send(RunEvent::WindowChanged);
+                }
                 Ok(signal) => {
                     tracing::debug!(?signal, "signal received");
                     let _ = seen.compare_exchange(0, signal as i32, Ordering::SeqCst, Ordering::SeqCst);
