@@ -176,6 +176,29 @@ impl EventLoopHandle {
     }
 }
 
+/// A device's handler while it is registered on an event loop: the token to remove it and the
+/// flag its handler checks before touching guest memory.
+pub struct ActiveHandler {
+    token: SubscriberToken,
+    stopped: Arc<AtomicBool>,
+}
+
+impl EventLoopHandle {
+    /// Register a device's handler (see [`EventLoopHandle::add_subscriber`]); `stopped` is the
+    /// flag [`EventLoopHandle::deactivate`] sets.
+    pub fn activate(&self, handler: SharedSubscriber, stopped: Arc<AtomicBool>) -> io::Result<ActiveHandler> {
+        let token = self.add_subscriber(handler)?;
+        Ok(ActiveHandler { token, stopped })
+    }
+
+    /// A device reset: stop the handler at once (it leaves the guest's queues alone from here
+    /// on, even before its removal is processed) and unregister it.
+    pub fn deactivate(&self, active: ActiveHandler) {
+        active.stopped.store(true, Ordering::SeqCst);
+        self.remove_subscriber(&active.token);
+    }
+}
+
 impl EventLoopThread {
     /// Signal the loop to exit and join its thread.
     pub fn stop(mut self) {

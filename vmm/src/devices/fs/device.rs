@@ -6,7 +6,7 @@
 //! on its next lookup of the name.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
 use fuse_backend_rs::api::server::Server;
@@ -19,7 +19,7 @@ use super::event_handler::FsHandler;
 use super::policy::ShareFs;
 use super::share::{validate_share_name, ShareConfig, ShareError};
 use super::{NUM_QUEUES, QUEUE_SIZE, TAG_LEN};
-use crate::devices::event_loop::{EventLoopHandle, SharedSubscriber, SubscriberToken};
+use crate::devices::event_loop::{ActiveHandler, EventLoopHandle, SharedSubscriber};
 use crate::metrics::VmMetrics;
 use crate::devices::virtio::{
     read_config_space, ActivateError, ActivatedQueue, GuestMemory, InterruptSignal, VirtioDevice,
@@ -111,11 +111,6 @@ impl Default for FsShares {
     }
 }
 
-/// What the device holds while the driver has it activated.
-struct Active {
-    token: SubscriberToken,
-    stopped: Arc<AtomicBool>,
-}
 
 /// The virtio-fs device: one hiprio queue and one request queue, served on the event loop.
 pub struct VirtioFs {
@@ -123,7 +118,7 @@ pub struct VirtioFs {
     shares: Arc<FsShares>,
     events: EventLoopHandle,
     acked_features: u64,
-    active: Option<Active>,
+    active: Option<ActiveHandler>,
     metrics: Option<Arc<VmMetrics>>,
 }
 
@@ -147,8 +142,7 @@ impl VirtioFs {
 
     fn deactivate(&mut self) {
         if let Some(active) = self.active.take() {
-            active.stopped.store(true, Ordering::SeqCst);
-            self.events.remove_subscriber(&active.token);
+            self.events.deactivate(active);
         }
     }
 }
@@ -202,8 +196,7 @@ impl VirtioDevice for VirtioFs {
         )
         .with_metrics(self.metrics.clone());
         let subscriber: SharedSubscriber = Arc::new(Mutex::new(handler));
-        let token = self.events.add_subscriber(subscriber)?;
-        self.active = Some(Active { token, stopped });
+        self.active = Some(self.events.activate(subscriber, stopped)?);
         tracing::debug!("virtio-fs device activated");
         Ok(())
     }

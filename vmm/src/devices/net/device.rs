@@ -3,7 +3,6 @@
 //! event loop.
 
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -19,7 +18,7 @@ use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use super::event_handler::NetHandler;
 use super::tap::{tap_offload_flags, Tap, TapIo};
 use super::{validate_params, NetError, NUM_QUEUES, QUEUE_SIZE, VNET_HDR_LEN};
-use crate::devices::event_loop::{EventLoopHandle, SharedSubscriber, SubscriberToken};
+use crate::devices::event_loop::{ActiveHandler, EventLoopHandle, SharedSubscriber};
 use crate::devices::virtio::{
     read_config_space, ActivateError, ActivatedQueue, GuestMemory, InterruptSignal, VirtioDevice,
 };
@@ -47,11 +46,6 @@ const AVAIL_FEATURES: u64 = (1 << VIRTIO_F_VERSION_1)
     | (1 << VIRTIO_NET_F_HOST_UFO)
     | (1 << VIRTIO_NET_F_HOST_ECN);
 
-/// What the device holds while the driver has it activated.
-struct Active {
-    token: SubscriberToken,
-    stopped: Arc<AtomicBool>,
-}
 
 /// A virtio-net device backed by a host tap.
 pub struct Net {
@@ -60,7 +54,7 @@ pub struct Net {
     config: [u8; CONFIG_LEN],
     events: EventLoopHandle,
     acked_features: u64,
-    active: Option<Active>,
+    active: Option<ActiveHandler>,
     metrics: Arc<NetMetrics>,
 }
 
@@ -119,8 +113,7 @@ impl Net {
 
     fn deactivate(&mut self) {
         if let Some(active) = self.active.take() {
-            active.stopped.store(true, Ordering::SeqCst);
-            self.events.remove_subscriber(&active.token);
+            self.events.deactivate(active);
         }
     }
 }
@@ -180,8 +173,7 @@ impl VirtioDevice for Net {
         .with_metrics(self.metrics.clone());
         let stopped = handler.stop_flag();
         let subscriber: SharedSubscriber = Arc::new(Mutex::new(handler));
-        let token = self.events.add_subscriber(subscriber)?;
-        self.active = Some(Active { token, stopped });
+        self.active = Some(self.events.activate(subscriber, stopped)?);
         tracing::debug!(
             device = %self.name,
             features = format_args!("{:#x}", self.acked_features),

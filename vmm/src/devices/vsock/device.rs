@@ -3,7 +3,7 @@
 
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -12,7 +12,7 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
 use super::event_handler::VsockHandler;
 use super::muxer::Muxer;
 use super::VsockError;
-use crate::devices::event_loop::{EventLoopHandle, SharedSubscriber, SubscriberToken};
+use crate::devices::event_loop::{ActiveHandler, EventLoopHandle, SharedSubscriber};
 use crate::metrics::VmMetrics;
 use crate::devices::virtio::{
     read_config_space, ActivateError, ActivatedQueue, GuestMemory, InterruptSignal, VirtioDevice,
@@ -24,11 +24,6 @@ const QUEUE_SIZES: [u16; 3] = [QUEUE_SIZE; 3];
 /// CIDs 0-2 are reserved (hypervisor, local, host); `u32::MAX` is VMADDR_CID_ANY.
 const FIRST_GUEST_CID: u64 = 3;
 
-/// What the device holds while the driver has it activated.
-struct Active {
-    token: SubscriberToken,
-    stopped: Arc<AtomicBool>,
-}
 
 /// A virtio-vsock device whose host side is a hybrid unix socket at `uds_path`.
 pub struct Vsock {
@@ -37,7 +32,7 @@ pub struct Vsock {
     listener: Arc<UnixListener>,
     events: EventLoopHandle,
     acked_features: u64,
-    active: Option<Active>,
+    active: Option<ActiveHandler>,
     metrics: Option<Arc<VmMetrics>>,
 }
 
@@ -78,8 +73,7 @@ impl Vsock {
 
     fn deactivate(&mut self) {
         if let Some(active) = self.active.take() {
-            active.stopped.store(true, Ordering::SeqCst);
-            self.events.remove_subscriber(&active.token);
+            self.events.deactivate(active);
         }
     }
 }
@@ -135,8 +129,7 @@ impl VirtioDevice for Vsock {
         )
         .with_metrics(self.metrics.clone());
         let subscriber: SharedSubscriber = Arc::new(Mutex::new(handler));
-        let token = self.events.add_subscriber(subscriber)?;
-        self.active = Some(Active { token, stopped });
+        self.active = Some(self.events.activate(subscriber, stopped)?);
         tracing::debug!(guest_cid = self.guest_cid, "vsock device activated");
         Ok(())
     }
