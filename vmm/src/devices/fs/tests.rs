@@ -8,7 +8,7 @@ use std::ffi::CString;
 use std::mem::size_of;
 use std::os::unix::fs::symlink;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::Arc;
 
 use fuse_backend_rs::abi::fuse_abi::{
@@ -16,16 +16,13 @@ use fuse_backend_rs::abi::fuse_abi::{
     OpenOut, OutHeader, ReadIn, SetattrIn, WriteIn,
 };
 use fuse_backend_rs::api::server::Server;
-use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
-use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::{Queue, QueueT};
 use vm_memory::{ByteValued, Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::event_handler::{FsHandler, MAX_CHAIN_DESCRIPTORS, REQUEST_QUEUE};
 use super::*;
-use crate::devices::virtio::{GuestMemory, InterruptSignal, VirtioDevice};
+use crate::devices::virtio::test_ring::{CountingInterrupt, Ring};
+use crate::devices::virtio::{GuestMemory, VirtioDevice};
 
 const QSIZE: u16 = 1024;
 const MEM_SIZE: u64 = 0x400_0000;
@@ -35,81 +32,6 @@ const IN_ADDR: u64 = 0x10_0000;
 const OUT_ADDR: u64 = 0x20_0000;
 const OUT_CAP: u32 = 0x2_0000;
 const ROOT: u64 = 1;
-
-struct CountingInterrupt(AtomicUsize);
-
-impl InterruptSignal for CountingInterrupt {
-    fn trigger(&self, _status_bits: u32) -> std::io::Result<()> {
-        self.0.fetch_add(1, Ordering::SeqCst);
-        Ok(())
-    }
-}
-
-/// One split queue as the guest driver sees it (rings laid out here, descriptors via the mock).
-struct Ring {
-    mock: MockSplitQueue<'static, GuestMemory>,
-    mem: &'static GuestMemory,
-    desc: u64,
-    avail: u64,
-    used: u64,
-    next_desc: u16,
-    avail_idx: u16,
-    next_used: u16,
-}
-
-impl Ring {
-    fn new(mem: &'static GuestMemory, base: u64) -> Self {
-        let avail = base + 16 * u64::from(QSIZE);
-        let used = (avail + 6 + 2 * u64::from(QSIZE) + 3) & !3;
-        for addr in [avail, avail + 2, used, used + 2] {
-            mem.write_obj(0u16, GuestAddress(addr)).unwrap();
-        }
-        let mock = MockSplitQueue::create(mem, GuestAddress(base), QSIZE);
-        Ring { mock, mem, desc: base, avail, used, next_desc: 0, avail_idx: 0, next_used: 0 }
-    }
-
-    fn post(&mut self, bufs: &[(u64, u32, bool)]) -> u16 {
-        let head = self.next_desc;
-        for (i, &(addr, len, write)) in bufs.iter().enumerate() {
-            let idx = (head + i as u16) % QSIZE;
-            let mut flags = if write { VRING_DESC_F_WRITE as u16 } else { 0 };
-            if i + 1 < bufs.len() {
-                flags |= VRING_DESC_F_NEXT as u16;
-            }
-            let desc = SplitDescriptor::new(addr, len, flags, (idx + 1) % QSIZE);
-            self.mock.desc_table().store(idx, RawDescriptor::from(desc)).unwrap();
-        }
-        self.next_desc = (head + bufs.len() as u16) % QSIZE;
-        let slot = self.avail + 4 + 2 * u64::from(self.avail_idx % QSIZE);
-        self.mem.write_obj(head, GuestAddress(slot)).unwrap();
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        self.mem.write_obj(self.avail_idx, GuestAddress(self.avail + 2)).unwrap();
-        head
-    }
-
-    fn used(&mut self) -> Vec<(u16, u32)> {
-        let idx: u16 = self.mem.read_obj(GuestAddress(self.used + 2)).unwrap();
-        let mut out = Vec::new();
-        while self.next_used != idx {
-            let elem = self.used + 4 + 8 * u64::from(self.next_used % QSIZE);
-            let id: u32 = self.mem.read_obj(GuestAddress(elem)).unwrap();
-            let len: u32 = self.mem.read_obj(GuestAddress(elem + 4)).unwrap();
-            out.push((id as u16, len));
-            self.next_used = self.next_used.wrapping_add(1);
-        }
-        out
-    }
-
-    fn queue(&self) -> Queue {
-        let mut q = Queue::new(QSIZE).unwrap();
-        q.set_size(QSIZE);
-        q.set_desc_table_address(Some(self.desc as u32), Some((self.desc >> 32) as u32));
-        q.set_avail_ring_address(Some(self.avail as u32), Some((self.avail >> 32) as u32));
-        q.set_used_ring_address(Some(self.used as u32), Some((self.used >> 32) as u32));
-        q.set_ready(true);
-        q
-    }
-}
 
 /// A reply: its header and payload.
 struct Reply {
@@ -142,13 +64,13 @@ impl Harness {
         let mem: &'static GuestMemory = Box::leak(Box::new(
             GuestMemory::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap(),
         ));
-        let ring = Ring::new(mem, REQ_RING);
-        let hiprio = Ring::new(mem, HIPRIO_RING);
+        let ring = Ring::new(mem, REQ_RING, QSIZE);
+        let hiprio = Ring::new(mem, HIPRIO_RING, QSIZE);
         let shares = Arc::new(FsShares::new());
         let handler = FsHandler::new(
             mem.clone(),
             Arc::new(CountingInterrupt(AtomicUsize::new(0))),
-            [hiprio.queue(), ring.queue()],
+            [hiprio.queue(false), ring.queue(false)],
             [EventFd::new(libc::EFD_NONBLOCK).unwrap(), EventFd::new(libc::EFD_NONBLOCK).unwrap()],
             Arc::new(Server::new(shares.vfs())),
             Arc::new(AtomicBool::new(false)),

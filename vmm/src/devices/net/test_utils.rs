@@ -13,18 +13,16 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_bindings::virtio_net::{VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_HDR_F_DATA_VALID};
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
-use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
-use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::event_handler::{NetHandler, TAP_EVENT};
 use super::{Tap, TapIo, MAX_PACKET_LEN, QUEUE_SIZE, VNET_HDR_LEN};
-use crate::devices::virtio::{ActivatedQueue, GuestMemory, InterruptSignal};
+use crate::devices::virtio::test_ring::Ring;
+pub use crate::devices::virtio::test_ring::CountingInterrupt;
+use crate::devices::virtio::{ActivatedQueue, GuestMemory};
 
 pub const QSIZE: u16 = QUEUE_SIZE;
 pub const MEM_SIZE: u64 = 0x40_0000;
@@ -36,15 +34,6 @@ pub const TX_BUF: u64 = 0x30_0000;
 pub const MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 1];
 pub const MRG: u64 = 1 << VIRTIO_NET_F_MRG_RXBUF;
 pub const EVENT_IDX: u64 = 1 << VIRTIO_RING_F_EVENT_IDX;
-
-pub struct CountingInterrupt(pub AtomicUsize);
-
-impl InterruptSignal for CountingInterrupt {
-    fn trigger(&self, _status_bits: u32) -> std::io::Result<()> {
-        self.0.fetch_add(1, Ordering::SeqCst);
-        Ok(())
-    }
-}
 
 /// The real [`Tap`] for reads and writes over a socket; the ioctls are recorded.
 pub struct SocketTap {
@@ -94,96 +83,6 @@ pub fn new_memory() -> &'static GuestMemory {
     Box::leak(Box::new(GuestMemory::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap()))
 }
 
-/// The driver's view of one split queue: descriptors through the mock, rings laid out here
-/// (the mock's used ring overlaps its avail ring, see the vsock tests).
-pub struct Ring {
-    pub mock: MockSplitQueue<'static, GuestMemory>,
-    pub mem: &'static GuestMemory,
-    pub desc: u64,
-    pub avail: u64,
-    pub used: u64,
-    pub next_desc: u16,
-    pub avail_idx: u16,
-    pub next_used: u16,
-}
-
-impl Ring {
-    pub fn new(mem: &'static GuestMemory, base: u64) -> Self {
-        let avail = base + 16 * u64::from(QSIZE);
-        let used = (avail + 6 + 2 * u64::from(QSIZE) + 3) & !3;
-        for addr in
-            [avail, avail + 2, avail + 4 + 2 * u64::from(QSIZE), used, used + 2, used + 4 + 8 * u64::from(QSIZE)]
-        {
-            mem.write_obj(0u16, GuestAddress(addr)).unwrap();
-        }
-        let mock = MockSplitQueue::create(mem, GuestAddress(base), QSIZE);
-        Ring { mock, mem, desc: base, avail, used, next_desc: 0, avail_idx: 0, next_used: 0 }
-    }
-
-    /// Post a chain of (addr, len, device-writable) buffers; returns the head index.
-    pub fn post(&mut self, bufs: &[(u64, u32, bool)]) -> u16 {
-        let head = self.next_desc;
-        for (i, &(addr, len, write)) in bufs.iter().enumerate() {
-            let idx = (head + i as u16) % QSIZE;
-            let mut flags = if write { VRING_DESC_F_WRITE as u16 } else { 0 };
-            if i + 1 < bufs.len() {
-                flags |= VRING_DESC_F_NEXT as u16;
-            }
-            let desc = SplitDescriptor::new(addr, len, flags, (idx + 1) % QSIZE);
-            self.mock.desc_table().store(idx, RawDescriptor::from(desc)).unwrap();
-        }
-        self.next_desc = (head + bufs.len() as u16) % QSIZE;
-        let slot = self.avail + 4 + 2 * u64::from(self.avail_idx % QSIZE);
-        self.mem.write_obj(head, GuestAddress(slot)).unwrap();
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        self.mem.write_obj(self.avail_idx, GuestAddress(self.avail + 2)).unwrap();
-        head
-    }
-
-    pub fn used_idx(&self) -> u16 {
-        self.mem.read_obj(GuestAddress(self.used + 2)).unwrap()
-    }
-
-    /// Used entries since the last call: (head, len).
-    pub fn used(&mut self) -> Vec<(u16, u32)> {
-        let idx = self.used_idx();
-        let mut out = Vec::new();
-        while self.next_used != idx {
-            let elem = self.used + 4 + 8 * u64::from(self.next_used % QSIZE);
-            let id: u32 = self.mem.read_obj(GuestAddress(elem)).unwrap();
-            let len: u32 = self.mem.read_obj(GuestAddress(elem + 4)).unwrap();
-            out.push((id as u16, len));
-            self.next_used = self.next_used.wrapping_add(1);
-        }
-        out
-    }
-
-    /// With EVENT_IDX: where the device says the driver should kick next.
-    pub fn avail_event(&self) -> u16 {
-        self.mem.read_obj(GuestAddress(self.used + 4 + 8 * u64::from(QSIZE))).unwrap()
-    }
-
-    pub fn set_avail_event(&self, idx: u16) {
-        self.mem.write_obj(idx, GuestAddress(self.used + 4 + 8 * u64::from(QSIZE))).unwrap();
-    }
-
-    /// With EVENT_IDX: interrupt me only once the used index passes `idx`.
-    pub fn set_used_event(&self, idx: u16) {
-        self.mem.write_obj(idx, GuestAddress(self.avail + 4 + 2 * u64::from(QSIZE))).unwrap();
-    }
-
-    pub fn queue(&self, event_idx: bool) -> Queue {
-        let mut q = Queue::new(QSIZE).unwrap();
-        q.set_size(QSIZE);
-        q.set_desc_table_address(Some(self.desc as u32), Some((self.desc >> 32) as u32));
-        q.set_avail_ring_address(Some(self.avail as u32), Some((self.avail >> 32) as u32));
-        q.set_used_ring_address(Some(self.used as u32), Some((self.used >> 32) as u32));
-        q.set_event_idx(event_idx);
-        q.set_ready(true);
-        q
-    }
-}
-
 pub fn eventfd() -> EventFd {
     EventFd::new(libc::EFD_NONBLOCK).unwrap()
 }
@@ -204,7 +103,7 @@ pub struct Guest {
 impl Guest {
     pub fn new(features: u64) -> Self {
         let mem = new_memory();
-        let (rx, tx) = (Ring::new(mem, RX_RING), Ring::new(mem, TX_RING));
+        let (rx, tx) = (Ring::new(mem, RX_RING, QSIZE), Ring::new(mem, TX_RING, QSIZE));
         let (tap, peer) = socket_tap();
         let interrupts = Arc::new(CountingInterrupt(AtomicUsize::new(0)));
         let event_idx = features & EVENT_IDX != 0;
@@ -310,7 +209,7 @@ pub fn wait_until(what: &str, cond: impl Fn() -> bool) {
 
 /// One activation of the device: rings, kicks and the queues handed over.
 pub fn activation(mem: &'static GuestMemory, rx_base: u64, tx_base: u64) -> (Ring, Ring, EventFd, Vec<ActivatedQueue>) {
-    let (rx, tx) = (Ring::new(mem, rx_base), Ring::new(mem, tx_base));
+    let (rx, tx) = (Ring::new(mem, rx_base, QSIZE), Ring::new(mem, tx_base, QSIZE));
     let (rx_kick, tx_kick) = (eventfd(), eventfd());
     let queues = vec![
         ActivatedQueue { queue: rx.queue(false), kick: rx_kick.try_clone().unwrap() },

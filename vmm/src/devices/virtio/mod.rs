@@ -5,6 +5,8 @@
 //! calls on the device; each device's queue processing runs on the VMM's event-loop thread.
 
 pub mod mmio;
+#[cfg(test)]
+pub(crate) mod test_ring;
 
 use std::sync::Arc;
 use vm_memory::GuestMemoryMmap;

@@ -5,14 +5,10 @@
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
-use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -20,7 +16,8 @@ use super::connection::CONN_TX_BUF_SIZE;
 use super::event_handler::{VsockHandler, RX_QUEUE, TX_QUEUE};
 use super::muxer::Muxer;
 use super::packet::*;
-use crate::devices::virtio::{GuestMemory, InterruptSignal};
+pub use crate::devices::virtio::test_ring::{CountingInterrupt, Ring};
+use crate::devices::virtio::GuestMemory;
 
 pub const GUEST_CID: u64 = 3;
 pub const QSIZE: u16 = 256;
@@ -31,96 +28,6 @@ pub const RX_BUF_BASE: u64 = 0x10_0000;
 pub const TX_HDR_ADDR: u64 = 0x80_0000;
 pub const TX_DATA_ADDR: u64 = 0x81_0000;
 pub const MUXER: u32 = 3;
-
-pub struct CountingInterrupt(pub AtomicUsize);
-
-impl InterruptSignal for CountingInterrupt {
-    fn trigger(&self, _status_bits: u32) -> std::io::Result<()> {
-        self.0.fetch_add(1, Ordering::SeqCst);
-        Ok(())
-    }
-}
-
-/// The guest driver's view of one split queue. Descriptors go through `MockSplitQueue`; the
-/// rings are laid out here, because the mock places its used ring over the upper half of its
-/// avail ring (it sizes the avail ring in elements, not bytes), which corrupts both once more
-/// than half the ring has been posted.
-pub struct Ring {
-    pub mock: MockSplitQueue<'static, GuestMemory>,
-    pub mem: &'static GuestMemory,
-    pub desc: u64,
-    pub avail: u64,
-    pub used: u64,
-    pub next_desc: u16,
-    pub avail_idx: u16,
-    pub next_used: u16,
-}
-
-impl Ring {
-    pub fn new(mem: &'static GuestMemory, base: u64) -> Self {
-        let avail = base + 16 * u64::from(QSIZE);
-        let used = Ring::used_ring_of(base);
-        for addr in [avail, avail + 2, used, used + 2] {
-            mem.write_obj(0u16, GuestAddress(addr)).unwrap();
-        }
-        let mock = MockSplitQueue::create(mem, GuestAddress(base), QSIZE);
-        Ring { mock, mem, desc: base, avail, used, next_desc: 0, avail_idx: 0, next_used: 0 }
-    }
-
-    /// Post a chain of (addr, len, device-writable) buffers; returns the head index.
-    pub fn post(&mut self, bufs: &[(u64, u32, bool)]) -> u16 {
-        let head = self.next_desc;
-        for (i, &(addr, len, write)) in bufs.iter().enumerate() {
-            let idx = (head + i as u16) % QSIZE;
-            let mut flags = if write { VRING_DESC_F_WRITE as u16 } else { 0 };
-            if i + 1 < bufs.len() {
-                flags |= VRING_DESC_F_NEXT as u16;
-            }
-            let desc = SplitDescriptor::new(addr, len, flags, (idx + 1) % QSIZE);
-            self.mock.desc_table().store(idx, RawDescriptor::from(desc)).unwrap();
-        }
-        self.next_desc = (head + bufs.len() as u16) % QSIZE;
-        let slot = self.avail + 4 + 2 * u64::from(self.avail_idx % QSIZE);
-        self.mem.write_obj(head, GuestAddress(slot)).unwrap();
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        self.mem.write_obj(self.avail_idx, GuestAddress(self.avail + 2)).unwrap();
-        head
-    }
-
-    /// Where [`Ring::new`] puts the used ring of a queue at `base`.
-    pub fn used_ring_of(base: u64) -> u64 {
-        let avail = base + 16 * u64::from(QSIZE);
-        (avail + 6 + 2 * u64::from(QSIZE) + 3) & !3
-    }
-
-    pub fn used_idx(&self) -> u16 {
-        self.mem.read_obj(GuestAddress(self.used + 2)).unwrap()
-    }
-
-    /// Used entries since the last call: (head, len).
-    pub fn used(&mut self) -> Vec<(u16, u32)> {
-        let idx = self.used_idx();
-        let mut out = Vec::new();
-        while self.next_used != idx {
-            let elem = self.used + 4 + 8 * u64::from(self.next_used % QSIZE);
-            let id: u32 = self.mem.read_obj(GuestAddress(elem)).unwrap();
-            let len: u32 = self.mem.read_obj(GuestAddress(elem + 4)).unwrap();
-            out.push((id as u16, len));
-            self.next_used = self.next_used.wrapping_add(1);
-        }
-        out
-    }
-
-    pub fn queue(&self) -> Queue {
-        let mut q = Queue::new(QSIZE).unwrap();
-        q.set_size(QSIZE);
-        q.set_desc_table_address(Some(self.desc as u32), Some((self.desc >> 32) as u32));
-        q.set_avail_ring_address(Some(self.avail as u32), Some((self.avail >> 32) as u32));
-        q.set_used_ring_address(Some(self.used as u32), Some((self.used >> 32) as u32));
-        q.set_ready(true);
-        q
-    }
-}
 
 pub fn encode(h: &Header) -> [u8; HEADER_SIZE] {
     let mut b = [0u8; HEADER_SIZE];
@@ -183,16 +90,16 @@ impl Guest {
         let uds = dir.path().join("vsock.sock");
         let listener = UnixListener::bind(&uds).unwrap();
         listener.set_nonblocking(true).unwrap();
-        let rx = Ring::new(mem, 0x0);
-        let tx = Ring::new(mem, 0x1_0000);
-        let ev = Ring::new(mem, 0x2_0000);
+        let rx = Ring::new(mem, 0x0, QSIZE);
+        let tx = Ring::new(mem, 0x1_0000, QSIZE);
+        let ev = Ring::new(mem, 0x2_0000, QSIZE);
         let interrupts = Arc::new(CountingInterrupt(AtomicUsize::new(0)));
         let muxer = Muxer::new(GUEST_CID, uds.clone(), Arc::new(listener)).unwrap();
         let kick = || EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let handler = VsockHandler::new(
             mem.clone(),
             interrupts.clone(),
-            [rx.queue(), tx.queue(), ev.queue()],
+            [rx.queue(false), tx.queue(false), ev.queue(false)],
             [kick(), kick(), kick()],
             muxer,
             Arc::new(AtomicBool::new(false)),
@@ -265,7 +172,7 @@ impl Guest {
         self.mem.read_slice(&mut after, GuestAddress(0)).unwrap();
 
         let used_ring_bytes = 4 + 8 * u64::from(QSIZE) + 2;
-        let ev_used = Ring::used_ring_of(0x2_0000);
+        let ev_used = Ring::used_ring_of(0x2_0000, QSIZE);
         let mut allowed: Vec<std::ops::Range<u64>> = [self.rx.used, self.tx.used, ev_used]
             .iter()
             .map(|&used| used..used + used_ring_bytes)

@@ -562,7 +562,7 @@ fn vsock_device_through_mmio_and_event_loop() {
     w(&mut t, 0x070, up | VIRTIO_CONFIG_S_FEATURES_OK);
     let mut rings = Vec::new();
     for q in 0..3u32 {
-        let ring = Ring::new(mem, u64::from(q) * 0x1_0000);
+        let ring = Ring::new(mem, u64::from(q) * 0x1_0000, QSIZE);
         w(&mut t, 0x030, q);
         assert_eq!(r(&mut t, 0x034), 256);
         w(&mut t, 0x038, u32::from(QSIZE));
