@@ -43,8 +43,7 @@ rc=0
 run_in_runner "${bins[@]}" || rc=$?
 # 125: the outer VM itself failed (its kernel oopsed, crashed or hung under the emulated SVM —
 # the runner printed its console); that is not a test result. The binaries that had not finished
-# get a fresh runner boot, at most three times (a clean-clone run of stop 17 needed two);
-# what had finished keeps its result.
+# get a fresh runner boot, at most three times; what had finished keeps its result.
 boots=1
 while [ "$rc" -eq 125 ] && [ "${TERN_KVM_RETRY:-1}" = 1 ] && [ $boots -lt 4 ]; do
 	remaining=()

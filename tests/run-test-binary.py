@@ -14,9 +14,8 @@ both of a guest that never got far enough to run tern's code (README, "Tests"):
   emulated SVM that happens now and then;
 - a guest that never got going: its agent never answered at boot (tern's error says
   `the agent never became ready (guest: N vCPU exits, …)`). In the runner this comes with
-  the emulated SVM's other failures: a guest stuck before its vsock driver started (stop 8's
-  CI), or one of four guests booting at once with 261 vCPU exits after 60 s, a tenth of a
-  normal boot (stop 9's). A guest whose agent is missing or broken fails the same way twice,
+  the emulated SVM's other failures: a guest stuck before its vsock driver started, or one
+  of four guests booting at once with 261 vCPU exits after 60 s, a tenth of a normal boot. A guest whose agent is missing or broken fails the same way twice,
   and the rerun shows it.
 When every failed test's report shows one of these, those tests run once more (`--exact`),
 loudly; a second failure of any kind fails the binary, and every rerun is

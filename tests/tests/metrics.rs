@@ -500,8 +500,7 @@ where
 }
 
 /// Every wait below is bounded and names its step when it runs out; progress lines on stderr
-/// show where a run that is killed from outside had got to (it hung once, in the 18:08 run of
-/// stop 7, with no output at all).
+/// show where a run that is killed from outside had got to.
 #[test]
 fn monitor_labels_a_cri_pod_with_its_metadata() {
     let progress = Progress::new("monitor_labels_a_cri_pod");
