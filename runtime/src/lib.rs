@@ -1,7 +1,9 @@
 //! tern's runtime: configuration, the agent client and the sandbox (one microVM with its agent).
 //!
-//! This crate is the only one that knows both the VMM (`vmm`) and the agent protocol
-//! (`tern-protocol`). The `tern` CLI lives in `src/bin/tern.rs` and `src/cli/`.
+//! It reaches the VMM only through `vmm::api` and speaks the agent protocol (`tern-protocol`)
+//! as the host side. The `tern` CLI lives in `src/bin/tern/` (one module per subcommand), the
+//! containerd shim's entry point in `src/bin/containerd-shim-tern-v2.rs` and its Task service
+//! in `src/shim/`.
 
 pub mod agent;
 pub mod config;

@@ -66,6 +66,14 @@ async fn start_pod(
     Ok((sandbox, log_dir.join("main.log"), t0.elapsed()))
 }
 
+/// The ids of the pod sandboxes CRI lists for `handler`.
+async fn batch_sandboxes(cri: &Cri, handler: &str) -> Vec<String> {
+    match cri.client().list_pod_sandboxes().await {
+        Ok(all) => all.into_iter().filter(|s| s.runtime_handler == handler).map(|s| s.id).collect(),
+        Err(e) => panic!("ListPodSandbox: {e}"),
+    }
+}
+
 fn run_batch(ctrd: &TestContainerd, cri: &Cri, handler: &'static str, pods: usize) -> Batch {
     let log_root = ctrd.dir().join("bench-logs");
     let avail_before = meminfo_kib("MemAvailable:");
@@ -108,8 +116,14 @@ fn run_batch(ctrd: &TestContainerd, cri: &Cri, handler: &'static str, pods: usiz
     let mut starts: Vec<Duration> = started.iter().map(|(_, _, d)| *d).collect();
     starts.sort();
     let median_pod_start = starts.get(starts.len() / 2).copied().unwrap_or_default();
-    // Tear down (concurrently, as kubelet would for a node drain).
-    let ids: Vec<String> = started.iter().map(|(id, _, _)| id.clone()).collect();
+    // Tear down (concurrently, as kubelet would for a node drain) every pod of this handler that
+    // CRI knows, not only those that started: a pod whose container failed to start still has its
+    // sandbox, and with it a shim and a VM, until RemovePodSandbox.
+    let ids = cri.block_on(batch_sandboxes(cri, handler));
+    let unstarted = ids.iter().filter(|id| !started.iter().any(|(s, _, _)| s == *id)).count();
+    if unstarted > 0 {
+        eprintln!("{handler}: removing {unstarted} pod sandbox(es) whose container did not start");
+    }
     cri.block_on(async {
         let tasks: Vec<_> = ids
             .into_iter()
