@@ -59,7 +59,8 @@ impl Default for ShimSection {
 pub struct FsSection {
     /// What the guest may cache of a share: "never", "auto" (close-to-open, 1 s metadata) or
     /// "always" (for shares only the guest changes).
-    pub cache: FsCache,
+    #[serde(deserialize_with = "cache_policy")]
+    pub cache: CachePolicy,
     /// How watchable mounts follow the host: "events" (the VMM pushes change records) or
     /// "poll" (the agent rescans every 2 s, like Kata; the benchmark baseline).
     pub watch_mode: WatchMode,
@@ -69,28 +70,13 @@ pub struct FsSection {
 
 impl Default for FsSection {
     fn default() -> Self {
-        FsSection { cache: FsCache::Auto, watch_mode: WatchMode::Events, resync_interval_secs: 60 }
+        FsSection { cache: CachePolicy::Auto, watch_mode: WatchMode::Events, resync_interval_secs: 60 }
     }
 }
 
-/// `fs.cache` values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FsCache {
-    Never,
-    Auto,
-    Always,
-}
-
-impl FsCache {
-    /// The VMM's cache policy for this setting.
-    pub fn policy(self) -> CachePolicy {
-        match self {
-            FsCache::Never => CachePolicy::Never,
-            FsCache::Auto => CachePolicy::Auto,
-            FsCache::Always => CachePolicy::Always,
-        }
-    }
+/// `fs.cache`: the VMM's [`CachePolicy`], by name.
+fn cache_policy<'de, D: serde::Deserializer<'de>>(de: D) -> Result<CachePolicy, D::Error> {
+    String::deserialize(de)?.parse().map_err(serde::de::Error::custom)
 }
 
 /// `[vm]`: how each microVM is built.
@@ -227,7 +213,7 @@ mod tests {
     fn fs_section_parses() {
         let c: Config =
             toml::from_str("[fs]\ncache = \"never\"\nwatch_mode = \"poll\"\nresync_interval_secs = 5\n").unwrap();
-        assert_eq!(c.fs.cache.policy(), CachePolicy::Never);
+        assert_eq!(c.fs.cache, CachePolicy::Never);
         assert_eq!(c.fs.watch_mode, WatchMode::Poll);
         assert!(toml::from_str::<Config>("[fs]\ncache = \"sometimes\"\n").is_err());
         let mut c = Config::default();

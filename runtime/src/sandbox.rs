@@ -55,7 +55,7 @@ pub struct GuestReport(String);
 
 impl GuestReport {
     fn of(vm: &VmHandle) -> GuestReport {
-        use vmm::metrics::ExitReason;
+        use vmm::ExitReason;
         let m = vm.metrics().snapshot();
         let exits: u64 = m.exits.iter().map(|(_, n)| n).sum();
         let virtio: u64 = m
@@ -234,7 +234,7 @@ impl Sandbox {
     }
 
     /// The VM's counters (vCPU exits, virtio queues, fs requests, vsock bytes), for metrics.
-    pub fn vm_metrics(&self) -> std::sync::Arc<vmm::metrics::VmMetrics> {
+    pub fn vm_metrics(&self) -> std::sync::Arc<vmm::VmMetrics> {
         self.vm.metrics()
     }
 

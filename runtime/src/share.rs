@@ -127,7 +127,7 @@ pub fn plan_shares(specs: &[ShareSpec], fs: &FsSection) -> Result<Vec<PlannedSha
                 read_only: spec.read_only,
                 // The mirror must read what the host has now: a cached `..data` lookup or
                 // file size would settle it to stale contents that no later record corrects.
-                cache: if spec.watch { CachePolicy::Never } else { fs.cache.policy() },
+                cache: if spec.watch { CachePolicy::Never } else { fs.cache },
                 watch: spec.watch,
             },
             mount: MountRequest {
@@ -213,7 +213,7 @@ mod tests {
             parse_share_arg(&format!("{host}:/a")).unwrap(),
             parse_share_arg(&format!("{host}:/b:ro:watch")).unwrap(),
         ];
-        let fs = FsSection { cache: crate::config::FsCache::Never, watch_mode: WatchMode::Poll, ..FsSection::default() };
+        let fs = FsSection { cache: CachePolicy::Never, watch_mode: WatchMode::Poll, ..FsSection::default() };
         let plan = plan_shares(&specs, &fs).unwrap();
         assert_eq!(plan[0].config.name, "s0");
         assert_eq!(plan[1].mount.share, "s1");

@@ -66,7 +66,7 @@ fn main() -> ExitCode {
         vsock,
         fs_shares: Vec::new(),
         fs_device: false,
-        watch_resync_interval: tern_protocol::watch::DEFAULT_RESYNC_INTERVAL,
+        watch_resync_interval: tern_change_records::DEFAULT_RESYNC_INTERVAL,
         net: Vec::new(),
     };
 

@@ -2,114 +2,21 @@
 //! ([`Vmm::start`]), and drive it through the returned [`VmHandle`]. Errors are values;
 //! nothing here panics the caller. Dropping the handle stops the VM and joins its threads.
 
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::boot::cmdline::CmdlineError;
-use crate::boot::BootError;
 use crate::builder::{self, RunningVm};
-use crate::devices::bus::BusError;
-pub use crate::devices::legacy::TAIL_BYTES as CONSOLE_TAIL_BYTES;
+pub use crate::config::{ConsoleOutput, NetConfig, VmConfig, VsockConfig};
+pub use crate::fs_watcher::WatcherCounters;
+use crate::fs_watcher::ShareWatchers;
+pub use crate::devices::fs::{CachePolicy, ShareConfig, ShareError, UnknownCachePolicy};
 use crate::devices::legacy::ConsoleTail;
-pub use crate::devices::fs::watcher::WatcherCounters;
-use crate::devices::fs::watcher::ShareWatchers;
-pub use crate::devices::fs::{CachePolicy, ShareConfig, ShareError};
+pub use crate::devices::legacy::TAIL_BYTES as CONSOLE_TAIL_BYTES;
+pub use crate::error::VmmError;
+pub use crate::layout::{MAX_VCPUS, MIN_MEMORY_MIB};
 use crate::lifecycle::{VmLifecycle, VmOutcome};
 use crate::metrics::VmMetrics;
-use crate::vstate::kvm::KvmError;
-use crate::vstate::memory::MemoryError;
-use crate::vstate::vcpu::{VcpuRunError, VcpuSetupError};
-use crate::vstate::vm::VmError;
-
-/// Everything needed to start a VM.
-#[derive(Debug, Clone)]
-pub struct VmConfig {
-    /// Number of vCPUs (1 to [`MAX_VCPUS`](crate::boot::layout::MAX_VCPUS)).
-    pub vcpus: u8,
-    /// Guest RAM in MiB (at least [`MIN_MEMORY_MIB`](crate::boot::layout::MIN_MEMORY_MIB)).
-    pub memory_mib: u32,
-    /// Guest kernel: an ELF `vmlinux` or a `bzImage`.
-    pub kernel: PathBuf,
-    /// Initramfs (a cpio archive, optionally compressed).
-    pub initrd: Option<PathBuf>,
-    /// Extra kernel arguments, appended after tern's defaults and the device entries.
-    pub cmdline: String,
-    /// Where the serial console goes.
-    pub console: ConsoleOutput,
-    /// The vsock device, if any.
-    pub vsock: Option<VsockConfig>,
-    /// Host directories shared with the guest at boot through the virtio-fs device.
-    pub fs_shares: Vec<ShareConfig>,
-    /// Create the virtio-fs device even without shares, so that shares can be added later
-    /// with [`VmHandle::add_fs_share`]. The device (one per VM, tag `tern`) exists iff this is
-    /// true or `fs_shares` is not empty; a VM without it cannot gain one later, since virtio-mmio
-    /// devices are fixed at boot.
-    pub fs_device: bool,
-    /// How often the host watcher sends a full resync of every watchable share, the safety
-    /// net under change records (default [`tern_protocol::watch::DEFAULT_RESYNC_INTERVAL`]).
-    pub watch_resync_interval: std::time::Duration,
-    /// One virtio-net device per entry, in this order (after vsock and virtio-fs in the
-    /// virtio-mmio slots). Their queues run on a `tern-net` thread of their own, started only
-    /// when this is not empty.
-    pub net: Vec<NetConfig>,
-}
-
-impl VmConfig {
-    /// Whether the VM gets a virtio-fs device (see [`VmConfig::fs_device`]).
-    pub fn has_fs_device(&self) -> bool {
-        self.fs_device || !self.fs_shares.is_empty()
-    }
-}
-
-/// Destination of the guest's serial console.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ConsoleOutput {
-    /// The VMM process's standard output.
-    Stdout,
-    /// The VMM process's standard error.
-    Stderr,
-    /// Appended to a file (created if missing).
-    File(PathBuf),
-    /// Thrown away.
-    Discard,
-}
-
-/// A virtio-vsock device whose host side is a unix socket.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VsockConfig {
-    /// The guest's context id (3 or more; 0–2 are reserved).
-    pub guest_cid: u32,
-    /// Host unix socket: clients connect and send `CONNECT <port>\n`.
-    pub uds_path: PathBuf,
-}
-
-/// A virtio-net device backed by a host tap.
-#[derive(Debug, Clone)]
-pub struct NetConfig {
-    /// The tap, opened by the caller with `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR` (in the pod's
-    /// netns). The device keeps a duplicate and makes the open file non-blocking; on activation
-    /// it sets the vnet header size (12) and the offloads the guest acked.
-    pub tap: std::sync::Arc<std::os::fd::OwnedFd>,
-    /// The guest interface's MAC address (unicast).
-    pub mac: [u8; 6],
-    /// The guest interface's MTU (68 or more).
-    pub mtu: u16,
-    /// The host tap's name: used in logs and as the `device` label of the net metrics, so
-    /// unique within a VM.
-    pub name: String,
-}
-
-/// How a VM ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum VmExit {
-    /// The guest asked for a reset (i8042 reset command, as with `reboot=k`).
-    Reset,
-    /// The guest shut down, triple-faulted (as with `reboot=t`) or halted for good.
-    Shutdown,
-    /// [`VmHandle::stop`] ended it.
-    Stopped,
-}
+pub use crate::vstate::vcpu::VmExit;
 
 /// Points in a VM's life, for boot-time measurements.
 #[derive(Debug, Clone, Copy)]
@@ -120,71 +27,6 @@ pub struct BootTimings {
     pub vcpus_started: Option<Instant>,
     /// When the VM's outcome was decided.
     pub exit: Option<Instant>,
-}
-
-/// Errors starting or running a VM.
-#[derive(Debug, thiserror::Error)]
-pub enum VmmError {
-    /// The configuration is unusable as given.
-    #[error("invalid VM configuration: {0}")]
-    InvalidConfig(String),
-    /// KVM is missing or lacks something tern needs.
-    #[error("KVM is not usable")]
-    Kvm(#[from] KvmError),
-    /// Guest RAM could not be created.
-    #[error("cannot create guest memory")]
-    Memory(#[from] MemoryError),
-    /// The VM could not be created or wired up.
-    #[error("cannot set up the KVM VM")]
-    Vm(#[from] VmError),
-    /// The kernel command line is unusable.
-    #[error("cannot build the kernel command line")]
-    Cmdline(#[from] CmdlineError),
-    /// The kernel, initramfs or boot structures could not be loaded.
-    #[error("cannot prepare the guest for boot")]
-    Boot(#[from] BootError),
-    /// A device could not be placed on a bus.
-    #[error("cannot place a device on the bus")]
-    Bus(#[from] BusError),
-    /// A device could not be created.
-    #[error("cannot set up the {device} device")]
-    Device {
-        device: &'static str,
-        #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
-    },
-    /// The serial console's output could not be opened.
-    #[error("cannot open the console output {path}")]
-    Console {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    /// A vCPU could not be set up.
-    #[error("cannot set up a vCPU")]
-    VcpuSetup(#[from] VcpuSetupError),
-    /// An eventfd for an interrupt or a queue notification could not be created.
-    #[error("cannot create an eventfd")]
-    EventFd(#[source] std::io::Error),
-    /// A VMM thread could not be started.
-    #[error("cannot start the {0} thread")]
-    Thread(&'static str, #[source] std::io::Error),
-    /// A share could not be added or removed.
-    #[error("cannot change the VM's fs shares")]
-    FsShare(#[from] ShareError),
-    /// A watchable share's host tree could not be watched.
-    #[error("cannot watch a share for changes")]
-    Watch(#[from] crate::devices::fs::watcher::WatchError),
-    /// The VM has ended; it can no longer be changed.
-    #[error("the VM is not running")]
-    NotRunning,
-    /// A vCPU failed while running the guest.
-    #[error("vCPU {index} stopped the VM")]
-    Vcpu {
-        index: u8,
-        #[source]
-        source: VcpuRunError,
-    },
 }
 
 /// Which KVM implementation the host runs, as far as loaded modules tell.
@@ -325,6 +167,12 @@ impl VmHandle {
         self.console_tail.text()
     }
 
+    /// Bytes of console output lost because [`VmConfig::console`]'s destination could not keep
+    /// up (the guest never waits for its console).
+    pub fn console_dropped_bytes(&self) -> u64 {
+        self.console_tail.dropped_bytes()
+    }
+
     /// The VM's counters (vCPU exits, queue notifications, fs requests, vsock bytes, traffic
     /// per net device). They stay readable after the VM ended.
     pub fn metrics(&self) -> Arc<VmMetrics> {
@@ -375,6 +223,7 @@ impl Drop for VmHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::vstate::vcpu::VcpuRunError;
 
     fn assert_send_sync<T: Send + Sync>() {}
 

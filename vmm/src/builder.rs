@@ -11,15 +11,16 @@ use std::sync::{Arc, Mutex};
 
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::api::{ConsoleOutput, VmConfig, VmExit, VmmError};
+use crate::config::{ConsoleOutput, VmConfig};
+use crate::error::VmmError;
 use crate::boot::cmdline::{build_cmdline, MmioDeviceSlot};
-use crate::boot::layout::{
+use crate::layout::{
     MAX_IRQ, MAX_VCPUS, VIRTIO_FIRST_IRQ, VIRTIO_MMIO_BASE, VIRTIO_MMIO_WINDOW,
 };
-use crate::boot::prepare_guest_memory;
+use crate::boot::{prepare_guest_memory, vcpu_boot_state};
 use crate::devices::bus::{MmioBus, PioBus};
 use crate::devices::event_loop::{EventLoop, EventLoopHandle, EventLoopThread};
-use crate::devices::fs::watcher::ShareWatchers;
+use crate::fs_watcher::ShareWatchers;
 use crate::devices::fs::{FsShares, VirtioFs, FS_TAG};
 use crate::devices::legacy::{
     ConsoleTail, ConsoleWriter, I8042ResetPort, SerialConsole, COM1_IRQ, COM1_PORT, COM1_PORT_COUNT,
@@ -27,21 +28,20 @@ use crate::devices::legacy::{
 };
 use crate::devices::net::Net;
 use crate::devices::virtio::mmio::MmioTransport;
-use crate::devices::virtio::{GuestMemory, VirtioDevice};
+use crate::devices::virtio::VirtioDevice;
+use crate::memory::GuestMemory;
 use crate::devices::vsock::Vsock;
 use crate::lifecycle::VmLifecycle;
 use crate::metrics::VmMetrics;
 use crate::vstate::kvm::KvmSystem;
-use crate::vstate::memory::create_guest_memory;
-use crate::vstate::vcpu::{install_kick_handler, Vcpu, VcpuRunContext};
+use crate::memory::create_guest_memory;
+use crate::vstate::vcpu::{install_kick_handler, Vcpu, VcpuRunContext, VmExit};
 use crate::vstate::vm::Vm;
 
 /// Offset of the virtio-mmio QueueNotify register.
 const VIRTIO_MMIO_QUEUE_NOTIFY: u64 = 0x50;
 /// Context ids 0–2 are the hypervisor, local and host; `u32::MAX` is "any".
 const FIRST_GUEST_CID: u32 = 3;
-/// The thread of the net devices' event loop.
-const NET_THREAD_NAME: &str = "tern-net";
 
 /// What a started VM owns besides its vCPU threads.
 pub(crate) struct RunningVm {
@@ -332,7 +332,7 @@ pub(crate) fn build_and_start(
     for index in 0..config.vcpus {
         let vcpu = vm.create_vcpu(index)?;
         let entry = (index == 0).then_some(boot.entry.0);
-        vcpu.configure(&kvm, &supported_cpuid, config.vcpus, entry)?;
+        vcpu.configure(&vcpu_boot_state(&kvm, &supported_cpuid, index, config.vcpus, entry))?;
         vcpus.push(vcpu);
     }
 
@@ -347,7 +347,7 @@ pub(crate) fn build_and_start(
         .spawn()
         .map_err(|err| VmmError::Thread("device event loop", err))?;
     let net_event_loop = net_event_loop
-        .map(|net_loop| net_loop.spawn_named(NET_THREAD_NAME))
+        .map(|net_loop| net_loop.spawn_named(crate::threads::NET))
         .transpose()
         .map_err(|err| VmmError::Thread("net event loop", err))?;
     let running = RunningVm {
@@ -367,7 +367,7 @@ pub(crate) fn build_and_start(
         let context = VcpuRunContext {
             pio: running.pio.clone(),
             mmio: running.mmio.clone(),
-            lifecycle: lifecycle.clone(),
+            supervisor: lifecycle.clone(),
             metrics: metrics.clone(),
         };
         match vcpu.spawn(context) {

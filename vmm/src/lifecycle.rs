@@ -8,8 +8,7 @@ use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::api::VmExit;
-use crate::vstate::vcpu::{kick_vcpu_thread, VcpuRunError};
+use crate::vstate::vcpu::{kick_vcpu_thread, VcpuRunError, VcpuSupervisor, VmExit};
 
 /// How long `join_vcpus` keeps kicking a vCPU that has not left `KVM_RUN`.
 const VCPU_JOIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -154,6 +153,20 @@ impl VmLifecycle {
                 );
             }
         }
+    }
+}
+
+impl VcpuSupervisor for VmLifecycle {
+    fn is_stopping(&self) -> bool {
+        VmLifecycle::is_stopping(self)
+    }
+
+    fn mark_first_guest_entry(&self) {
+        VmLifecycle::mark_first_guest_entry(self)
+    }
+
+    fn vcpu_ended(&self, index: u8, result: Result<VmExit, VcpuRunError>) {
+        self.finish(result.map_err(|error| VcpuFault { index, error }));
     }
 }
 

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// Why a vCPU left `KVM_RUN`, as counted by [`VmMetrics::exits`].
+/// Why a vCPU left `KVM_RUN`, as counted by `VmMetrics::exits`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ExitReason {
     /// Port-I/O read (`KVM_EXIT_IO`, in).
@@ -227,13 +227,13 @@ impl VsockMetrics {
     }
 
     /// Payload bytes of a data packet put in a guest rx buffer.
-    pub fn to_guest(&self, bytes: u32) {
+    pub fn sent_to_guest(&self, bytes: u32) {
         self.bytes_to_guest
             .fetch_add(u64::from(bytes), Ordering::Relaxed);
     }
 
     /// Payload bytes of a data packet the guest sent.
-    pub fn from_guest(&self, bytes: u32) {
+    pub fn received_from_guest(&self, bytes: u32) {
         self.bytes_from_guest
             .fetch_add(u64::from(bytes), Ordering::Relaxed);
     }
@@ -375,7 +375,7 @@ pub struct VmMetricsSnapshot {
     /// virtio-fs queue notifications, by queue index (0 hiprio, 1 request).
     pub fs_queue_notifications: Vec<u64>,
     /// `(FUSE opcode, requests)` for opcodes seen at least once; opcode
-    /// [`FUSE_OPCODE_SLOTS`] stands for every larger one.
+    /// `FUSE_OPCODE_SLOTS` stands for every larger one.
     pub fs_ops: Vec<(u32, u64)>,
     /// virtio-fs requests that failed in the server or were refused.
     pub fs_errors: u64,
@@ -536,8 +536,8 @@ mod tests {
         m.fs.request_refused();
         m.fs.device.queue_notified(1, 3);
         m.fs.device.queue_notified(7, 3);
-        m.vsock.to_guest(100);
-        m.vsock.from_guest(7);
+        m.vsock.sent_to_guest(100);
+        m.vsock.received_from_guest(7);
         let s = m.snapshot();
         let exits: std::collections::HashMap<_, _> = s.exits.iter().copied().collect();
         assert_eq!(exits[&ExitReason::MmioWrite], 2);

@@ -88,7 +88,7 @@ fn config(kernel: PathBuf, vcpus: u8) -> VmConfig {
         vsock: None,
         fs_shares: Vec::new(),
         fs_device: false,
-        watch_resync_interval: tern_protocol::watch::DEFAULT_RESYNC_INTERVAL,
+        watch_resync_interval: tern_change_records::DEFAULT_RESYNC_INTERVAL,
         net: Vec::new(),
     }
 }

@@ -27,16 +27,15 @@ pub const AGENT_RPC_PORT: u32 = 1024;
 /// vsock port on which the agent accepts process stdio streams.
 pub const AGENT_STREAM_PORT: u32 = 1025;
 /// vsock port on which the agent accepts change-record streams from the VMM's fs watcher
-/// (see [`watch`]).
-pub const AGENT_WATCH_PORT: u32 = 1026;
-/// virtio-fs tag of the VM's one fs device; every share is a subdirectory of it.
-pub const FS_TAG: &str = "tern";
+/// (see [`watch`]), and the virtio-fs tag of the VM's one fs device (every share is a
+/// subdirectory of it): defined with the change records, the one crate the VMM shares with the agent.
+pub use tern_change_records::{AGENT_WATCH_PORT, FS_TAG};
 /// Where the agent mounts the virtio-fs device in the guest; share `S` is `<this>/S`.
 pub const GUEST_SHARES_ROOT: &str = "/run/tern/shares";
 /// Line the agent writes to the console when it is ready to serve (used for boot timing).
 pub const READY_MARKER: &str = "TERN-AGENT-READY";
 /// Largest frame either side accepts; a larger length prefix is a protocol error.
-pub const MAX_FRAME_LEN: usize = 4 << 20;
+pub use tern_change_records::MAX_FRAME_LEN;
 
 /// A request from the runtime to the agent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -386,6 +385,17 @@ pub enum ProtocolError {
     Decode(#[from] serde_json::Error),
     #[error("peer closed the connection")]
     Closed,
+}
+
+impl From<tern_change_records::FrameError> for ProtocolError {
+    fn from(err: tern_change_records::FrameError) -> Self {
+        use tern_change_records::FrameError;
+        match err {
+            FrameError::Io(err) => ProtocolError::Io(err),
+            FrameError::TooLarge(len) => ProtocolError::FrameTooLarge(len),
+            FrameError::Closed => ProtocolError::Closed,
+        }
+    }
 }
 
 /// Send one message as a frame.

@@ -8,7 +8,7 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
-use vmm::metrics::HistogramSnapshot;
+use vmm::HistogramSnapshot;
 
 /// Label pairs of one sample.
 pub type Labels = Vec<(&'static str, String)>;

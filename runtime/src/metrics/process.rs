@@ -1,9 +1,11 @@
 //! The shim process as the host sees it (`/proc/self`): memory, CPU time, threads by role,
 //! file descriptors by kind. The VMM runs inside this process, so the split is by thread
-//! name (`tern-vcpu*` are vCPUs, other `tern-*`/`vmm-*` threads the VMM's devices) and by fd
-//! target (`anon_inode:kvm-*` and eventfds belong to the VM).
+//! name (the VMM's table of thread names, read with [`vmm::thread_role`]) and by fd target
+//! (`anon_inode:kvm-*` and eventfds belong to the VM).
 
 use std::path::Path;
+
+use vmm::{thread_role, ThreadRole};
 
 /// What `/proc/<pid>` says about one process.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -43,9 +45,9 @@ pub fn read(proc_dir: &Path) -> ProcessStats {
         for task in tasks.flatten() {
             let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
             match thread_role(comm.trim()) {
-                ThreadRole::Vcpu => s.vcpu_threads += 1,
-                ThreadRole::Vmm => s.vmm_threads += 1,
-                ThreadRole::Runtime => {}
+                Some(ThreadRole::Vcpu) => s.vcpu_threads += 1,
+                Some(ThreadRole::Vmm) => s.vmm_threads += 1,
+                None => {}
             }
         }
     }
@@ -62,24 +64,6 @@ pub fn read(proc_dir: &Path) -> ProcessStats {
         }
     }
     s
-}
-
-#[derive(Debug, PartialEq, Eq)]
-enum ThreadRole {
-    Vcpu,
-    Vmm,
-    Runtime,
-}
-
-/// The VMM names its threads `tern-vcpu<N>`, `tern-…` (event loop, console) or `vmm-…`.
-fn thread_role(comm: &str) -> ThreadRole {
-    if comm.starts_with("tern-vcpu") {
-        ThreadRole::Vcpu
-    } else if comm.starts_with("tern-") || comm.starts_with("vmm-") || comm.starts_with("fs-") {
-        ThreadRole::Vmm
-    } else {
-        ThreadRole::Runtime
-    }
 }
 
 /// utime, stime (ticks) and num_threads; fields counted from the last `)` of the name.
@@ -116,10 +100,22 @@ mod tests {
     }
 
     #[test]
-    fn thread_roles() {
-        assert_eq!(thread_role("tern-vcpu0"), ThreadRole::Vcpu);
-        assert_eq!(thread_role("tern-events"), ThreadRole::Vmm);
-        assert_eq!(thread_role("tokio-runtime-w"), ThreadRole::Runtime);
+    fn counts_threads_by_the_vmm_role_table() {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let (started_tx, started) = std::sync::mpsc::channel::<()>();
+        // The new thread sets its own name as it starts: wait for it before reading comm.
+        let vcpu = std::thread::Builder::new()
+            .name("tern-vcpu7".into())
+            .spawn(move || {
+                let _ = started_tx.send(());
+                rx.recv()
+            })
+            .unwrap();
+        started.recv().unwrap();
+        let s = read(Path::new("/proc/self"));
+        drop(tx);
+        let _ = vcpu.join();
+        assert!(s.vcpu_threads >= 1, "{s:?}");
     }
 
     #[test]

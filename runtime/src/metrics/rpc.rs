@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::LazyLock;
 use std::time::Duration;
 
-use vmm::metrics::{AtomicHistogram, HistogramSnapshot};
+use vmm::{AtomicHistogram, HistogramSnapshot};
 
 /// Upper bounds (seconds) of the RPC latency histograms.
 pub const RPC_LATENCY_BUCKETS: [f64; 7] = [0.001, 0.005, 0.02, 0.1, 0.5, 2.0, 10.0];

@@ -15,7 +15,7 @@ use tern_protocol::{GuestStats, AGENT_RPC_PORT, WATCH_APPLY_BUCKETS};
 use tokio::net::UnixListener;
 use tokio::task::JoinHandle;
 use vmm::api::WatcherCounters;
-use vmm::metrics::{fuse_opcode_name, HistogramSnapshot, VmMetrics, VmMetricsSnapshot};
+use vmm::{fuse_opcode_name, HistogramSnapshot, VmMetrics, VmMetricsSnapshot};
 
 use super::exposition::{encode, Family, Labels, Value};
 use super::http::{self, Handler, Request, Response, PROMETHEUS_TEXT};
@@ -486,9 +486,9 @@ mod tests {
 
     fn sample_snapshot(guest: bool) -> ShimSnapshot {
         let vm = VmMetrics::default();
-        vm.exit(vmm::metrics::ExitReason::MmioWrite);
+        vm.exit(vmm::ExitReason::MmioWrite);
         vm.fs.request_served(1, Duration::from_micros(80), false);
-        vm.vsock.to_guest(42);
+        vm.vsock.sent_to_guest(42);
         let net = vm.add_net_device("tap0_tern");
         net.rx_frame(1500);
         net.tx_dropped();

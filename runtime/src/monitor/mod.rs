@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use vmm::metrics::AtomicHistogram;
+use vmm::AtomicHistogram;
 
 use crate::cri::PodMeta;
 use crate::metrics::exposition::{self, Family, Value};

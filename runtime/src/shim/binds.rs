@@ -206,7 +206,7 @@ fn share_binds_inner(
                         name: share.clone(),
                         host_dir: bind.source.clone(),
                         read_only: bind.read_only,
-                        cache: fs.cache.policy(),
+                        cache: fs.cache,
                         watch: false,
                     },
                     mount: MountRequest {

@@ -283,7 +283,7 @@ impl TaskService {
             name: share.to_owned(),
             host_dir: rootfs.to_path_buf(),
             read_only: false,
-            cache: config.fs.cache.policy(),
+            cache: config.fs.cache,
             watch: false,
         };
         let inner = Arc::clone(&self.inner);

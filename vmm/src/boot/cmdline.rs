@@ -4,7 +4,7 @@
 
 use linux_loader::cmdline::Cmdline;
 
-use super::layout::CMDLINE_CAPACITY;
+use crate::layout::CMDLINE_CAPACITY;
 
 /// Arguments every tern guest gets: a quiet serial console (each byte is a VM exit), resets
 /// through the i8042 so the VMM sees them, no panic reboot loop, the legacy keyboard probed

@@ -12,9 +12,9 @@ use linux_loader::loader::bootparam::setup_header;
 use linux_loader::loader::{BzImage, Elf, KernelLoader};
 use vm_memory::{Bytes, GuestAddress};
 
-use super::layout::{HIMEM_START, MMIO_GAP_START, PAGE_SIZE};
+use crate::layout::{HIMEM_START, MMIO_GAP_START, PAGE_SIZE};
 use super::zero_page::InitrdPlacement;
-use crate::devices::virtio::GuestMemory;
+use crate::memory::GuestMemory;
 
 const ELF_MAGIC: &[u8; 4] = b"\x7fELF";
 const HDRS_MAGIC: &[u8; 4] = b"HdrS";

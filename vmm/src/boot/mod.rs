@@ -1,11 +1,11 @@
 //! Preparing guest memory for the first instruction, in this order: load the kernel (ELF or
 //! bzImage), load the initramfs high, write the command line, the zero page with its E820
 //! map, the MP table, the boot GDT/IDT and the identity page tables. What the vCPUs need
-//! from this (entry point, CPUID, MSRs, registers) is built in [`cpu`] and [`regs`].
+//! from this (entry point, CPUID, MSRs, registers) is built in [`cpu`] and [`regs`], and handed
+//! over as a [`VcpuBootState`] by [`vcpu_boot_state`].
 
 pub mod cmdline;
 pub mod cpu;
-pub mod layout;
 pub mod loader;
 pub mod mptable;
 pub mod regs;
@@ -16,11 +16,15 @@ use std::path::Path;
 use linux_loader::cmdline::Cmdline;
 use vm_memory::GuestAddress;
 
-use self::layout::CMDLINE_ADDR;
+use crate::layout::CMDLINE_ADDR;
+use crate::vstate::kvm::KvmSystem;
+use crate::vstate::vcpu::{EntryRegisters, VcpuBootState};
+use kvm_bindings::CpuId;
+
 use self::loader::{KernelFormat, LoadedKernel};
 use self::zero_page::{InitrdPlacement, ZeroPageInput};
-use crate::devices::virtio::GuestMemory;
-use crate::vstate::memory::{ram_end_below_gap, ram_regions};
+use crate::memory::GuestMemory;
+use crate::memory::{ram_end_below_gap, ram_regions};
 
 /// Boot protocol version from which the setup header states the command line limit.
 const BOOT_PROTOCOL_CMDLINE_SIZE: u16 = 0x0206;
@@ -111,4 +115,28 @@ pub fn prepare_guest_memory(
         format: kernel.format,
         initrd,
     })
+}
+
+/// The boot state of vCPU `index` of `num_cpus`: CPUID from what KVM supports, the boot MSRs,
+/// FPU and LAPIC; for the bootstrap vCPU (`entry` given) also the long-mode registers entering
+/// the kernel at `entry`.
+pub fn vcpu_boot_state(
+    kvm: &KvmSystem,
+    supported_cpuid: &CpuId,
+    index: u8,
+    num_cpus: u8,
+    entry: Option<u64>,
+) -> VcpuBootState {
+    let options = cpu::CpuidOptions {
+        apic_id: index,
+        num_cpus,
+        tsc_deadline_timer: kvm.has_tsc_deadline_timer(),
+    };
+    VcpuBootState {
+        cpuid: cpu::vcpu_cpuid(supported_cpuid, &options),
+        msrs: cpu::boot_msrs(),
+        fpu: regs::boot_fpu(),
+        lapic: cpu::lapic_with_lint_pins,
+        entry: entry.map(|entry| EntryRegisters { sregs: regs::long_mode_sregs, regs: regs::boot_regs(entry) }),
+    }
 }

@@ -5,8 +5,8 @@
 
 use vm_memory::{Bytes, GuestAddress};
 
-use super::layout::{APIC_ADDR, EBDA_END, EBDA_START, IOAPIC_ADDR, MAX_IRQ, MAX_VCPUS};
-use crate::devices::virtio::GuestMemory;
+use crate::layout::{APIC_ADDR, EBDA_END, EBDA_START, IOAPIC_ADDR, MAX_IRQ, MAX_VCPUS};
+use crate::memory::GuestMemory;
 
 const FLOATING_POINTER_LEN: usize = 16;
 const CONFIG_HEADER_LEN: usize = 44;

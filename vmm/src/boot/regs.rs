@@ -6,10 +6,10 @@
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, kvm_sregs};
 use vm_memory::{Bytes, GuestAddress};
 
-use super::layout::{
+use crate::layout::{
     BOOT_STACK_POINTER, GDT_ADDR, IDT_ADDR, PDPT_ADDR, PD_ADDR, PML4_ADDR, ZERO_PAGE_ADDR,
 };
-use crate::devices::virtio::GuestMemory;
+use crate::memory::GuestMemory;
 
 const CR0_PE: u64 = 1 << 0;
 const CR0_PG: u64 = 1 << 31;

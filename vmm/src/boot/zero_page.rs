@@ -7,10 +7,10 @@ use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header, KEEP_SEGMENTS};
 use vm_memory::GuestAddress;
 
-use super::layout::{
+use crate::layout::{
     BIOS_ROM_START, CMDLINE_ADDR, EBDA_END, EBDA_START, HIMEM_START, MMIO_GAP_START, ZERO_PAGE_ADDR,
 };
-use crate::devices::virtio::GuestMemory;
+use crate::memory::GuestMemory;
 
 /// `boot_flag` magic.
 const BOOT_FLAG_MAGIC: u16 = 0xaa55;
@@ -148,7 +148,7 @@ pub fn write_zero_page(mem: &GuestMemory, params: &boot_params) -> Result<(), Ze
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::boot::layout::FIRST_ADDR_PAST_32BITS;
+    use crate::layout::FIRST_ADDR_PAST_32BITS;
     use vm_memory::Bytes;
 
     #[test]

@@ -5,6 +5,8 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
+use crate::vstate::vcpu::GuestIoBus;
+
 /// A device that answers bus accesses (offsets are relative to the device's base address).
 pub trait BusDevice: Send {
     /// Guest read of `data.len()` bytes at `offset`; fill `data`.
@@ -101,6 +103,16 @@ impl Bus {
             }
             None => false,
         }
+    }
+}
+
+impl GuestIoBus for Bus {
+    fn read(&self, addr: u64, data: &mut [u8]) -> bool {
+        Bus::read(self, addr, data)
+    }
+
+    fn write(&self, addr: u64, data: &[u8]) -> bool {
+        Bus::write(self, addr, data)
     }
 }
 

@@ -105,7 +105,7 @@ impl EventLoop {
 
     /// Run the loop on a thread named `tern-devices`.
     pub fn spawn(self) -> io::Result<EventLoopThread> {
-        self.spawn_named("tern-devices")
+        self.spawn_named(crate::threads::DEVICES)
     }
 
     /// Run the loop on a thread named `name` (Linux keeps the first 15 bytes).

@@ -11,18 +11,13 @@ use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 
 use kvm_bindings::{
-    kvm_run, CpuId, Msrs, KVM_EXIT_INTERNAL_ERROR, KVM_EXIT_SHUTDOWN, KVM_SYSTEM_EVENT_CRASH,
-    KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+    kvm_fpu, kvm_lapic_state, kvm_msr_entry, kvm_regs, kvm_run, kvm_sregs, CpuId, Msrs, KVM_EXIT_INTERNAL_ERROR,
+    KVM_EXIT_SHUTDOWN, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
-use super::kvm::KvmSystem;
-use crate::api::VmExit;
-use crate::boot::{cpu, regs};
-use crate::devices::bus::{MmioBus, PioBus};
-use crate::devices::virtio::GuestMemory;
-use crate::lifecycle::{VcpuFault, VmLifecycle};
+use crate::memory::GuestMemory;
 use crate::metrics::{ExitReason, VmMetrics};
 
 /// The kick signal is `SIGRTMIN() + VCPU_KICK_SIGNAL_OFFSET`.
@@ -87,15 +82,71 @@ pub enum VcpuRunError {
     Panicked,
 }
 
+/// How a VM ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmExit {
+    /// The guest asked for a reset (i8042 reset command, as with `reboot=k`).
+    Reset,
+    /// The guest shut down, triple-faulted (as with `reboot=t`) or halted for good.
+    Shutdown,
+    /// The VM's owner stopped it (`VmHandle::stop`).
+    Stopped,
+}
+
+/// Where a vCPU sends the guest's port-I/O or MMIO accesses (`devices::bus::Bus` implements
+/// it). A trait so that this layer, below the devices, needs nothing from them.
+pub trait GuestIoBus: Send + Sync {
+    /// A guest read at `addr`; false if no device claims the address.
+    fn read(&self, addr: u64, data: &mut [u8]) -> bool;
+    /// A guest write at `addr`; false if no device claims the address.
+    fn write(&self, addr: u64, data: &[u8]) -> bool;
+}
+
+/// What the vCPU threads ask of, and report to, whoever decides how the VM ends
+/// (`lifecycle::VmLifecycle`). A trait so that this layer needs nothing above it.
+pub trait VcpuSupervisor: Send + Sync {
+    /// Whether vCPUs must stop entering the guest.
+    fn is_stopping(&self) -> bool;
+    /// vCPU 0 is about to enter the guest; the first call is the kernel's first instruction.
+    fn mark_first_guest_entry(&self);
+    /// vCPU `index` has stopped running the guest, for this reason.
+    fn vcpu_ended(&self, index: u8, result: Result<VmExit, VcpuRunError>);
+}
+
 /// What the run loop needs besides the vCPU itself.
 pub struct VcpuRunContext {
     /// The port-I/O bus.
-    pub pio: Arc<PioBus>,
+    pub pio: Arc<dyn GuestIoBus>,
     /// The MMIO bus.
-    pub mmio: Arc<MmioBus>,
-    pub(crate) lifecycle: Arc<VmLifecycle>,
+    pub mmio: Arc<dyn GuestIoBus>,
+    /// Told how the vCPU ended; asked whether to stop.
+    pub supervisor: Arc<dyn VcpuSupervisor>,
     /// Where exits are counted.
     pub metrics: Arc<VmMetrics>,
+}
+
+/// A vCPU's state before its first instruction, as the boot protocol wants it
+/// (`boot::vcpu_boot_state` builds it; [`Vcpu::configure`] hands it to KVM).
+pub struct VcpuBootState {
+    /// The CPUID the guest sees.
+    pub cpuid: CpuId,
+    /// MSRs to set.
+    pub msrs: Vec<kvm_msr_entry>,
+    /// The FPU state.
+    pub fpu: kvm_fpu,
+    /// Turns the local APIC KVM created into the one the guest starts with.
+    pub lapic: fn(&kvm_lapic_state) -> kvm_lapic_state,
+    /// For the bootstrap vCPU only: application processors wait for the guest's INIT/SIPI,
+    /// which resets their registers anyway.
+    pub entry: Option<EntryRegisters>,
+}
+
+/// The bootstrap vCPU's registers entering the kernel.
+pub struct EntryRegisters {
+    /// Turns KVM's special registers into the ones entering the kernel (long mode).
+    pub sregs: fn(&kvm_sregs) -> kvm_sregs,
+    /// The general registers (entry point, boot parameters, stack).
+    pub regs: kvm_regs,
 }
 
 /// One virtual CPU.
@@ -180,67 +231,48 @@ impl Vcpu {
         }
     }
 
-    /// This vCPU's index (and APIC id).
-    pub fn index(&self) -> u8 {
-        self.index
-    }
-
-    /// CPUID, MSRs, FPU and LAPIC for this vCPU; for the bootstrap vCPU also long-mode
-    /// registers entering the kernel at `entry`. Application processors wait for the guest's
-    /// INIT/SIPI, which resets their registers anyway.
-    pub fn configure(
-        &self,
-        kvm: &KvmSystem,
-        supported_cpuid: &CpuId,
-        num_cpus: u8,
-        entry: Option<u64>,
-    ) -> Result<(), VcpuSetupError> {
+    /// Hand `state` (CPUID, MSRs, FPU, LAPIC and, for the bootstrap vCPU, the registers
+    /// entering the kernel) to KVM.
+    pub fn configure(&self, state: &VcpuBootState) -> Result<(), VcpuSetupError> {
         let index = self.index;
-        let options = cpu::CpuidOptions {
-            apic_id: index,
-            num_cpus,
-            tsc_deadline_timer: kvm.has_tsc_deadline_timer(),
-        };
-        let cpuid = cpu::vcpu_cpuid(supported_cpuid, &options);
         self.fd
-            .set_cpuid2(&cpuid)
+            .set_cpuid2(&state.cpuid)
             .map_err(|err| VcpuSetupError::Cpuid(index, err))?;
 
-        let msr_entries = cpu::boot_msrs();
-        let msrs = Msrs::from_entries(&msr_entries).map_err(|_| VcpuSetupError::MsrList)?;
+        let msrs = Msrs::from_entries(&state.msrs).map_err(|_| VcpuSetupError::MsrList)?;
         let set = self
             .fd
             .set_msrs(&msrs)
             .map_err(|err| VcpuSetupError::MsrsIoctl(index, err))?;
-        if set != msr_entries.len() {
+        if set != state.msrs.len() {
             return Err(VcpuSetupError::Msrs {
                 index,
                 set,
-                wanted: msr_entries.len(),
+                wanted: state.msrs.len(),
             });
         }
 
         self.fd
-            .set_fpu(&regs::boot_fpu())
+            .set_fpu(&state.fpu)
             .map_err(|err| VcpuSetupError::Fpu(index, err))?;
         let lapic = self
             .fd
             .get_lapic()
             .map_err(|err| VcpuSetupError::Lapic(index, err))?;
         self.fd
-            .set_lapic(&cpu::lapic_with_lint_pins(&lapic))
+            .set_lapic(&(state.lapic)(&lapic))
             .map_err(|err| VcpuSetupError::Lapic(index, err))?;
 
-        if let Some(entry) = entry {
+        if let Some(entry) = &state.entry {
             let sregs = self
                 .fd
                 .get_sregs()
                 .map_err(|err| VcpuSetupError::Sregs(index, err))?;
             self.fd
-                .set_sregs(&regs::long_mode_sregs(&sregs))
+                .set_sregs(&(entry.sregs)(&sregs))
                 .map_err(|err| VcpuSetupError::Sregs(index, err))?;
             self.fd
-                .set_regs(&regs::boot_regs(entry))
+                .set_regs(&entry.regs)
                 .map_err(|err| VcpuSetupError::Regs(index, err))?;
         }
         Ok(())
@@ -260,25 +292,28 @@ impl Vcpu {
         })
     }
 
-    /// Run on a new `tern-vcpu<N>` thread; the result goes to the VM's lifecycle.
+    /// Run on a new `tern-vcpu<N>` thread; the result goes to the context's supervisor.
     pub fn spawn(mut self, context: VcpuRunContext) -> std::io::Result<JoinHandle<()>> {
         std::thread::Builder::new()
-            .name(format!("tern-vcpu{}", self.index))
+            .name(crate::threads::vcpu_thread_name(self.index))
             .spawn(move || {
                 // The thread inherits its creator's signal mask; the kick must get through.
                 if let Err(err) = vmm_sys_util::signal::unblock_signal(kick_signal()) {
                     tracing::warn!("cannot unblock the vCPU kick signal: {err}");
                 }
                 let index = self.index;
+                // The release profile has `panic = "abort"`: there a panic ends the process (the
+                // shim) before this catch could run, which containerd sees as a dead shim. Builds
+                // that unwind (tests, debug builds) get here instead, and must tell the
+                // supervisor: a vCPU thread that ended silently would leave `VmHandle::wait`
+                // blocked forever.
                 let result =
                     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run(&context)))
                         .unwrap_or(Err(VcpuRunError::Panicked));
                 if let Err(error) = &result {
                     tracing::error!("vCPU {index} failed: {error}");
                 }
-                context
-                    .lifecycle
-                    .finish(result.map_err(|error| VcpuFault { index, error }));
+                context.supervisor.vcpu_ended(index, result);
             })
     }
 
@@ -286,11 +321,11 @@ impl Vcpu {
     pub fn run(&mut self, context: &VcpuRunContext) -> Result<VmExit, VcpuRunError> {
         let _registration = KvmRunRegistration::new(self.fd.get_kvm_run());
         loop {
-            if context.lifecycle.is_stopping() {
+            if context.supervisor.is_stopping() {
                 return Ok(VmExit::Stopped);
             }
             if self.index == 0 {
-                context.lifecycle.mark_first_guest_entry();
+                context.supervisor.mark_first_guest_entry();
             }
             let action = match self.fd.run() {
                 Ok(exit) => handle_exit(exit, context),

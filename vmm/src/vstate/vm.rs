@@ -9,8 +9,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::kvm::{KvmError, KvmSystem};
 use super::vcpu::Vcpu;
-use crate::boot::layout::{KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR};
-use crate::devices::virtio::GuestMemory;
+use crate::layout::{KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR};
+use crate::memory::GuestMemory;
 
 /// Errors setting up the VM.
 #[derive(Debug, thiserror::Error)]

@@ -68,7 +68,7 @@ fn parse_share(arg: &str, cache: CachePolicy) -> Result<ShareConfig> {
 }
 
 pub fn boot(config: Config, args: BootArgs) -> Result<i32> {
-    let cache = config.fs.cache.policy();
+    let cache = config.fs.cache;
     let fs_shares = args.shares.iter().map(|s| parse_share(s, cache)).collect::<Result<Vec<_>>>()?;
     let kernel = args.kernel.clone().unwrap_or_else(|| config.kernel_path());
     // Declared before the VM handle, so it drops after it: its Drop removes the tc state, and

@@ -5,10 +5,10 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 
 use anyhow::{Context, Result};
-use clap::{Args, ValueEnum};
+use clap::Args;
 use nix::sys::signal::{SigSet, Signal};
-use vmm::devices::fs::{CachePolicy, ShareConfig};
-use vmm::devices::fs::vhost_user::{share_vfs, VhostUserFsDaemon};
+use vmm::api::{CachePolicy, ShareConfig};
+use vmm::{share_vfs, VhostUserFsDaemon};
 
 #[derive(Debug, Args)]
 pub struct FsServeArgs {
@@ -28,25 +28,8 @@ pub struct FsServeArgs {
     read_only: bool,
     /// What the guest may cache: `never` (every read and stat goes to the host), `auto`
     /// (close-to-open, 1 s metadata timeouts) or `always` (for trees only this guest changes).
-    #[arg(long, value_enum, value_name = "POLICY", default_value_t = CacheArg::Auto)]
-    cache: CacheArg,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum CacheArg {
-    Never,
-    Auto,
-    Always,
-}
-
-impl From<CacheArg> for CachePolicy {
-    fn from(arg: CacheArg) -> Self {
-        match arg {
-            CacheArg::Never => CachePolicy::Never,
-            CacheArg::Auto => CachePolicy::Auto,
-            CacheArg::Always => CachePolicy::Always,
-        }
-    }
+    #[arg(long, value_name = "POLICY", default_value = "auto")]
+    cache: CachePolicy,
 }
 
 /// How serving ended.
@@ -68,7 +51,7 @@ pub fn fs_serve(args: FsServeArgs) -> Result<i32> {
         name: "fs-serve".into(),
         host_dir: args.shared_dir.clone(),
         read_only: args.read_only,
-        cache: args.cache.into(),
+        cache: args.cache,
         watch: false,
     };
     let vfs = share_vfs(&share).with_context(|| format!("cannot export {}", args.shared_dir.display()))?;

@@ -22,8 +22,9 @@ use super::{NUM_QUEUES, QUEUE_SIZE, TAG_LEN};
 use crate::devices::event_loop::{ActiveHandler, EventLoopHandle, SharedSubscriber};
 use crate::metrics::VmMetrics;
 use crate::devices::virtio::{
-    read_config_space, ActivateError, ActivatedQueue, GuestMemory, InterruptSignal, VirtioDevice,
+    read_config_space, ActivateError, ActivatedQueue, InterruptSignal, VirtioDevice,
 };
+use crate::memory::GuestMemory;
 
 const QUEUE_SIZES: [u16; NUM_QUEUES] = [QUEUE_SIZE; NUM_QUEUES];
 /// Size of `struct virtio_fs_config`: `u8 tag[36]; le32 num_request_queues`.
@@ -38,7 +39,7 @@ pub struct FsShares {
 
 /// Mount options of the root [`Vfs`] (also the vhost-user backend's): no DAX window, no
 /// writeback cache, real opens.
-pub(super) fn vfs_options() -> VfsOptions {
+pub(crate) fn vfs_options() -> VfsOptions {
     let mut opts = VfsOptions {
         no_open: false,
         no_opendir: false,

@@ -21,7 +21,8 @@ use vm_memory::ByteValued;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::devices::virtio::{GuestMemory, InterruptSignal, INT_VRING};
+use crate::devices::virtio::{InterruptSignal, INT_VRING};
+use crate::memory::GuestMemory;
 use crate::metrics::FsMetrics;
 use crate::metrics::VmMetrics;
 

@@ -8,23 +8,22 @@
 //!
 //! Layout: [`share`] (what a share is, validation, cache policy), [`policy`] (the per-share
 //! file system), [`device`] (the `VirtioDevice` and the share table), [`event_handler`] (queue
-//! processing on the device event loop, with the checks every guest chain passes first),
-//! [`vhost_user`] (the same tree exported as a vhost-user-fs backend), [`watcher`] and
-//! `coalesce` (the host watcher of watchable shares).
+//! processing on the device event loop, with the checks every guest chain passes first). The
+//! same tree exported as a vhost-user-fs daemon is `crate::vhost_user_fs`; the host watcher of
+//! watchable shares is `crate::fs_watcher`.
 
-mod coalesce;
 mod device;
 pub mod event_handler;
 pub mod policy;
 pub mod share;
-pub mod vhost_user;
-pub mod watcher;
 
+pub(crate) use device::vfs_options;
 pub use device::{FsShares, VirtioFs};
-pub use share::{CachePolicy, ShareConfig, ShareError};
+pub use share::{CachePolicy, ShareConfig, ShareError, UnknownCachePolicy};
 
-/// The tag the guest mounts (`mount -t virtiofs tern …`); the agent protocol's `FS_TAG`.
-pub const FS_TAG: &str = "tern";
+/// The tag the guest mounts (`mount -t virtiofs tern …`); defined with the change records, the
+/// one crate the VMM shares with the agent.
+pub use tern_change_records::FS_TAG;
 /// Length of the tag field of the config space.
 pub const TAG_LEN: usize = 36;
 /// Queues: hiprio and one request queue.

@@ -21,6 +21,25 @@ pub enum CachePolicy {
     Always,
 }
 
+/// A cache policy name that is not `never`, `auto` or `always`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown cache policy {0:?} (never, auto or always)")]
+pub struct UnknownCachePolicy(pub String);
+
+impl std::str::FromStr for CachePolicy {
+    type Err = UnknownCachePolicy;
+
+    /// The names used in the runtime's configuration (`fs.cache`) and by `tern fs-serve --cache`.
+    fn from_str(name: &str) -> Result<Self, Self::Err> {
+        match name {
+            "never" => Ok(CachePolicy::Never),
+            "auto" => Ok(CachePolicy::Auto),
+            "always" => Ok(CachePolicy::Always),
+            other => Err(UnknownCachePolicy(other.to_owned())),
+        }
+    }
+}
+
 impl CachePolicy {
     /// Entry and attribute timeout handed to the guest with each lookup.
     fn timeout(self) -> Duration {
@@ -36,7 +55,7 @@ impl CachePolicy {
 /// virtio-fs device.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ShareConfig {
-    /// A single safe path component (see [`validate_share_name`]); unique within the VM.
+    /// A single safe path component (see `validate_share_name`); unique within the VM.
     pub name: String,
     /// The host directory; it must exist when the share is added.
     pub host_dir: PathBuf,
@@ -161,6 +180,14 @@ impl ShareConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cache_policies_parse_by_name() {
+        assert_eq!("never".parse(), Ok(CachePolicy::Never));
+        assert_eq!("auto".parse(), Ok(CachePolicy::Auto));
+        assert_eq!("always".parse(), Ok(CachePolicy::Always));
+        assert_eq!("Auto".parse::<CachePolicy>(), Err(UnknownCachePolicy("Auto".into())));
+    }
 
     #[test]
     fn share_names_are_single_safe_components() {

@@ -22,7 +22,8 @@ use vmm_sys_util::eventfd::EventFd;
 use super::event_handler::{FsHandler, MAX_CHAIN_DESCRIPTORS, REQUEST_QUEUE};
 use super::*;
 use crate::devices::virtio::test_ring::{CountingInterrupt, Ring};
-use crate::devices::virtio::{GuestMemory, VirtioDevice};
+use crate::devices::virtio::VirtioDevice;
+use crate::memory::GuestMemory;
 
 const QSIZE: u16 = 1024;
 const MEM_SIZE: u64 = 0x400_0000;

@@ -20,7 +20,7 @@ const QUEUE_CHUNKS: usize = 1024;
 const CHUNK_BYTES: usize = 256;
 /// How long dropping the writer waits for queued output to drain.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
-/// Console bytes a [`ConsoleTail`] keeps.
+/// Console bytes kept for `VmHandle::console_tail`.
 pub const TAIL_BYTES: usize = 8 * 1024;
 
 /// The last [`TAIL_BYTES`] bytes the guest wrote to its console; shared between the serial
@@ -28,6 +28,8 @@ pub const TAIL_BYTES: usize = 8 * 1024;
 #[derive(Debug, Default)]
 pub struct ConsoleTail {
     bytes: Mutex<VecDeque<u8>>,
+    /// Bytes lost because the console's sink could not keep up.
+    dropped_bytes: AtomicU64,
 }
 
 impl ConsoleTail {
@@ -37,6 +39,11 @@ impl ConsoleTail {
         let overflow = (bytes.len() + keep).saturating_sub(TAIL_BYTES);
         bytes.drain(..overflow);
         bytes.extend(&buf[buf.len() - keep..]);
+    }
+
+    /// Bytes the guest wrote that never reached the console's sink (it could not keep up).
+    pub fn dropped_bytes(&self) -> u64 {
+        self.dropped_bytes.load(Ordering::Relaxed)
     }
 
     /// The kept bytes, oldest first, as text (invalid UTF-8 replaced).
@@ -52,7 +59,6 @@ pub struct ConsoleWriter {
     pending: Vec<u8>,
     queue: Option<SyncSender<Vec<u8>>>,
     thread: Option<JoinHandle<()>>,
-    dropped_bytes: Arc<AtomicU64>,
     tail: Arc<ConsoleTail>,
 }
 
@@ -61,7 +67,7 @@ impl ConsoleWriter {
     pub fn spawn(mut sink: Box<dyn Write + Send>) -> io::Result<Self> {
         let (queue, chunks) = sync_channel::<Vec<u8>>(QUEUE_CHUNKS);
         let thread = std::thread::Builder::new()
-            .name("tern-console".into())
+            .name(crate::threads::CONSOLE.into())
             .spawn(move || {
                 for chunk in chunks {
                     // A closed or failing sink loses console output, nothing else.
@@ -74,7 +80,6 @@ impl ConsoleWriter {
             pending: Vec::new(),
             queue: Some(queue),
             thread: Some(thread),
-            dropped_bytes: Arc::new(AtomicU64::new(0)),
             tail: Arc::default(),
         })
     }
@@ -85,7 +90,6 @@ impl ConsoleWriter {
             pending: Vec::new(),
             queue: None,
             thread: None,
-            dropped_bytes: Arc::new(AtomicU64::new(0)),
             tail: Arc::default(),
         }
     }
@@ -95,9 +99,10 @@ impl ConsoleWriter {
         self.tail.clone()
     }
 
-    /// Bytes lost because the sink could not keep up.
+    #[cfg(test)]
+    /// Bytes lost because the sink could not keep up (also [`ConsoleTail::dropped_bytes`]).
     pub fn dropped_bytes(&self) -> u64 {
-        self.dropped_bytes.load(Ordering::Relaxed)
+        self.tail.dropped_bytes()
     }
 
     fn send_pending(&mut self) {
@@ -112,7 +117,8 @@ impl ConsoleWriter {
         match queue.try_send(chunk) {
             Ok(()) => {}
             Err(TrySendError::Full(chunk)) | Err(TrySendError::Disconnected(chunk)) => {
-                self.dropped_bytes
+                self.tail
+                    .dropped_bytes
                     .fetch_add(chunk.len() as u64, Ordering::Relaxed);
             }
         }

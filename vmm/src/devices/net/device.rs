@@ -20,8 +20,9 @@ use super::tap::{tap_offload_flags, Tap, TapIo};
 use super::{validate_params, NetError, NUM_QUEUES, QUEUE_SIZE, VNET_HDR_LEN};
 use crate::devices::event_loop::{ActiveHandler, EventLoopHandle, SharedSubscriber};
 use crate::devices::virtio::{
-    read_config_space, ActivateError, ActivatedQueue, GuestMemory, InterruptSignal, VirtioDevice,
+    read_config_space, ActivateError, ActivatedQueue, InterruptSignal, VirtioDevice,
 };
+use crate::memory::GuestMemory;
 use crate::metrics::NetMetrics;
 
 const QUEUE_SIZES: [u16; NUM_QUEUES] = [QUEUE_SIZE; NUM_QUEUES];
@@ -97,11 +98,6 @@ impl Net {
     /// [`crate::metrics::VmMetrics::add_net_device`]).
     pub fn set_metrics(&mut self, metrics: Arc<NetMetrics>) {
         self.metrics = metrics;
-    }
-
-    /// The host tap's name.
-    pub fn name(&self) -> &str {
-        &self.name
     }
 
     /// Header size and offloads, from the features the driver acked.

@@ -28,7 +28,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::tap::TapIo;
 use super::{MAX_PACKET_LEN, NUM_QUEUES, VNET_HDR_LEN};
-use crate::devices::virtio::{GuestMemory, InterruptSignal, INT_VRING};
+use crate::devices::virtio::{InterruptSignal, INT_VRING};
+use crate::memory::GuestMemory;
 use crate::metrics::NetMetrics;
 
 /// Queue indices (virtio 1.2, 5.1.2).
@@ -229,6 +230,7 @@ impl NetHandler {
         self.stopped.clone()
     }
 
+    #[cfg(test)]
     /// The handler's counters.
     pub fn metrics(&self) -> &NetMetrics {
         &self.metrics
@@ -240,6 +242,7 @@ impl NetHandler {
         !self.rx.waiting_for_buffers && !self.rx.tap_failed
     }
 
+    #[cfg(test)]
     /// Whether a frame read from the tap waits for guest buffers.
     pub fn has_pending_frame(&self) -> bool {
         self.rx.pending.is_some()

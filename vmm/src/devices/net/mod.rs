@@ -23,7 +23,6 @@ pub mod event_handler;
 pub mod tap;
 
 pub use device::Net;
-pub use tap::{tap_offload_flags, Tap, TapIo};
 
 /// Size of `struct virtio_net_hdr_v1`: the header before every frame, both ways (with
 /// `VIRTIO_F_VERSION_1` it is 12 bytes whether or not `VIRTIO_NET_F_MRG_RXBUF` is acked).

@@ -19,10 +19,12 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::event_handler::{NetHandler, TAP_EVENT};
-use super::{Tap, TapIo, MAX_PACKET_LEN, QUEUE_SIZE, VNET_HDR_LEN};
+use super::tap::{Tap, TapIo};
+use super::{MAX_PACKET_LEN, QUEUE_SIZE, VNET_HDR_LEN};
 use crate::devices::virtio::test_ring::Ring;
 pub use crate::devices::virtio::test_ring::CountingInterrupt;
-use crate::devices::virtio::{ActivatedQueue, GuestMemory};
+use crate::devices::virtio::ActivatedQueue;
+use crate::memory::GuestMemory;
 
 pub const QSIZE: u16 = QUEUE_SIZE;
 pub const MEM_SIZE: u64 = 0x40_0000;

@@ -15,6 +15,7 @@ use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::event_handler::{MAX_CHAIN_DESCRIPTORS, RX_QUEUE, TAP_EVENT, TX_QUEUE};
+use super::tap::{tap_offload_flags, TapIo};
 use super::test_utils::*;
 use super::*;
 use crate::devices::event_loop::EventLoop;

@@ -16,7 +16,8 @@ use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{ActivatedQueue, GuestMemory, InterruptSignal, VirtioDevice};
+use super::{ActivatedQueue, InterruptSignal, VirtioDevice};
+use crate::memory::GuestMemory;
 use crate::devices::bus::BusDevice;
 
 /// "virt" in little endian.
@@ -59,9 +60,6 @@ const REG_SHM_LEN_HIGH: u64 = 0x0b4;
 const REG_SHM_BASE_LOW: u64 = 0x0b8;
 const REG_SHM_BASE_HIGH: u64 = 0x0bc;
 const REG_CONFIG_GENERATION: u64 = 0x0fc;
-
-/// Offset of QueueNotify, where the core registers each queue's ioeventfd (datamatch = index).
-pub const QUEUE_NOTIFY_OFFSET: u64 = REG_QUEUE_NOTIFY;
 
 /// The interrupt of one virtio-mmio device: InterruptStatus bits plus the irqfd to inject.
 struct MmioInterrupt {
@@ -137,16 +135,6 @@ impl MmioTransport {
             config_generation: 0,
             activated: false,
         }
-    }
-
-    /// The virtio device type behind this transport.
-    pub fn device_type(&self) -> u32 {
-        self.device.device_type()
-    }
-
-    /// The current device status register (as the driver set it, plus DEVICE_NEEDS_RESET).
-    pub fn status(&self) -> u32 {
-        self.status
     }
 
     fn selected_queue(&mut self) -> Option<&mut Queue> {

@@ -9,11 +9,9 @@ pub mod mmio;
 pub(crate) mod test_ring;
 
 use std::sync::Arc;
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-/// Guest memory as devices see it.
-pub type GuestMemory = GuestMemoryMmap<()>;
+use crate::memory::GuestMemory;
 
 /// Raises the device's interrupt line in the guest.
 pub trait InterruptSignal: Send + Sync {

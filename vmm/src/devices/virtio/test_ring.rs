@@ -14,7 +14,8 @@ use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
-use super::{GuestMemory, InterruptSignal};
+use super::InterruptSignal;
+use crate::memory::GuestMemory;
 
 /// An interrupt line that counts its triggers.
 #[derive(Default)]

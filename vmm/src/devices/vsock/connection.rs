@@ -144,6 +144,7 @@ impl Connection {
         self.fwd_cnt.0
     }
 
+    #[cfg(test)]
     /// Bytes buffered for the host (tests and metrics).
     pub fn buffered(&self) -> usize {
         self.tx_buf.len() + self.ctl_out.len()

@@ -15,8 +15,9 @@ use super::VsockError;
 use crate::devices::event_loop::{ActiveHandler, EventLoopHandle, SharedSubscriber};
 use crate::metrics::VmMetrics;
 use crate::devices::virtio::{
-    read_config_space, ActivateError, ActivatedQueue, GuestMemory, InterruptSignal, VirtioDevice,
+    read_config_space, ActivateError, ActivatedQueue, InterruptSignal, VirtioDevice,
 };
+use crate::memory::GuestMemory;
 
 /// Queue size of rx, tx and event queues.
 pub const QUEUE_SIZE: u16 = 256;
@@ -59,16 +60,6 @@ impl Vsock {
             active: None,
             metrics: None,
         })
-    }
-
-    /// The guest's CID.
-    pub fn guest_cid(&self) -> u64 {
-        self.guest_cid
-    }
-
-    /// Where host clients connect.
-    pub fn uds_path(&self) -> &Path {
-        &self.uds_path
     }
 
     fn deactivate(&mut self) {

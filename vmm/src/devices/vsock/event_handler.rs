@@ -12,7 +12,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::muxer::Muxer;
 use super::packet::{Header, HEADER_SIZE, MAX_PKT_DATA, VSOCK_OP_RW};
-use crate::devices::virtio::{GuestMemory, InterruptSignal, INT_VRING};
+use crate::devices::virtio::{InterruptSignal, INT_VRING};
+use crate::memory::GuestMemory;
 use crate::metrics::VmMetrics;
 
 /// Queue indices (virtio 1.2, 5.10.2).
@@ -105,7 +106,7 @@ impl VsockHandler {
                 Ok(pkt) => {
                     let hdr = Header::of(&pkt);
                     if let (VSOCK_OP_RW, Some(m)) = (hdr.op, &self.metrics) {
-                        m.vsock.from_guest(hdr.len);
+                        m.vsock.received_from_guest(hdr.len);
                     }
                     self.muxer.send_pkt(&hdr, pkt.data_slice());
                 }
@@ -132,7 +133,7 @@ impl VsockHandler {
                     Some(hdr) => match hdr.write_to(&mut pkt) {
                         Ok(()) => {
                             if let (VSOCK_OP_RW, Some(m)) = (hdr.op, &self.metrics) {
-                                m.vsock.to_guest(hdr.len);
+                                m.vsock.sent_to_guest(hdr.len);
                             }
                             HEADER_SIZE as u32 + hdr.len
                         }

@@ -15,7 +15,7 @@ pub mod event_handler;
 pub mod muxer;
 pub mod packet;
 
-pub use device::{Vsock, QUEUE_SIZE};
+pub use device::Vsock;
 
 /// Errors creating the vsock device.
 #[derive(Debug, thiserror::Error)]

@@ -107,11 +107,13 @@ impl Muxer {
         self.epoll.as_raw_fd()
     }
 
+    #[cfg(test)]
     /// Number of live connections (tests and metrics).
     pub fn connection_count(&self) -> usize {
         self.conns.len()
     }
 
+    #[cfg(test)]
     /// A connection, for tests and metrics.
     pub fn connection(&self, key: &ConnKey) -> Option<&Connection> {
         self.conns.get(key)

@@ -17,7 +17,7 @@ use super::event_handler::{VsockHandler, RX_QUEUE, TX_QUEUE};
 use super::muxer::Muxer;
 use super::packet::*;
 pub use crate::devices::virtio::test_ring::{CountingInterrupt, Ring};
-use crate::devices::virtio::GuestMemory;
+use crate::memory::GuestMemory;
 
 pub const GUEST_CID: u64 = 3;
 pub const QSIZE: u16 = 256;

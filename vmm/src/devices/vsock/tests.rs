@@ -15,7 +15,7 @@ use super::connection::CONN_TX_BUF_SIZE;
 use super::event_handler::RX_QUEUE;
 use super::packet::*;
 use super::test_utils::*;
-use crate::devices::virtio::GuestMemory;
+use crate::memory::GuestMemory;
 
 #[test]
 fn host_connect_then_data_both_ways() {

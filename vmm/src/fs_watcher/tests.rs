@@ -3,8 +3,12 @@
 
 use super::*;
 use std::collections::BTreeSet;
+use std::io::{Read, Write};
 use std::os::unix::net::UnixListener;
 use std::sync::mpsc::Receiver;
+use std::time::Instant;
+
+use tern_change_records::{ChangeBatch, ChangeKind, ChangeRecord, AGENT_WATCH_PORT};
 
 /// A fake VMM vsock socket with the agent listening on the watch port.
 struct FakeAgent {
@@ -34,7 +38,7 @@ fn serve_at(dir: tempfile::TempDir, uds: PathBuf) -> FakeAgent {
                 }
                 assert_eq!(line, format!("CONNECT {AGENT_WATCH_PORT}").into_bytes());
                 conn.write_all(b"OK 1073741824\n").unwrap();
-                while let Ok(batch) = tern_protocol::recv::<ChangeBatch, _>(&mut conn) {
+                while let Ok(batch) = tern_change_records::recv_batch(&mut conn) {
                     if tx.send(batch).is_err() {
                         return;
                     }

@@ -9,18 +9,18 @@ use std::time::{Duration, Instant};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::kvm::KvmSystem;
-use super::vcpu::{install_kick_handler, VcpuRunContext};
-use super::vm::Vm;
-use crate::api::VmExit;
 use crate::boot::regs::{write_gdt_and_idt, write_identity_page_tables};
+use crate::boot::vcpu_boot_state;
 use crate::devices::bus::{MmioBus, PioBus};
 use crate::devices::legacy::{
     ConsoleWriter, I8042ResetPort, SerialConsole, COM1_PORT, COM1_PORT_COUNT, I8042_DATA_PORT,
     I8042_PORT_COUNT,
 };
-use crate::devices::virtio::GuestMemory;
 use crate::lifecycle::VmLifecycle;
+use crate::memory::GuestMemory;
+use crate::vstate::kvm::KvmSystem;
+use crate::vstate::vcpu::{install_kick_handler, VcpuRunContext, VmExit};
+use crate::vstate::vm::Vm;
 
 const CODE_ADDR: u64 = 0x1000;
 
@@ -115,7 +115,7 @@ fn start_tiny_vm(kvm: &KvmSystem, code: &[u8], long_mode: bool) -> TinyVm {
         write_gdt_and_idt(&memory).unwrap();
         write_identity_page_tables(&memory).unwrap();
         let cpuid = kvm.supported_cpuid().unwrap();
-        vcpu.configure(kvm, &cpuid, 1, Some(CODE_ADDR)).unwrap();
+        vcpu.configure(&vcpu_boot_state(kvm, &cpuid, 0, 1, Some(CODE_ADDR))).unwrap();
     } else {
         vcpu.set_real_mode_entry(CODE_ADDR).unwrap();
     }
@@ -123,7 +123,7 @@ fn start_tiny_vm(kvm: &KvmSystem, code: &[u8], long_mode: bool) -> TinyVm {
     let context = VcpuRunContext {
         pio: Arc::new(pio),
         mmio: Arc::new(MmioBus::new()),
-        lifecycle: lifecycle.clone(),
+        supervisor: lifecycle.clone(),
         metrics: metrics.clone(),
     };
     lifecycle.adopt_vcpu_thread(vcpu.spawn(context).unwrap());

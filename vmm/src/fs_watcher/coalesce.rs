@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-use tern_protocol::watch::{ChangeKind, ChangeRecord, MAX_RECORDS_PER_BATCH};
+use tern_change_records::{ChangeKind, ChangeRecord, MAX_RECORDS_PER_BATCH};
 
 /// A burst is over after this long without a new record.
 pub const QUIET_PERIOD: Duration = Duration::from_millis(2);

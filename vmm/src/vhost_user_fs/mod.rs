@@ -33,10 +33,10 @@ use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
 
-use super::event_handler::{serve_chain, HIPRIO_QUEUE};
-use super::policy::ShareFs;
-use super::share::{ShareConfig, ShareError};
-use super::{NUM_QUEUES, QUEUE_SIZE, TAG_LEN};
+use crate::devices::fs::event_handler::{serve_chain, HIPRIO_QUEUE};
+use crate::devices::fs::policy::ShareFs;
+use crate::devices::fs::share::{ShareConfig, ShareError};
+use crate::devices::fs::{NUM_QUEUES, QUEUE_SIZE, TAG_LEN};
 
 /// The virtio-fs config space: `tag[36]` then `num_request_queues: le32`.
 const CONFIG_LEN: usize = TAG_LEN + 4;
@@ -65,14 +65,14 @@ pub enum VhostUserFsError {
 }
 
 /// The file tree a vhost-user frontend sees: `share` alone, at the root, behind the same
-/// policy ([`ShareFs`]) as the built-in device's shares.
+/// policy (`ShareFs`) as the built-in device's shares.
 pub fn share_vfs(share: &ShareConfig) -> Result<Arc<Vfs>, VhostUserFsError> {
     share.validate()?;
     let passthrough_error = |source| ShareError::Passthrough { path: share.host_dir.clone(), source };
     let fs = PassthroughFs::<()>::new(share.passthrough_config()?).map_err(passthrough_error)?;
     fs.import().map_err(passthrough_error)?;
     // The same mount options as the built-in device: both serve a share the same way.
-    let vfs = Vfs::new(super::device::vfs_options());
+    let vfs = Vfs::new(crate::devices::fs::vfs_options());
     vfs.mount(Box::new(ShareFs::new(fs, share.read_only)), "/")
         .map_err(|err| ShareError::Vfs(format!("{err:?}")))?;
     Ok(Arc::new(vfs))
@@ -240,7 +240,7 @@ impl VhostUserFsDaemon {
     pub fn new(vfs: Arc<Vfs>, tag: &str) -> Result<Self, VhostUserFsError> {
         let backend = Arc::new(RwLock::new(VhostUserFsBackend::new(vfs, tag)?));
         let daemon = VhostUserDaemon::new(
-            "tern-vhost-user-fs".to_string(),
+            crate::threads::VHOST_FS.to_string(),
             backend,
             GuestMemoryAtomic::new(GuestMemoryMmap::new()),
         )
@@ -275,5 +275,4 @@ impl VhostUserFsDaemon {
 }
 
 #[cfg(test)]
-#[path = "vhost_user_tests.rs"]
 mod tests;

@@ -1,11 +1,14 @@
 //! Guest RAM: anonymous mmaps (vm-memory `GuestMemoryMmap`) laid out around the 32-bit MMIO
 //! gap. RAM fills `[0, min(size, MMIO_GAP_START))` and whatever is left continues at 4 GiB.
-//! Registering the regions with KVM is [`super::vm::Vm::register_memory`]'s job.
+//! Registering the regions with KVM is `vstate::vm::Vm::register_memory`'s job. This module
+//! and [`crate::layout`] are the bottom of the crate: every other layer uses [`GuestMemory`].
 
-use vm_memory::{GuestAddress, GuestMemory as _, GuestMemoryRegion as _};
+use vm_memory::{GuestAddress, GuestMemory as _, GuestMemoryMmap, GuestMemoryRegion as _};
 
-use crate::boot::layout::{FIRST_ADDR_PAST_32BITS, MIN_MEMORY_MIB, MMIO_GAP_START};
-use crate::devices::virtio::GuestMemory;
+use crate::layout::{FIRST_ADDR_PAST_32BITS, MIN_MEMORY_MIB, MMIO_GAP_START};
+
+/// Guest RAM, as the VM, the boot loader and the devices see it.
+pub type GuestMemory = GuestMemoryMmap<()>;
 
 /// Errors creating guest memory.
 #[derive(Debug, thiserror::Error)]

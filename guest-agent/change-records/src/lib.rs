@@ -1,0 +1,146 @@
+//! The change records tern's VMM sends the guest agent about watchable shares, their framing,
+//! and the two names both ends must agree on ([`FS_TAG`], [`AGENT_WATCH_PORT`]). The VMM
+//! depends on this crate and on nothing else of the agent's protocol; `tern-protocol`
+//! re-exports it.
+//!
+//! The VMM's fs watcher connects to the agent's [`AGENT_WATCH_PORT`] and sends [`ChangeBatch`]
+//! frames ([`send_batch`]; the same [`frame`]s as the agent's RPC). The agent answers nothing on
+//! this stream. Records are hints, not a log: the agent settles each touched path by comparing
+//! the share with its mirror, so a lost or coalesced record costs nothing as long as a later
+//! record or a resync covers the path. After connecting, after an `IN_Q_OVERFLOW`, and on the
+//! slow periodic timer, the VMM sends a batch with `resync: true`, and the agent compares the
+//! whole share.
+
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
+pub mod frame;
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+pub use frame::{FrameError, MAX_FRAME_LEN};
+
+/// vsock port of the agent's change-record stream.
+pub const AGENT_WATCH_PORT: u32 = 1026;
+/// virtio-fs tag of the VM's one fs device; every share is a subdirectory of it.
+pub const FS_TAG: &str = "tern";
+/// Default interval of the safety-net full resync in event mode.
+pub const DEFAULT_RESYNC_INTERVAL: Duration = Duration::from_secs(60);
+/// Most records in one batch; a larger burst is sent as a resync instead.
+pub const MAX_RECORDS_PER_BATCH: usize = 256;
+
+/// One coalesced burst of changes in one share.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangeBatch {
+    /// The share (subdirectory name of the fs device) the paths are relative to.
+    pub share: String,
+    /// Increases by one per batch on a connection; a gap means lost batches (agent resyncs).
+    pub seq: u64,
+    /// Host wall clock when the first change of the batch was seen (ns since the Unix epoch),
+    /// for change -> apply latency.
+    pub first_change_unix_ns: u64,
+    /// Compare the whole share, not just `records`.
+    pub resync: bool,
+    pub records: Vec<ChangeRecord>,
+}
+
+/// Something happened at `path` (relative to the share root, `/`-separated, never absolute
+/// and never containing `..`: the agent refuses such records).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangeRecord {
+    pub path: String,
+    pub kind: ChangeKind,
+    /// For [`ChangeKind::Moved`]: the share-relative path the entry at `path` was renamed
+    /// from, when the watcher saw both ends of the rename (same rules as `path`, checked with
+    /// [`is_safe_relative_path`]). The old path also gets a record of its own, so an agent
+    /// that ignores this field still settles both ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+}
+
+/// What the host watcher saw. Advisory: the agent re-reads the share to settle it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChangeKind {
+    Created,
+    Modified,
+    Removed,
+    /// Renamed to or from this path (both ends get a record; the new end names the old one
+    /// in [`ChangeRecord::from`] when the watcher paired them).
+    Moved,
+}
+
+/// Is `path` a safe share-relative path: non-empty components, no `.`/`..`, not absolute?
+pub fn is_safe_relative_path(path: &str) -> bool {
+    !path.is_empty()
+        && !path.starts_with('/')
+        && !path.contains('\0')
+        && path.split('/').all(|c| !c.is_empty() && c != "." && c != "..")
+}
+
+/// Errors sending or receiving a [`ChangeBatch`].
+#[derive(Debug, thiserror::Error)]
+pub enum BatchError {
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error("malformed change batch")]
+    Json(#[from] serde_json::Error),
+}
+
+/// Send `batch` as one frame.
+pub fn send_batch<W: Write>(w: &mut W, batch: &ChangeBatch) -> Result<(), BatchError> {
+    Ok(frame::write_frame(w, &serde_json::to_vec(batch)?)?)
+}
+
+/// Read one [`ChangeBatch`] frame.
+pub fn recv_batch<R: Read>(r: &mut R) -> Result<ChangeBatch, BatchError> {
+    Ok(serde_json::from_slice(&frame::read_frame(r)?)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip_with_and_without_from() {
+        let plain = ChangeRecord { path: "f".into(), kind: ChangeKind::Modified, from: None };
+        let json = serde_json::to_string(&plain).unwrap();
+        assert!(!json.contains("from"), "{json}");
+        assert_eq!(serde_json::from_str::<ChangeRecord>(&json).unwrap(), plain);
+
+        let moved = ChangeRecord { path: "d/g".into(), kind: ChangeKind::Moved, from: Some("f".into()) };
+        let json = serde_json::to_string(&moved).unwrap();
+        assert_eq!(serde_json::from_str::<ChangeRecord>(&json).unwrap(), moved);
+
+        // What an older watcher sends still decodes.
+        let old: ChangeRecord = serde_json::from_str(r#"{"path":"g","kind":"moved"}"#).unwrap();
+        assert_eq!(old, ChangeRecord { path: "g".into(), kind: ChangeKind::Moved, from: None });
+    }
+
+    #[test]
+    fn a_batch_round_trips_through_a_frame() {
+        let batch = ChangeBatch {
+            share: "s".into(),
+            seq: 7,
+            first_change_unix_ns: 1,
+            resync: false,
+            records: vec![ChangeRecord { path: "f".into(), kind: ChangeKind::Created, from: None }],
+        };
+        let mut wire = Vec::new();
+        send_batch(&mut wire, &batch).unwrap();
+        assert_eq!(u32::from_be_bytes(wire[..4].try_into().unwrap()) as usize, wire.len() - 4);
+        assert_eq!(recv_batch(&mut &wire[..]).unwrap(), batch);
+    }
+
+    #[test]
+    fn unsafe_paths_are_refused() {
+        for bad in ["", "/etc/passwd", "../x", "a/../../b", "a//b", "./a", "a/.", "a\0b"] {
+            assert!(!is_safe_relative_path(bad), "{bad:?} accepted");
+        }
+        for good in ["a", "..data", "..2026_11_26/key", "dir/sub/file"] {
+            assert!(is_safe_relative_path(good), "{good:?} refused");
+        }
+    }
+}

@@ -1,0 +1,157 @@
+//! The link to the agent (the `tern-fs-link` thread): the connection to the agent's watch port,
+//! batch numbering, and the resyncs after each (re)connect and on the periodic timer.
+
+use std::io::{ErrorKind, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tern_change_records::{ChangeBatch, AGENT_WATCH_PORT};
+
+use super::coalesce::PendingBatch;
+use super::{bump, unix_now_ns, Outgoing, Shared};
+
+/// First pause between connection attempts while the agent is not listening yet.
+const FIRST_RETRY: Duration = Duration::from_millis(10);
+/// Longest pause between connection attempts.
+const MAX_RETRY: Duration = Duration::from_millis(500);
+/// How long the VMM may take to answer `CONNECT`, and a send may block on a stuck guest.
+const LINK_IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest `OK <port>` line accepted from the VMM.
+const MAX_HANDSHAKE_LINE: usize = 64;
+/// The `tern-fs-link` thread: the connection to the agent's watch port.
+pub(super) struct AgentLink {
+    pub(super) uds_path: PathBuf,
+    pub(super) shared: Arc<Shared>,
+    pub(super) resync_interval: Duration,
+}
+
+impl AgentLink {
+    pub(super) fn run(self, rx: Receiver<Outgoing>) {
+        let mut conn: Option<UnixStream> = None;
+        let mut seq = 0u64;
+        let mut retry = FIRST_RETRY;
+        let mut next_attempt = Instant::now();
+        let mut next_resync = Instant::now() + self.resync_interval;
+        loop {
+            if self.shared.stop.load(Ordering::SeqCst) {
+                return;
+            }
+            let now = Instant::now();
+            if conn.is_none() && now >= next_attempt {
+                match connect_watch_port(&self.uds_path) {
+                    Ok(stream) => {
+                        tracing::debug!("connected to the agent's watch port");
+                        bump(&self.shared.counters.connects, 1);
+                        retry = FIRST_RETRY;
+                        seq = 0;
+                        conn = Some(stream);
+                        // Whatever happened while disconnected is unknown: compare everything.
+                        self.resync_all(&mut conn, &mut seq);
+                        next_resync = Instant::now() + self.resync_interval;
+                    }
+                    Err(e) => {
+                        tracing::trace!(error = %e, "agent watch port not ready");
+                        next_attempt = now + retry;
+                        retry = (retry * 2).min(MAX_RETRY);
+                    }
+                }
+            }
+            let wake_at = if conn.is_none() { next_resync.min(next_attempt) } else { next_resync };
+            let timeout = wake_at.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(timeout) {
+                Ok(Outgoing::Stop) | Err(RecvTimeoutError::Disconnected) => return,
+                Ok(Outgoing::Batch(batch)) => {
+                    self.send(&mut conn, &mut seq, batch);
+                }
+                Ok(Outgoing::Resync(share)) => {
+                    self.send(&mut conn, &mut seq, resync_batch(share));
+                }
+                Ok(Outgoing::ResyncAll) => self.resync_all(&mut conn, &mut seq),
+                Err(RecvTimeoutError::Timeout) => {
+                    if Instant::now() >= next_resync {
+                        self.resync_all(&mut conn, &mut seq);
+                        next_resync = Instant::now() + self.resync_interval;
+                    }
+                }
+            }
+            if conn.is_none() && next_attempt > Instant::now() + retry {
+                next_attempt = Instant::now();
+            }
+        }
+    }
+
+    fn resync_all(&self, conn: &mut Option<UnixStream>, seq: &mut u64) {
+        let shares: Vec<String> = self.shared.lock().shares.keys().cloned().collect();
+        for share in shares {
+            self.send(conn, seq, resync_batch(share));
+        }
+    }
+
+    /// Send one batch; without a connection it is dropped (the resync after the next connect
+    /// covers it). A failed send drops the connection.
+    fn send(&self, conn: &mut Option<UnixStream>, seq: &mut u64, batch: PendingBatch) {
+        let Some(stream) = conn.as_mut() else {
+            return;
+        };
+        *seq += 1;
+        let records = batch.records.len() as u64;
+        let resync = batch.resync;
+        let message = ChangeBatch {
+            share: batch.share,
+            seq: *seq,
+            first_change_unix_ns: batch.first_change_unix_ns,
+            resync,
+            records: batch.records,
+        };
+        let counters = &self.shared.counters;
+        match tern_change_records::send_batch(stream, &message) {
+            Ok(()) => {
+                bump(&counters.batches_sent, 1);
+                bump(&counters.records_sent, records);
+                if resync {
+                    bump(&counters.resyncs_sent, 1);
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot send a change batch; reconnecting");
+                bump(&counters.send_failures, 1);
+                *conn = None;
+            }
+        }
+    }
+}
+
+fn resync_batch(share: String) -> PendingBatch {
+    PendingBatch { share, first_change_unix_ns: unix_now_ns(), resync: true, records: Vec::new() }
+}
+
+/// Open a stream to the agent's watch port through the hybrid vsock socket.
+fn connect_watch_port(uds_path: &Path) -> std::io::Result<UnixStream> {
+    let mut sock = UnixStream::connect(uds_path)?;
+    sock.set_read_timeout(Some(LINK_IO_TIMEOUT))?;
+    sock.set_write_timeout(Some(LINK_IO_TIMEOUT))?;
+    sock.write_all(format!("CONNECT {AGENT_WATCH_PORT}\n").as_bytes())?;
+    // Byte by byte: nothing after the newline is ours to consume.
+    let mut line = Vec::with_capacity(16);
+    let mut byte = [0u8; 1];
+    loop {
+        match sock.read(&mut byte) {
+            Ok(0) => return Err(std::io::Error::new(ErrorKind::ConnectionRefused, "agent is not listening")),
+            Ok(_) if byte[0] == b'\n' => break,
+            Ok(_) if line.len() >= MAX_HANDSHAKE_LINE => {
+                return Err(std::io::Error::new(ErrorKind::InvalidData, "vsock handshake reply too long"))
+            }
+            Ok(_) => line.push(byte[0]),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    if !line.starts_with(b"OK ") {
+        return Err(std::io::Error::new(ErrorKind::InvalidData, "unexpected vsock handshake reply"));
+    }
+    Ok(sock)
+}
