@@ -9,7 +9,10 @@
 //! `Shutdown` with no container left powers the VM off and ends the shim.
 //!
 //! Blocking work (the agent client, the VMM, mounts, FIFO opens) runs on tokio's blocking
-//! pool; the state lock is never held across an `.await`.
+//! pool. No lock is held across an `.await`, an agent RPC, a share add/remove or other blocking
+//! I/O: the state and sandbox mutexes guard only in-memory bookkeeping, and the sandbox is an
+//! `Arc<Sandbox>` cloned under a short lock, so a stuck guest request stalls only its own
+//! caller, never another Task request or a tokio worker.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -125,10 +128,11 @@ struct Inner {
     sandbox_id: String,
     events: EventSink,
     exit: Arc<ExitSignal>,
-    /// The sandbox VM, booted by the first `Create` (held by a std mutex: only blocking code
-    /// touches it).
-    sandbox: Mutex<Option<Sandbox>>,
-    /// Serializes the first boot.
+    /// The sandbox VM, booted by the first `Create`. The mutex is held only to clone or swap
+    /// the `Arc` (see [`TaskService::sandbox`]).
+    sandbox: Mutex<Option<Arc<Sandbox>>>,
+    /// Serializes the first boot: a second `Create` needs the same VM, so it waits for it
+    /// (asynchronously; no other request takes this lock).
     boot: tokio::sync::Mutex<()>,
     state: Mutex<State>,
     /// Watchable volume shares, shared by the containers that mount the same volume.
@@ -176,12 +180,14 @@ impl TaskService {
         self.inner.config.clone().map_err(|e| rpc_error(Code::FAILED_PRECONDITION, format!("tern configuration: {e}")))
     }
 
+    /// The running sandbox (a cheap clone: the lock is never held beyond this call).
+    fn sandbox(&self) -> TtrpcResult<Arc<Sandbox>> {
+        lock(&self.inner.sandbox).clone().ok_or_else(|| rpc_error(Code::FAILED_PRECONDITION, "the sandbox VM is not running"))
+    }
+
     /// The agent of the running sandbox.
     fn agent(&self) -> TtrpcResult<AgentClient> {
-        lock(&self.inner.sandbox)
-            .as_ref()
-            .map(|s| s.agent().clone())
-            .ok_or_else(|| rpc_error(Code::FAILED_PRECONDITION, "the sandbox VM is not running"))
+        self.sandbox().map(|s| s.agent().clone())
     }
 
     /// Boot the sandbox VM unless it runs already, connected to `netns` (the network namespace
@@ -210,18 +216,15 @@ impl TaskService {
         .await??;
         tracing::info!(run_dir = %sandbox.run_dir().display(), "sandbox VM ready");
         let probe = self.metrics_probe(&sandbox);
-        *lock(&self.inner.sandbox) = Some(sandbox);
+        *lock(&self.inner.sandbox) = Some(Arc::new(sandbox));
         self.start_metrics(probe);
         Ok(())
     }
 
-    /// What the metrics endpoint reads about the sandbox. The watcher's counters are read
-    /// through the sandbox lock without waiting for it: a scrape never blocks on an RPC. While
-    /// an RPC holds the lock, the last values read are reported again (never zeros, which a
-    /// Prometheus server would take for a counter reset).
+    /// What the metrics endpoint reads about the sandbox. The sandbox lock is held only to
+    /// clone the `Arc`, so a scrape never waits for an RPC.
     fn metrics_probe(&self, sandbox: &Sandbox) -> SandboxProbe {
         let inner = Arc::downgrade(&self.inner);
-        let last = Mutex::new(None);
         let (vcpus, memory_mib) = self.config().map(|c| (c.vm.vcpus, c.vm.memory_mib)).unwrap_or_default();
         SandboxProbe {
             vcpus,
@@ -229,12 +232,8 @@ impl TaskService {
             vm: sandbox.vm_metrics(),
             agent: sandbox.agent().clone(),
             watcher: Arc::new(move || {
-                let inner = inner.upgrade()?;
-                let mut last = lock(&last);
-                if let Ok(guard) = inner.sandbox.try_lock() {
-                    *last = guard.as_ref().and_then(Sandbox::watcher_counters);
-                }
-                *last
+                let sandbox = lock(&inner.upgrade()?.sandbox).clone()?;
+                sandbox.watcher_counters()
             }),
         }
     }
@@ -279,6 +278,7 @@ impl TaskService {
     /// Share the rootfs with the guest and have the agent mount it at the container's path.
     async fn share_rootfs(&self, share: &str, rootfs: &Path, guest_path: &str) -> TtrpcResult<()> {
         let config = self.config()?;
+        let share_config_name = share.to_owned();
         let share_config = ShareConfig {
             name: share.to_owned(),
             host_dir: rootfs.to_path_buf(),
@@ -286,7 +286,7 @@ impl TaskService {
             cache: config.fs.cache.policy(),
             watch: false,
         };
-        let inner = Arc::clone(&self.inner);
+        let sandbox = self.sandbox()?;
         let mount = MountRequest {
             share: share.to_owned(),
             guest_path: guest_path.to_owned(),
@@ -295,12 +295,15 @@ impl TaskService {
             watch_mode: Default::default(),
         };
         blocking(move || {
-            let guard = lock(&inner.sandbox);
-            let sandbox = guard.as_ref().ok_or_else(|| rpc_error(Code::FAILED_PRECONDITION, "the sandbox VM is not running"))?;
             sandbox.add_fs_share(share_config).map_err(|e| internal("cannot share the rootfs with the VM", &e))?;
-            let agent = sandbox.agent().clone();
-            drop(guard);
-            agent.mount(mount).map_err(|e| internal("cannot mount the rootfs in the guest", &e))
+            if let Err(e) = sandbox.agent().mount(mount) {
+                // Nothing of a failed `Create` may stay behind.
+                if let Err(e) = sandbox.remove_fs_share(&share_config_name) {
+                    tracing::warn!(share = %share_config_name, error = %error_chain(&e), "cannot remove the rootfs share");
+                }
+                return Err(internal("cannot mount the rootfs in the guest", &e));
+            }
+            Ok(())
         })
         .await?
     }
@@ -308,13 +311,13 @@ impl TaskService {
     /// Undo `Create`'s host and guest setup for a container already removed from the table.
     async fn teardown(&self, c: Container) {
         let inner = Arc::clone(&self.inner);
+        let sandbox = lock(&self.inner.sandbox).clone();
         let result = blocking(move || {
             let Container { share, guest_rootfs, rootfs, rootfs_mounted, io, bind_shares, .. } = c;
             // Closing the FIFO ends the shim held (module docs of `io`).
             drop(io);
-            let guard = lock(&inner.sandbox);
-            binds::unshare_binds(guard.as_ref(), &inner.watchables, bind_shares);
-            if let Some(sandbox) = guard.as_ref() {
+            binds::unshare_binds(sandbox.as_deref(), &inner.watchables, bind_shares);
+            if let Some(sandbox) = sandbox {
                 if let Err(e) = sandbox.agent().unmount(&guest_rootfs) {
                     tracing::warn!(error = %error_chain(&e), "cannot unmount the rootfs in the guest");
                 }
@@ -322,7 +325,6 @@ impl TaskService {
                     tracing::warn!(error = %error_chain(&e), "cannot remove the rootfs share");
                 }
             }
-            drop(guard);
             if rootfs_mounted {
                 unmount_rootfs(&rootfs);
             }
@@ -346,12 +348,10 @@ impl TaskService {
         }
         let fs = self.config()?.fs;
         let inner = Arc::clone(&self.inner);
+        let sandbox = self.sandbox()?;
         let (id, prefix, bundle) = (id.to_owned(), prefix.to_owned(), bundle.to_path_buf());
         blocking(move || {
-            let guard = lock(&inner.sandbox);
-            let sandbox =
-                guard.as_ref().ok_or_else(|| rpc_error(Code::FAILED_PRECONDITION, "the sandbox VM is not running"))?;
-            binds::share_binds(sandbox, &inner.watchables, &fs, &id, &prefix, &bundle, &host)
+            binds::share_binds(&sandbox, &inner.watchables, &fs, &id, &prefix, &bundle, &host)
                 .map_err(|e| internal("cannot share the container's bind mounts", &e))
         })
         .await?
@@ -395,7 +395,9 @@ impl TaskService {
 
     /// Power the VM off (if it runs) and end the shim.
     async fn stop_sandbox(&self) {
-        if let Some(metrics) = lock(&self.inner.metrics).take() {
+        // Out of the lock first: an `if let` on the guard would hold it across `stop`.
+        let metrics = lock(&self.inner.metrics).take();
+        if let Some(metrics) = metrics {
             metrics.stop();
         }
         let sandbox = lock(&self.inner.sandbox).take();
@@ -461,10 +463,8 @@ impl Task for TaskService {
         let (bind_sources, bind_shares) = self.share_binds(&id, &share, &bundle, host_bind_mounts).await?;
         if let Err(e) = self.share_rootfs(&share, &rootfs, &guest_rootfs).await {
             let inner = Arc::clone(&self.inner);
-            let _ = blocking(move || {
-                binds::unshare_binds(lock(&inner.sandbox).as_ref(), &inner.watchables, bind_shares)
-            })
-            .await;
+            let sandbox = lock(&self.inner.sandbox).clone();
+            let _ = blocking(move || binds::unshare_binds(sandbox.as_deref(), &inner.watchables, bind_shares)).await;
             return Err(e);
         }
         let rootfs_mounted = guard.armed;
