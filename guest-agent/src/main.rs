@@ -7,6 +7,7 @@
 
 mod cgroups;
 mod container;
+mod error_code;
 mod init;
 mod logging;
 mod mirror;

@@ -36,6 +36,7 @@ use super::container::{
     guest_spec, guest_spec_for, host_binds, is_cri_sandbox, load_spec, mount_rootfs, network_namespace, unmount_rootfs,
     ContainerSpecError, GuestAdaptation, HostBind, RootfsMount,
 };
+use super::errdefs::{self, agent_error};
 use super::events::EventSink;
 use super::io::{ProcessIo, StdioPaths};
 use crate::agent::AgentClient;
@@ -254,8 +255,9 @@ impl TaskService {
     }
 
     /// `Kill` with `all`: every process in the container's cgroup, as `runc kill --all`, also
-    /// after its init has exited (containerd's forced delete sends SIGKILL this way). Once the
-    /// init has exited, a failure is "not found", which containerd takes as nothing left.
+    /// after its init has exited (containerd's forced delete sends SIGKILL this way). The agent
+    /// says NOT_FOUND when the container's cgroup is gone; once the init has exited, a guest
+    /// that is gone too (UNAVAILABLE) has nothing left to signal either.
     async fn kill_all(&self, id: &str, signal: u32, phase: Phase) -> TtrpcResult<api::Empty> {
         let signal = i32::try_from(signal).map_err(|_| rpc_error(Code::INVALID_ARGUMENT, "bad signal number"))?;
         let agent = match self.agent() {
@@ -267,11 +269,11 @@ impl TaskService {
         let guest_id = id.to_owned();
         match blocking(move || agent.signal_container(&guest_id, signal)).await? {
             Ok(()) => Ok(api::Empty::default()),
-            Err(e) if phase == Phase::Stopped => {
-                tracing::debug!(id, error = %error_chain(&e), "kill --all after the init exited");
+            Err(e) if phase == Phase::Stopped && errdefs::code_of(&e) == Code::UNAVAILABLE => {
+                tracing::debug!(id, error = %error_chain(&e), "kill --all after the init exited and the guest went");
                 Err(not_found("process already finished"))
             }
-            Err(e) => Err(internal("cannot signal the container's processes", &e)),
+            Err(e) => Err(agent_error("cannot signal the container's processes", &e)),
         }
     }
 
@@ -301,7 +303,7 @@ impl TaskService {
                 if let Err(e) = sandbox.remove_fs_share(&share_config_name) {
                     tracing::warn!(share = %share_config_name, error = %error_chain(&e), "cannot remove the rootfs share");
                 }
-                return Err(internal("cannot mount the rootfs in the guest", &e));
+                return Err(agent_error("cannot mount the rootfs in the guest", &e));
             }
             Ok(())
         })
@@ -519,7 +521,7 @@ impl Task for TaskService {
             let agent = agent.clone();
             let id = id.clone();
             blocking(move || {
-                let pid = agent.start_container(spec).map_err(|e| internal("cannot start the container", &e))?;
+                let pid = agent.start_container(spec).map_err(|e| agent_error("cannot start the container", &e))?;
                 let connected = io.connect(&agent, &id).map_err(|e| internal("cannot connect the container's stdio", &e));
                 Ok::<_, ttrpc::Error>((pid, io, connected))
             })
@@ -596,14 +598,8 @@ impl Task for TaskService {
         let agent = self.agent()?;
         let signal = i32::try_from(req.signal).map_err(|_| rpc_error(Code::INVALID_ARGUMENT, "bad signal number"))?;
         let id = req.id.clone();
-        let sent = blocking(move || agent.signal(&id, signal)).await?;
-        if let Err(e) = sent {
-            // The process may have ended between the check above and the signal.
-            if self.with_container(&req.id, |c| Ok(c.phase))? == Phase::Stopped {
-                return Err(not_found("process already finished"));
-            }
-            return Err(internal("cannot signal the container", &e));
-        }
+        // A process that ended since the check above is NOT_FOUND from the agent.
+        blocking(move || agent.signal(&id, signal)).await?.map_err(|e| agent_error("cannot signal the container", &e))?;
         Ok(api::Empty::default())
     }
 
@@ -701,7 +697,7 @@ impl Task for TaskService {
         let cols = u16::try_from(req.width).unwrap_or(u16::MAX);
         blocking(move || agent.resize_pty(&guest_id, rows, cols))
             .await?
-            .map_err(|e| internal("cannot resize the terminal", &e))?;
+            .map_err(|e| agent_error("cannot resize the terminal", &e))?;
         Ok(api::Empty::default())
     }
 
