@@ -14,7 +14,7 @@
 //! `Arc<Sandbox>` cloned under a short lock, so a stuck guest request stalls only its own
 //! caller, never another Task request or a tokio worker.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -119,7 +119,42 @@ impl Container {
 #[derive(Default)]
 struct State {
     containers: HashMap<String, Container>,
+    /// Ids whose `Create` is under way (see [`IdReservation`]): taken before anything else, so
+    /// a second `Create` of the same id fails at once instead of mounting over the first's rootfs.
+    creating: HashSet<String>,
     next_share: u64,
+}
+
+/// An id reserved by a `Create` in progress; dropping it (every failure path, or the request
+/// being cancelled) frees the id again. [`IdReservation::commit`] turns it into the container.
+struct IdReservation {
+    inner: Arc<Inner>,
+    id: String,
+}
+
+impl IdReservation {
+    /// Reserve `id`, or fail with ALREADY_EXISTS when it exists or is being created.
+    fn take(inner: &Arc<Inner>, id: &str) -> TtrpcResult<IdReservation> {
+        let mut state = lock(&inner.state);
+        if state.containers.contains_key(id) || !state.creating.insert(id.to_owned()) {
+            return Err(rpc_error(Code::ALREADY_EXISTS, format!("container {id} already exists")));
+        }
+        Ok(IdReservation { inner: Arc::clone(inner), id: id.to_owned() })
+    }
+
+    /// Register the created container under the reserved id (in one step with the release).
+    fn commit(self, container: Container) {
+        let mut state = lock(&self.inner.state);
+        state.creating.remove(&self.id);
+        state.containers.insert(self.id.clone(), container);
+    }
+}
+
+impl Drop for IdReservation {
+    fn drop(&mut self) {
+        // A no-op after `commit`.
+        lock(&self.inner.state).creating.remove(&self.id);
+    }
 }
 
 struct Inner {
@@ -420,9 +455,8 @@ impl Task for TaskService {
         if id.is_empty() {
             return Err(rpc_error(Code::INVALID_ARGUMENT, "container id must not be empty"));
         }
-        if lock(&self.inner.state).containers.contains_key(&id) {
-            return Err(rpc_error(Code::ALREADY_EXISTS, format!("container {id} already exists")));
-        }
+        // First, before any mount or share: released on every early return below.
+        let reservation = IdReservation::take(&self.inner, &id)?;
         let stdio =
             StdioPaths { stdin: req.stdin.clone(), stdout: req.stdout.clone(), stderr: req.stderr.clone(), terminal: req.terminal };
         let bundle = PathBuf::from(&req.bundle);
@@ -502,7 +536,7 @@ impl Task for TaskService {
             self.teardown(container).await;
             return Err(rpc_error(Code::INVALID_ARGUMENT, error_chain(&e)));
         }
-        lock(&self.inner.state).containers.insert(id.clone(), container);
+        reservation.commit(container);
         self.inner.events.created(&id, &req.bundle, &stdio, 0).await;
         Ok(api::CreateTaskResponse { pid: 0, ..Default::default() })
     }
@@ -735,8 +769,13 @@ impl Task for TaskService {
     }
 
     async fn shutdown(&self, _ctx: &TtrpcContext, _req: api::ShutdownRequest) -> TtrpcResult<api::Empty> {
-        if !lock(&self.inner.state).containers.is_empty() {
-            // containerd asks after every delete; the shim stays while it serves containers.
+        let busy = {
+            let state = lock(&self.inner.state);
+            !state.containers.is_empty() || !state.creating.is_empty()
+        };
+        if busy {
+            // containerd asks after every delete; the shim stays while it serves containers
+            // (or creates one: a direct client may race a `Create` with the `Shutdown`).
             return Ok(api::Empty::default());
         }
         self.stop_sandbox().await;
