@@ -36,6 +36,21 @@ pub struct Agent {
     containers: crate::container::Containers,
     shutdown_mode: ShutdownMode,
     shutting_down: AtomicBool,
+    /// Test hook: requests with this `op` are never answered (see [`test_stall_from_cmdline`]).
+    test_stall: Option<String>,
+}
+
+/// The `tern.test_stall=<op>` kernel parameter: a test-only hook that makes the agent stall
+/// every request whose protocol `op` is `<op>` (e.g. `container_stats`) forever, so tests can
+/// check that one stuck request blocks nothing else on the host. The shim adds it only when
+/// `$TERN_TEST_AGENT_STALL` is set (see the README's Tests section).
+pub fn test_stall_from_cmdline(cmdline: &str) -> Option<String> {
+    cmdline
+        .split_whitespace()
+        .filter_map(|arg| arg.strip_prefix("tern.test_stall="))
+        .next_back()
+        .filter(|op| !op.is_empty())
+        .map(str::to_owned)
 }
 
 impl Agent {
@@ -45,6 +60,26 @@ impl Agent {
             containers: Default::default(),
             shutdown_mode,
             shutting_down: AtomicBool::new(false),
+            test_stall: None,
+        }
+    }
+
+    /// Stall requests with protocol op `op` (the `tern.test_stall` test hook).
+    pub fn with_test_stall(mut self, op: Option<String>) -> Self {
+        if let Some(op) = &op {
+            warn!(op, "test hook: requests of this kind will never be answered");
+        }
+        self.test_stall = op;
+        self
+    }
+
+    /// Block this connection's thread for good when `req` is the stalled kind (test hook).
+    fn stall_if_asked(&self, req: &Request) {
+        if self.test_stall.as_deref() == Some(req.op()) {
+            warn!(op = req.op(), "test hook: stalling the request");
+            loop {
+                std::thread::park();
+            }
         }
     }
 
@@ -279,6 +314,7 @@ pub fn handle_rpc_connection(agent: &Agent, mut conn: Connection) {
         };
         debug!(?req, "request");
         let shutdown = matches!(req, Request::Shutdown);
+        agent.stall_if_asked(&req);
         let reply = agent.handle(req);
         let sent = send(&mut conn, &reply);
         if shutdown {
@@ -349,6 +385,13 @@ mod tests {
             error_response(&e),
             Response::Error { message: "cannot read /c/x: inner".into(), code: ErrorCode::Internal }
         );
+    }
+
+    #[test]
+    fn the_stall_hook_is_off_unless_the_kernel_command_line_names_an_op() {
+        assert_eq!(test_stall_from_cmdline("quiet tern.test_stall=container_stats"), Some("container_stats".into()));
+        assert_eq!(test_stall_from_cmdline("quiet tern.test_stall="), None);
+        assert_eq!(test_stall_from_cmdline("quiet tern.watch_resync=5"), None);
     }
 
     #[test]

@@ -47,6 +47,9 @@ use crate::sandbox::{error_chain, Sandbox, SandboxDir, SandboxError};
 
 mod cgroup;
 mod exec;
+mod reservation;
+
+use reservation::IdReservation;
 
 /// Where container rootfs shares are mounted in the guest: `<this>/<container id>`.
 pub const GUEST_CONTAINERS_ROOT: &str = "/run/tern/containers";
@@ -65,6 +68,17 @@ fn not_found(what: &str) -> ttrpc::Error {
 
 fn internal(context: &str, e: &dyn std::error::Error) -> ttrpc::Error {
     rpc_error(Code::INTERNAL, format!("{context}: {}", error_chain(e)))
+}
+
+/// `$TERN_TEST_AGENT_STALL`: a test-only hook. When it names a protocol op (`container_stats`)
+/// the shim boots its VM with `tern.test_stall=<op>`, and the agent never answers requests of
+/// that kind (tests check that one stuck request blocks nothing else).
+const TEST_STALL_ENV: &str = "TERN_TEST_AGENT_STALL";
+
+fn test_stall_op() -> Option<String> {
+    let op = std::env::var(TEST_STALL_ENV).ok()?;
+    // One kernel parameter: an op tag is lowercase letters and underscores.
+    (!op.is_empty() && op.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')).then_some(op)
 }
 
 /// Run blocking work on tokio's blocking pool; a panicked task becomes an INTERNAL error.
@@ -123,38 +137,6 @@ struct State {
     /// a second `Create` of the same id fails at once instead of mounting over the first's rootfs.
     creating: HashSet<String>,
     next_share: u64,
-}
-
-/// An id reserved by a `Create` in progress; dropping it (every failure path, or the request
-/// being cancelled) frees the id again. [`IdReservation::commit`] turns it into the container.
-struct IdReservation {
-    inner: Arc<Inner>,
-    id: String,
-}
-
-impl IdReservation {
-    /// Reserve `id`, or fail with ALREADY_EXISTS when it exists or is being created.
-    fn take(inner: &Arc<Inner>, id: &str) -> TtrpcResult<IdReservation> {
-        let mut state = lock(&inner.state);
-        if state.containers.contains_key(id) || !state.creating.insert(id.to_owned()) {
-            return Err(rpc_error(Code::ALREADY_EXISTS, format!("container {id} already exists")));
-        }
-        Ok(IdReservation { inner: Arc::clone(inner), id: id.to_owned() })
-    }
-
-    /// Register the created container under the reserved id (in one step with the release).
-    fn commit(self, container: Container) {
-        let mut state = lock(&self.inner.state);
-        state.creating.remove(&self.id);
-        state.containers.insert(self.id.clone(), container);
-    }
-}
-
-impl Drop for IdReservation {
-    fn drop(&mut self) {
-        // A no-op after `commit`.
-        lock(&self.inner.state).creating.remove(&self.id);
-    }
 }
 
 struct Inner {
@@ -234,7 +216,11 @@ impl TaskService {
             return Ok(());
         }
         let netns = netns.map_err(|e| rpc_error(Code::INVALID_ARGUMENT, error_chain(&e)))?;
-        let config = self.config()?;
+        let mut config = self.config()?;
+        if let Some(op) = test_stall_op() {
+            tracing::warn!(op, "test hook: the agent will never answer requests of this kind");
+            config.vm.kernel_cmdline.push_str(&format!(" tern.test_stall={op}"));
+        }
         // A named run directory: `shim delete` removes it if this process is SIGKILLed.
         let (namespace, sandbox_id) = (self.inner.namespace.clone(), self.inner.sandbox_id.clone());
         let sandbox = blocking(move || {
