@@ -7,6 +7,7 @@
 
 mod cgroups;
 mod container;
+mod error_code;
 mod init;
 mod logging;
 mod mirror;
@@ -36,10 +37,14 @@ const USAGE: &str = "usage: tern-agent [--unix-dir DIR]\n\n\
     Without options: listen on vsock ports 1024 (RPC), 1025 (stdio streams) and 1026 (change records).\n\
     --unix-dir DIR   listen on DIR/rpc.sock, DIR/stream.sock and DIR/watch.sock instead (host-side testing)\n\
     watch-events DIR...   print inotify events of DIRs, one line each (test tool)\n\
-    Log level: tern.log=<level> on the kernel command line (PID 1), else $TERN_AGENT_LOG.\n";
+    Log level: tern.log=<level> on the kernel command line (PID 1), else $TERN_AGENT_LOG.\n\
+    Test hook: tern.test_stall=<op> on the kernel command line (PID 1), else $TERN_AGENT_TEST_STALL,\n\
+    never answers requests of protocol op <op> (e.g. container_stats).\n";
 
 /// Environment variable with the log level when not running as PID 1.
 const LOG_ENV: &str = "TERN_AGENT_LOG";
+/// Off PID 1, the `tern.test_stall=<op>` test hook (requests of that op are never answered).
+const TEST_STALL_ENV: &str = "TERN_AGENT_TEST_STALL";
 
 #[derive(Debug, Default)]
 struct Options {
@@ -180,7 +185,14 @@ fn run_agent(opts: &Options, pid1: bool) -> anyhow::Result<std::convert::Infalli
     } else {
         ShutdownMode::ExitProcess
     };
-    let agent = Arc::new(Agent::new(table, mode));
+    // Test hook (see `server::test_stall_from_cmdline`): only PID 1 reads a command line; on a
+    // host the protocol tests set `$TERN_AGENT_TEST_STALL` instead.
+    let test_stall = if pid1 {
+        std::fs::read_to_string("/proc/cmdline").ok().and_then(|c| server::test_stall_from_cmdline(&c))
+    } else {
+        std::env::var(TEST_STALL_ENV).ok().filter(|op| !op.is_empty())
+    };
+    let agent = Arc::new(Agent::new(table, mode).with_test_stall(test_stall));
     server::run(agent, rpc, streams, || announce_ready(pid1))
         .context("cannot start the stream server")
 }

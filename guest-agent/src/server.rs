@@ -4,14 +4,14 @@
 //! connection (the host opens more for concurrency). A malformed frame fails that request
 //! only; a clean EOF ends the connection quietly.
 
-use std::error::Error as StdError;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tern_protocol::{recv, send, ProtocolError, Request, Response, PROTOCOL_VERSION};
+use tern_protocol::{recv, send, ErrorCode, ProtocolError, Request, Response, PROTOCOL_VERSION};
 use tracing::{debug, error, info, warn};
 
+use crate::error_code::CodedError;
 use crate::process::ProcessTable;
 use crate::stats;
 use crate::streams::handle_stream_connection;
@@ -36,6 +36,21 @@ pub struct Agent {
     containers: crate::container::Containers,
     shutdown_mode: ShutdownMode,
     shutting_down: AtomicBool,
+    /// Test hook: requests with this `op` are never answered (see [`test_stall_from_cmdline`]).
+    test_stall: Option<String>,
+}
+
+/// The `tern.test_stall=<op>` kernel parameter: a test-only hook that makes the agent stall
+/// every request whose protocol `op` is `<op>` (e.g. `container_stats`) forever, so tests can
+/// check that one stuck request blocks nothing else on the host. The shim adds it only when
+/// `$TERN_TEST_AGENT_STALL` is set (see the README's Tests section).
+pub fn test_stall_from_cmdline(cmdline: &str) -> Option<String> {
+    cmdline
+        .split_whitespace()
+        .filter_map(|arg| arg.strip_prefix("tern.test_stall="))
+        .next_back()
+        .filter(|op| !op.is_empty())
+        .map(str::to_owned)
 }
 
 impl Agent {
@@ -45,6 +60,26 @@ impl Agent {
             containers: Default::default(),
             shutdown_mode,
             shutting_down: AtomicBool::new(false),
+            test_stall: None,
+        }
+    }
+
+    /// Stall requests with protocol op `op` (the `tern.test_stall` test hook).
+    pub fn with_test_stall(mut self, op: Option<String>) -> Self {
+        if let Some(op) = &op {
+            warn!(op, "test hook: requests of this kind will never be answered");
+        }
+        self.test_stall = op;
+        self
+    }
+
+    /// Block this connection's thread for good when `req` is the stalled kind (test hook).
+    fn stall_if_asked(&self, req: &Request) {
+        if self.test_stall.as_deref() == Some(req.op()) {
+            warn!(op = req.op(), "test hook: stalling the request");
+            loop {
+                std::thread::park();
+            }
         }
     }
 
@@ -57,9 +92,7 @@ impl Agent {
             },
             Request::Exec(exec) => {
                 if self.shutting_down.load(Ordering::SeqCst) {
-                    return Response::Error {
-                        message: "the agent is shutting down".into(),
-                    };
+                    return shutting_down();
                 }
                 match self.table.spawn(&exec) {
                     Ok(pid) => Response::Started { pid },
@@ -102,9 +135,7 @@ impl Agent {
             },
             Request::StartContainer(spec) => {
                 if self.shutting_down.load(Ordering::SeqCst) {
-                    return Response::Error {
-                        message: "the agent is shutting down".into(),
-                    };
+                    return shutting_down();
                 }
                 match crate::container::start(&self.table, &self.containers, &spec) {
                     Ok(pid) => Response::Started { pid },
@@ -116,9 +147,7 @@ impl Agent {
             }
             Request::ExecInContainer(req) => {
                 if self.shutting_down.load(Ordering::SeqCst) {
-                    return Response::Error {
-                        message: "the agent is shutting down".into(),
-                    };
+                    return shutting_down();
                 }
                 match crate::container::exec(&self.table, &self.containers, &req) {
                     Ok(pid) => Response::Started { pid },
@@ -229,15 +258,16 @@ fn describe_interfaces(config: &tern_protocol::net::NetworkConfig) -> String {
     }
 }
 
-fn ok_or_error<E: StdError>(result: Result<(), E>) -> Response {
+fn ok_or_error<E: CodedError>(result: Result<(), E>) -> Response {
     match result {
         Ok(()) => Response::Ok,
         Err(e) => error_response(&e),
     }
 }
 
-/// `message: source: source's source`, so the host sees the root cause.
-fn error_response(e: &dyn StdError) -> Response {
+/// The error's code (see [`crate::error_code`]) and `message: source: source's source`, so the
+/// host sees the root cause.
+fn error_response(e: &dyn CodedError) -> Response {
     let mut message = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
@@ -245,7 +275,12 @@ fn error_response(e: &dyn StdError) -> Response {
         message.push_str(&s.to_string());
         source = s.source();
     }
-    Response::Error { message }
+    Response::Error { message, code: e.code() }
+}
+
+/// The answer to a request that would start something while the agent shuts down.
+fn shutting_down() -> Response {
+    Response::Error { message: "the agent is shutting down".into(), code: ErrorCode::Unavailable }
 }
 
 /// Serve one RPC connection until the host closes it.
@@ -259,6 +294,7 @@ pub fn handle_rpc_connection(agent: &Agent, mut conn: Connection) {
                 debug!(error = %e, "malformed request");
                 let reply = Response::Error {
                     message: format!("malformed request: {e}"),
+                    code: ErrorCode::InvalidArgument,
                 };
                 if send(&mut conn, &reply).is_err() {
                     return;
@@ -278,6 +314,7 @@ pub fn handle_rpc_connection(agent: &Agent, mut conn: Connection) {
         };
         debug!(?req, "request");
         let shutdown = matches!(req, Request::Shutdown);
+        agent.stall_if_asked(&req);
         let reply = agent.handle(req);
         let sent = send(&mut conn, &reply);
         if shutdown {
@@ -341,18 +378,46 @@ pub fn run(
 mod tests {
     use super::*;
 
-    #[derive(Debug, thiserror::Error)]
-    #[error("outer")]
-    struct Outer(#[source] std::io::Error);
-
     #[test]
-    fn error_messages_carry_the_source_chain() {
-        let e = Outer(std::io::Error::other("inner"));
+    fn error_messages_carry_the_source_chain_and_the_code() {
+        let e = crate::cgroups::CgroupError::Read { path: "/c/x".into(), source: std::io::Error::other("inner") };
         assert_eq!(
             error_response(&e),
-            Response::Error {
-                message: "outer: inner".into()
-            }
+            Response::Error { message: "cannot read /c/x: inner".into(), code: ErrorCode::Internal }
         );
+    }
+
+    #[test]
+    fn the_stall_hook_is_off_unless_the_kernel_command_line_names_an_op() {
+        assert_eq!(test_stall_from_cmdline("quiet tern.test_stall=container_stats"), Some("container_stats".into()));
+        assert_eq!(test_stall_from_cmdline("quiet tern.test_stall="), None);
+        assert_eq!(test_stall_from_cmdline("quiet tern.watch_resync=5"), None);
+    }
+
+    #[test]
+    fn a_process_the_agent_does_not_know_is_not_found() {
+        let agent = Agent::new(Arc::new(ProcessTable::default()), ShutdownMode::ExitProcess);
+        for req in [
+            Request::Signal { id: "nope".into(), signal: 15 },
+            Request::Wait { id: "nope".into() },
+            Request::CloseStdin { id: "nope".into() },
+            Request::PauseContainer { id: "nope".into() },
+            Request::ContainerStats { id: "nope".into() },
+        ] {
+            let reply = agent.handle(req.clone());
+            assert!(matches!(reply, Response::Error { code: ErrorCode::NotFound, .. }), "{req:?}: {reply:?}");
+        }
+        let reply = agent.handle(Request::Signal { id: "nope".into(), signal: 1234 });
+        assert!(matches!(reply, Response::Error { code: ErrorCode::InvalidArgument | ErrorCode::NotFound, .. }));
+        agent.shutting_down.store(true, Ordering::SeqCst);
+        let exec = tern_protocol::ExecRequest {
+            id: "p".into(),
+            argv: vec!["true".into()],
+            env: vec![],
+            cwd: None,
+            stdin: false,
+            terminal: None,
+        };
+        assert!(matches!(agent.handle(Request::Exec(exec)), Response::Error { code: ErrorCode::Unavailable, .. }));
     }
 }

@@ -11,7 +11,7 @@ use std::os::unix::net::UnixStream;
 use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 use tern_protocol::{
-    frame, recv, send, ExecRequest, ExitStatus, Request, Response, StreamHello, StreamKind,
+    frame, recv, send, ErrorCode, ExecRequest, ExitStatus, Request, Response, StreamHello, StreamKind,
     PROTOCOL_VERSION, READY_MARKER,
 };
 
@@ -131,8 +131,12 @@ fn signal(conn: &mut UnixStream, id: &str, signal: i32) -> Response {
 }
 
 fn error_message(resp: Response) -> String {
+    error_with_code(resp).0
+}
+
+fn error_with_code(resp: Response) -> (String, ErrorCode) {
     match resp {
-        Response::Error { message } => message,
+        Response::Error { message, code } => (message, code),
         other => panic!("expected an error, got {other:?}"),
     }
 }
@@ -193,15 +197,18 @@ fn killed_process_reports_the_signal() {
         wait(&mut rpc, "sleeper"),
         Response::Exited(ExitStatus::Signal(9))
     );
-    let msg = error_message(signal(&mut rpc, "sleeper", 15));
+    let (msg, code) = error_with_code(signal(&mut rpc, "sleeper", 15));
     assert!(msg.contains("exited"), "{msg}");
-    let msg = error_message(signal(&mut rpc, "nobody", 15));
+    assert_eq!(code, ErrorCode::NotFound);
+    let (msg, code) = error_with_code(signal(&mut rpc, "nobody", 15));
     assert!(msg.contains("no process"), "{msg}");
+    assert_eq!(code, ErrorCode::NotFound);
 
     // Real-time signals too (their default action also terminates).
     started(agent.exec(&mut rpc, "rt", &["sleep", "100"]));
-    let msg = error_message(signal(&mut rpc, "rt", 1000));
+    let (msg, code) = error_with_code(signal(&mut rpc, "rt", 1000));
     assert!(msg.contains("not a valid signal"), "{msg}");
+    assert_eq!(code, ErrorCode::InvalidArgument);
     assert_eq!(signal(&mut rpc, "rt", 40), Response::Ok);
     assert_eq!(
         wait(&mut rpc, "rt"),
@@ -446,8 +453,9 @@ fn bad_execs_are_errors() {
     assert_eq!(msg, "cwd \"/nonexistent\": No such file or directory");
 
     started(agent.exec(&mut rpc, "dup", &["sleep", "100"]));
-    let msg = error_message(agent.exec(&mut rpc, "dup", &["true"]));
+    let (msg, code) = error_with_code(agent.exec(&mut rpc, "dup", &["true"]));
     assert!(msg.contains("already in use"), "{msg}");
+    assert_eq!(code, ErrorCode::AlreadyExists);
     signal(&mut rpc, "dup", 9);
     // The failed ids are free again, and the agent is still serving.
     started(agent.exec(&mut rpc, "missing0", &["true"]));

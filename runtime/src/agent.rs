@@ -10,7 +10,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tern_protocol::{
-    CgroupStats, ContainerExecRequest, ContainerSpec, ExecRequest, ResourceUpdate, ExitStatus, GuestStats, MountRequest, ProtocolError, Request, Response, StreamHello, StreamKind,
+    CgroupStats, ContainerExecRequest, ContainerSpec, ErrorCode, ExecRequest, ResourceUpdate, ExitStatus, GuestStats, MountRequest, ProtocolError, Request, Response, StreamHello, StreamKind,
     AGENT_RPC_PORT, AGENT_STREAM_PORT, PROTOCOL_VERSION,
 };
 
@@ -50,8 +50,9 @@ pub enum AgentError {
     Io(#[from] std::io::Error),
     #[error("the agent did not answer {request} within {after:?}")]
     Timeout { request: &'static str, after: Duration },
-    #[error("agent refused the request: {0}")]
-    Remote(String),
+    /// The agent answered with an error; `code` classifies it (see `shim::errdefs`).
+    #[error("agent refused the request: {message}")]
+    Remote { code: ErrorCode, message: String },
     #[error("agent sent an unexpected reply: {0}")]
     Unexpected(String),
 }
@@ -165,8 +166,8 @@ impl AgentClient {
             }
             Err(e) => return Err(e.into()),
         };
-        if let Response::Error { message } = resp {
-            return Err(AgentError::Remote(message));
+        if let Response::Error { message, code } = resp {
+            return Err(AgentError::Remote { code, message });
         }
         Ok(resp)
     }
@@ -331,22 +332,7 @@ impl AgentClient {
 
 /// The metrics name of a request: its protocol `op` tag.
 fn request_name(req: &Request) -> &'static str {
-    match req {
-        Request::Health => "health",
-        Request::Exec(_) => "exec",
-        Request::Wait { .. } => "wait",
-        Request::Signal { .. } => "signal",
-        Request::CloseStdin { .. } => "close_stdin",
-        Request::Stats => "stats",
-        Request::Shutdown => "shutdown",
-        Request::Mount(_) => "mount",
-        Request::Unmount { .. } => "unmount",
-        Request::StartContainer(_) => "start_container",
-        Request::ExecInContainer(_) => "exec_in_container",
-        Request::ConfigureNetwork(_) => "configure_network",
-        #[allow(unreachable_patterns)]
-        _ => "other",
-    }
+    req.op()
 }
 
 #[cfg(test)]

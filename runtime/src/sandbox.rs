@@ -13,7 +13,7 @@ use crate::config::Config;
 use crate::network::SandboxNetwork;
 pub use crate::run_dir::SandboxDir;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 use vmm::api::{ConsoleOutput, ShareConfig, VmConfig, VmExit, VmHandle, Vmm, VmmError, VsockConfig};
 
@@ -107,8 +107,10 @@ pub struct Sandbox {
     // Field order matters: the VM must stop before the run dir (holding its socket) goes.
     // Shared with the VM monitor thread (see `spawn_vm_monitor`).
     vm: Arc<VmHandle>,
-    /// Joined once the VM has ended, so no thread outlives the sandbox.
-    monitor: Option<std::thread::JoinHandle<()>>,
+    /// Joined once the VM has ended, so no thread outlives the sandbox. In a mutex so that
+    /// [`Sandbox::shutdown`] works on a shared sandbox (the shim's `Arc<Sandbox>`); taken out
+    /// before joining, never held across the join.
+    monitor: Mutex<Option<std::thread::JoinHandle<()>>>,
     agent: AgentClient,
     timeline: BootTimeline,
     /// Held only to be dropped, after the VM (fields drop in order): the VM's taps must be
@@ -226,7 +228,7 @@ impl Sandbox {
         let timeline = BootTimeline { vmm_start, kernel_entry: vm.timings().vcpus_started, agent_ready };
         let vm = Arc::new(vm);
         let monitor = spawn_vm_monitor(Arc::clone(&vm));
-        Ok(Sandbox { vm, monitor, agent, timeline, _network: network, run_dir })
+        Ok(Sandbox { vm, monitor: Mutex::new(monitor), agent, timeline, _network: network, run_dir })
     }
 
     pub fn agent(&self) -> &AgentClient {
@@ -262,7 +264,9 @@ impl Sandbox {
     }
 
     /// Ask the agent to power off and wait up to `grace` for the VM to end; force it otherwise.
-    pub fn shutdown(mut self, grace: Duration) -> Result<VmExit, VmmError> {
+    /// Takes `&self` so a shared sandbox can be stopped while a straggling request still holds
+    /// a reference (that request then fails on the dead VM).
+    pub fn shutdown(&self, grace: Duration) -> Result<VmExit, VmmError> {
         if let Err(e) = self.agent.shutdown() {
             tracing::warn!(error = %e, "agent shutdown request failed; stopping the VM");
             self.vm.stop();
@@ -280,8 +284,9 @@ impl Sandbox {
     }
 
     /// Wait for the monitor thread, which ends right after the VM (call once the VM ended).
-    fn join_monitor(&mut self) {
-        if let Some(monitor) = self.monitor.take() {
+    fn join_monitor(&self) {
+        let monitor = self.monitor.lock().unwrap_or_else(PoisonError::into_inner).take();
+        if let Some(monitor) = monitor {
             if monitor.join().is_err() {
                 tracing::warn!("the VM monitor thread panicked");
             }

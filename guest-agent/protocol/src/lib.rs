@@ -21,7 +21,7 @@ pub mod net;
 pub mod watch;
 
 /// Bumped on every incompatible change of the messages below.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 /// vsock port of the agent's RPC server.
 pub const AGENT_RPC_PORT: u32 = 1024;
 /// vsock port on which the agent accepts process stdio streams.
@@ -235,6 +235,35 @@ pub struct WindowSize {
     pub cols: u16,
 }
 
+impl Request {
+    /// The request's `op` tag on the wire (`container_stats`): its name in errors, metrics and
+    /// the agent's `tern.test_stall` hook.
+    pub fn op(&self) -> &'static str {
+        match self {
+            Request::Health => "health",
+            Request::Exec(_) => "exec",
+            Request::Wait { .. } => "wait",
+            Request::Signal { .. } => "signal",
+            Request::CloseStdin { .. } => "close_stdin",
+            Request::Stats => "stats",
+            Request::Shutdown => "shutdown",
+            Request::Mount(_) => "mount",
+            Request::Unmount { .. } => "unmount",
+            Request::StartContainer(_) => "start_container",
+            Request::ExecInContainer(_) => "exec_in_container",
+            Request::ResizePty { .. } => "resize_pty",
+            Request::PauseContainer { .. } => "pause_container",
+            Request::SignalContainer { .. } => "signal_container",
+            Request::ContainerPids { .. } => "container_pids",
+            Request::ResumeContainer { .. } => "resume_container",
+            Request::ContainerStats { .. } => "container_stats",
+            Request::UpdateContainer { .. } => "update_container",
+            Request::WaitOom { .. } => "wait_oom",
+            Request::ConfigureNetwork(_) => "configure_network",
+        }
+    }
+}
+
 /// An answer from the agent.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case")]
@@ -248,7 +277,39 @@ pub enum Response {
     OomKills { count: u64 },
     Pids { pids: Vec<i32> },
     Ok,
-    Error { message: String },
+    /// The request failed; `code` says how, for the host to act on (and map to containerd's
+    /// errdefs) without reading `message`.
+    Error {
+        message: String,
+        /// Absent in replies from agents before protocol 5: [`ErrorCode::Internal`].
+        #[serde(default)]
+        code: ErrorCode,
+    },
+}
+
+/// Why a request failed: the classes of containerd's errdefs (and gRPC's codes).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The process, container, share or mount the request names does not exist (or has
+    /// already exited).
+    NotFound,
+    /// What the request would create exists already (a process id, a mount).
+    AlreadyExists,
+    /// The request itself is wrong (a bad id, signal, path or spec), whatever the state.
+    InvalidArgument,
+    /// The request does not fit the current state (the container is paused, the process has
+    /// no terminal).
+    FailedPrecondition,
+    /// The agent cannot serve it now (it is shutting down).
+    Unavailable,
+    /// The work did not finish in time inside the guest (a freeze, a pty handshake).
+    Timeout,
+    /// Anything else: a failure of the guest's kernel, libcontainer or the agent. Also what
+    /// an unknown code from a newer agent reads as.
+    #[default]
+    #[serde(other)]
+    Internal,
 }
 
 /// How a process ended.
@@ -471,6 +532,38 @@ mod tests {
         assert_eq!(back, req);
         let Request::UpdateContainer { resources, .. } = back else { panic!() };
         assert_eq!(resources.memory_swap_max, None);
+    }
+
+    #[test]
+    fn error_codes_cross_the_wire_and_old_or_unknown_codes_read_as_internal() {
+        let reply = Response::Error { message: "no process with id \"x\"".into(), code: ErrorCode::NotFound };
+        let mut buf = Vec::new();
+        send(&mut buf, &reply).unwrap();
+        assert!(String::from_utf8_lossy(&buf).contains(r#""code":"not_found""#));
+        assert_eq!(recv::<Response, _>(&mut buf.as_slice()).unwrap(), reply);
+        // An agent before protocol 5 sends no code.
+        let old: Response = serde_json::from_str(r#"{"result":"error","message":"boom"}"#).unwrap();
+        assert_eq!(old, Response::Error { message: "boom".into(), code: ErrorCode::Internal });
+        // A code this side does not know yet.
+        let newer: Response = serde_json::from_str(r#"{"result":"error","message":"m","code":"data_loss"}"#).unwrap();
+        assert_eq!(newer, Response::Error { message: "m".into(), code: ErrorCode::Internal });
+    }
+
+    #[test]
+    fn op_is_the_wire_tag() {
+        let reqs = [
+            Request::Health,
+            Request::Stats,
+            Request::ContainerStats { id: "c".into() },
+            Request::PauseContainer { id: "c".into() },
+            Request::WaitOom { id: "c".into(), seen: 0 },
+            Request::ResizePty { id: "p".into(), rows: 1, cols: 1 },
+            Request::Unmount { guest_path: "/m".into() },
+        ];
+        for req in reqs {
+            let json: serde_json::Value = serde_json::to_value(&req).unwrap();
+            assert_eq!(json["op"], req.op(), "{req:?}");
+        }
     }
 
     #[test]

@@ -13,7 +13,9 @@
 //! (same host directory, same access) use one share and one guest mirror
 //! ([`WatchableShares`], reference-counted) under `GUEST_MOUNTS_ROOT/watch/<n>`. One host
 //! directory watched as two shares would also cost two inotify trees and two mirrors that
-//! must stay identical.
+//! must stay identical. The table's lock guards only the table: shares are added, mounted,
+//! unmounted and removed outside it (two containers racing to share one volume both mount
+//! it, the loser undoes its copy and takes a reference on the winner's).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -93,14 +95,17 @@ impl WatchableShares {
     /// return its guest path.
     fn acquire(&self, sandbox: &Sandbox, fs: &FsSection, bind: &HostBind) -> Result<String, BindShareError> {
         let key = (bind.source.clone(), bind.read_only);
-        let mut table = self.lock();
-        if let Some(entry) = table.entries.get_mut(&key) {
-            entry.refs += 1;
-            return Ok(entry.guest_path.clone());
-        }
-        table.next += 1;
-        let share = format!("w{}", table.next);
-        let guest_path = format!("{GUEST_MOUNTS_ROOT}/watch/{}", table.next);
+        let n = {
+            let mut table = self.lock();
+            if let Some(entry) = table.entries.get_mut(&key) {
+                entry.refs += 1;
+                return Ok(entry.guest_path.clone());
+            }
+            table.next += 1;
+            table.next
+        };
+        let share = format!("w{n}");
+        let guest_path = format!("{GUEST_MOUNTS_ROOT}/watch/{n}");
         let planned = Planned {
             config: ShareConfig {
                 name: share.clone(),
@@ -119,22 +124,33 @@ impl WatchableShares {
             },
         };
         add_and_mount(sandbox, planned)?;
+        let mut table = self.lock();
+        if let Some(entry) = table.entries.get_mut(&key) {
+            // Another container shared the same volume meanwhile: use its share.
+            entry.refs += 1;
+            let theirs = entry.guest_path.clone();
+            drop(table);
+            unmount_and_remove(sandbox, &share, &guest_path);
+            return Ok(theirs);
+        }
         table.entries.insert(key, WatchEntry { share, guest_path: guest_path.clone(), refs: 1 });
         Ok(guest_path)
     }
 
     /// Drop a reference; the last one unmounts and removes the share.
     fn release(&self, sandbox: Option<&Sandbox>, key: &WatchKey) {
-        let mut table = self.lock();
-        let Some(entry) = table.entries.get_mut(key) else { return };
-        entry.refs -= 1;
-        if entry.refs > 0 {
-            return;
-        }
-        if let Some(entry) = table.entries.remove(key) {
-            if let Some(sandbox) = sandbox {
-                unmount_and_remove(sandbox, &entry.share, &entry.guest_path);
+        let removed = {
+            let mut table = self.lock();
+            let Some(entry) = table.entries.get_mut(key) else { return };
+            entry.refs -= 1;
+            if entry.refs > 0 {
+                return;
             }
+            table.entries.remove(key)
+        };
+        // Out of the table: a new `acquire` of the same volume makes a new share meanwhile.
+        if let (Some(entry), Some(sandbox)) = (removed, sandbox) {
+            unmount_and_remove(sandbox, &entry.share, &entry.guest_path);
         }
     }
 }

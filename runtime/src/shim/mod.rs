@@ -8,6 +8,7 @@
 pub mod binds;
 pub mod cleanup;
 pub mod container;
+pub mod errdefs;
 pub mod events;
 pub mod io;
 pub mod resources;

@@ -9,9 +9,12 @@
 //! `Shutdown` with no container left powers the VM off and ends the shim.
 //!
 //! Blocking work (the agent client, the VMM, mounts, FIFO opens) runs on tokio's blocking
-//! pool; the state lock is never held across an `.await`.
+//! pool. No lock is held across an `.await`, an agent RPC, a share add/remove or other blocking
+//! I/O: the state and sandbox mutexes guard only in-memory bookkeeping, and the sandbox is an
+//! `Arc<Sandbox>` cloned under a short lock, so a stuck guest request stalls only its own
+//! caller, never another Task request or a tokio worker.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -33,6 +36,7 @@ use super::container::{
     guest_spec, guest_spec_for, host_binds, is_cri_sandbox, load_spec, mount_rootfs, network_namespace, unmount_rootfs,
     ContainerSpecError, GuestAdaptation, HostBind, RootfsMount,
 };
+use super::errdefs::{self, agent_error};
 use super::events::EventSink;
 use super::io::{ProcessIo, StdioPaths};
 use crate::agent::AgentClient;
@@ -43,6 +47,9 @@ use crate::sandbox::{error_chain, Sandbox, SandboxDir, SandboxError};
 
 mod cgroup;
 mod exec;
+mod reservation;
+
+use reservation::IdReservation;
 
 /// Where container rootfs shares are mounted in the guest: `<this>/<container id>`.
 pub const GUEST_CONTAINERS_ROOT: &str = "/run/tern/containers";
@@ -61,6 +68,17 @@ fn not_found(what: &str) -> ttrpc::Error {
 
 fn internal(context: &str, e: &dyn std::error::Error) -> ttrpc::Error {
     rpc_error(Code::INTERNAL, format!("{context}: {}", error_chain(e)))
+}
+
+/// `$TERN_TEST_AGENT_STALL`: a test-only hook. When it names a protocol op (`container_stats`)
+/// the shim boots its VM with `tern.test_stall=<op>`, and the agent never answers requests of
+/// that kind (tests check that one stuck request blocks nothing else).
+const TEST_STALL_ENV: &str = "TERN_TEST_AGENT_STALL";
+
+fn test_stall_op() -> Option<String> {
+    let op = std::env::var(TEST_STALL_ENV).ok()?;
+    // One kernel parameter: an op tag is lowercase letters and underscores.
+    (!op.is_empty() && op.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')).then_some(op)
 }
 
 /// Run blocking work on tokio's blocking pool; a panicked task becomes an INTERNAL error.
@@ -115,6 +133,9 @@ impl Container {
 #[derive(Default)]
 struct State {
     containers: HashMap<String, Container>,
+    /// Ids whose `Create` is under way (see [`IdReservation`]): taken before anything else, so
+    /// a second `Create` of the same id fails at once instead of mounting over the first's rootfs.
+    creating: HashSet<String>,
     next_share: u64,
 }
 
@@ -125,10 +146,11 @@ struct Inner {
     sandbox_id: String,
     events: EventSink,
     exit: Arc<ExitSignal>,
-    /// The sandbox VM, booted by the first `Create` (held by a std mutex: only blocking code
-    /// touches it).
-    sandbox: Mutex<Option<Sandbox>>,
-    /// Serializes the first boot.
+    /// The sandbox VM, booted by the first `Create`. The mutex is held only to clone or swap
+    /// the `Arc` (see [`TaskService::sandbox`]).
+    sandbox: Mutex<Option<Arc<Sandbox>>>,
+    /// Serializes the first boot: a second `Create` needs the same VM, so it waits for it
+    /// (asynchronously; no other request takes this lock).
     boot: tokio::sync::Mutex<()>,
     state: Mutex<State>,
     /// Watchable volume shares, shared by the containers that mount the same volume.
@@ -176,12 +198,14 @@ impl TaskService {
         self.inner.config.clone().map_err(|e| rpc_error(Code::FAILED_PRECONDITION, format!("tern configuration: {e}")))
     }
 
+    /// The running sandbox (a cheap clone: the lock is never held beyond this call).
+    fn sandbox(&self) -> TtrpcResult<Arc<Sandbox>> {
+        lock(&self.inner.sandbox).clone().ok_or_else(|| rpc_error(Code::FAILED_PRECONDITION, "the sandbox VM is not running"))
+    }
+
     /// The agent of the running sandbox.
     fn agent(&self) -> TtrpcResult<AgentClient> {
-        lock(&self.inner.sandbox)
-            .as_ref()
-            .map(|s| s.agent().clone())
-            .ok_or_else(|| rpc_error(Code::FAILED_PRECONDITION, "the sandbox VM is not running"))
+        self.sandbox().map(|s| s.agent().clone())
     }
 
     /// Boot the sandbox VM unless it runs already, connected to `netns` (the network namespace
@@ -192,7 +216,11 @@ impl TaskService {
             return Ok(());
         }
         let netns = netns.map_err(|e| rpc_error(Code::INVALID_ARGUMENT, error_chain(&e)))?;
-        let config = self.config()?;
+        let mut config = self.config()?;
+        if let Some(op) = test_stall_op() {
+            tracing::warn!(op, "test hook: the agent will never answer requests of this kind");
+            config.vm.kernel_cmdline.push_str(&format!(" tern.test_stall={op}"));
+        }
         // A named run directory: `shim delete` removes it if this process is SIGKILLed.
         let (namespace, sandbox_id) = (self.inner.namespace.clone(), self.inner.sandbox_id.clone());
         let sandbox = blocking(move || {
@@ -210,18 +238,15 @@ impl TaskService {
         .await??;
         tracing::info!(run_dir = %sandbox.run_dir().display(), "sandbox VM ready");
         let probe = self.metrics_probe(&sandbox);
-        *lock(&self.inner.sandbox) = Some(sandbox);
+        *lock(&self.inner.sandbox) = Some(Arc::new(sandbox));
         self.start_metrics(probe);
         Ok(())
     }
 
-    /// What the metrics endpoint reads about the sandbox. The watcher's counters are read
-    /// through the sandbox lock without waiting for it: a scrape never blocks on an RPC. While
-    /// an RPC holds the lock, the last values read are reported again (never zeros, which a
-    /// Prometheus server would take for a counter reset).
+    /// What the metrics endpoint reads about the sandbox. The sandbox lock is held only to
+    /// clone the `Arc`, so a scrape never waits for an RPC.
     fn metrics_probe(&self, sandbox: &Sandbox) -> SandboxProbe {
         let inner = Arc::downgrade(&self.inner);
-        let last = Mutex::new(None);
         let (vcpus, memory_mib) = self.config().map(|c| (c.vm.vcpus, c.vm.memory_mib)).unwrap_or_default();
         SandboxProbe {
             vcpus,
@@ -229,12 +254,8 @@ impl TaskService {
             vm: sandbox.vm_metrics(),
             agent: sandbox.agent().clone(),
             watcher: Arc::new(move || {
-                let inner = inner.upgrade()?;
-                let mut last = lock(&last);
-                if let Ok(guard) = inner.sandbox.try_lock() {
-                    *last = guard.as_ref().and_then(Sandbox::watcher_counters);
-                }
-                *last
+                let sandbox = lock(&inner.upgrade()?.sandbox).clone()?;
+                sandbox.watcher_counters()
             }),
         }
     }
@@ -255,8 +276,9 @@ impl TaskService {
     }
 
     /// `Kill` with `all`: every process in the container's cgroup, as `runc kill --all`, also
-    /// after its init has exited (containerd's forced delete sends SIGKILL this way). Once the
-    /// init has exited, a failure is "not found", which containerd takes as nothing left.
+    /// after its init has exited (containerd's forced delete sends SIGKILL this way). The agent
+    /// says NOT_FOUND when the container's cgroup is gone; once the init has exited, a guest
+    /// that is gone too (UNAVAILABLE) has nothing left to signal either.
     async fn kill_all(&self, id: &str, signal: u32, phase: Phase) -> TtrpcResult<api::Empty> {
         let signal = i32::try_from(signal).map_err(|_| rpc_error(Code::INVALID_ARGUMENT, "bad signal number"))?;
         let agent = match self.agent() {
@@ -268,17 +290,18 @@ impl TaskService {
         let guest_id = id.to_owned();
         match blocking(move || agent.signal_container(&guest_id, signal)).await? {
             Ok(()) => Ok(api::Empty::default()),
-            Err(e) if phase == Phase::Stopped => {
-                tracing::debug!(id, error = %error_chain(&e), "kill --all after the init exited");
+            Err(e) if phase == Phase::Stopped && errdefs::code_of(&e) == Code::UNAVAILABLE => {
+                tracing::debug!(id, error = %error_chain(&e), "kill --all after the init exited and the guest went");
                 Err(not_found("process already finished"))
             }
-            Err(e) => Err(internal("cannot signal the container's processes", &e)),
+            Err(e) => Err(agent_error("cannot signal the container's processes", &e)),
         }
     }
 
     /// Share the rootfs with the guest and have the agent mount it at the container's path.
     async fn share_rootfs(&self, share: &str, rootfs: &Path, guest_path: &str) -> TtrpcResult<()> {
         let config = self.config()?;
+        let share_config_name = share.to_owned();
         let share_config = ShareConfig {
             name: share.to_owned(),
             host_dir: rootfs.to_path_buf(),
@@ -286,7 +309,7 @@ impl TaskService {
             cache: config.fs.cache,
             watch: false,
         };
-        let inner = Arc::clone(&self.inner);
+        let sandbox = self.sandbox()?;
         let mount = MountRequest {
             share: share.to_owned(),
             guest_path: guest_path.to_owned(),
@@ -295,12 +318,15 @@ impl TaskService {
             watch_mode: Default::default(),
         };
         blocking(move || {
-            let guard = lock(&inner.sandbox);
-            let sandbox = guard.as_ref().ok_or_else(|| rpc_error(Code::FAILED_PRECONDITION, "the sandbox VM is not running"))?;
             sandbox.add_fs_share(share_config).map_err(|e| internal("cannot share the rootfs with the VM", &e))?;
-            let agent = sandbox.agent().clone();
-            drop(guard);
-            agent.mount(mount).map_err(|e| internal("cannot mount the rootfs in the guest", &e))
+            if let Err(e) = sandbox.agent().mount(mount) {
+                // Nothing of a failed `Create` may stay behind.
+                if let Err(e) = sandbox.remove_fs_share(&share_config_name) {
+                    tracing::warn!(share = %share_config_name, error = %error_chain(&e), "cannot remove the rootfs share");
+                }
+                return Err(agent_error("cannot mount the rootfs in the guest", &e));
+            }
+            Ok(())
         })
         .await?
     }
@@ -308,13 +334,13 @@ impl TaskService {
     /// Undo `Create`'s host and guest setup for a container already removed from the table.
     async fn teardown(&self, c: Container) {
         let inner = Arc::clone(&self.inner);
+        let sandbox = lock(&self.inner.sandbox).clone();
         let result = blocking(move || {
             let Container { share, guest_rootfs, rootfs, rootfs_mounted, io, bind_shares, .. } = c;
             // Closing the FIFO ends the shim held (module docs of `io`).
             drop(io);
-            let guard = lock(&inner.sandbox);
-            binds::unshare_binds(guard.as_ref(), &inner.watchables, bind_shares);
-            if let Some(sandbox) = guard.as_ref() {
+            binds::unshare_binds(sandbox.as_deref(), &inner.watchables, bind_shares);
+            if let Some(sandbox) = sandbox {
                 if let Err(e) = sandbox.agent().unmount(&guest_rootfs) {
                     tracing::warn!(error = %error_chain(&e), "cannot unmount the rootfs in the guest");
                 }
@@ -322,7 +348,6 @@ impl TaskService {
                     tracing::warn!(error = %error_chain(&e), "cannot remove the rootfs share");
                 }
             }
-            drop(guard);
             if rootfs_mounted {
                 unmount_rootfs(&rootfs);
             }
@@ -346,12 +371,10 @@ impl TaskService {
         }
         let fs = self.config()?.fs;
         let inner = Arc::clone(&self.inner);
+        let sandbox = self.sandbox()?;
         let (id, prefix, bundle) = (id.to_owned(), prefix.to_owned(), bundle.to_path_buf());
         blocking(move || {
-            let guard = lock(&inner.sandbox);
-            let sandbox =
-                guard.as_ref().ok_or_else(|| rpc_error(Code::FAILED_PRECONDITION, "the sandbox VM is not running"))?;
-            binds::share_binds(sandbox, &inner.watchables, &fs, &id, &prefix, &bundle, &host)
+            binds::share_binds(&sandbox, &inner.watchables, &fs, &id, &prefix, &bundle, &host)
                 .map_err(|e| internal("cannot share the container's bind mounts", &e))
         })
         .await?
@@ -395,7 +418,9 @@ impl TaskService {
 
     /// Power the VM off (if it runs) and end the shim.
     async fn stop_sandbox(&self) {
-        if let Some(metrics) = lock(&self.inner.metrics).take() {
+        // Out of the lock first: an `if let` on the guard would hold it across `stop`.
+        let metrics = lock(&self.inner.metrics).take();
+        if let Some(metrics) = metrics {
             metrics.stop();
         }
         let sandbox = lock(&self.inner.sandbox).take();
@@ -416,9 +441,8 @@ impl Task for TaskService {
         if id.is_empty() {
             return Err(rpc_error(Code::INVALID_ARGUMENT, "container id must not be empty"));
         }
-        if lock(&self.inner.state).containers.contains_key(&id) {
-            return Err(rpc_error(Code::ALREADY_EXISTS, format!("container {id} already exists")));
-        }
+        // First, before any mount or share: released on every early return below.
+        let reservation = IdReservation::take(&self.inner, &id)?;
         let stdio =
             StdioPaths { stdin: req.stdin.clone(), stdout: req.stdout.clone(), stderr: req.stderr.clone(), terminal: req.terminal };
         let bundle = PathBuf::from(&req.bundle);
@@ -461,10 +485,8 @@ impl Task for TaskService {
         let (bind_sources, bind_shares) = self.share_binds(&id, &share, &bundle, host_bind_mounts).await?;
         if let Err(e) = self.share_rootfs(&share, &rootfs, &guest_rootfs).await {
             let inner = Arc::clone(&self.inner);
-            let _ = blocking(move || {
-                binds::unshare_binds(lock(&inner.sandbox).as_ref(), &inner.watchables, bind_shares)
-            })
-            .await;
+            let sandbox = lock(&self.inner.sandbox).clone();
+            let _ = blocking(move || binds::unshare_binds(sandbox.as_deref(), &inner.watchables, bind_shares)).await;
             return Err(e);
         }
         let rootfs_mounted = guard.armed;
@@ -500,7 +522,7 @@ impl Task for TaskService {
             self.teardown(container).await;
             return Err(rpc_error(Code::INVALID_ARGUMENT, error_chain(&e)));
         }
-        lock(&self.inner.state).containers.insert(id.clone(), container);
+        reservation.commit(container);
         self.inner.events.created(&id, &req.bundle, &stdio, 0).await;
         Ok(api::CreateTaskResponse { pid: 0, ..Default::default() })
     }
@@ -519,7 +541,7 @@ impl Task for TaskService {
             let agent = agent.clone();
             let id = id.clone();
             blocking(move || {
-                let pid = agent.start_container(spec).map_err(|e| internal("cannot start the container", &e))?;
+                let pid = agent.start_container(spec).map_err(|e| agent_error("cannot start the container", &e))?;
                 let connected = io.connect(&agent, &id).map_err(|e| internal("cannot connect the container's stdio", &e));
                 Ok::<_, ttrpc::Error>((pid, io, connected))
             })
@@ -596,14 +618,8 @@ impl Task for TaskService {
         let agent = self.agent()?;
         let signal = i32::try_from(req.signal).map_err(|_| rpc_error(Code::INVALID_ARGUMENT, "bad signal number"))?;
         let id = req.id.clone();
-        let sent = blocking(move || agent.signal(&id, signal)).await?;
-        if let Err(e) = sent {
-            // The process may have ended between the check above and the signal.
-            if self.with_container(&req.id, |c| Ok(c.phase))? == Phase::Stopped {
-                return Err(not_found("process already finished"));
-            }
-            return Err(internal("cannot signal the container", &e));
-        }
+        // A process that ended since the check above is NOT_FOUND from the agent.
+        blocking(move || agent.signal(&id, signal)).await?.map_err(|e| agent_error("cannot signal the container", &e))?;
         Ok(api::Empty::default())
     }
 
@@ -701,7 +717,7 @@ impl Task for TaskService {
         let cols = u16::try_from(req.width).unwrap_or(u16::MAX);
         blocking(move || agent.resize_pty(&guest_id, rows, cols))
             .await?
-            .map_err(|e| internal("cannot resize the terminal", &e))?;
+            .map_err(|e| agent_error("cannot resize the terminal", &e))?;
         Ok(api::Empty::default())
     }
 
@@ -739,8 +755,13 @@ impl Task for TaskService {
     }
 
     async fn shutdown(&self, _ctx: &TtrpcContext, _req: api::ShutdownRequest) -> TtrpcResult<api::Empty> {
-        if !lock(&self.inner.state).containers.is_empty() {
-            // containerd asks after every delete; the shim stays while it serves containers.
+        let busy = {
+            let state = lock(&self.inner.state);
+            !state.containers.is_empty() || !state.creating.is_empty()
+        };
+        if busy {
+            // containerd asks after every delete; the shim stays while it serves containers
+            // (or creates one: a direct client may race a `Create` with the `Shutdown`).
             return Ok(api::Empty::default());
         }
         self.stop_sandbox().await;

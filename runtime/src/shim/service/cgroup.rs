@@ -9,6 +9,7 @@ use containerd_shim_protos::ttrpc::Code;
 
 use super::{blocking, internal, rpc_error, Phase, TaskService};
 use crate::agent::AgentClient;
+use crate::shim::errdefs::agent_error;
 use crate::sandbox::error_chain;
 use crate::shim::resources::{metrics_any, resource_update};
 
@@ -27,7 +28,7 @@ impl TaskService {
         let guest_id = id.to_owned();
         blocking(move || agent.pause_container(&guest_id))
             .await?
-            .map_err(|e| internal("cannot pause the container", &e))?;
+            .map_err(|e| agent_error("cannot pause the container", &e))?;
         self.with_container(id, |c| {
             c.paused = true;
             Ok(())
@@ -41,7 +42,7 @@ impl TaskService {
         let guest_id = id.to_owned();
         blocking(move || agent.resume_container(&guest_id))
             .await?
-            .map_err(|e| internal("cannot resume the container", &e))?;
+            .map_err(|e| agent_error("cannot resume the container", &e))?;
         self.with_container(id, |c| {
             c.paused = false;
             Ok(())
@@ -55,7 +56,7 @@ impl TaskService {
         let guest_id = id.to_owned();
         let stats = blocking(move || agent.container_stats(&guest_id))
             .await?
-            .map_err(|e| internal("cannot read the container's cgroup", &e))?;
+            .map_err(|e| agent_error("cannot read the container's cgroup", &e))?;
         let any = metrics_any(&stats).map_err(|e| internal("cannot encode the metrics", &e))?;
         Ok(api::StatsResponse { stats: MessageField::some(any), ..Default::default() })
     }
@@ -69,7 +70,7 @@ impl TaskService {
         let guest_id = req.id.clone();
         blocking(move || agent.update_container(&guest_id, update))
             .await?
-            .map_err(|e| internal("cannot update the container's resources", &e))
+            .map_err(|e| agent_error("cannot update the container's resources", &e))
     }
 
     /// Publish `TaskOOM` each time the container's cgroup records a new OOM kill; ends when

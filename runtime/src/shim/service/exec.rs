@@ -16,6 +16,7 @@ use tokio::sync::watch;
 
 use super::{blocking, internal, not_found, rpc_error, ExitInfo, Phase, TaskService, LOST_EXIT_STATUS};
 use crate::agent::AgentClient;
+use crate::shim::errdefs::agent_error;
 use crate::sandbox::error_chain;
 use crate::shim::io::{ProcessIo, StdioPaths};
 
@@ -130,7 +131,7 @@ impl TaskService {
                     ex.io = io;
                     Ok(())
                 })?;
-                return Err(internal("cannot start the exec process", &e));
+                return Err(agent_error("cannot start the exec process", &e));
             }
         };
         self.with_exec(id, exec_id, |e| {
@@ -207,14 +208,10 @@ impl TaskService {
         let signal = i32::try_from(signal).map_err(|_| rpc_error(Code::INVALID_ARGUMENT, "bad signal number"))?;
         let agent = self.agent()?;
         let guest_id = agent_id(id, exec_id);
-        let sent = blocking(move || agent.signal(&guest_id, signal)).await?;
-        if let Err(e) = sent {
-            if self.with_exec(id, exec_id, |e| Ok(e.phase))? == Phase::Stopped {
-                return Err(not_found("process already finished"));
-            }
-            return Err(internal("cannot signal the exec process", &e));
-        }
-        Ok(())
+        // An exec that ended since the check above is NOT_FOUND from the agent.
+        blocking(move || agent.signal(&guest_id, signal))
+            .await?
+            .map_err(|e| agent_error("cannot signal the exec process", &e))
     }
 
     pub(super) async fn exec_wait(&self, id: &str, exec_id: &str) -> TtrpcResult<api::WaitResponse> {
