@@ -13,6 +13,7 @@ mod mirror;
 mod mounts;
 mod process;
 mod pty;
+mod seccomp;
 mod server;
 mod stats;
 mod streams;
