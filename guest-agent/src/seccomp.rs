@@ -8,8 +8,8 @@
 //!   name, `SCMP_ACT_NOTIFY`, a flag or action the kernel lacks fail the start with the name,
 //!   where libcontainer would drop the rule with a warning;
 //! - rewrites `SCMP_CMP_MASKED_EQ` comparisons into libcontainer 0.7's operand order
-//!   ([`tern_seccomp::masked_eq_for_libcontainer`]; without it no container could fork under
-//!   containerd's default profile);
+//!   ([`tern_seccomp::masked_eq_for_libcontainer`]; without it containerd's default profile
+//!   would let a container without CAP_SYS_ADMIN `clone` new namespaces, which runc refuses);
 //! - drops an explicit `"noNewPrivileges": false`: libcontainer takes the "before the capability
 //!   drop" path only when the field is absent, and with `false` would load the filter after
 //!   CAP_SYS_ADMIN is gone and fail. OCI's default is `false`, so the meaning is unchanged.

@@ -243,8 +243,10 @@ pub fn libseccomp_version() -> Option<String> {
 /// runc (libseccomp-golang's `MakeCondition(index, op, value, valueTwo)`) compares
 /// `(arg & value) == valueTwo`: containerd's default profile allows `clone` only when
 /// `(flags & CLONE_NEW*) == 0`. libcontainer 0.7 passes `valueTwo` as the mask and `value` as the
-/// datum, `(flags & 0) == CLONE_NEW*`, which never holds: every fork in the container would fail
-/// with EPERM. Swapping the two operands in the spec makes its translation runc's.
+/// datum; libseccomp masks the datum too, so the rule becomes `(flags & 0) == 0` and allows every
+/// `clone`, namespace flags included (measured with libseccomp 2.5.4: `clone(CLONE_NEWUSER)`
+/// passes that rule and is refused by runc's). Swapping the two operands in the spec makes
+/// libcontainer's translation runc's.
 pub fn masked_eq_for_libcontainer(seccomp: &mut serde_json::Value) -> usize {
     let mut swapped = 0;
     let rules = seccomp.get_mut("syscalls").and_then(serde_json::Value::as_array_mut);

@@ -139,7 +139,7 @@ fn a_loaded_filter_returns_the_profiles_errno_values() {
 
 /// -errno of a raw syscall with up to two arguments, or its return value.
 fn raw(nr: libc::c_long, a: libc::c_long, b: libc::c_long) -> i64 {
-    // SAFETY: getppid, getpid, umask and kill take no pointers; kill only signals ourselves.
+    // SAFETY: getppid, getpid, umask, unshare and kill take no pointers; kill only signals ourselves.
     let r = unsafe { libc::syscall(nr, a, b) };
     if r == -1 {
         -i64::from(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
@@ -162,7 +162,10 @@ fn loaded_filter_child() {
             {"names": ["_llseek"], "action": "SCMP_ACT_ERRNO"},
             {"names": ["kill"], "action": "SCMP_ACT_ERRNO", "errnoRet": 43, "args": [{"index": 1, "value": 0, "op": "SCMP_CMP_EQ"}]},
             {"names": ["umask"], "action": "SCMP_ACT_ERRNO", "errnoRet": 44,
-             "args": [{"index": 0, "value": 0o070, "valueTwo": 0o020, "op": "SCMP_CMP_MASKED_EQ"}]}
+             "args": [{"index": 0, "value": 0o070, "valueTwo": 0o020, "op": "SCMP_CMP_MASKED_EQ"}]},
+            // containerd's clone rule, on unshare: only flags without CLONE_NEW* match.
+            {"names": ["unshare"], "action": "SCMP_ACT_ERRNO", "errnoRet": 46,
+             "args": [{"index": 0, "value": 2114060288u64, "op": "SCMP_CMP_MASKED_EQ"}]}
         ]
     });
     let pid = libc::c_long::from(std::process::id());
@@ -177,4 +180,8 @@ fn loaded_filter_child() {
     // (mode & 070) == 020 is refused, other modes pass.
     assert_eq!(raw(libc::SYS_umask, 0o022, 0), -44);
     assert!(raw(libc::SYS_umask, 0o007, 0) >= 0);
+    assert_eq!(raw(libc::SYS_unshare, 0, 0), -46);
+    // Not matched (the kernel refuses a user namespace to a multi-threaded process: EINVAL);
+    // libcontainer's own operand order would have matched it too (see masked_eq_for_libcontainer).
+    assert_eq!(raw(libc::SYS_unshare, libc::c_long::from(libc::CLONE_NEWUSER), 0), -i64::from(libc::EINVAL));
 }
