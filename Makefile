@@ -22,7 +22,7 @@ RUNNER := tests/nested-runner
 DEMO_CMD ?= sh -c 'echo "hello from a tern microVM"; uname -sr; echo "vCPUs: $$(nproc)"; grep MemTotal /proc/meminfo'
 APT_PACKAGES := qemu-system-x86 busybox-static cpio zstd xz-utils linux-source-6.1 bc flex bison \
 	libelf-dev libssl-dev build-essential python3 containerd runc \
-	protobuf-compiler containernetworking-plugins \
+	protobuf-compiler containernetworking-plugins libseccomp-dev \
 	python3-prometheus-client prometheus
 
 .PHONY: all deps build kernel agent initramfs run test test-unit test-runner test-kvm bench clippy clean

@@ -16,6 +16,13 @@
 //! [`ProcessTable::spawn_with`], which keeps the reaper from reaping while it runs; the init
 //! pid is registered before the reaper may look at it again, so its exit is never lost.
 //!
+//! # Seccomp
+//!
+//! libcontainer (its libseccomp feature, libseccomp linked statically) loads the spec's
+//! `linux.seccomp` in the container's init and in every exec, where runc does; the agent checks
+//! and adapts the profile first ([`crate::seccomp`]), so a profile it cannot enforce fails the
+//! start by name.
+//!
 //! # Execs, terminals, cgroups
 //!
 //! `ExecInContainer` runs another process in a started container with libcontainer's tenant
@@ -82,6 +89,8 @@ pub enum ContainerError {
     Pty(#[from] PtyError),
     #[error(transparent)]
     Cgroup(#[from] CgroupError),
+    #[error("the container's seccomp profile cannot be enforced")]
+    Seccomp(#[from] tern_seccomp::ProfileError),
 }
 
 /// A started container as the agent tracks it beyond its init process.
@@ -214,12 +223,15 @@ pub fn exec(table: &ProcessTable, containers: &Containers, req: &ContainerExecRe
     if started.paused {
         return Err(ContainerError::Paused(req.container_id.clone()));
     }
-    let process: serde_json::Value = serde_json::from_str(&req.process).map_err(ContainerError::ProcessSpec)?;
+    let mut process: serde_json::Value = serde_json::from_str(&req.process).map_err(ContainerError::ProcessSpec)?;
     let terminal = wants_terminal(&process);
+    // The container's seccomp profile applies to the exec too (libcontainer reads it from the
+    // container's config.json); only the process's own fields need adapting.
+    crate::seccomp::prepare_process(&mut process);
     let bundle = Path::new(BUNDLES_ROOT).join(&req.container_id);
     let seq = EXEC_SEQ.fetch_add(1, Ordering::Relaxed);
     let process_file = bundle.join(format!("exec-{seq}.json"));
-    std::fs::write(&process_file, &req.process)
+    std::fs::write(&process_file, process.to_string())
         .map_err(|source| ContainerError::Bundle { path: process_file.clone(), source })?;
     let console = if terminal { Some(ConsoleSocket::bind(&bundle.join(format!("exec-{seq}.sock")))?) } else { None };
     let stdio = if terminal { None } else { Some(stdio_pipes(req.stdin)?) };
@@ -277,13 +289,14 @@ fn prepare(spec: &ContainerSpec) -> Result<PathBuf, ContainerError> {
     if !valid_id(&spec.id) {
         return Err(ContainerError::InvalidId(spec.id.clone()));
     }
-    // Only checked for syntax here; libcontainer validates the content.
-    serde_json::from_str::<serde_json::Value>(&spec.oci_spec).map_err(ContainerError::Spec)?;
+    // Checked for syntax and the seccomp profile here; libcontainer validates the rest.
+    let mut oci: serde_json::Value = serde_json::from_str(&spec.oci_spec).map_err(ContainerError::Spec)?;
+    crate::seccomp::prepare_spec(&spec.id, &mut oci)?;
     let bundle = Path::new(BUNDLES_ROOT).join(&spec.id);
     let bundle_err = |source| ContainerError::Bundle { path: bundle.clone(), source };
     std::fs::create_dir_all(&bundle).map_err(bundle_err)?;
     std::fs::create_dir_all(STATE_ROOT).map_err(|source| ContainerError::Bundle { path: STATE_ROOT.into(), source })?;
-    std::fs::write(bundle.join("config.json"), &spec.oci_spec).map_err(bundle_err)?;
+    std::fs::write(bundle.join("config.json"), oci.to_string()).map_err(bundle_err)?;
     let stale = Path::new(STATE_ROOT).join(&spec.id);
     if stale.exists() {
         warn!(id = %spec.id, "removing stale container state");
@@ -376,5 +389,10 @@ mod tests {
         assert!(matches!(prepare(&spec), Err(ContainerError::InvalidId(_))));
         let spec = ContainerSpec { id: "x".into(), oci_spec: "{not json".into(), stdin: false };
         assert!(matches!(prepare(&spec), Err(ContainerError::Spec(_))));
+        let profile = r#"{"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["nosuch"], "action": "SCMP_ACT_KILL"}]}"#;
+        let oci_spec = format!(r#"{{"linux": {{"seccomp": {profile}}}}}"#);
+        let spec = ContainerSpec { id: "x".into(), oci_spec, stdin: false };
+        let err = prepare(&spec).unwrap_err();
+        assert!(matches!(err, ContainerError::Seccomp(tern_seccomp::ProfileError::UnknownSyscall(ref n)) if n == "nosuch"));
     }
 }

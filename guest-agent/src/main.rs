@@ -14,6 +14,7 @@ mod mirror;
 mod mounts;
 mod process;
 mod pty;
+mod seccomp;
 mod server;
 mod stats;
 mod streams;

@@ -41,9 +41,9 @@ const PAUSE_ENTRYPOINT: &[&str] = &["/bin/sleep", "2147483647"];
 /// The bridge the CNI config creates (removed on drop).
 const CNI_BRIDGE: &str = "terncni0";
 /// busybox applets linked into the test image.
-const APPLETS: [&str; 17] = [
+const APPLETS: [&str; 18] = [
     "sh", "echo", "sleep", "cat", "true", "false", "ls", "ps", "id", "env", "hostname", "head", "wc", "yes", "mount", "pwd",
-    "seq",
+    "seq", "unshare",
 ];
 
 /// Why containerd cannot be tested here, or `None`.

@@ -172,8 +172,8 @@ pub struct ContainerSpec {
     pub id: String,
     /// The OCI runtime spec (`config.json`) as the host adapted it for the guest: `root.path`
     /// is the guest path of the rootfs (a share mounted with [`Request::Mount`]), and what does
-    /// not apply inside the VM (host bind mounts, namespace paths, hooks, seccomp, LSM labels)
-    /// is already dropped.
+    /// not apply inside the VM (host bind mounts, namespace paths, hooks, LSM labels) is
+    /// already dropped. `linux.seccomp` is kept: the agent enforces it.
     pub oci_spec: String,
     /// Whether the host will attach a stdin stream; when false stdin is /dev/null.
     pub stdin: bool,

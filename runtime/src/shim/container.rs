@@ -27,6 +27,13 @@
 //! joins it in the guest, so the pod's containers share IPC and UTS as on a plain host) and
 //! drops other paths (the container then shares the VM's namespace of that type: the VM *is*
 //! the pod's network boundary).
+//!
+//! # Seccomp
+//!
+//! `linux.seccomp` is kept: the agent's libcontainer loads it in the container's init as runc
+//! would. [`guest_spec_for`] checks it first with libseccomp (`tern-seccomp`), so a profile tern
+//! cannot enforce (an unknown syscall name, `SCMP_ACT_NOTIFY`, …) fails Create by name instead
+//! of running the container unfiltered.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -73,6 +80,8 @@ pub enum ContainerSpecError {
          and cannot share the host network namespace"
     )]
     HostNetwork,
+    #[error("the container's seccomp profile cannot be enforced")]
+    Seccomp(#[source] tern_seccomp::ProfileError),
 }
 
 /// The network namespace a sandbox's VM is connected to, from the spec that boots it: the path
@@ -241,7 +250,7 @@ pub fn load_spec(bundle: &Path) -> Result<Spec, ContainerSpecError> {
 pub struct Dropped {
     pub mounts: Vec<String>,
     pub namespaces: Vec<String>,
-    /// Hooks, seccomp, LSM labels.
+    /// Hooks, LSM labels.
     pub other: Vec<&'static str>,
 }
 
@@ -260,8 +269,8 @@ pub fn guest_spec(spec: &Spec, guest_rootfs: &str) -> Result<(String, Dropped), 
 /// Adapt an OCI spec for the guest's libcontainer, with the rootfs at `guest_rootfs`: host
 /// bind mounts named in `adapt.binds` get their guest source, other host mounts are dropped;
 /// namespace paths are kept only for `/proc/<pid>/ns/*` of `adapt.joinable_pids` (module
-/// docs); user namespaces, hooks (host binaries), seccomp (the agent is built without
-/// libseccomp) and LSM labels are dropped. Returns the spec as JSON.
+/// docs); user namespaces, hooks (host binaries) and LSM labels are dropped; the seccomp profile
+/// is kept after a check (module docs). Returns the spec as JSON.
 pub fn guest_spec_for(
     spec: &Spec,
     guest_rootfs: &str,
@@ -321,9 +330,9 @@ pub fn guest_spec_for(
                 .collect();
             linux.set_namespaces(Some(kept));
         }
-        if linux.seccomp().is_some() {
-            dropped.other.push("seccomp");
-            linux.set_seccomp(None);
+        if let Some(seccomp) = linux.seccomp() {
+            let profile = serde_json::to_value(seccomp).map_err(ContainerSpecError::Serialize)?;
+            tern_seccomp::check_profile(&profile).map_err(ContainerSpecError::Seccomp)?;
         }
         if linux.mount_label().is_some() {
             dropped.other.push("mount label");
@@ -438,6 +447,27 @@ mod tests {
         assert_eq!(back.process().as_ref().unwrap().terminal(), Some(true));
         let no_args = SPEC.replace(r#""args": ["echo", "hello"]"#, r#""args": []"#);
         assert!(matches!(guest_spec(&spec(&no_args), "/r"), Err(ContainerSpecError::NoArgs)));
+    }
+
+    #[test]
+    fn the_seccomp_profile_is_kept_and_one_tern_cannot_enforce_fails_by_name() {
+        let profile = r#""seccomp": {"defaultAction": "SCMP_ACT_ERRNO", "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86"],
+            "syscalls": [{"names": ["read", "_llseek"], "action": "SCMP_ACT_ALLOW"},
+                         {"names": ["sethostname"], "action": "SCMP_ACT_ERRNO", "errnoRet": 42}]}"#;
+        let with = SPEC.replace(r#""linux": {"#, &format!(r#""linux": {{{profile}, "#));
+        let (json, dropped) = guest_spec(&spec(&with), "/r").unwrap();
+        assert!(dropped.other.is_empty(), "{dropped:?}");
+        let back: Spec = serde_json::from_str(&json).unwrap();
+        let seccomp = back.linux().as_ref().unwrap().seccomp().as_ref().unwrap();
+        assert_eq!(seccomp.syscalls().as_ref().unwrap()[1].errno_ret(), Some(42));
+        let unknown = with.replace(r#"["sethostname"]"#, r#"["sethostname", "sethostnam"]"#);
+        let err = guest_spec(&spec(&unknown), "/r").unwrap_err();
+        assert!(matches!(err, ContainerSpecError::Seccomp(_)), "{err:?}");
+        let chain = format!("{err}: {}", std::error::Error::source(&err).unwrap());
+        assert!(chain.contains("\"sethostnam\""), "{chain}");
+        let notify = with.replace(r#""errnoRet": 42"#, r#""errnoRet": 42}, {"names": ["mount"], "action": "SCMP_ACT_NOTIFY""#);
+        let err = guest_spec(&spec(&notify), "/r").unwrap_err();
+        assert!(std::error::Error::source(&err).unwrap().to_string().contains("SCMP_ACT_NOTIFY"), "{err:?}");
     }
 
     fn spec_with_mounts(mounts: &str, namespaces: &str) -> Spec {

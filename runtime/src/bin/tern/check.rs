@@ -74,6 +74,7 @@ pub fn check(config: &Config, args: CheckArgs) -> Result<i32> {
     check_guest_file(&mut r, "guest kernel", &config.kernel_path(), GuestFile::Kernel);
     check_guest_file(&mut r, "initramfs", &config.initrd_path(), GuestFile::Initrd);
     check_pod_networking(&mut r);
+    check_container_seccomp(&mut r);
     if r.failures == 0 {
         if !r.quiet {
             println!("tern can run microVMs on this host");
@@ -111,6 +112,29 @@ fn check_guest_file(r: &mut Report, what: &str, path: &Path, kind: GuestFile) {
             GuestFile::Initrd => "a newc cpio archive (optionally gzip-compressed)",
         };
         r.fail(what, &format!("{} is not {expected}", path.display()), fix);
+    }
+}
+
+/// Containers' seccomp profiles: the shim checks them at Create with the libseccomp linked into
+/// tern (a small allowlist must compile); the agent loads them in the guest, whose kernel tern
+/// builds with CONFIG_SECCOMP_FILTER.
+fn check_container_seccomp(r: &mut Report) {
+    let probe = serde_json::json!({
+        "defaultAction": "SCMP_ACT_ERRNO",
+        "architectures": ["SCMP_ARCH_X86_64"],
+        "syscalls": [{"names": ["read", "write", "exit_group"], "action": "SCMP_ACT_ALLOW"}]
+    });
+    let version = tern_seccomp::libseccomp_version().unwrap_or_else(|| "unknown".to_owned());
+    match tern_seccomp::check_profile(&probe) {
+        Ok(()) => r.pass(
+            "container seccomp",
+            &format!("profiles enforced in the guest; checked at Create with libseccomp {version}"),
+        ),
+        Err(e) => r.fail(
+            "container seccomp",
+            &format!("libseccomp {version} cannot build a filter: {e}"),
+            "rebuild tern with Debian's libseccomp-dev installed (make deps)",
+        ),
     }
 }
 
