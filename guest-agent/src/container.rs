@@ -389,10 +389,13 @@ mod tests {
         assert!(matches!(prepare(&spec), Err(ContainerError::InvalidId(_))));
         let spec = ContainerSpec { id: "x".into(), oci_spec: "{not json".into(), stdin: false };
         assert!(matches!(prepare(&spec), Err(ContainerError::Spec(_))));
-        let profile = r#"{"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["nosuch"], "action": "SCMP_ACT_KILL"}]}"#;
+        let profile =
+            r#"{"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["nosuch"], "action": "SCMP_ACT_KILL"}]}"#;
         let oci_spec = format!(r#"{{"linux": {{"seccomp": {profile}}}}}"#);
         let spec = ContainerSpec { id: "x".into(), oci_spec, stdin: false };
         let err = prepare(&spec).unwrap_err();
-        assert!(matches!(err, ContainerError::Seccomp(tern_seccomp::ProfileError::UnknownSyscall(ref n)) if n == "nosuch"));
+        assert!(
+            matches!(err, ContainerError::Seccomp(tern_seccomp::ProfileError::UnknownSyscall(ref n)) if n == "nosuch")
+        );
     }
 }

@@ -154,7 +154,10 @@ mod tests {
         assert_eq!(ContainerError::Process(ProcessError::Unknown("c".into())).code(), ErrorCode::NotFound);
         assert_eq!(MountError::ShareMissing("c1".into()).code(), ErrorCode::NotFound);
         // A container whose cgroup went away.
-        let gone = CgroupError::Read { path: "/sys/fs/cgroup/c/cgroup.procs".into(), source: io(std::io::ErrorKind::NotFound) };
+        let gone = CgroupError::Read {
+            path: "/sys/fs/cgroup/c/cgroup.procs".into(),
+            source: io(std::io::ErrorKind::NotFound),
+        };
         assert_eq!(ContainerError::Cgroup(gone).code(), ErrorCode::NotFound);
     }
 

@@ -55,54 +55,19 @@ fn boot_mounts() -> [MountSpec; 8] {
     let nosuid_nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
     let nosuid_nodev_noexec = nosuid_nodev | MsFlags::MS_NOEXEC;
     [
-        MountSpec {
-            fstype: "proc",
-            path: "/proc",
-            flags: nosuid_nodev_noexec,
-            data: None,
-        },
-        MountSpec {
-            fstype: "sysfs",
-            path: "/sys",
-            flags: nosuid_nodev_noexec,
-            data: None,
-        },
-        MountSpec {
-            fstype: "devtmpfs",
-            path: "/dev",
-            flags: MsFlags::MS_NOSUID,
-            data: Some("mode=0755"),
-        },
+        MountSpec { fstype: "proc", path: "/proc", flags: nosuid_nodev_noexec, data: None },
+        MountSpec { fstype: "sysfs", path: "/sys", flags: nosuid_nodev_noexec, data: None },
+        MountSpec { fstype: "devtmpfs", path: "/dev", flags: MsFlags::MS_NOSUID, data: Some("mode=0755") },
         MountSpec {
             fstype: "devpts",
             path: "/dev/pts",
             flags: MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
             data: Some("ptmxmode=0666,mode=0620"),
         },
-        MountSpec {
-            fstype: "tmpfs",
-            path: "/dev/shm",
-            flags: nosuid_nodev,
-            data: Some("mode=1777"),
-        },
-        MountSpec {
-            fstype: "tmpfs",
-            path: "/run",
-            flags: nosuid_nodev,
-            data: Some("mode=0755"),
-        },
-        MountSpec {
-            fstype: "tmpfs",
-            path: "/tmp",
-            flags: nosuid_nodev,
-            data: Some("mode=1777"),
-        },
-        MountSpec {
-            fstype: "cgroup2",
-            path: "/sys/fs/cgroup",
-            flags: nosuid_nodev_noexec,
-            data: None,
-        },
+        MountSpec { fstype: "tmpfs", path: "/dev/shm", flags: nosuid_nodev, data: Some("mode=1777") },
+        MountSpec { fstype: "tmpfs", path: "/run", flags: nosuid_nodev, data: Some("mode=0755") },
+        MountSpec { fstype: "tmpfs", path: "/tmp", flags: nosuid_nodev, data: Some("mode=1777") },
+        MountSpec { fstype: "cgroup2", path: "/sys/fs/cgroup", flags: nosuid_nodev_noexec, data: None },
     ]
 }
 
@@ -111,20 +76,13 @@ pub fn mount_filesystems() -> Vec<InitError> {
     let mut errors = Vec::new();
     for m in boot_mounts() {
         if let Err(source) = std::fs::create_dir_all(m.path) {
-            errors.push(InitError::MountPoint {
-                path: m.path,
-                source,
-            });
+            errors.push(InitError::MountPoint { path: m.path, source });
             continue;
         }
         match mount(Some(m.fstype), m.path, Some(m.fstype), m.flags, m.data) {
             // EBUSY: already mounted (e.g. the kernel auto-mounted devtmpfs); that's fine.
             Ok(()) | Err(Errno::EBUSY) => {}
-            Err(source) => errors.push(InitError::Mount {
-                fstype: m.fstype,
-                path: m.path,
-                source,
-            }),
+            Err(source) => errors.push(InitError::Mount { fstype: m.fstype, path: m.path, source }),
         }
     }
     if let Err(e) = console_stdio() {
@@ -137,15 +95,10 @@ pub fn mount_filesystems() -> Vec<InitError> {
 /// open /dev/console for init they would be closed, and the first sockets we open would land
 /// on them, where a stray write (a panic message) would corrupt a host connection.
 fn console_stdio() -> Result<(), InitError> {
-    let null = open("/dev/null", OFlag::O_RDWR | OFlag::O_CLOEXEC, Mode::empty())
-        .map_err(InitError::Stdio)?;
+    let null = open("/dev/null", OFlag::O_RDWR | OFlag::O_CLOEXEC, Mode::empty()).map_err(InitError::Stdio)?;
     nix::unistd::dup2_stdin(&null).map_err(InitError::Stdio)?;
-    let console = open(
-        "/dev/console",
-        OFlag::O_WRONLY | OFlag::O_NOCTTY | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(InitError::Stdio)?;
+    let console = open("/dev/console", OFlag::O_WRONLY | OFlag::O_NOCTTY | OFlag::O_CLOEXEC, Mode::empty())
+        .map_err(InitError::Stdio)?;
     nix::unistd::dup2_stdout(&console).map_err(InitError::Stdio)?;
     nix::unistd::dup2_stderr(&console).map_err(InitError::Stdio)?;
     Ok(())
@@ -179,10 +132,7 @@ pub fn configure_system() -> Vec<InitError> {
 
 /// Read the log level from `tern.log=<level>` on the kernel command line.
 pub fn log_level_from_cmdline(cmdline: &str) -> Option<&str> {
-    cmdline
-        .split_whitespace()
-        .filter_map(|word| word.strip_prefix("tern.log="))
-        .next_back()
+    cmdline.split_whitespace().filter_map(|word| word.strip_prefix("tern.log=")).next_back()
 }
 
 /// Flush filesystems and reset the machine. The guest kernel runs with `reboot=k`, so this
@@ -205,10 +155,7 @@ mod tests {
         assert_eq!(log_level_from_cmdline(line), Some("debug"));
         assert_eq!(log_level_from_cmdline("console=ttyS0 quiet"), None);
         // The last occurrence wins, as for kernel parameters.
-        assert_eq!(
-            log_level_from_cmdline("tern.log=info tern.log=trace"),
-            Some("trace")
-        );
+        assert_eq!(log_level_from_cmdline("tern.log=info tern.log=trace"), Some("trace"));
     }
 
     #[test]

@@ -28,10 +28,7 @@ pub fn init(level: Option<&str>, target: LogTarget) -> Option<String> {
     let (filter, complaint) = match level.map(str::parse::<LevelFilter>) {
         None => (DEFAULT_LEVEL, None),
         Some(Ok(filter)) => (filter, None),
-        Some(Err(_)) => (
-            DEFAULT_LEVEL,
-            level.map(|l| format!("unknown log level {l:?}; using {DEFAULT_LEVEL}")),
-        ),
+        Some(Err(_)) => (DEFAULT_LEVEL, level.map(|l| format!("unknown log level {l:?}; using {DEFAULT_LEVEL}"))),
     };
     let writer = match target {
         LogTarget::Console => match OpenOptions::new().write(true).open("/dev/console") {

@@ -163,8 +163,7 @@ fn run_agent(opts: &Options, pid1: bool) -> anyhow::Result<std::convert::Infalli
     }
     let (rpc, streams, watch) = match &opts.unix_dir {
         Some(dir) => {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("cannot create {}", dir.display()))?;
+            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
             if !pid1 {
                 become_subreaper();
             }
@@ -174,18 +173,12 @@ fn run_agent(opts: &Options, pid1: bool) -> anyhow::Result<std::convert::Infalli
                 Listener::unix(&dir.join(UNIX_WATCH_SOCKET))?,
             )
         }
-        None => (
-            Listener::vsock(AGENT_RPC_PORT)?,
-            Listener::vsock(AGENT_STREAM_PORT)?,
-            Listener::vsock(AGENT_WATCH_PORT)?,
-        ),
+        None => {
+            (Listener::vsock(AGENT_RPC_PORT)?, Listener::vsock(AGENT_STREAM_PORT)?, Listener::vsock(AGENT_WATCH_PORT)?)
+        }
     };
     mirror::start_watch_listener(watch).context("cannot start the watch listener")?;
-    let mode = if pid1 {
-        ShutdownMode::PowerOff
-    } else {
-        ShutdownMode::ExitProcess
-    };
+    let mode = if pid1 { ShutdownMode::PowerOff } else { ShutdownMode::ExitProcess };
     // Test hook (see `server::test_stall_from_cmdline`): only PID 1 reads a command line; on a
     // host the protocol tests set `$TERN_AGENT_TEST_STALL` instead.
     let test_stall = if pid1 {
@@ -194,8 +187,7 @@ fn run_agent(opts: &Options, pid1: bool) -> anyhow::Result<std::convert::Infalli
         std::env::var(TEST_STALL_ENV).ok().filter(|op| !op.is_empty())
     };
     let agent = Arc::new(Agent::new(table, mode).with_test_stall(test_stall));
-    server::run(agent, rpc, streams, || announce_ready(pid1))
-        .context("cannot start the stream server")
+    server::run(agent, rpc, streams, || announce_ready(pid1)).context("cannot start the stream server")
 }
 
 /// Off PID 1, adopt orphaned grandchildren like init would, so the host tests exercise the
@@ -212,10 +204,7 @@ fn become_subreaper() {
 fn announce_ready(pid1: bool) {
     let line = format!("{READY_MARKER}\n");
     let written = if pid1 {
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open("/dev/console")
-            .and_then(|mut c| c.write_all(line.as_bytes()))
+        std::fs::OpenOptions::new().write(true).open("/dev/console").and_then(|mut c| c.write_all(line.as_bytes()))
     } else {
         let mut out = std::io::stdout().lock();
         out.write_all(line.as_bytes()).and_then(|()| out.flush())
@@ -230,10 +219,7 @@ mod tests {
     use super::*;
 
     fn args(list: &[&str]) -> impl Iterator<Item = String> {
-        list.iter()
-            .map(|s| s.to_string())
-            .collect::<Vec<_>>()
-            .into_iter()
+        list.iter().map(|s| s.to_string()).collect::<Vec<_>>().into_iter()
     }
 
     #[test]
@@ -254,9 +240,6 @@ mod tests {
 
     #[test]
     fn unknown_arguments_fail_off_pid1() {
-        assert!(matches!(
-            parse_args(args(&["--bogus"]), false),
-            Parsed::Exit(_)
-        ));
+        assert!(matches!(parse_args(args(&["--bogus"]), false), Parsed::Exit(_)));
     }
 }

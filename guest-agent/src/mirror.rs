@@ -141,7 +141,9 @@ impl WatchableMount {
                 }
             }
             Ok(SyncOutcome::OverLimit(limit)) => self.fall_back(inner, &limit),
-            Err(e) => warn!(guest_path = %self.guest_path.display(), error = %error_chain(&e), "cannot sync the mirror"),
+            Err(e) => {
+                warn!(guest_path = %self.guest_path.display(), error = %error_chain(&e), "cannot sync the mirror")
+            }
         }
     }
 
@@ -155,7 +157,9 @@ impl WatchableMount {
                 inner.layers += 1;
                 inner.presentation = Presentation::BindFallback;
             }
-            Err(e) => warn!(guest_path = %self.guest_path.display(), error = %error_chain(&e), "bind fallback failed; will retry"),
+            Err(e) => {
+                warn!(guest_path = %self.guest_path.display(), error = %error_chain(&e), "bind fallback failed; will retry")
+            }
         }
     }
 
@@ -506,16 +510,7 @@ fn next_timer(registry: &Registry) -> Duration {
         .min(MAX_TIMER_SLEEP)
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(inner) = source {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        source = inner.source();
-    }
-    s
-}
+use tern_protocol::error_chain;
 
 #[cfg(test)]
 mod tests {
@@ -530,7 +525,8 @@ mod tests {
 
     #[test]
     fn requests_are_validated() {
-        let ok = MountRequest { share: "s".into(), guest_path: "/etc/secret".into(), watchable: true, ..Default::default() };
+        let ok =
+            MountRequest { share: "s".into(), guest_path: "/etc/secret".into(), watchable: true, ..Default::default() };
         assert!(validate(&ok).is_ok());
         for (share, path) in [("../s", "/x"), ("a/b", "/x"), ("", "/x"), ("s", "rel"), ("s", "/a/../b"), ("s", "/")] {
             let req = MountRequest { share: share.into(), guest_path: path.into(), ..Default::default() };

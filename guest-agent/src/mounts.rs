@@ -90,10 +90,7 @@ pub fn validate_guest_path(path: &str) -> Result<PathBuf, MountError> {
 
 /// A share name is one directory entry of the device.
 pub fn validate_share_name(name: &str) -> Result<(), MountError> {
-    let ok = !name.is_empty()
-        && name != "."
-        && name != ".."
-        && !name.chars().any(|c| c == '/' || c.is_control());
+    let ok = !name.is_empty() && name != "." && name != ".." && !name.chars().any(|c| c == '/' || c.is_control());
     if ok {
         Ok(())
     } else {
@@ -139,8 +136,10 @@ pub fn mount_share(req: &MountRequest) -> Result<(), MountError> {
     }
     std::fs::create_dir_all(&guest_path)
         .map_err(|source| MountError::CreateDir { path: guest_path.clone(), source })?;
-    mount(Some(&source), &guest_path, None::<&str>, MsFlags::MS_BIND, None::<&str>).map_err(|e| {
-        MountError::Bind { from: source.clone(), to: guest_path.clone(), source: e }
+    mount(Some(&source), &guest_path, None::<&str>, MsFlags::MS_BIND, None::<&str>).map_err(|e| MountError::Bind {
+        from: source.clone(),
+        to: guest_path.clone(),
+        source: e,
     })?;
     if req.read_only {
         // A bind mount takes MS_RDONLY only on a remount of the bind itself.
@@ -166,8 +165,9 @@ pub fn unmount_share(guest_path: &str) -> Result<(), MountError> {
     match umount2(&path, MntFlags::empty()) {
         Ok(()) => {}
         // Busy (a process has a file open there): detach now, the kernel finishes later.
-        Err(Errno::EBUSY) => umount2(&path, MntFlags::MNT_DETACH)
-            .map_err(|source| MountError::Unmount { path: path.clone(), source })?,
+        Err(Errno::EBUSY) => {
+            umount2(&path, MntFlags::MNT_DETACH).map_err(|source| MountError::Unmount { path: path.clone(), source })?
+        }
         Err(source) => return Err(MountError::Unmount { path, source }),
     }
     table.plain.remove(&path);

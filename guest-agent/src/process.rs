@@ -176,19 +176,13 @@ impl TableState {
     }
 
     fn take_output(&mut self, id: &str, stream: StreamKind) -> Result<File, ProcessError> {
-        let proc = self
-            .procs
-            .get_mut(id)
-            .ok_or_else(|| ProcessError::Unknown(id.to_owned()))?;
+        let proc = self.procs.get_mut(id).ok_or_else(|| ProcessError::Unknown(id.to_owned()))?;
         let pipe = match stream {
             StreamKind::Stdout => proc.stdout.take(),
             StreamKind::Stderr => proc.stderr.take(),
             StreamKind::Stdin => None,
         };
-        let pipe = pipe.ok_or_else(|| ProcessError::StreamTaken {
-            id: id.to_owned(),
-            stream,
-        })?;
+        let pipe = pipe.ok_or_else(|| ProcessError::StreamTaken { id: id.to_owned(), stream })?;
         self.retire_if_done(id);
         Ok(pipe)
     }
@@ -223,9 +217,7 @@ impl ProcessTable {
     }
 
     fn wait_changed<'a>(&self, guard: MutexGuard<'a, TableState>) -> MutexGuard<'a, TableState> {
-        self.changed
-            .wait(guard)
-            .unwrap_or_else(PoisonError::into_inner)
+        self.changed.wait(guard).unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Start a process and register it; returns its pid.
@@ -259,10 +251,7 @@ impl ProcessTable {
             Err(e) => {
                 state.abandon(&req.id);
                 let program = req.argv.first().cloned().unwrap_or_default();
-                Err(ProcessError::Spawn {
-                    program,
-                    reason: errno_text(&e),
-                })
+                Err(ProcessError::Spawn { program, reason: errno_text(&e) })
             }
         };
         drop(state);
@@ -326,28 +315,19 @@ impl ProcessTable {
         check_signal(signal)?;
         // Held across kill(): the reaper can't reap this pid meanwhile, so it can't be reused.
         let state = self.lock();
-        let proc = state
-            .procs
-            .get(id)
-            .ok_or_else(|| ProcessError::Unknown(id.to_owned()))?;
+        let proc = state.procs.get(id).ok_or_else(|| ProcessError::Unknown(id.to_owned()))?;
         if proc.status.is_some() {
             return Err(ProcessError::Exited(id.to_owned()));
         }
         // SAFETY: kill(2) takes two integers and touches no memory.
         let rc = unsafe { libc::kill(proc.pid, signal) };
-        Errno::result(rc).map(drop).map_err(|e| ProcessError::Kill {
-            id: id.to_owned(),
-            reason: e.desc().to_owned(),
-        })
+        Errno::result(rc).map(drop).map_err(|e| ProcessError::Kill { id: id.to_owned(), reason: e.desc().to_owned() })
     }
 
     /// Deliver EOF on stdin: drop the pipe, or end an attached stdin stream. Idempotent.
     pub fn close_stdin(&self, id: &str) -> Result<(), ProcessError> {
         let mut state = self.lock();
-        let proc = state
-            .procs
-            .get_mut(id)
-            .ok_or_else(|| ProcessError::Unknown(id.to_owned()))?;
+        let proc = state.procs.get_mut(id).ok_or_else(|| ProcessError::Unknown(id.to_owned()))?;
         if proc.stdin.take().is_some() {
             // No stream ever took stdin. A pipe's EOF comes with the drop above; a terminal
             // stays open, so it gets its EOF character.
@@ -369,21 +349,13 @@ impl ProcessTable {
     /// Set the window size of a terminal process.
     pub fn resize_pty(&self, id: &str, rows: u16, cols: u16) -> Result<(), ProcessError> {
         let state = self.lock();
-        let proc = state
-            .procs
-            .get(id)
-            .ok_or_else(|| ProcessError::Unknown(id.to_owned()))?;
+        let proc = state.procs.get(id).ok_or_else(|| ProcessError::Unknown(id.to_owned()))?;
         if proc.status.is_some() {
             return Err(ProcessError::Exited(id.to_owned()));
         }
-        let master = proc
-            .pty
-            .as_ref()
-            .ok_or_else(|| ProcessError::NoTerminal(id.to_owned()))?;
-        crate::pty::set_window_size(master, rows, cols).map_err(|e| ProcessError::Resize {
-            id: id.to_owned(),
-            reason: e.to_string(),
-        })
+        let master = proc.pty.as_ref().ok_or_else(|| ProcessError::NoTerminal(id.to_owned()))?;
+        crate::pty::set_window_size(master, rows, cols)
+            .map_err(|e| ProcessError::Resize { id: id.to_owned(), reason: e.to_string() })
     }
 
     /// Hand the stdout or stderr pipe to a stream connection (once per stream).
@@ -395,14 +367,11 @@ impl ProcessTable {
     /// Also returns the pid, to pass back to [`Self::stdin_detached`].
     pub fn take_stdin(&self, id: &str, conn: Connection) -> Result<(File, i32), ProcessError> {
         let mut state = self.lock();
-        let proc = state
-            .procs
-            .get_mut(id)
-            .ok_or_else(|| ProcessError::Unknown(id.to_owned()))?;
-        let pipe = proc.stdin.take().ok_or_else(|| ProcessError::StreamTaken {
-            id: id.to_owned(),
-            stream: StreamKind::Stdin,
-        })?;
+        let proc = state.procs.get_mut(id).ok_or_else(|| ProcessError::Unknown(id.to_owned()))?;
+        let pipe = proc
+            .stdin
+            .take()
+            .ok_or_else(|| ProcessError::StreamTaken { id: id.to_owned(), stream: StreamKind::Stdin })?;
         proc.stdin_stream = Some(conn);
         Ok((pipe, proc.pid))
     }
@@ -480,10 +449,7 @@ impl ProcessTable {
             if now >= deadline {
                 break;
             }
-            let (next, _) = self
-                .changed
-                .wait_timeout(state, deadline - now)
-                .unwrap_or_else(PoisonError::into_inner);
+            let (next, _) = self.changed.wait_timeout(state, deadline - now).unwrap_or_else(PoisonError::into_inner);
             state = next;
         }
         for pid in state.by_pid.keys() {
@@ -552,18 +518,8 @@ fn build_command(req: &ExecRequest) -> Result<(Command, Option<Pipes>), ProcessE
     // message names the directory rather than the program.
     match std::fs::metadata(cwd) {
         Ok(m) if m.is_dir() => {}
-        Ok(_) => {
-            return Err(ProcessError::BadCwd {
-                path: cwd.to_owned(),
-                reason: "Not a directory".into(),
-            })
-        }
-        Err(e) => {
-            return Err(ProcessError::BadCwd {
-                path: cwd.to_owned(),
-                reason: errno_text(&e),
-            })
-        }
+        Ok(_) => return Err(ProcessError::BadCwd { path: cwd.to_owned(), reason: "Not a directory".into() }),
+        Err(e) => return Err(ProcessError::BadCwd { path: cwd.to_owned(), reason: errno_text(&e) }),
     }
     let mut cmd = Command::new(program);
     cmd.args(args).env_clear().current_dir(Path::new(cwd));
@@ -582,13 +538,7 @@ fn build_command(req: &ExecRequest) -> Result<(Command, Option<Pipes>), ProcessE
         cmd.env("PATH", DEFAULT_PATH);
     }
     let Some(size) = req.terminal else {
-        cmd.stdin(if req.stdin {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        cmd.stdin(if req.stdin { Stdio::piped() } else { Stdio::null() }).stdout(Stdio::piped()).stderr(Stdio::piped());
         return Ok((cmd, None));
     };
     let (master, slave) = crate::pty::open_pty(size).map_err(ProcessError::Terminal)?;
@@ -671,15 +621,9 @@ mod tests {
     fn duplicate_and_empty_ids_are_refused() {
         let mut state = TableState::default();
         state.reserve("a").unwrap();
-        assert!(matches!(
-            state.reserve("a"),
-            Err(ProcessError::DuplicateId(_))
-        ));
+        assert!(matches!(state.reserve("a"), Err(ProcessError::DuplicateId(_))));
         state.register("a", 1, Pipes::default());
-        assert!(matches!(
-            state.reserve("a"),
-            Err(ProcessError::DuplicateId(_))
-        ));
+        assert!(matches!(state.reserve("a"), Err(ProcessError::DuplicateId(_))));
         assert!(matches!(state.reserve(""), Err(ProcessError::EmptyId)));
     }
 
@@ -687,10 +631,7 @@ mod tests {
     fn exit_of_a_registered_pid_is_recorded_and_drops_stdin() {
         let mut state = TableState::default();
         registered(&mut state, "a", 42);
-        assert_eq!(
-            state.record_exit(42, ExitStatus::Code(3)).as_deref(),
-            Some("a")
-        );
+        assert_eq!(state.record_exit(42, ExitStatus::Code(3)).as_deref(), Some("a"));
         let proc = &state.procs["a"];
         assert_eq!(proc.status, Some(ExitStatus::Code(3)));
         assert!(proc.stdin.is_none());
@@ -738,14 +679,8 @@ mod tests {
         let mut state = TableState::default();
         registered(&mut state, "a", 42);
         state.take_output("a", StreamKind::Stdout).unwrap();
-        assert!(matches!(
-            state.take_output("a", StreamKind::Stdout),
-            Err(ProcessError::StreamTaken { .. })
-        ));
-        assert!(matches!(
-            state.take_output("zz", StreamKind::Stderr),
-            Err(ProcessError::Unknown(_))
-        ));
+        assert!(matches!(state.take_output("a", StreamKind::Stdout), Err(ProcessError::StreamTaken { .. })));
+        assert!(matches!(state.take_output("zz", StreamKind::Stderr), Err(ProcessError::Unknown(_))));
     }
 
     #[test]
@@ -792,23 +727,11 @@ mod tests {
             stdin: false,
             terminal: None,
         };
-        assert!(matches!(
-            build_command(&req(&[], &[], None)),
-            Err(ProcessError::EmptyArgv)
-        ));
-        assert!(matches!(
-            build_command(&req(&["true"], &["NOEQUALS"], None)),
-            Err(ProcessError::BadEnv(_))
-        ));
-        assert!(matches!(
-            build_command(&req(&["true"], &["=v"], None)),
-            Err(ProcessError::BadEnv(_))
-        ));
+        assert!(matches!(build_command(&req(&[], &[], None)), Err(ProcessError::EmptyArgv)));
+        assert!(matches!(build_command(&req(&["true"], &["NOEQUALS"], None)), Err(ProcessError::BadEnv(_))));
+        assert!(matches!(build_command(&req(&["true"], &["=v"], None)), Err(ProcessError::BadEnv(_))));
         let err = build_command(&req(&["true"], &[], Some("/nonexistent-dir"))).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "cwd \"/nonexistent-dir\": No such file or directory"
-        );
+        assert_eq!(err.to_string(), "cwd \"/nonexistent-dir\": No such file or directory");
         assert!(build_command(&req(&["true"], &["A=b=c"], Some("/"))).is_ok());
     }
 }

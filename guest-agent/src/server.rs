@@ -172,9 +172,7 @@ impl Agent {
                 Ok(stats) => Response::ContainerStats(stats),
                 Err(e) => error_response(&e),
             },
-            Request::UpdateContainer { id, resources } => {
-                ok_or_error(self.containers.update(&id, &resources))
-            }
+            Request::UpdateContainer { id, resources } => ok_or_error(self.containers.update(&id, &resources)),
             Request::WaitOom { id, seen } => match self.containers.wait_oom(&id, seen) {
                 Ok(count) => Response::OomKills { count },
                 Err(e) => error_response(&e),
@@ -242,13 +240,7 @@ fn describe_interfaces(config: &tern_protocol::net::NetworkConfig) -> String {
         .iter()
         .map(|i| {
             let addresses: Vec<String> = i.addresses.iter().map(ToString::to_string).collect();
-            format!(
-                "{} {} mtu {} [{}]",
-                i.name,
-                tern_protocol::net::format_mac(&i.mac),
-                i.mtu,
-                addresses.join(", ")
-            )
+            format!("{} {} mtu {} [{}]", i.name, tern_protocol::net::format_mac(&i.mac), i.mtu, addresses.join(", "))
         })
         .collect();
     if described.is_empty() {
@@ -268,14 +260,7 @@ fn ok_or_error<E: CodedError>(result: Result<(), E>) -> Response {
 /// The error's code (see [`crate::error_code`]) and `message: source: source's source`, so the
 /// host sees the root cause.
 fn error_response(e: &dyn CodedError) -> Response {
-    let mut message = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        message.push_str(": ");
-        message.push_str(&s.to_string());
-        source = s.source();
-    }
-    Response::Error { message, code: e.code() }
+    Response::Error { message: tern_protocol::error_chain(e), code: e.code() }
 }
 
 /// The answer to a request that would start something while the agent shuts down.
@@ -292,10 +277,8 @@ pub fn handle_rpc_connection(agent: &Agent, mut conn: Connection) {
             Err(ProtocolError::Decode(e)) => {
                 // The frame boundary is intact, so the connection can go on.
                 debug!(error = %e, "malformed request");
-                let reply = Response::Error {
-                    message: format!("malformed request: {e}"),
-                    code: ErrorCode::InvalidArgument,
-                };
+                let reply =
+                    Response::Error { message: format!("malformed request: {e}"), code: ErrorCode::InvalidArgument };
                 if send(&mut conn, &reply).is_err() {
                     return;
                 }
@@ -345,9 +328,7 @@ where
             }
         };
         let serve = Arc::clone(&serve);
-        let spawned = std::thread::Builder::new()
-            .name(format!("{name}-conn"))
-            .spawn(move || serve(conn));
+        let spawned = std::thread::Builder::new().name(format!("{name}-conn")).spawn(move || serve(conn));
         if let Err(e) = spawned {
             warn!(listener = name, error = %e, "cannot start a connection thread; dropping the connection");
         }
@@ -365,11 +346,7 @@ pub fn run(
     let table = Arc::clone(&agent.table);
     std::thread::Builder::new()
         .name("stream-accept".into())
-        .spawn(move || {
-            accept_loop(streams, "stream", move |conn| {
-                handle_stream_connection(&table, conn)
-            })
-        })?;
+        .spawn(move || accept_loop(streams, "stream", move |conn| handle_stream_connection(&table, conn)))?;
     ready();
     accept_loop(rpc, "rpc", move |conn| handle_rpc_connection(&agent, conn))
 }

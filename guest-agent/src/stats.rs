@@ -16,10 +16,7 @@ pub enum StatsError {
         source: std::io::Error,
     },
     #[error("unexpected format of {file}: {what}")]
-    Format {
-        file: &'static str,
-        what: &'static str,
-    },
+    Format { file: &'static str, what: &'static str },
 }
 
 /// Read everything from the /proc mounted at `proc_root`.
@@ -141,7 +138,8 @@ pub mod watch {
     static BIND_FALLBACKS: AtomicU64 = AtomicU64::new(0);
     /// Oldest host change time (ns since the epoch) of the batches queued but not applied.
     static OLDEST_PENDING_NS: AtomicU64 = AtomicU64::new(0);
-    static LATENCY: [AtomicU64; WATCH_APPLY_BUCKETS.len() + 1] = [const { AtomicU64::new(0) }; WATCH_APPLY_BUCKETS.len() + 1];
+    static LATENCY: [AtomicU64; WATCH_APPLY_BUCKETS.len() + 1] =
+        [const { AtomicU64::new(0) }; WATCH_APPLY_BUCKETS.len() + 1];
     static LATENCY_COUNT: AtomicU64 = AtomicU64::new(0);
     static LATENCY_SUM_NS: AtomicU64 = AtomicU64::new(0);
 
@@ -266,28 +264,17 @@ fn parse_meminfo(text: &str) -> Result<MemInfo, StatsError> {
             rest.split_whitespace().next()?.parse::<u64>().ok()
         })
     };
-    let missing = |what| StatsError::Format {
-        file: "meminfo",
-        what,
-    };
+    let missing = |what| StatsError::Format { file: "meminfo", what };
     let total_kib = field("MemTotal").ok_or_else(|| missing("no MemTotal"))?;
     let free_kib = field("MemFree").ok_or_else(|| missing("no MemFree"))?;
     // Kernels before 3.14 lack MemAvailable; free memory is the conservative stand-in.
     let available_kib = field("MemAvailable").unwrap_or(free_kib);
     let cached_kib = field("Cached").unwrap_or(0).saturating_add(field("Buffers").unwrap_or(0));
-    Ok(MemInfo {
-        total_kib,
-        free_kib,
-        available_kib,
-        cached_kib,
-    })
+    Ok(MemInfo { total_kib, free_kib, available_kib, cached_kib })
 }
 
 fn parse_loadavg(text: &str) -> Result<[f64; 3], StatsError> {
-    let bad = StatsError::Format {
-        file: "loadavg",
-        what: "expected three load averages",
-    };
+    let bad = StatsError::Format { file: "loadavg", what: "expected three load averages" };
     let mut fields = text.split_whitespace().map(str::parse::<f64>);
     let mut next = || fields.next().and_then(Result::ok);
     match (next(), next(), next()) {
@@ -313,28 +300,17 @@ fn parse_stat(text: &str) -> Result<CpuStat, StatsError> {
         let mut words = line.split_whitespace();
         match words.next() {
             Some("cpu") => {
-                let parsed: Result<Vec<u64>, _> =
-                    words.take(CPU_TICK_FIELDS).map(str::parse).collect();
-                let parsed = parsed.map_err(|_| StatsError::Format {
-                    file: "stat",
-                    what: "non-numeric cpu ticks",
-                })?;
+                let parsed: Result<Vec<u64>, _> = words.take(CPU_TICK_FIELDS).map(str::parse).collect();
+                let parsed = parsed.map_err(|_| StatsError::Format { file: "stat", what: "non-numeric cpu ticks" })?;
                 ticks = Some(parsed);
             }
-            Some(name)
-                if name
-                    .strip_prefix("cpu")
-                    .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit())) =>
-            {
+            Some(name) if name.strip_prefix("cpu").is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit())) => {
                 cpus += 1;
             }
             _ => {}
         }
     }
-    let ticks = ticks.ok_or(StatsError::Format {
-        file: "stat",
-        what: "no aggregate cpu line",
-    })?;
+    let ticks = ticks.ok_or(StatsError::Format { file: "stat", what: "no aggregate cpu line" })?;
     Ok(CpuStat { cpus, ticks })
 }
 
@@ -342,25 +318,16 @@ fn parse_uptime(text: &str) -> Result<f64, StatsError> {
     text.split_whitespace()
         .next()
         .and_then(|s| s.parse().ok())
-        .ok_or(StatsError::Format {
-            file: "uptime",
-            what: "expected seconds since boot",
-        })
+        .ok_or(StatsError::Format { file: "uptime", what: "expected seconds since boot" })
 }
 
 /// Number of processes: the numeric entries of /proc.
 fn count_tasks(proc_root: &Path) -> Result<u32, StatsError> {
-    let entries = std::fs::read_dir(proc_root).map_err(|source| StatsError::Read {
-        path: proc_root.to_owned(),
-        source,
-    })?;
+    let entries =
+        std::fs::read_dir(proc_root).map_err(|source| StatsError::Read { path: proc_root.to_owned(), source })?;
     let count = entries
         .filter_map(Result::ok)
-        .filter(|e| {
-            e.file_name()
-                .to_str()
-                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
-        })
+        .filter(|e| e.file_name().to_str().is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())))
         .count();
     Ok(u32::try_from(count).unwrap_or(u32::MAX))
 }
@@ -378,15 +345,7 @@ mod tests {
     #[test]
     fn meminfo() {
         let m = parse_meminfo(MEMINFO).unwrap();
-        assert_eq!(
-            m,
-            MemInfo {
-                total_kib: 498000,
-                free_kib: 400000,
-                available_kib: 450000,
-                cached_kib: 0,
-            }
-        );
+        assert_eq!(m, MemInfo { total_kib: 498000, free_kib: 400000, available_kib: 450000, cached_kib: 0 });
     }
 
     #[test]
@@ -403,10 +362,7 @@ mod tests {
 
     #[test]
     fn loadavg() {
-        assert_eq!(
-            parse_loadavg("0.50 0.25 0.10 1/80 1234\n").unwrap(),
-            [0.5, 0.25, 0.1]
-        );
+        assert_eq!(parse_loadavg("0.50 0.25 0.10 1/80 1234\n").unwrap(), [0.5, 0.25, 0.1]);
         assert!(parse_loadavg("0.50 x\n").is_err());
         assert!(parse_loadavg("").is_err());
     }
@@ -454,7 +410,10 @@ mod tests {
             + "    lo:     120       2    0    0    0     0          0         0      120       2    0    0    0     0       0          0\n";
         let net = parse_net_dev(&text);
         assert_eq!(net.len(), 1);
-        assert_eq!((net[0].name.as_str(), net[0].rx_bytes, net[0].rx_packets, net[0].tx_bytes, net[0].tx_packets), ("lo", 120, 2, 120, 2));
+        assert_eq!(
+            (net[0].name.as_str(), net[0].rx_bytes, net[0].rx_packets, net[0].tx_bytes, net[0].tx_packets),
+            ("lo", 120, 2, 120, 2)
+        );
     }
 
     #[test]

@@ -55,19 +55,11 @@ impl Listener {
         match std::fs::remove_file(path) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(source) => {
-                return Err(TransportError::BindUnix {
-                    path: path.to_owned(),
-                    source,
-                })
-            }
+            Err(source) => return Err(TransportError::BindUnix { path: path.to_owned(), source }),
         }
         UnixListener::bind(path)
             .map(Listener::Unix)
-            .map_err(|source| TransportError::BindUnix {
-                path: path.to_owned(),
-                source,
-            })
+            .map_err(|source| TransportError::BindUnix { path: path.to_owned(), source })
     }
 
     /// Block until a peer connects.

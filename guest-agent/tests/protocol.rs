@@ -37,16 +37,8 @@ impl Agent {
         let mut stdout = BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
         stdout.read_line(&mut line).unwrap();
-        assert_eq!(
-            line,
-            format!("{READY_MARKER}\n"),
-            "agent did not announce readiness"
-        );
-        Agent {
-            child,
-            dir,
-            _stdout: stdout,
-        }
+        assert_eq!(line, format!("{READY_MARKER}\n"), "agent did not announce readiness");
+        Agent { child, dir, _stdout: stdout }
     }
 
     fn connect(&self, socket: &str) -> UnixStream {
@@ -63,14 +55,7 @@ impl Agent {
     /// A stream connection for process `id`, hello already sent.
     fn stream(&self, id: &str, stream: StreamKind) -> UnixStream {
         let mut conn = self.connect("stream.sock");
-        send(
-            &mut conn,
-            &StreamHello {
-                id: id.into(),
-                stream,
-            },
-        )
-        .unwrap();
+        send(&mut conn, &StreamHello { id: id.into(), stream }).unwrap();
         conn
     }
 
@@ -104,11 +89,7 @@ impl Drop for Agent {
 }
 
 fn exec_req(id: &str, argv: &[&str]) -> ExecRequest {
-    ExecRequest {
-        id: id.into(),
-        argv: argv.iter().map(|s| s.to_string()).collect(),
-        ..Default::default()
-    }
+    ExecRequest { id: id.into(), argv: argv.iter().map(|s| s.to_string()).collect(), ..Default::default() }
 }
 
 fn call(conn: &mut UnixStream, req: Request) -> Response {
@@ -121,13 +102,7 @@ fn wait(conn: &mut UnixStream, id: &str) -> Response {
 }
 
 fn signal(conn: &mut UnixStream, id: &str, signal: i32) -> Response {
-    call(
-        conn,
-        Request::Signal {
-            id: id.into(),
-            signal,
-        },
-    )
+    call(conn, Request::Signal { id: id.into(), signal })
 }
 
 fn error_message(resp: Response) -> String {
@@ -154,10 +129,7 @@ fn health_reports_the_protocol_version() {
     let resp = call(&mut agent.rpc(), Request::Health);
     assert_eq!(
         resp,
-        Response::Health {
-            protocol_version: PROTOCOL_VERSION,
-            agent_version: env!("CARGO_PKG_VERSION").into()
-        }
+        Response::Health { protocol_version: PROTOCOL_VERSION, agent_version: env!("CARGO_PKG_VERSION").into() }
     );
 }
 
@@ -166,14 +138,8 @@ fn echo_output_arrives_on_the_stdout_stream() {
     let agent = Agent::start();
     let mut rpc = agent.rpc();
     started(agent.exec(&mut rpc, "echo", &["echo", "hello", "world"]));
-    assert_eq!(
-        agent.read_stream("echo", StreamKind::Stdout),
-        b"hello world\n"
-    );
-    assert_eq!(
-        wait(&mut rpc, "echo"),
-        Response::Exited(ExitStatus::Code(0))
-    );
+    assert_eq!(agent.read_stream("echo", StreamKind::Stdout), b"hello world\n");
+    assert_eq!(wait(&mut rpc, "echo"), Response::Exited(ExitStatus::Code(0)));
 }
 
 #[test]
@@ -181,10 +147,7 @@ fn exit_code_is_reported() {
     let agent = Agent::start();
     let mut rpc = agent.rpc();
     started(agent.exec(&mut rpc, "three", &["sh", "-c", "exit 3"]));
-    assert_eq!(
-        wait(&mut rpc, "three"),
-        Response::Exited(ExitStatus::Code(3))
-    );
+    assert_eq!(wait(&mut rpc, "three"), Response::Exited(ExitStatus::Code(3)));
 }
 
 #[test]
@@ -193,10 +156,7 @@ fn killed_process_reports_the_signal() {
     let mut rpc = agent.rpc();
     started(agent.exec(&mut rpc, "sleeper", &["sleep", "100"]));
     assert_eq!(signal(&mut rpc, "sleeper", 9), Response::Ok);
-    assert_eq!(
-        wait(&mut rpc, "sleeper"),
-        Response::Exited(ExitStatus::Signal(9))
-    );
+    assert_eq!(wait(&mut rpc, "sleeper"), Response::Exited(ExitStatus::Signal(9)));
     let (msg, code) = error_with_code(signal(&mut rpc, "sleeper", 15));
     assert!(msg.contains("exited"), "{msg}");
     assert_eq!(code, ErrorCode::NotFound);
@@ -210,10 +170,7 @@ fn killed_process_reports_the_signal() {
     assert!(msg.contains("not a valid signal"), "{msg}");
     assert_eq!(code, ErrorCode::InvalidArgument);
     assert_eq!(signal(&mut rpc, "rt", 40), Response::Ok);
-    assert_eq!(
-        wait(&mut rpc, "rt"),
-        Response::Exited(ExitStatus::Signal(40))
-    );
+    assert_eq!(wait(&mut rpc, "rt"), Response::Exited(ExitStatus::Signal(40)));
 }
 
 #[test]
@@ -252,10 +209,7 @@ fn host_dropping_a_stream_only_ends_that_stream() {
     assert!(buf.starts_with(b"tern\ntern\n"));
     drop(stdout);
     // The agent's copy fails, it closes the pipe, and `yes` dies of SIGPIPE like in a shell.
-    assert_eq!(
-        wait(&mut rpc, "yes"),
-        Response::Exited(ExitStatus::Signal(13))
-    );
+    assert_eq!(wait(&mut rpc, "yes"), Response::Exited(ExitStatus::Signal(13)));
 
     let mut req = exec_req("cat", &["cat"]);
     req.stdin = true;
@@ -265,27 +219,17 @@ fn host_dropping_a_stream_only_ends_that_stream() {
     drop(stdin); // no half-close: the connection just goes away
     assert_eq!(agent.read_stream("cat", StreamKind::Stdout), b"half a line");
     assert_eq!(wait(&mut rpc, "cat"), Response::Exited(ExitStatus::Code(0)));
-    assert!(matches!(
-        call(&mut rpc, Request::Health),
-        Response::Health { .. }
-    ));
+    assert!(matches!(call(&mut rpc, Request::Health), Response::Health { .. }));
 }
 
 #[test]
 fn stderr_is_a_separate_stream() {
     let agent = Agent::start();
     let mut rpc = agent.rpc();
-    started(agent.exec(
-        &mut rpc,
-        "both",
-        &["sh", "-c", "echo out; echo err >&2; exit 1"],
-    ));
+    started(agent.exec(&mut rpc, "both", &["sh", "-c", "echo out; echo err >&2; exit 1"]));
     assert_eq!(agent.read_stream("both", StreamKind::Stderr), b"err\n");
     assert_eq!(agent.read_stream("both", StreamKind::Stdout), b"out\n");
-    assert_eq!(
-        wait(&mut rpc, "both"),
-        Response::Exited(ExitStatus::Code(1))
-    );
+    assert_eq!(wait(&mut rpc, "both"), Response::Exited(ExitStatus::Code(1)));
 }
 
 #[test]
@@ -293,10 +237,7 @@ fn output_written_before_the_stream_attaches_is_kept() {
     let agent = Agent::start();
     let mut rpc = agent.rpc();
     started(agent.exec(&mut rpc, "early", &["sh", "-c", "echo early"]));
-    assert_eq!(
-        wait(&mut rpc, "early"),
-        Response::Exited(ExitStatus::Code(0))
-    );
+    assert_eq!(wait(&mut rpc, "early"), Response::Exited(ExitStatus::Code(0)));
     assert_eq!(agent.read_stream("early", StreamKind::Stdout), b"early\n");
 }
 
@@ -322,10 +263,7 @@ fn a_stream_attaches_only_once() {
     assert_eq!(outputs, vec![b"".to_vec(), b"once\n".to_vec()]);
     // A stdin stream for a process without stdin is refused the same way.
     assert_eq!(agent.read_stream("once", StreamKind::Stdin), b"");
-    assert_eq!(
-        wait(&mut rpc, "once"),
-        Response::Exited(ExitStatus::Code(0))
-    );
+    assert_eq!(wait(&mut rpc, "once"), Response::Exited(ExitStatus::Code(0)));
 }
 
 #[test]
@@ -335,10 +273,7 @@ fn close_stdin_delivers_eof() {
     let mut req = exec_req("cat", &["cat"]);
     req.stdin = true;
     started(call(&mut rpc, Request::Exec(req)));
-    assert_eq!(
-        call(&mut rpc, Request::CloseStdin { id: "cat".into() }),
-        Response::Ok
-    );
+    assert_eq!(call(&mut rpc, Request::CloseStdin { id: "cat".into() }), Response::Ok);
     assert_eq!(wait(&mut rpc, "cat"), Response::Exited(ExitStatus::Code(0)));
 
     // Also while a stdin stream is attached and the host never half-closes it.
@@ -351,14 +286,8 @@ fn close_stdin_delivers_eof() {
     let mut got = [0u8; 7];
     stdout.read_exact(&mut got).unwrap();
     assert_eq!(&got, b"partial");
-    assert_eq!(
-        call(&mut rpc, Request::CloseStdin { id: "cat2".into() }),
-        Response::Ok
-    );
-    assert_eq!(
-        wait(&mut rpc, "cat2"),
-        Response::Exited(ExitStatus::Code(0))
-    );
+    assert_eq!(call(&mut rpc, Request::CloseStdin { id: "cat2".into() }), Response::Ok);
+    assert_eq!(wait(&mut rpc, "cat2"), Response::Exited(ExitStatus::Code(0)));
 }
 
 #[test]
@@ -370,10 +299,7 @@ fn env_cwd_and_default_path() {
     req.cwd = Some("/tmp".into());
     started(call(&mut rpc, Request::Exec(req)));
     let out = String::from_utf8(agent.read_stream("env", StreamKind::Stdout)).unwrap();
-    assert_eq!(
-        out,
-        "bar=baz|/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin|\n/tmp\n"
-    );
+    assert_eq!(out, "bar=baz|/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin|\n/tmp\n");
     assert_eq!(wait(&mut rpc, "env"), Response::Exited(ExitStatus::Code(0)));
 }
 
@@ -383,10 +309,7 @@ fn stats_are_sane() {
     let Response::Stats(s) = call(&mut agent.rpc(), Request::Stats) else {
         panic!("expected stats");
     };
-    assert!(
-        s.mem_total_kib > 0 && s.mem_available_kib <= s.mem_total_kib,
-        "{s:?}"
-    );
+    assert!(s.mem_total_kib > 0 && s.mem_available_kib <= s.mem_total_kib, "{s:?}");
     assert!(s.mem_free_kib <= s.mem_total_kib, "{s:?}");
     assert!(s.cpus >= 1, "{s:?}");
     assert_eq!(s.cpu_ticks.len(), 8, "{s:?}");
@@ -404,10 +327,7 @@ fn malformed_frames_fail_only_that_request() {
     assert!(msg.starts_with("malformed request"), "{msg}");
     frame::write_frame(&mut rpc, br#"{"op":"frobnicate"}"#).unwrap();
     error_message(recv(&mut rpc).unwrap());
-    assert!(matches!(
-        call(&mut rpc, Request::Health),
-        Response::Health { .. }
-    ));
+    assert!(matches!(call(&mut rpc, Request::Health), Response::Health { .. }));
 }
 
 #[test]
@@ -419,10 +339,7 @@ fn oversized_frame_closes_only_that_connection() {
     let mut rest = Vec::new();
     rpc.read_to_end(&mut rest).unwrap();
     assert!(rest.is_empty());
-    assert!(matches!(
-        call(&mut agent.rpc(), Request::Health),
-        Response::Health { .. }
-    ));
+    assert!(matches!(call(&mut agent.rpc(), Request::Health), Response::Health { .. }));
 }
 
 #[test]
@@ -433,18 +350,11 @@ fn bad_execs_are_errors() {
     // of a child whose exec failed and abort the agent (see process.rs); try many times.
     started(agent.exec(&mut rpc, "bystander", &["sleep", "100"]));
     for i in 0..200 {
-        let msg =
-            error_message(agent.exec(&mut rpc, &format!("missing{i}"), &["no-such-binary-tern"]));
-        assert_eq!(
-            msg,
-            "exec \"no-such-binary-tern\": No such file or directory"
-        );
+        let msg = error_message(agent.exec(&mut rpc, &format!("missing{i}"), &["no-such-binary-tern"]));
+        assert_eq!(msg, "exec \"no-such-binary-tern\": No such file or directory");
     }
     let msg = error_message(agent.exec(&mut rpc, "abs", &["/nonexistent/bin/foo"]));
-    assert_eq!(
-        msg,
-        "exec \"/nonexistent/bin/foo\": No such file or directory"
-    );
+    assert_eq!(msg, "exec \"/nonexistent/bin/foo\": No such file or directory");
     let msg = error_message(agent.exec(&mut rpc, "empty", &[]));
     assert!(msg.contains("argv"), "{msg}");
     let mut req = exec_req("cwd", &["true"]);
@@ -459,10 +369,7 @@ fn bad_execs_are_errors() {
     signal(&mut rpc, "dup", 9);
     // The failed ids are free again, and the agent is still serving.
     started(agent.exec(&mut rpc, "missing0", &["true"]));
-    assert_eq!(
-        wait(&mut rpc, "missing0"),
-        Response::Exited(ExitStatus::Code(0))
-    );
+    assert_eq!(wait(&mut rpc, "missing0"), Response::Exited(ExitStatus::Code(0)));
 }
 
 #[test]
@@ -476,19 +383,10 @@ fn wait_blocks_only_its_own_connection() {
     let mut waiter2 = agent.rpc();
     let handle2 = std::thread::spawn(move || wait(&mut waiter2, "long"));
     std::thread::sleep(Duration::from_millis(100));
-    assert!(matches!(
-        call(&mut rpc, Request::Health),
-        Response::Health { .. }
-    ));
+    assert!(matches!(call(&mut rpc, Request::Health), Response::Health { .. }));
     assert_eq!(signal(&mut rpc, "long", 15), Response::Ok);
-    assert_eq!(
-        handle.join().unwrap(),
-        Response::Exited(ExitStatus::Signal(15))
-    );
-    assert_eq!(
-        handle2.join().unwrap(),
-        Response::Exited(ExitStatus::Signal(15))
-    );
+    assert_eq!(handle.join().unwrap(), Response::Exited(ExitStatus::Signal(15)));
+    assert_eq!(handle2.join().unwrap(), Response::Exited(ExitStatus::Signal(15)));
 }
 
 #[test]
@@ -496,21 +394,11 @@ fn orphans_are_reaped_and_do_not_confuse_the_table() {
     let agent = Agent::start();
     let mut rpc = agent.rpc();
     // The background sleep is re-parented to the agent (a subreaper off PID 1).
-    started(agent.exec(
-        &mut rpc,
-        "parent",
-        &["sh", "-c", "sleep 0.2 >/dev/null & exit 4"],
-    ));
-    assert_eq!(
-        wait(&mut rpc, "parent"),
-        Response::Exited(ExitStatus::Code(4))
-    );
+    started(agent.exec(&mut rpc, "parent", &["sh", "-c", "sleep 0.2 >/dev/null & exit 4"]));
+    assert_eq!(wait(&mut rpc, "parent"), Response::Exited(ExitStatus::Code(4)));
     std::thread::sleep(Duration::from_millis(400));
     started(agent.exec(&mut rpc, "after", &["true"]));
-    assert_eq!(
-        wait(&mut rpc, "after"),
-        Response::Exited(ExitStatus::Code(0))
-    );
+    assert_eq!(wait(&mut rpc, "after"), Response::Exited(ExitStatus::Code(0)));
 }
 
 #[test]
@@ -518,32 +406,19 @@ fn shutdown_kills_processes_and_exits() {
     let mut agent = Agent::start();
     let mut rpc = agent.rpc();
     // Ignores SIGTERM, so it takes the SIGKILL after the grace period.
-    started(agent.exec(
-        &mut rpc,
-        "stubborn",
-        &["sh", "-c", "trap '' TERM; while :; do sleep 0.05; done"],
-    ));
+    started(agent.exec(&mut rpc, "stubborn", &["sh", "-c", "trap '' TERM; while :; do sleep 0.05; done"]));
     let pid = started(agent.exec(&mut rpc, "polite", &["sleep", "100"]));
     let t0 = Instant::now();
     assert_eq!(call(&mut rpc, Request::Shutdown), Response::Ok);
     let status = agent.child.wait().unwrap();
     assert!(status.success(), "{status:?}");
-    assert!(
-        t0.elapsed() < Duration::from_secs(5),
-        "took {:?}",
-        t0.elapsed()
-    );
-    assert!(
-        !std::path::Path::new(&format!("/proc/{pid}/cmdline")).exists() || is_zombie_or_gone(pid)
-    );
+    assert!(t0.elapsed() < Duration::from_secs(5), "took {:?}", t0.elapsed());
+    assert!(!std::path::Path::new(&format!("/proc/{pid}/cmdline")).exists() || is_zombie_or_gone(pid));
 }
 
 fn is_zombie_or_gone(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat
-            .rsplit(')')
-            .next()
-            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+        Ok(stat) => stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')),
         Err(_) => true,
     }
 }

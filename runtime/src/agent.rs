@@ -5,17 +5,17 @@
 //! listens the VMM closes the socket instead of answering `OK`; [`AgentClient::wait_ready`]
 //! retries until the agent answers or a deadline passes.
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::ErrorKind;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tern_protocol::{
-    CgroupStats, ContainerExecRequest, ContainerSpec, ErrorCode, ExecRequest, ResourceUpdate, ExitStatus, GuestStats, MountRequest, ProtocolError, Request, Response, StreamHello, StreamKind,
-    AGENT_RPC_PORT, AGENT_STREAM_PORT, PROTOCOL_VERSION,
+    CgroupStats, ContainerExecRequest, ContainerSpec, ErrorCode, ExecRequest, ExitStatus, GuestStats, MountRequest,
+    ProtocolError, Request, ResourceUpdate, Response, StreamHello, StreamKind, AGENT_RPC_PORT, AGENT_STREAM_PORT,
+    PROTOCOL_VERSION,
 };
+use vmm::hybrid_vsock::HybridVsockError;
 
-/// Longest line the VMM may send in answer to `CONNECT`.
-const MAX_HANDSHAKE_LINE: usize = 64;
 /// Timeout for one non-blocking RPC (everything but `Wait`).
 const RPC_TIMEOUT: Duration = Duration::from_secs(30);
 /// Timeout for starting a container or an exec in one: libcontainer's namespace, mount and
@@ -79,34 +79,12 @@ impl AgentClient {
 
     /// Open a stream to `port`, waiting at most `timeout` for the guest's answer.
     fn connect_within(&self, port: u32, timeout: Duration) -> Result<UnixStream, AgentError> {
-        let mut sock = UnixStream::connect(&self.uds_path)
-            .map_err(|source| AgentError::Connect { path: self.uds_path.clone(), source })?;
-        sock.set_read_timeout(Some(timeout))?;
-        sock.set_write_timeout(Some(timeout))?;
-        sock.write_all(format!("CONNECT {port}\n").as_bytes())?;
-        // Read the reply byte by byte: whatever follows the newline belongs to the stream.
-        let mut line = Vec::with_capacity(16);
-        let mut byte = [0u8; 1];
-        loop {
-            match sock.read(&mut byte) {
-                Ok(0) => return Err(AgentError::Refused(port)),
-                Ok(_) if byte[0] == b'\n' => break,
-                Ok(_) if line.len() >= MAX_HANDSHAKE_LINE => {
-                    return Err(AgentError::Handshake(String::from_utf8_lossy(&line).into_owned()))
-                }
-                Ok(_) => line.push(byte[0]),
-                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
-                    return Err(AgentError::Refused(port))
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-        if !line.starts_with(b"OK ") {
-            return Err(AgentError::Handshake(String::from_utf8_lossy(&line).into_owned()));
-        }
-        sock.set_read_timeout(None)?;
-        sock.set_write_timeout(None)?;
-        Ok(sock)
+        vmm::hybrid_vsock::connect(&self.uds_path, port, timeout).map_err(|e| match e {
+            HybridVsockError::Socket { path, source } => AgentError::Connect { path, source },
+            HybridVsockError::Refused(port) => AgentError::Refused(port),
+            HybridVsockError::Handshake(line) => AgentError::Handshake(line),
+            HybridVsockError::Io(e) => AgentError::Io(e),
+        })
     }
 
     /// Retry [`Request::Health`] until the agent answers, `timeout` passes, or `give_up()` says
@@ -338,6 +316,7 @@ fn request_name(req: &Request) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{Read, Write};
     use std::os::unix::net::UnixListener;
 
     fn fake_vmm(reply: &'static [u8]) -> (tempfile::TempDir, AgentClient, std::thread::JoinHandle<()>) {

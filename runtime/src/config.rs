@@ -132,8 +132,7 @@ impl Config {
             }
             Err(source) => return Err(ConfigError::Read { path, source }),
         };
-        let config: Config =
-            toml::from_str(&text).map_err(|source| ConfigError::Parse { path, source })?;
+        let config: Config = toml::from_str(&text).map_err(|source| ConfigError::Parse { path, source })?;
         config.validate()?;
         Ok(config)
     }
@@ -144,22 +143,13 @@ impl Config {
             return Err(ConfigError::Invalid { key: "vm.vcpus", reason: "must be 1..=32".into() });
         }
         if self.vm.guest_cid < 3 {
-            return Err(ConfigError::Invalid {
-                key: "vm.guest_cid",
-                reason: "CIDs 0-2 are reserved".into(),
-            });
+            return Err(ConfigError::Invalid { key: "vm.guest_cid", reason: "CIDs 0-2 are reserved".into() });
         }
         if self.fs.resync_interval_secs == 0 {
-            return Err(ConfigError::Invalid {
-                key: "fs.resync_interval_secs",
-                reason: "must be at least 1".into(),
-            });
+            return Err(ConfigError::Invalid { key: "fs.resync_interval_secs", reason: "must be at least 1".into() });
         }
         if self.vm.agent_timeout_secs == 0 {
-            return Err(ConfigError::Invalid {
-                key: "vm.agent_timeout_secs",
-                reason: "must be at least 1".into(),
-            });
+            return Err(ConfigError::Invalid { key: "vm.agent_timeout_secs", reason: "must be at least 1".into() });
         }
         Ok(())
     }

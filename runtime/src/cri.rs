@@ -165,18 +165,8 @@ pub async fn connect_with_timeout(socket: &Path, request_timeout: Duration) -> R
     })
 }
 
-/// `e` and all its sources, joined with `: ` (tonic's transport error alone says only
-/// "transport error").
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        cur = s.source();
-    }
-    out
-}
+// Errors carry all their sources (tonic's transport error alone says only "transport error").
+use crate::sandbox::error_chain;
 
 impl CriClient {
     /// The socket this client is connected to.

@@ -276,7 +276,9 @@ fn disconnect_recorded_netns(path: &Path) {
     let netns = Path::new(text.trim_end_matches('\n'));
     match tern_netconf::host::disconnect_pod_network(netns) {
         Ok(()) => tracing::info!(netns = %netns.display(), "disconnected the pod network of a dead sandbox"),
-        Err(e) => tracing::warn!(netns = %netns.display(), error = %e, "cannot disconnect the pod network of a dead sandbox"),
+        Err(e) => {
+            tracing::warn!(netns = %netns.display(), error = %e, "cannot disconnect the pod network of a dead sandbox")
+        }
     }
 }
 
@@ -312,10 +314,11 @@ fn socket_answers(path: &Path) -> bool {
     use nix::errno::Errno;
     use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
     let Ok(addr) = UnixAddr::new(path) else { return false };
-    let sock = match socket(AddressFamily::Unix, SockType::Stream, SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC, None) {
-        Ok(sock) => sock,
-        Err(_) => return true,
-    };
+    let sock =
+        match socket(AddressFamily::Unix, SockType::Stream, SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC, None) {
+            Ok(sock) => sock,
+            Err(_) => return true,
+        };
     match connect(std::os::fd::AsRawFd::as_raw_fd(&sock), &addr) {
         Ok(()) => true,
         Err(Errno::ECONNREFUSED | Errno::ENOENT | Errno::ENOTDIR | Errno::ENOTSOCK) => false,

@@ -178,10 +178,7 @@ impl Sandbox {
             kernel,
             initrd: Some(initrd),
             // The agent's periodic resync of watchable mounts follows the same setting.
-            cmdline: format!(
-                "{} tern.watch_resync={}",
-                config.vm.kernel_cmdline, config.fs.resync_interval_secs
-            ),
+            cmdline: format!("{} tern.watch_resync={}", config.vm.kernel_cmdline, config.fs.resync_interval_secs),
             console: console_output(&config.vm.console_log),
             vsock: Some(VsockConfig { guest_cid: config.vm.guest_cid, uds_path: uds_path.clone() }),
             fs_shares: shares,
@@ -330,17 +327,7 @@ fn console_output(setting: &str) -> ConsoleOutput {
     }
 }
 
-/// "outer: inner: innermost" for an error and its sources.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        src = inner.source();
-    }
-    s
-}
+pub use tern_protocol::error_chain;
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]

@@ -14,12 +14,8 @@ use vmm::api::{CachePolicy, ShareConfig};
 use crate::config::FsSection;
 
 /// Path markers of kubelet volumes whose contents are swapped atomically and must be watched.
-pub const KUBELET_WATCHABLE_MARKERS: [&str; 4] = [
-    "kubernetes.io~secret",
-    "kubernetes.io~configmap",
-    "kubernetes.io~projected",
-    "kubernetes.io~downward-api",
-];
+pub const KUBELET_WATCHABLE_MARKERS: [&str; 4] =
+    ["kubernetes.io~secret", "kubernetes.io~configmap", "kubernetes.io~projected", "kubernetes.io~downward-api"];
 
 /// Errors in a `--share` argument.
 #[derive(Debug, thiserror::Error)]
@@ -86,9 +82,7 @@ pub fn parse_share_arg(arg: &str) -> Result<ShareSpec, ShareArgError> {
             "ro" => ro = true,
             "rw" => rw = true,
             "watch" => watch = true,
-            other => {
-                return Err(ShareArgError::UnknownOption { arg: arg.into(), option: other.into() })
-            }
+            other => return Err(ShareArgError::UnknownOption { arg: arg.into(), option: other.into() }),
         }
     }
     if ro && rw {
@@ -170,10 +164,7 @@ mod tests {
         let (d, host) = dir();
         assert!(matches!(parse_share_arg(&host), Err(ShareArgError::Syntax(_))));
         assert!(matches!(parse_share_arg(":/x"), Err(ShareArgError::Syntax(_))));
-        assert!(matches!(
-            parse_share_arg(&format!("{host}:/x:rx")),
-            Err(ShareArgError::UnknownOption { .. })
-        ));
+        assert!(matches!(parse_share_arg(&format!("{host}:/x:rx")), Err(ShareArgError::UnknownOption { .. })));
         assert!(matches!(parse_share_arg(&format!("{host}:/x:ro:rw")), Err(ShareArgError::ConflictingAccess(_))));
         for guest in ["relative", "/a/../b", ".."] {
             assert!(

@@ -42,8 +42,8 @@ const PAUSE_ENTRYPOINT: &[&str] = &["/bin/sleep", "2147483647"];
 const CNI_BRIDGE: &str = "terncni0";
 /// busybox applets linked into the test image.
 const APPLETS: [&str; 18] = [
-    "sh", "echo", "sleep", "cat", "true", "false", "ls", "ps", "id", "env", "hostname", "head", "wc", "yes", "mount", "pwd",
-    "seq", "unshare",
+    "sh", "echo", "sleep", "cat", "true", "false", "ls", "ps", "id", "env", "hostname", "head", "wc", "yes", "mount",
+    "pwd", "seq", "unshare",
 ];
 
 /// Why containerd cannot be tested here, or `None`.
@@ -146,7 +146,10 @@ impl TestContainerd {
     }
 
     fn start_with(cri: bool) -> TestContainerd {
-        let dir = tempfile::Builder::new().prefix("tern-ctrd-").tempdir_in("/tmp").unwrap_or_else(|e| panic!("temp dir: {e}"));
+        let dir = tempfile::Builder::new()
+            .prefix("tern-ctrd-")
+            .tempdir_in("/tmp")
+            .unwrap_or_else(|e| panic!("temp dir: {e}"));
         let root = dir.path();
         let address = root.join("ctrd.sock");
         let (cri_disabled, cri_section) = if cri {
@@ -241,7 +244,8 @@ disabled_plugins = [{cri_disabled}"io.containerd.snapshotter.v1.btrfs",
         let work = self.dir.path();
         let images = [
             build_image(work, BUSYBOX_IMAGE, None).unwrap_or_else(|e| panic!("build the busybox image: {e}")),
-            build_image(work, PAUSE_IMAGE, Some(PAUSE_ENTRYPOINT)).unwrap_or_else(|e| panic!("build the pause image: {e}")),
+            build_image(work, PAUSE_IMAGE, Some(PAUSE_ENTRYPOINT))
+                .unwrap_or_else(|e| panic!("build the pause image: {e}")),
         ];
         for tar in images {
             let out = self.ctr_in(
@@ -256,10 +260,8 @@ disabled_plugins = [{cri_disabled}"io.containerd.snapshotter.v1.btrfs",
     /// Build the busybox image (see [`build_busybox_image`]) and import it.
     pub fn import_busybox(&self) {
         let tar = build_busybox_image(self.dir.path()).unwrap_or_else(|e| panic!("build the busybox image: {e}"));
-        let out = self.ctr(
-            &["images", "import", "--snapshotter", SNAPSHOTTER, &tar.to_string_lossy()],
-            Duration::from_secs(120),
-        );
+        let out = self
+            .ctr(&["images", "import", "--snapshotter", SNAPSHOTTER, &tar.to_string_lossy()], Duration::from_secs(120));
         assert!(out.status.success(), "ctr images import failed: {}\n{}", stderr(&out), self.logs());
     }
 
@@ -331,20 +333,22 @@ disabled_plugins = [{cri_disabled}"io.containerd.snapshotter.v1.btrfs",
         }
         // The shim's metrics socket, asked the way `tern monitor` asks it.
         let root = Path::new(tern_runtime::config::DEFAULT_ROOT_DIR);
-        let socket = tern_runtime::metrics::sbs::sbs_root(root).join(sandbox).join(tern_runtime::metrics::sbs::MONITOR_SOCKET);
-        let metrics = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| e.to_string())
-            .and_then(|rt| {
-                rt.block_on(tern_runtime::metrics::http::get_unix(&socket, "/metrics", Duration::from_secs(10)))
-                    .map_err(|e| e.to_string())
-            });
+        let socket =
+            tern_runtime::metrics::sbs::sbs_root(root).join(sandbox).join(tern_runtime::metrics::sbs::MONITOR_SOCKET);
+        let metrics =
+            tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string()).and_then(
+                |rt| {
+                    rt.block_on(tern_runtime::metrics::http::get_unix(&socket, "/metrics", Duration::from_secs(10)))
+                        .map_err(|e| e.to_string())
+                },
+            );
         match metrics {
             Ok((_, body)) => {
                 report.push_str("sandbox metrics (vCPU exits, vsock, agent up, guest load):\n");
                 let body = String::from_utf8_lossy(&body);
-                for line in body.lines().filter(|l| !l.starts_with('#') && ["vsock", "exits", "agent_up", "guest_load"].iter().any(|k| l.contains(k))) {
+                for line in body.lines().filter(|l| {
+                    !l.starts_with('#') && ["vsock", "exits", "agent_up", "guest_load"].iter().any(|k| l.contains(k))
+                }) {
                     report.push_str(&format!("  {line}\n"));
                 }
             }
@@ -526,7 +530,10 @@ pub fn build_image(work: &Path, name: &str, entrypoint: Option<&[&str]>) -> std:
     std::fs::write(rootfs.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n")?;
     std::fs::write(rootfs.join("etc/group"), "root:x:0:\n")?;
     let layer_tar = run_ok(
-        Command::new("tar").args(["--numeric-owner", "--owner=0", "--group=0", "--sort=name", "-C"]).arg(&rootfs).args(["-cf", "-", "."]),
+        Command::new("tar")
+            .args(["--numeric-owner", "--owner=0", "--group=0", "--sort=name", "-C"])
+            .arg(&rootfs)
+            .args(["-cf", "-", "."]),
     )?;
     let diff_id = format!("sha256:{}", sha256_hex(&layer_tar));
     let mut gzip = Command::new("gzip").args(["-n", "-c"]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn()?;

@@ -21,9 +21,7 @@ pub fn workspace_root() -> PathBuf {
 
 /// The `tern` binary under test: `$TERN_BIN`, else `target/release/tern`.
 pub fn tern_bin() -> PathBuf {
-    std::env::var_os("TERN_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target/release/tern"))
+    std::env::var_os("TERN_BIN").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target/release/tern"))
 }
 
 /// Why this host cannot boot Linux guests, or `None` if it can.
@@ -62,12 +60,7 @@ pub fn tern(args: &[&str], stdin: &[u8], limit: Duration) -> (Output, Duration) 
 }
 
 /// [`tern`] with extra environment variables.
-pub fn tern_with_env(
-    args: &[&str],
-    stdin: &[u8],
-    limit: Duration,
-    env: &[(&str, &str)],
-) -> (Output, Duration) {
+pub fn tern_with_env(args: &[&str], stdin: &[u8], limit: Duration, env: &[(&str, &str)]) -> (Output, Duration) {
     let start = Instant::now();
     let mut cmd = Command::new(tern_bin());
     cmd.args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
@@ -215,11 +208,9 @@ impl LiveTern {
                 Some(line)
             }
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => None,
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => panic!(
-                "timed out; stdout so far:\n{}\nstderr:\n{}",
-                self.seen.join("\n"),
-                self.stderr()
-            ),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                panic!("timed out; stdout so far:\n{}\nstderr:\n{}", self.seen.join("\n"), self.stderr())
+            }
         }
     }
 

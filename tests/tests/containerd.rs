@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use tern_tests::containerd::{stderr, stdout, TestContainerd, SNAPSHOTTER, TERN_RUNTIME, BUSYBOX_IMAGE};
+use tern_tests::containerd::{stderr, stdout, TestContainerd, BUSYBOX_IMAGE, SNAPSHOTTER, TERN_RUNTIME};
 
 /// One `ctr run` includes a VM boot, which is slow under the nested runner's emulation.
 const RUN_LIMIT: Duration = Duration::from_secs(180);
@@ -76,9 +76,25 @@ fn ps_kill_all_wait_delete_of_a_task_with_children() {
     // SIGTERM, so a plain kill leaves it running; `kill --all` reaches the sleeps too, their
     // end ends the shell's wait and the shell.
     let script = "sleep 1000 & sleep 1000 & wait";
-    let out = ctr(&["run", "-d", "--snapshotter", SNAPSHOTTER, "--runtime", TERN_RUNTIME, BUSYBOX_IMAGE, "sleeper", "sh", "-c", script]);
+    let out = ctr(&[
+        "run",
+        "-d",
+        "--snapshotter",
+        SNAPSHOTTER,
+        "--runtime",
+        TERN_RUNTIME,
+        BUSYBOX_IMAGE,
+        "sleeper",
+        "sh",
+        "-c",
+        script,
+    ]);
     assert!(out.status.success(), "ctr run -d failed: {}\n{}", stderr(&out), ctrd.logs());
-    assert!(wait_status(&ctrd, "sleeper", "RUNNING", Duration::from_secs(10)), "task ls: {}", stdout(&ctr(&["task", "ls"])));
+    assert!(
+        wait_status(&ctrd, "sleeper", "RUNNING", Duration::from_secs(10)),
+        "task ls: {}",
+        stdout(&ctr(&["task", "ls"]))
+    );
 
     // ps lists the children as well as the init.
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
@@ -119,8 +135,19 @@ fn ctr_run_with_a_network_namespace_gets_its_interface() {
     let with_ns = format!("network:{}", net.path());
     let script = format!("ip -o addr show dev eth0; ping -c 1 -W 10 {}", net.gateway);
     let args = [
-        "run", "--rm", "--snapshotter", SNAPSHOTTER, "--runtime", TERN_RUNTIME, "--with-ns", &with_ns, BUSYBOX_IMAGE,
-        "netns", "sh", "-c", &script,
+        "run",
+        "--rm",
+        "--snapshotter",
+        SNAPSHOTTER,
+        "--runtime",
+        TERN_RUNTIME,
+        "--with-ns",
+        &with_ns,
+        BUSYBOX_IMAGE,
+        "netns",
+        "sh",
+        "-c",
+        &script,
     ];
     let out = ctrd.ctr(&args, RUN_LIMIT);
     assert!(out.status.success(), "ctr run failed: {}\nstdout: {}\n{}", stderr(&out), stdout(&out), ctrd.logs());

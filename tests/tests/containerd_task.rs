@@ -10,9 +10,7 @@ use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use tern_tests::containerd::{
-    stderr, stdout, TestContainerd, BUSYBOX_IMAGE, NAMESPACE, SNAPSHOTTER, TERN_RUNTIME,
-};
+use tern_tests::containerd::{stderr, stdout, TestContainerd, BUSYBOX_IMAGE, NAMESPACE, SNAPSHOTTER, TERN_RUNTIME};
 
 /// One `ctr` call that may include a VM boot.
 const LIMIT: Duration = Duration::from_secs(180);

@@ -111,7 +111,11 @@ fn fs_hostile_guest_cannot_escape_its_share() {
     let outside = root.path().join("outside");
     std::fs::create_dir_all(&share).unwrap();
     std::fs::create_dir_all(&outside).unwrap();
-    let marker = format!("TERN-HOST-ONLY-{}-{}", std::process::id(), hex(&Sha256::digest(root.path().as_os_str().as_encoded_bytes()))[..12].to_owned());
+    let marker = format!(
+        "TERN-HOST-ONLY-{}-{}",
+        std::process::id(),
+        hex(&Sha256::digest(root.path().as_os_str().as_encoded_bytes()))[..12].to_owned()
+    );
     let secret = outside.join("secret");
     std::fs::write(&secret, &marker).unwrap();
     std::fs::write(share.join("inside.txt"), b"inside\n").unwrap();
@@ -224,7 +228,8 @@ fn fs_shares_hot_add_and_remove_on_a_running_guest() {
     sandbox.agent().unmount("/srv/late").expect("unmount");
     sandbox.remove_fs_share("late").expect("hot remove");
     assert!(sandbox.remove_fs_share("late").is_err());
-    let out = guest_sh(&sandbox, "p2", "ls /srv/late | wc -l; cat /run/tern/shares/late/a.txt 2>/dev/null || echo gone");
+    let out =
+        guest_sh(&sandbox, "p2", "ls /srv/late | wc -l; cat /run/tern/shares/late/a.txt 2>/dev/null || echo gone");
     assert_eq!(out, "0\ngone\n");
 
     sandbox.shutdown(Duration::from_secs(30)).expect("clean shutdown");

@@ -541,7 +541,8 @@ fn monitor_labels_a_cri_pod_with_its_metadata() {
     let (_, list) = monitor.get("/sandboxes").expect("GET /sandboxes from tern monitor failed");
     assert!(list.contains(&format!("\"sandbox_id\":\"{sandbox}\"")) && list.contains("\"cri_uid\":null"), "{list}");
     let (_, text) = monitor.get("/metrics?filter_family=tern_hypervisor_vcpus").expect("GET /metrics failed");
-    let unlabelled = format!("tern_hypervisor_vcpus{{sandbox_id=\"{sandbox}\",cri_uid=\"\",cri_name=\"\",cri_namespace=\"\"}}");
+    let unlabelled =
+        format!("tern_hypervisor_vcpus{{sandbox_id=\"{sandbox}\",cri_uid=\"\",cri_name=\"\",cri_namespace=\"\"}}");
     assert!(text.contains(&unlabelled), "no {unlabelled} in:\n{text}");
     progress.step("unlabelled while CRI is away; linking the CRI socket");
     std::os::unix::fs::symlink(ctrd.address(), &cri_link).unwrap();
@@ -573,7 +574,8 @@ fn monitor_labels_a_cri_pod_with_its_metadata() {
         c.remove_pod_sandbox(&sb).await
     });
     progress.step("waiting for the monitor to drop the sandbox");
-    monitor.wait_for_ids_or(&[], Duration::from_secs(60), || format!(" (the pod's sandbox to go away)\n{}", ctrd.logs()));
+    monitor
+        .wait_for_ids_or(&[], Duration::from_secs(60), || format!(" (the pod's sandbox to go away)\n{}", ctrd.logs()));
     progress.step("stopping tern monitor");
     drop(monitor);
     progress.step("dropping the CRI client");

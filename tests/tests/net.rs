@@ -155,7 +155,8 @@ fn the_next_run_disconnects_the_netns_of_a_sigkilled_tern() {
     let base = tempfile::tempdir().unwrap();
     let env = [("TERN_RUN_DIR", base.path().to_str().unwrap())];
     let netns = net.path();
-    let mut guest = LiveTern::spawn(&["run", "--netns", &netns, "--", "sh", "-c", "echo READY; sleep 600"], &env, LIMIT);
+    let mut guest =
+        LiveTern::spawn(&["run", "--netns", &netns, "--", "sh", "-c", "echo READY; sleep 600"], &env, LIMIT);
     guest.wait_for(LIMIT, |l| l == "READY");
     assert!(!net.leftovers().is_empty(), "tern's redirects must be in the namespace while it runs");
     guest.signal(libc::SIGKILL);

@@ -68,11 +68,8 @@ fn stdin_eof_after_interactive_use_ends_the_command() {
     }
     for round in 1..=3 {
         let base = RunBase::new();
-        let mut tern = LiveTern::spawn_interactive(
-            &["run", "--", "sh", "-c", "echo READY; exec cat"],
-            &base.env(),
-            BOOT_LIMIT,
-        );
+        let mut tern =
+            LiveTern::spawn_interactive(&["run", "--", "sh", "-c", "echo READY; exec cat"], &base.env(), BOOT_LIMIT);
         tern.wait_for(BOOT_LIMIT, |l| l == "READY");
         for i in 0..5 {
             let line = format!("line {i} of round {round}");
@@ -103,7 +100,8 @@ fn sigterm_is_forwarded_and_the_status_follows_the_command() {
     let mut tern = LiveTern::spawn(&["run", "--", "sh", "-c", &script], &base.env(), BOOT_LIMIT);
     tern.wait_for(BOOT_LIMIT, |l| l == "READY");
     tern.signal(libc::SIGTERM);
-    let status = tern.wait_exit(EXIT_LIMIT).unwrap_or_else(|| panic!("tern ignored SIGTERM; stderr:\n{}", tern.stderr()));
+    let status =
+        tern.wait_exit(EXIT_LIMIT).unwrap_or_else(|| panic!("tern ignored SIGTERM; stderr:\n{}", tern.stderr()));
     let stderr = tern.stderr();
     let (code, lines) = tern.finish();
     assert_eq!((status.code(), code), (Some(3), Some(3)), "stderr:\n{stderr}");
@@ -114,7 +112,8 @@ fn sigterm_is_forwarded_and_the_status_follows_the_command() {
     let mut tern = LiveTern::spawn(&["run", "--", "sh", "-c", &format!("echo READY; {LOOP}")], &base.env(), BOOT_LIMIT);
     tern.wait_for(BOOT_LIMIT, |l| l == "READY");
     tern.signal(libc::SIGTERM);
-    let status = tern.wait_exit(EXIT_LIMIT).unwrap_or_else(|| panic!("tern ignored SIGTERM; stderr:\n{}", tern.stderr()));
+    let status =
+        tern.wait_exit(EXIT_LIMIT).unwrap_or_else(|| panic!("tern ignored SIGTERM; stderr:\n{}", tern.stderr()));
     assert_eq!(status.code(), Some(128 + libc::SIGTERM), "stderr:\n{}", tern.stderr());
     base.assert_empty("after SIGTERM without a trap");
 }
@@ -151,14 +150,17 @@ fn a_second_sigint_ends_the_vm_at_once() {
     }
     let base = RunBase::new();
     let script = format!("trap '' INT; echo READY; {LOOP}");
-    let mut tern = LiveTern::spawn(&["run", "--stop-timeout", "600", "--", "sh", "-c", &script], &base.env(), BOOT_LIMIT);
+    let mut tern =
+        LiveTern::spawn(&["run", "--stop-timeout", "600", "--", "sh", "-c", &script], &base.env(), BOOT_LIMIT);
     tern.wait_for(BOOT_LIMIT, |l| l == "READY");
     tern.signal(libc::SIGINT);
     // The command ignores it: tern waits for the command...
     assert!(tern.wait_exit(Duration::from_secs(2)).is_none(), "one SIGINT ended tern; stderr:\n{}", tern.stderr());
     let sent = Instant::now();
     tern.signal(libc::SIGINT);
-    let status = tern.wait_exit(EXIT_LIMIT).unwrap_or_else(|| panic!("a second SIGINT did not end tern; stderr:\n{}", tern.stderr()));
+    let status = tern
+        .wait_exit(EXIT_LIMIT)
+        .unwrap_or_else(|| panic!("a second SIGINT did not end tern; stderr:\n{}", tern.stderr()));
     assert_eq!(status.code(), Some(128 + libc::SIGINT), "stderr:\n{}", tern.stderr());
     println!("ended {:?} after the second SIGINT", sent.elapsed());
     base.assert_empty("after a second SIGINT");
@@ -175,7 +177,9 @@ fn a_signal_during_boot_ends_tern_cleanly() {
     let mut tern = LiveTern::spawn(&["run", "--", "echo", "the command ran"], &base.env(), BOOT_LIMIT);
     base.wait_for_run_dir(BOOT_LIMIT);
     tern.signal(libc::SIGTERM);
-    let status = tern.wait_exit(EXIT_LIMIT).unwrap_or_else(|| panic!("tern ignored SIGTERM while booting; stderr:\n{}", tern.stderr()));
+    let status = tern
+        .wait_exit(EXIT_LIMIT)
+        .unwrap_or_else(|| panic!("tern ignored SIGTERM while booting; stderr:\n{}", tern.stderr()));
     let stderr = tern.stderr();
     let (_, lines) = tern.finish();
     assert_eq!(status.code(), Some(128 + libc::SIGTERM), "stderr:\n{stderr}");

@@ -15,7 +15,9 @@
 use std::time::Duration;
 
 use tern_runtime::cri::api;
-use tern_tests::containerd::{stderr, stdout, TestContainerd, BUSYBOX_IMAGE, CRI_HANDLER, PAUSE_IMAGE, SNAPSHOTTER, TERN_RUNTIME};
+use tern_tests::containerd::{
+    stderr, stdout, TestContainerd, BUSYBOX_IMAGE, CRI_HANDLER, PAUSE_IMAGE, SNAPSHOTTER, TERN_RUNTIME,
+};
 use tern_tests::cri::{container_config, pod_config, wait_log_line, Cri};
 
 /// One `ctr run` includes a VM boot, which is slow under the nested runner's emulation.
@@ -27,7 +29,8 @@ const RUN_LIMIT: Duration = Duration::from_secs(180);
 /// profile's masked `clone` rule must let it through. (That the same rule refuses namespace
 /// flags is checked against libseccomp in `tern-seccomp`'s unit tests; busybox has no applet
 /// that passes them to `clone`.)
-const PROBE: &str = "cat /proc/self/status; unshare -U true; echo \"unshare=$?\"; sleep 0 & wait $!; echo \"forked=$?\"";
+const PROBE: &str =
+    "cat /proc/self/status; unshare -U true; echo \"unshare=$?\"; sleep 0 & wait $!; echo \"forked=$?\"";
 
 /// After the last task of a sandbox is gone, its shim (and VM) must be gone too, and no
 /// mount may be left behind.
@@ -54,8 +57,9 @@ fn ctr_run(ctrd: &TestContainerd, id: &str, extra: &[&str], argv: &[&str]) -> st
 
 #[test]
 fn ctr_default_profile_filters_the_container_and_no_profile_does_not() {
-    let Some(ctrd) = tern_tests::containerd::containerd_for_test("ctr_default_profile_filters_the_container_and_no_profile_does_not")
-    else {
+    let Some(ctrd) = tern_tests::containerd::containerd_for_test(
+        "ctr_default_profile_filters_the_container_and_no_profile_does_not",
+    ) else {
         return;
     };
     // Without a profile: no filter, and the user namespace is created.
@@ -82,8 +86,9 @@ fn ctr_default_profile_filters_the_container_and_no_profile_does_not() {
 
 #[test]
 fn ctr_custom_profile_returns_its_errno_and_unknown_names_fail_create() {
-    let Some(ctrd) = tern_tests::containerd::containerd_for_test("ctr_custom_profile_returns_its_errno_and_unknown_names_fail_create")
-    else {
+    let Some(ctrd) = tern_tests::containerd::containerd_for_test(
+        "ctr_custom_profile_returns_its_errno_and_unknown_names_fail_create",
+    ) else {
         return;
     };
     // Everything allowed except sethostname, which answers ENOMSG (42): an errno no kernel
@@ -150,7 +155,8 @@ fn cri_runtime_default_filters_the_container() {
         .call(|c| async move { c.create_container(&sb, config, pod_for_create).await })
         .unwrap_or_else(|e| panic!("CreateContainer: {e}\n{}", logs()));
     let cid = id.clone();
-    cri.call(|c| async move { c.start_container(&cid).await }).unwrap_or_else(|e| panic!("StartContainer: {e}\n{}", logs()));
+    cri.call(|c| async move { c.start_container(&cid).await })
+        .unwrap_or_else(|e| panic!("StartContainer: {e}\n{}", logs()));
 
     let log = log_dir.join("probe.log");
     wait_log_line(&log, Duration::from_secs(240), &logs, |l| l == "done");
@@ -163,7 +169,8 @@ fn cri_runtime_default_filters_the_container() {
     assert!(lines.iter().any(|l| l.contains("Operation not permitted")), "{lines:?}");
 
     let sb = sandbox.clone();
-    cri.call(|c| async move { c.stop_pod_sandbox(&sb).await }).unwrap_or_else(|e| panic!("StopPodSandbox: {e}\n{}", logs()));
+    cri.call(|c| async move { c.stop_pod_sandbox(&sb).await })
+        .unwrap_or_else(|e| panic!("StopPodSandbox: {e}\n{}", logs()));
     let sb = sandbox.clone();
     cri.call(|c| async move { c.remove_pod_sandbox(&sb).await })
         .unwrap_or_else(|e| panic!("RemovePodSandbox: {e}\n{}", logs()));

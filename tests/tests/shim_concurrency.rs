@@ -53,7 +53,8 @@ fn status_of(e: &ttrpc::Error) -> (Code, String) {
 
 /// `ctr run -d` of a container that sleeps, which boots the shim and its VM.
 fn run_sleeper(ctrd: &TestContainerd, id: &str) {
-    let args = ["run", "-d", "--snapshotter", SNAPSHOTTER, "--runtime", TERN_RUNTIME, BUSYBOX_IMAGE, id, "sleep", "100000"];
+    let args =
+        ["run", "-d", "--snapshotter", SNAPSHOTTER, "--runtime", TERN_RUNTIME, BUSYBOX_IMAGE, id, "sleep", "100000"];
     let out = ctrd.ctr(&args, LIMIT);
     assert!(out.status.success(), "ctr run -d: {}\n{}", stderr(&out), ctrd.logs());
 }
@@ -114,26 +115,35 @@ fn a_stuck_agent_request_blocks_no_other_task_request() {
         std::thread::sleep(Duration::from_millis(100));
     }
 
-    let state = prompt("State", &ctrd, || task.state(ctx(PROMPT * 10), &api::StateRequest { id: "stuck".into(), ..Default::default() }));
+    let state = prompt("State", &ctrd, || {
+        task.state(ctx(PROMPT * 10), &api::StateRequest { id: "stuck".into(), ..Default::default() })
+    });
     assert_eq!(state.status.enum_value_or_default(), api::Status::RUNNING, "{state:?}");
-    let pids = prompt("Pids", &ctrd, || task.pids(ctx(PROMPT * 10), &api::PidsRequest { id: "stuck".into(), ..Default::default() }));
+    let pids = prompt("Pids", &ctrd, || {
+        task.pids(ctx(PROMPT * 10), &api::PidsRequest { id: "stuck".into(), ..Default::default() })
+    });
     assert!(!pids.processes.is_empty(), "no processes listed: {pids:?}");
     let kill = api::KillRequest { id: "stuck".into(), signal: 9, ..Default::default() };
     prompt("Kill", &ctrd, || task.kill(ctx(PROMPT * 10), &kill));
     // The exit travels from the guest on its own; State answers at once while it does.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let state =
-            prompt("State", &ctrd, || task.state(ctx(PROMPT * 10), &api::StateRequest { id: "stuck".into(), ..Default::default() }));
+        let state = prompt("State", &ctrd, || {
+            task.state(ctx(PROMPT * 10), &api::StateRequest { id: "stuck".into(), ..Default::default() })
+        });
         if state.status.enum_value_or_default() == api::Status::STOPPED {
             break;
         }
         assert!(Instant::now() < deadline, "SIGKILL did not stop the container\n{}", ctrd.logs());
         std::thread::sleep(Duration::from_millis(200));
     }
-    let waited = prompt("Wait", &ctrd, || task.wait(ctx(PROMPT * 10), &api::WaitRequest { id: "stuck".into(), ..Default::default() }));
+    let waited = prompt("Wait", &ctrd, || {
+        task.wait(ctx(PROMPT * 10), &api::WaitRequest { id: "stuck".into(), ..Default::default() })
+    });
     assert_eq!(waited.exit_status, 137, "{waited:?}");
-    prompt("Delete", &ctrd, || task.delete(ctx(PROMPT * 10), &api::DeleteRequest { id: "stuck".into(), ..Default::default() }));
+    prompt("Delete", &ctrd, || {
+        task.delete(ctx(PROMPT * 10), &api::DeleteRequest { id: "stuck".into(), ..Default::default() })
+    });
 
     // The stuck request ends on its own, as a timeout that names the agent request.
     let (result, took) = stats.join().unwrap();
@@ -152,7 +162,8 @@ fn a_stuck_agent_request_blocks_no_other_task_request() {
 #[test]
 fn two_creates_of_one_id_give_one_container_and_one_already_exists() {
     std::env::remove_var(STALL_ENV);
-    let Some(ctrd) = tern_tests::containerd::containerd_for_test("two_creates_of_one_id_give_one_container_and_one_already_exists")
+    let Some(ctrd) =
+        tern_tests::containerd::containerd_for_test("two_creates_of_one_id_give_one_container_and_one_already_exists")
     else {
         return;
     };

@@ -213,10 +213,7 @@ fn vhost_user_qemu_mounts_reads_and_writes_a_tern_share() {
     assert!(marker(c, "DONE").is_some(), "{}", ctx());
 
     // The host sees the guest's changes.
-    assert_eq!(
-        std::fs::read_to_string(share.join("newdir/renamed.txt")).unwrap(),
-        "written by the guest\n"
-    );
+    assert_eq!(std::fs::read_to_string(share.join("newdir/renamed.txt")).unwrap(), "written by the guest\n");
     assert!(!share.join("guest.txt").exists());
     assert!(!share.join("delete-me.txt").exists());
     assert_eq!(std::fs::read(share.join("input.bin")).unwrap(), input);
@@ -253,10 +250,8 @@ fn vhost_user_qemu_cannot_change_a_read_only_tern_share() {
     assert!(marker(c, "DONE").is_some(), "{}", ctx());
 
     // Nothing changed on the host.
-    let mut names: Vec<_> = std::fs::read_dir(&share)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
+    let mut names: Vec<_> =
+        std::fs::read_dir(&share).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
     names.sort();
     assert_eq!(names, ["delete-me.txt", "hello.txt", "input.bin"]);
     assert_eq!(std::fs::read_to_string(share.join("delete-me.txt")).unwrap(), "doomed");

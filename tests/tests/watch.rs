@@ -180,7 +180,8 @@ fn a_burst_of_10000_host_events_ends_with_identical_trees() {
     let mut host = BTreeMap::new();
     for entry in std::fs::read_dir(dir.path()).unwrap() {
         let entry = entry.unwrap();
-        let hash: String = Sha256::digest(std::fs::read(entry.path()).unwrap()).iter().map(|b| format!("{b:02x}")).collect();
+        let hash: String =
+            Sha256::digest(std::fs::read(entry.path()).unwrap()).iter().map(|b| format!("{b:02x}")).collect();
         host.insert(entry.file_name().to_string_lossy().into_owned(), hash);
     }
     assert_eq!(guest, host, "after {ops} host operations");

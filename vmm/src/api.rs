@@ -7,12 +7,12 @@ use std::time::{Duration, Instant};
 
 use crate::builder::{self, RunningVm};
 pub use crate::config::{ConsoleOutput, NetConfig, VmConfig, VsockConfig};
-pub use crate::fs_watcher::WatcherCounters;
-use crate::fs_watcher::ShareWatchers;
 pub use crate::devices::fs::{CachePolicy, ShareConfig, ShareError, UnknownCachePolicy};
 use crate::devices::legacy::ConsoleTail;
 pub use crate::devices::legacy::TAIL_BYTES as CONSOLE_TAIL_BYTES;
 pub use crate::error::VmmError;
+use crate::fs_watcher::ShareWatchers;
+pub use crate::fs_watcher::WatcherCounters;
 pub use crate::layout::{MAX_VCPUS, MIN_MEMORY_MIB};
 use crate::lifecycle::{VmLifecycle, VmOutcome};
 use crate::metrics::VmMetrics;
@@ -100,10 +100,7 @@ pub struct VmHandle {
 }
 
 fn outcome_to_result(outcome: VmOutcome) -> Result<VmExit, VmmError> {
-    outcome.map_err(|fault| VmmError::Vcpu {
-        index: fault.index,
-        source: fault.error,
-    })
+    outcome.map_err(|fault| VmmError::Vcpu { index: fault.index, source: fault.error })
 }
 
 impl VmHandle {
@@ -203,10 +200,7 @@ impl VmHandle {
     /// Join the vCPUs, stop the event loop and release devices, memory and the VM, once.
     /// Concurrent callers wait here until it is done.
     fn tear_down(&self) {
-        let mut running = self
-            .running
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut running = self.running.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some(vm) = running.take() {
             self.lifecycle.join_vcpus();
             vm.shut_down();
@@ -236,18 +230,9 @@ mod tests {
 
     #[test]
     fn vcpu_faults_become_errors() {
-        let fault = crate::lifecycle::VcpuFault {
-            index: 1,
-            error: VcpuRunError::GuestCrash,
-        };
+        let fault = crate::lifecycle::VcpuFault { index: 1, error: VcpuRunError::GuestCrash };
         let err = outcome_to_result(Err(fault)).unwrap_err();
-        assert!(matches!(
-            err,
-            VmmError::Vcpu {
-                index: 1,
-                source: VcpuRunError::GuestCrash
-            }
-        ));
+        assert!(matches!(err, VmmError::Vcpu { index: 1, source: VcpuRunError::GuestCrash }));
         assert_eq!(err.to_string(), "vCPU 1 stopped the VM");
     }
 }

@@ -11,30 +11,28 @@ use std::sync::{Arc, Mutex};
 
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::config::{ConsoleOutput, VmConfig};
-use crate::error::VmmError;
 use crate::boot::cmdline::{build_cmdline, MmioDeviceSlot};
-use crate::layout::{
-    MAX_IRQ, MAX_VCPUS, VIRTIO_FIRST_IRQ, VIRTIO_MMIO_BASE, VIRTIO_MMIO_WINDOW,
-};
 use crate::boot::{prepare_guest_memory, vcpu_boot_state};
+use crate::config::{ConsoleOutput, VmConfig};
 use crate::devices::bus::{MmioBus, PioBus};
 use crate::devices::event_loop::{EventLoop, EventLoopHandle, EventLoopThread};
-use crate::fs_watcher::ShareWatchers;
 use crate::devices::fs::{FsShares, VirtioFs, FS_TAG};
 use crate::devices::legacy::{
-    ConsoleTail, ConsoleWriter, I8042ResetPort, SerialConsole, COM1_IRQ, COM1_PORT, COM1_PORT_COUNT,
-    I8042_DATA_PORT, I8042_PORT_COUNT,
+    ConsoleTail, ConsoleWriter, I8042ResetPort, SerialConsole, COM1_IRQ, COM1_PORT, COM1_PORT_COUNT, I8042_DATA_PORT,
+    I8042_PORT_COUNT,
 };
 use crate::devices::net::Net;
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::VirtioDevice;
-use crate::memory::GuestMemory;
 use crate::devices::vsock::Vsock;
+use crate::error::VmmError;
+use crate::fs_watcher::ShareWatchers;
+use crate::layout::{MAX_IRQ, MAX_VCPUS, VIRTIO_FIRST_IRQ, VIRTIO_MMIO_BASE, VIRTIO_MMIO_WINDOW};
 use crate::lifecycle::VmLifecycle;
+use crate::memory::create_guest_memory;
+use crate::memory::GuestMemory;
 use crate::metrics::VmMetrics;
 use crate::vstate::kvm::KvmSystem;
-use crate::memory::create_guest_memory;
 use crate::vstate::vcpu::{install_kick_handler, Vcpu, VcpuRunContext, VmExit};
 use crate::vstate::vm::Vm;
 
@@ -121,14 +119,10 @@ fn validate(config: &VmConfig, kvm: &KvmSystem) -> Result<(), VmmError> {
     let mut names = std::collections::HashSet::new();
     for net in &config.net {
         if net.name.is_empty() || !names.insert(net.name.as_str()) {
-            return Err(VmmError::InvalidConfig(format!(
-                "net device name {:?} is empty or used twice",
-                net.name
-            )));
+            return Err(VmmError::InvalidConfig(format!("net device name {:?} is empty or used twice", net.name)));
         }
-        crate::devices::net::validate_params(&net.mac, net.mtu).map_err(|err| {
-            VmmError::InvalidConfig(format!("net device {}: {err}", net.name))
-        })?;
+        crate::devices::net::validate_params(&net.mac, net.mtu)
+            .map_err(|err| VmmError::InvalidConfig(format!("net device {}: {err}", net.name)))?;
     }
     Ok(())
 }
@@ -143,10 +137,7 @@ fn console_writer(output: &ConsoleOutput) -> Result<ConsoleWriter, VmmError> {
                 .create(true)
                 .append(true)
                 .open(path)
-                .map_err(|source| VmmError::Console {
-                    path: path.clone(),
-                    source,
-                })?,
+                .map_err(|source| VmmError::Console { path: path.clone(), source })?,
         ),
     };
     ConsoleWriter::spawn(sink).map_err(|err| VmmError::Thread("console", err))
@@ -169,9 +160,7 @@ fn attach_virtio_device(
         .ok()
         .and_then(|slot| VIRTIO_FIRST_IRQ.checked_add(slot))
         .filter(|irq| *irq <= MAX_IRQ)
-        .ok_or_else(|| {
-            VmmError::InvalidConfig("more virtio devices than interrupt lines".into())
-        })?;
+        .ok_or_else(|| VmmError::InvalidConfig("more virtio devices than interrupt lines".into()))?;
     let base = VIRTIO_MMIO_BASE + slot as u64 * VIRTIO_MMIO_WINDOW;
 
     let interrupt = new_eventfd()?;
@@ -184,11 +173,7 @@ fn attach_virtio_device(
     }
     let transport = MmioTransport::new(device, memory.clone(), interrupt, queue_kicks);
     mmio.insert(base, VIRTIO_MMIO_WINDOW, Arc::new(Mutex::new(transport)))?;
-    Ok(MmioDeviceSlot {
-        base,
-        size: VIRTIO_MMIO_WINDOW,
-        irq,
-    })
+    Ok(MmioDeviceSlot { base, size: VIRTIO_MMIO_WINDOW, irq })
 }
 
 /// What [`build_virtio_devices`] made.
@@ -216,18 +201,9 @@ fn build_virtio_devices(
     let mut slots = Vec::new();
     if let Some(vsock) = &config.vsock {
         let mut device = Vsock::new(u64::from(vsock.guest_cid), &vsock.uds_path, events.clone())
-            .map_err(|err| VmmError::Device {
-                device: "vsock",
-                source: Box::new(err),
-            })?;
+            .map_err(|err| VmmError::Device { device: "vsock", source: Box::new(err) })?;
         device.set_metrics(metrics.clone());
-        slots.push(attach_virtio_device(
-            vm,
-            memory,
-            &mut mmio,
-            Box::new(device),
-            slots.len(),
-        )?);
+        slots.push(attach_virtio_device(vm, memory, &mut mmio, Box::new(device), slots.len())?);
     }
     let mut fs_shares = None;
     if config.has_fs_device() {
@@ -235,18 +211,16 @@ fn build_virtio_devices(
         for share in &config.fs_shares {
             shares.add(share.clone())?;
         }
-        let mut device = VirtioFs::new(FS_TAG, shares.clone(), events.clone()).map_err(|err| {
-            VmmError::Device { device: "virtio-fs", source: Box::new(err) }
-        })?;
+        let mut device = VirtioFs::new(FS_TAG, shares.clone(), events.clone())
+            .map_err(|err| VmmError::Device { device: "virtio-fs", source: Box::new(err) })?;
         device.set_metrics(metrics.clone());
         slots.push(attach_virtio_device(vm, memory, &mut mmio, Box::new(device), slots.len())?);
         fs_shares = Some(shares);
     }
     // Last, so the vsock and virtio-fs slots are the same with or without net devices.
     for net in &config.net {
-        let events = loops.net.as_ref().ok_or_else(|| {
-            VmmError::InvalidConfig("net devices need the net event loop".into())
-        })?;
+        let events =
+            loops.net.as_ref().ok_or_else(|| VmmError::InvalidConfig("net devices need the net event loop".into()))?;
         let mut device = Net::new(&net.name, &net.tap, net.mac, net.mtu, events.clone())
             .map_err(|err| VmmError::Device { device: "virtio-net", source: Box::new(err) })?;
         device.set_metrics(metrics.add_net_device(&net.name));
@@ -276,11 +250,7 @@ fn build_legacy_devices(
             lifecycle.finish(Ok(VmExit::Reset));
         }
     });
-    pio.insert(
-        I8042_DATA_PORT,
-        I8042_PORT_COUNT,
-        Arc::new(Mutex::new(reset_port)),
-    )?;
+    pio.insert(I8042_DATA_PORT, I8042_PORT_COUNT, Arc::new(Mutex::new(reset_port)))?;
     Ok((pio, console_tail))
 }
 
@@ -304,28 +274,14 @@ pub(crate) fn build_and_start(
     } else {
         Some(EventLoop::new().map_err(|err| VmmError::Thread("net event loop", err))?)
     };
-    let loops = DeviceLoops {
-        devices: event_loop.handle(),
-        net: net_event_loop.as_ref().map(EventLoop::handle),
-    };
+    let loops = DeviceLoops { devices: event_loop.handle(), net: net_event_loop.as_ref().map(EventLoop::handle) };
     let VirtioDevices { mmio, slots: virtio_slots, fs_shares } =
         build_virtio_devices(config, &vm, &memory, &loops, &metrics)?;
     let (pio, console_tail) = build_legacy_devices(config, &vm, &lifecycle)?;
 
     let cmdline = build_cmdline(&virtio_slots, &config.cmdline)?;
-    let boot = prepare_guest_memory(
-        &memory,
-        &config.kernel,
-        config.initrd.as_deref(),
-        &cmdline,
-        config.vcpus,
-    )?;
-    tracing::debug!(
-        "loaded {:?} kernel, entry {:#x}, initramfs {:?}",
-        boot.format,
-        boot.entry.0,
-        boot.initrd
-    );
+    let boot = prepare_guest_memory(&memory, &config.kernel, config.initrd.as_deref(), &cmdline, config.vcpus)?;
+    tracing::debug!("loaded {:?} kernel, entry {:#x}, initramfs {:?}", boot.format, boot.entry.0, boot.initrd);
 
     let supported_cpuid = kvm.supported_cpuid()?;
     let mut vcpus: Vec<Vcpu> = Vec::with_capacity(usize::from(config.vcpus));
@@ -336,16 +292,12 @@ pub(crate) fn build_and_start(
         vcpus.push(vcpu);
     }
 
-    let watchers = Arc::new(ShareWatchers::new(
-        config.vsock.as_ref().map(|v| v.uds_path.clone()),
-        config.watch_resync_interval,
-    ));
+    let watchers =
+        Arc::new(ShareWatchers::new(config.vsock.as_ref().map(|v| v.uds_path.clone()), config.watch_resync_interval));
     for share in config.fs_shares.iter().filter(|s| s.watch) {
         watchers.watch(&share.name, &share.host_dir)?;
     }
-    let event_loop = event_loop
-        .spawn()
-        .map_err(|err| VmmError::Thread("device event loop", err))?;
+    let event_loop = event_loop.spawn().map_err(|err| VmmError::Thread("device event loop", err))?;
     let net_event_loop = net_event_loop
         .map(|net_loop| net_loop.spawn_named(crate::threads::NET))
         .transpose()

@@ -81,4 +81,3 @@ pub struct NetConfig {
     /// unique within a VM.
     pub name: String,
 }
-

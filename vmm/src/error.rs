@@ -76,4 +76,3 @@ pub enum VmmError {
         source: VcpuRunError,
     },
 }
-

@@ -13,8 +13,7 @@ use crate::boot::regs::{write_gdt_and_idt, write_identity_page_tables};
 use crate::boot::vcpu_boot_state;
 use crate::devices::bus::{MmioBus, PioBus};
 use crate::devices::legacy::{
-    ConsoleWriter, I8042ResetPort, SerialConsole, COM1_PORT, COM1_PORT_COUNT, I8042_DATA_PORT,
-    I8042_PORT_COUNT,
+    ConsoleWriter, I8042ResetPort, SerialConsole, COM1_PORT, COM1_PORT_COUNT, I8042_DATA_PORT, I8042_PORT_COUNT,
 };
 use crate::lifecycle::VmLifecycle;
 use crate::memory::GuestMemory;
@@ -95,20 +94,11 @@ fn start_tiny_vm(kvm: &KvmSystem, code: &[u8], long_mode: bool) -> TinyVm {
     let mut pio = PioBus::new();
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
     vm.register_irqfd(&serial_irq, 4).unwrap();
-    let serial = SerialConsole::new(
-        serial_irq,
-        ConsoleWriter::spawn(Box::new(console.clone())).unwrap(),
-    );
-    pio.insert(COM1_PORT, COM1_PORT_COUNT, Arc::new(Mutex::new(serial)))
-        .unwrap();
+    let serial = SerialConsole::new(serial_irq, ConsoleWriter::spawn(Box::new(console.clone())).unwrap());
+    pio.insert(COM1_PORT, COM1_PORT_COUNT, Arc::new(Mutex::new(serial))).unwrap();
     let resetter = lifecycle.clone();
     let reset = I8042ResetPort::new(move || resetter.finish(Ok(VmExit::Reset)));
-    pio.insert(
-        I8042_DATA_PORT,
-        I8042_PORT_COUNT,
-        Arc::new(Mutex::new(reset)),
-    )
-    .unwrap();
+    pio.insert(I8042_DATA_PORT, I8042_PORT_COUNT, Arc::new(Mutex::new(reset))).unwrap();
 
     let vcpu = vm.create_vcpu(0).unwrap();
     if long_mode {
@@ -127,12 +117,7 @@ fn start_tiny_vm(kvm: &KvmSystem, code: &[u8], long_mode: bool) -> TinyVm {
         metrics: metrics.clone(),
     };
     lifecycle.adopt_vcpu_thread(vcpu.spawn(context).unwrap());
-    TinyVm {
-        lifecycle,
-        console,
-        metrics,
-        _vm: vm,
-    }
+    TinyVm { lifecycle, console, metrics, _vm: vm }
 }
 
 fn console_text(vm: &TinyVm) -> String {
@@ -143,10 +128,7 @@ fn console_text(vm: &TinyVm) -> String {
 fn real_mode_guest_prints_and_resets() {
     let Some(kvm) = kvm_or_skip() else { return };
     let vm = start_tiny_vm(&kvm, PRINT_AND_RESET, false);
-    let outcome = vm
-        .lifecycle
-        .wait_timeout(Duration::from_secs(10))
-        .expect("guest did not reset in time");
+    let outcome = vm.lifecycle.wait_timeout(Duration::from_secs(10)).expect("guest did not reset in time");
     assert!(matches!(outcome, Ok(VmExit::Reset)), "{outcome:?}");
     vm.lifecycle.join_vcpus();
     // The console thread delivers asynchronously.
@@ -157,10 +139,7 @@ fn real_mode_guest_prints_and_resets() {
     assert_eq!(console_text(&vm), "OK\n");
     // Three characters and the reset command: at least four port writes reached the VMM.
     let exits = vm.metrics.snapshot().exits;
-    let io_out = exits
-        .iter()
-        .find(|(r, _)| *r == crate::metrics::ExitReason::IoOut)
-        .map_or(0, |(_, n)| *n);
+    let io_out = exits.iter().find(|(r, _)| *r == crate::metrics::ExitReason::IoOut).map_or(0, |(_, n)| *n);
     assert!(io_out >= 4, "{exits:?}");
 }
 
@@ -169,18 +148,11 @@ fn stop_kicks_a_spinning_vcpu() {
     let Some(kvm) = kvm_or_skip() else { return };
     let vm = start_tiny_vm(&kvm, SPIN, false);
     std::thread::sleep(Duration::from_millis(50));
-    assert!(
-        vm.lifecycle.wait_timeout(Duration::ZERO).is_none(),
-        "spinning guest ended by itself"
-    );
+    assert!(vm.lifecycle.wait_timeout(Duration::ZERO).is_none(), "spinning guest ended by itself");
     let started = Instant::now();
     vm.lifecycle.finish(Ok(VmExit::Stopped));
     vm.lifecycle.join_vcpus();
-    assert!(
-        started.elapsed() < Duration::from_secs(2),
-        "stop took {:?}",
-        started.elapsed()
-    );
+    assert!(started.elapsed() < Duration::from_secs(2), "stop took {:?}", started.elapsed());
     assert!(matches!(vm.lifecycle.wait(), Ok(VmExit::Stopped)));
 }
 
@@ -192,11 +164,7 @@ fn stop_kicks_a_halted_vcpu() {
     let started = Instant::now();
     vm.lifecycle.finish(Ok(VmExit::Stopped));
     vm.lifecycle.join_vcpus();
-    assert!(
-        started.elapsed() < Duration::from_secs(2),
-        "stop took {:?}",
-        started.elapsed()
-    );
+    assert!(started.elapsed() < Duration::from_secs(2), "stop took {:?}", started.elapsed());
     // Whether HLT stayed in KVM or came out as a shutdown, the VM is over.
     assert!(vm.lifecycle.wait().is_ok());
 }
@@ -205,10 +173,7 @@ fn stop_kicks_a_halted_vcpu() {
 fn long_mode_boot_state_runs_64_bit_code() {
     let Some(kvm) = kvm_or_skip() else { return };
     let vm = start_tiny_vm(&kvm, LONG_MODE_PRINT_AND_RESET, true);
-    let outcome = vm
-        .lifecycle
-        .wait_timeout(Duration::from_secs(10))
-        .expect("guest did not reset in time");
+    let outcome = vm.lifecycle.wait_timeout(Duration::from_secs(10)).expect("guest did not reset in time");
     vm.lifecycle.join_vcpus();
     assert!(matches!(outcome, Ok(VmExit::Reset)), "{outcome:?}");
     let deadline = Instant::now() + Duration::from_secs(2);

@@ -24,6 +24,7 @@ mod config;
 mod devices;
 mod error;
 mod fs_watcher;
+pub mod hybrid_vsock;
 #[cfg(test)]
 mod kvm_tests;
 mod layout;
@@ -34,14 +35,10 @@ mod threads;
 mod vhost_user_fs;
 mod vstate;
 
-pub use api::{
-    BootTimings, ConsoleOutput, NetConfig, VmConfig, VmExit, VmHandle, Vmm, VmmError, VsockConfig,
-};
+pub use api::{BootTimings, ConsoleOutput, NetConfig, VmConfig, VmExit, VmHandle, Vmm, VmmError, VsockConfig};
 /// The VM's counters as [`VmHandle::metrics`] gives them, and the histogram type the runtime's
 /// own metrics reuse.
-pub use metrics::{
-    fuse_opcode_name, AtomicHistogram, ExitReason, HistogramSnapshot, VmMetrics, VmMetricsSnapshot,
-};
+pub use metrics::{fuse_opcode_name, AtomicHistogram, ExitReason, HistogramSnapshot, VmMetrics, VmMetricsSnapshot};
 /// The role of a VMM thread, read from its name (for the runtime's process metrics).
 pub use threads::{thread_role, ThreadRole};
 /// `tern fs-serve`: a share's file tree served to a vhost-user frontend.

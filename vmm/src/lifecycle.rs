@@ -27,9 +27,7 @@ pub(crate) type VmOutcome = Result<VmExit, VcpuFault>;
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // The data behind these locks stays consistent across a panic (single assignments).
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Shared by the VM handle, the vCPU threads and the devices that can end the VM.
@@ -91,10 +89,7 @@ impl VmLifecycle {
     }
 
     fn kick_vcpus(&self) {
-        for thread in lock(&self.vcpu_threads)
-            .iter()
-            .filter(|thread| !thread.is_finished())
-        {
+        for thread in lock(&self.vcpu_threads).iter().filter(|thread| !thread.is_finished()) {
             kick_vcpu_thread(thread);
         }
     }
@@ -106,10 +101,7 @@ impl VmLifecycle {
             if let Some(outcome) = slot.as_ref() {
                 return outcome.clone();
             }
-            slot = self
-                .ended
-                .wait(slot)
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            slot = self.ended.wait(slot).unwrap_or_else(|poisoned| poisoned.into_inner());
         }
     }
 
@@ -122,11 +114,7 @@ impl VmLifecycle {
                 return Some(outcome.clone());
             }
             let left = deadline.checked_duration_since(Instant::now())?;
-            slot = self
-                .ended
-                .wait_timeout(slot, left)
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .0;
+            slot = self.ended.wait_timeout(slot, left).unwrap_or_else(|poisoned| poisoned.into_inner()).0;
         }
     }
 
@@ -148,9 +136,7 @@ impl VmLifecycle {
                 }
             } else {
                 let name = thread.thread().name().unwrap_or("vCPU").to_string();
-                tracing::error!(
-                    "{name} did not stop within {VCPU_JOIN_TIMEOUT:?}; leaving it detached"
-                );
+                tracing::error!("{name} did not stop within {VCPU_JOIN_TIMEOUT:?}; leaving it detached");
             }
         }
     }
@@ -183,10 +169,7 @@ mod tests {
         lifecycle.finish(Ok(VmExit::Stopped));
         assert!(lifecycle.is_stopping());
         assert!(matches!(lifecycle.wait(), Ok(VmExit::Reset)));
-        assert!(matches!(
-            lifecycle.wait_timeout(Duration::ZERO),
-            Some(Ok(VmExit::Reset))
-        ));
+        assert!(matches!(lifecycle.wait_timeout(Duration::ZERO), Some(Ok(VmExit::Reset))));
         assert!(lifecycle.exit_time().is_some());
     }
 

@@ -14,9 +14,7 @@ pub type GuestMemory = GuestMemoryMmap<()>;
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
     /// The requested size cannot hold a guest.
-    #[error(
-        "guest memory of {requested_mib} MiB is too small: at least {MIN_MEMORY_MIB} MiB is needed"
-    )]
+    #[error("guest memory of {requested_mib} MiB is too small: at least {MIN_MEMORY_MIB} MiB is needed")]
     TooSmall { requested_mib: u32 },
     /// The host refused the mapping.
     #[error("cannot map {mib} MiB of guest memory")]
@@ -33,10 +31,7 @@ pub fn ram_ranges(memory_mib: u32) -> Vec<(GuestAddress, usize)> {
     let below_gap = total.min(MMIO_GAP_START);
     let mut ranges = vec![(GuestAddress(0), below_gap as usize)];
     if total > below_gap {
-        ranges.push((
-            GuestAddress(FIRST_ADDR_PAST_32BITS),
-            (total - below_gap) as usize,
-        ));
+        ranges.push((GuestAddress(FIRST_ADDR_PAST_32BITS), (total - below_gap) as usize));
     }
     ranges
 }
@@ -44,14 +39,9 @@ pub fn ram_ranges(memory_mib: u32) -> Vec<(GuestAddress, usize)> {
 /// Map `memory_mib` MiB of guest RAM.
 pub fn create_guest_memory(memory_mib: u32) -> Result<GuestMemory, MemoryError> {
     if memory_mib < MIN_MEMORY_MIB {
-        return Err(MemoryError::TooSmall {
-            requested_mib: memory_mib,
-        });
+        return Err(MemoryError::TooSmall { requested_mib: memory_mib });
     }
-    GuestMemory::from_ranges(&ram_ranges(memory_mib)).map_err(|source| MemoryError::Mmap {
-        mib: memory_mib,
-        source,
-    })
+    GuestMemory::from_ranges(&ram_ranges(memory_mib)).map_err(|source| MemoryError::Mmap { mib: memory_mib, source })
 }
 
 /// End (exclusive) of the RAM below the MMIO gap: the ceiling for the initramfs.
@@ -65,9 +55,7 @@ pub fn ram_end_below_gap(mem: &GuestMemory) -> u64 {
 
 /// RAM regions as (guest start, length), in address order.
 pub fn ram_regions(mem: &GuestMemory) -> Vec<(u64, u64)> {
-    mem.iter()
-        .map(|region| (region.start_addr().0, region.len()))
-        .collect()
+    mem.iter().map(|region| (region.start_addr().0, region.len())).collect()
 }
 
 #[cfg(test)]
@@ -91,18 +79,12 @@ mod tests {
     #[test]
     fn memory_exactly_filling_the_low_range_has_no_high_part() {
         let mib = (MMIO_GAP_START >> 20) as u32;
-        assert_eq!(
-            ram_ranges(mib),
-            vec![(GuestAddress(0), MMIO_GAP_START as usize)]
-        );
+        assert_eq!(ram_ranges(mib), vec![(GuestAddress(0), MMIO_GAP_START as usize)]);
     }
 
     #[test]
     fn rejects_too_small_memory() {
-        assert!(matches!(
-            create_guest_memory(16),
-            Err(MemoryError::TooSmall { requested_mib: 16 })
-        ));
+        assert!(matches!(create_guest_memory(16), Err(MemoryError::TooSmall { requested_mib: 16 })));
     }
 
     #[test]

@@ -108,11 +108,7 @@ impl AtomicHistogram {
     /// Record one duration.
     pub fn observe(&self, d: Duration) {
         let secs = d.as_secs_f64();
-        let slot = self
-            .bounds
-            .iter()
-            .position(|b| secs <= *b)
-            .unwrap_or(self.bounds.len());
+        let slot = self.bounds.iter().position(|b| secs <= *b).unwrap_or(self.bounds.len());
         if let Some(bucket) = self.buckets.get(slot) {
             bucket.fetch_add(1, Ordering::Relaxed);
         }
@@ -147,9 +143,7 @@ pub struct DeviceMetrics {
 
 impl DeviceMetrics {
     fn new(queues: usize) -> Self {
-        DeviceMetrics {
-            queue_notifications: (0..queues).map(|_| AtomicU64::new(0)).collect(),
-        }
+        DeviceMetrics { queue_notifications: (0..queues).map(|_| AtomicU64::new(0)).collect() }
     }
 
     /// Add `kicks` notifications of `queue` (an eventfd read returns how many accumulated).
@@ -160,10 +154,7 @@ impl DeviceMetrics {
     }
 
     fn snapshot(&self) -> Vec<u64> {
-        self.queue_notifications
-            .iter()
-            .map(|c| c.load(Ordering::Relaxed))
-            .collect()
+        self.queue_notifications.iter().map(|c| c.load(Ordering::Relaxed)).collect()
     }
 }
 
@@ -190,9 +181,7 @@ impl FsMetrics {
     /// One FUSE request with `opcode` took `took`; `failed` when the server returned an error
     /// (not a FUSE error reply: those are answers).
     pub fn request_served(&self, opcode: u32, took: Duration, failed: bool) {
-        let slot = usize::try_from(opcode)
-            .unwrap_or(FUSE_OPCODE_SLOTS)
-            .min(FUSE_OPCODE_SLOTS);
+        let slot = usize::try_from(opcode).unwrap_or(FUSE_OPCODE_SLOTS).min(FUSE_OPCODE_SLOTS);
         if let Some(c) = self.ops.get(slot) {
             c.fetch_add(1, Ordering::Relaxed);
         }
@@ -228,14 +217,12 @@ impl VsockMetrics {
 
     /// Payload bytes of a data packet put in a guest rx buffer.
     pub fn sent_to_guest(&self, bytes: u32) {
-        self.bytes_to_guest
-            .fetch_add(u64::from(bytes), Ordering::Relaxed);
+        self.bytes_to_guest.fetch_add(u64::from(bytes), Ordering::Relaxed);
     }
 
     /// Payload bytes of a data packet the guest sent.
     pub fn received_from_guest(&self, bytes: u32) {
-        self.bytes_from_guest
-            .fetch_add(u64::from(bytes), Ordering::Relaxed);
+        self.bytes_from_guest.fetch_add(u64::from(bytes), Ordering::Relaxed);
     }
 }
 
@@ -394,10 +381,7 @@ pub struct VmMetricsSnapshot {
 impl VmMetrics {
     /// Count one vCPU exit.
     pub fn exit(&self, reason: ExitReason) {
-        let slot = ExitReason::ALL
-            .iter()
-            .position(|r| *r == reason)
-            .unwrap_or(ExitReason::ALL.len() - 1);
+        let slot = ExitReason::ALL.iter().position(|r| *r == reason).unwrap_or(ExitReason::ALL.len() - 1);
         if let Some(c) = self.exits.get(slot) {
             c.fetch_add(1, Ordering::Relaxed);
         }
@@ -420,11 +404,7 @@ impl VmMetrics {
     pub fn snapshot(&self) -> VmMetricsSnapshot {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         VmMetricsSnapshot {
-            exits: ExitReason::ALL
-                .iter()
-                .copied()
-                .zip(self.exits.iter().map(get))
-                .collect(),
+            exits: ExitReason::ALL.iter().copied().zip(self.exits.iter().map(get)).collect(),
             fs_queue_notifications: self.fs.device.snapshot(),
             fs_ops: self
                 .fs

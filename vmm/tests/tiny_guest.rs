@@ -28,11 +28,7 @@ const SPIN: &[u8] = &[0xeb, 0xfe];
 const TRIPLE_FAULT: &[u8] = &[0x0f, 0x0b];
 
 fn kvm_usable() -> bool {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
+    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
         Ok(_) => true,
         Err(err) if std::env::var("CI").as_deref() == Ok("true") => {
             panic!("KVM test needs /dev/kvm: {err}")
@@ -116,17 +112,11 @@ fn boots_prints_and_resets(dir: &Path) {
     let uds = dir.join("vsock.sock");
     let initrd = dir.join("initrd");
     let _ = std::fs::remove_file(&console); // the console file is appended to
-    std::fs::File::create(&initrd)
-        .unwrap()
-        .write_all(b"070701 not really a cpio")
-        .unwrap();
+    std::fs::File::create(&initrd).unwrap().write_all(b"070701 not really a cpio").unwrap();
     let vm = Vmm::start(VmConfig {
         initrd: Some(initrd),
         console: ConsoleOutput::File(console.clone()),
-        vsock: Some(VsockConfig {
-            guest_cid: 3,
-            uds_path: uds.clone(),
-        }),
+        vsock: Some(VsockConfig { guest_cid: 3, uds_path: uds.clone() }),
         cmdline: "tern.test=1".into(),
         fs_shares: vec![share("boot", dir)],
         ..config(elf_kernel(dir, "reset.elf", PRINT_AND_RESET), 2)
@@ -134,29 +124,15 @@ fn boots_prints_and_resets(dir: &Path) {
     .unwrap();
     // Shares change while the VM exists (until wait() tears it down), typed errors otherwise.
     vm.add_fs_share(share("late", dir)).unwrap();
-    assert!(matches!(
-        vm.add_fs_share(share("late", dir)),
-        Err(VmmError::FsShare(ShareError::Duplicate(_)))
-    ));
-    assert!(matches!(
-        vm.add_fs_share(share("a/b", dir)),
-        Err(VmmError::FsShare(ShareError::InvalidName(_)))
-    ));
-    assert!(matches!(
-        vm.remove_fs_share("nope"),
-        Err(VmmError::FsShare(ShareError::Unknown(_)))
-    ));
+    assert!(matches!(vm.add_fs_share(share("late", dir)), Err(VmmError::FsShare(ShareError::Duplicate(_)))));
+    assert!(matches!(vm.add_fs_share(share("a/b", dir)), Err(VmmError::FsShare(ShareError::InvalidName(_)))));
+    assert!(matches!(vm.remove_fs_share("nope"), Err(VmmError::FsShare(ShareError::Unknown(_)))));
     vm.remove_fs_share("late").unwrap();
     assert_eq!(vm.fs_shares_list().unwrap().len(), 1);
-    let exit = vm
-        .wait_timeout(Duration::from_secs(10))
-        .expect("guest did not reset in time")
-        .unwrap();
+    let exit = vm.wait_timeout(Duration::from_secs(10)).expect("guest did not reset in time").unwrap();
     assert_eq!(exit, VmExit::Reset);
     let timings = vm.timings();
-    let entered = timings
-        .vcpus_started
-        .expect("vCPU 0 never entered the guest");
+    let entered = timings.vcpus_started.expect("vCPU 0 never entered the guest");
     assert!(timings.vmm_start <= entered && Some(entered) <= timings.exit);
     drop(vm);
     assert_eq!(std::fs::read_to_string(&console).unwrap(), "L");
@@ -165,17 +141,10 @@ fn boots_prints_and_resets(dir: &Path) {
 
 fn stop_ends_a_running_guest(dir: &Path) {
     let vm = Vmm::start(config(elf_kernel(dir, "spin.elf", SPIN), 2)).unwrap();
-    assert!(
-        vm.wait_timeout(Duration::from_millis(200)).is_none(),
-        "spinning guest ended by itself"
-    );
+    assert!(vm.wait_timeout(Duration::from_millis(200)).is_none(), "spinning guest ended by itself");
     let started = Instant::now();
     vm.stop();
-    assert!(
-        started.elapsed() < Duration::from_secs(2),
-        "stop took {:?}",
-        started.elapsed()
-    );
+    assert!(started.elapsed() < Duration::from_secs(2), "stop took {:?}", started.elapsed());
     assert_eq!(vm.wait().unwrap(), VmExit::Stopped);
     vm.stop(); // idempotent
     assert_eq!(vm.wait().unwrap(), VmExit::Stopped);
@@ -189,10 +158,7 @@ fn drop_stops_a_running_guest(dir: &Path) {
 
 fn triple_fault_is_a_shutdown(dir: &Path) {
     let vm = Vmm::start(config(elf_kernel(dir, "fault.elf", TRIPLE_FAULT), 1)).unwrap();
-    match vm
-        .wait_timeout(Duration::from_secs(10))
-        .expect("guest did not fault in time")
-    {
+    match vm.wait_timeout(Duration::from_secs(10)).expect("guest did not fault in time") {
         Ok(exit) => assert_eq!(exit, VmExit::Shutdown),
         // kvm_pvm emulates real-mode/long-mode transitions; report, don't hide, any difference.
         Err(err) => panic!("triple fault gave an error: {err:?}"),
@@ -203,67 +169,28 @@ fn bad_configurations_are_errors(dir: &Path) {
     let kernel = elf_kernel(dir, "ok.elf", PRINT_AND_RESET);
     let err = |config: VmConfig| Vmm::start(config).err().expect("bad configuration started");
 
-    assert!(matches!(
-        err(config(kernel.clone(), 0)),
-        VmmError::InvalidConfig(_)
-    ));
-    assert!(matches!(
-        err(config(kernel.clone(), 200)),
-        VmmError::InvalidConfig(_)
-    ));
-    assert!(matches!(
-        err(VmConfig {
-            memory_mib: 16,
-            ..config(kernel.clone(), 1)
-        }),
-        VmmError::Memory(_)
-    ));
-    assert!(matches!(
-        err(config(dir.join("missing"), 1)),
-        VmmError::Boot(_)
-    ));
+    assert!(matches!(err(config(kernel.clone(), 0)), VmmError::InvalidConfig(_)));
+    assert!(matches!(err(config(kernel.clone(), 200)), VmmError::InvalidConfig(_)));
+    assert!(matches!(err(VmConfig { memory_mib: 16, ..config(kernel.clone(), 1) }), VmmError::Memory(_)));
+    assert!(matches!(err(config(dir.join("missing"), 1)), VmmError::Boot(_)));
     let garbage = dir.join("garbage");
     std::fs::write(&garbage, vec![0x90u8; 8192]).unwrap();
     assert!(matches!(err(config(garbage, 1)), VmmError::Boot(_)));
     let huge_initrd = dir.join("huge-initrd");
-    std::fs::File::create(&huge_initrd)
-        .unwrap()
-        .set_len(80 << 20)
-        .unwrap();
-    let error = err(VmConfig {
-        initrd: Some(huge_initrd),
-        ..config(kernel.clone(), 1)
-    });
+    std::fs::File::create(&huge_initrd).unwrap().set_len(80 << 20).unwrap();
+    let error = err(VmConfig { initrd: Some(huge_initrd), ..config(kernel.clone(), 1) });
     assert!(matches!(error, VmmError::Boot(_)), "{error:?}");
-    let cid = VsockConfig {
-        guest_cid: 2,
-        uds_path: dir.join("x.sock"),
-    };
+    let cid = VsockConfig { guest_cid: 2, uds_path: dir.join("x.sock") };
+    assert!(matches!(err(VmConfig { vsock: Some(cid), ..config(kernel.clone(), 1) }), VmmError::InvalidConfig(_)));
     assert!(matches!(
-        err(VmConfig {
-            vsock: Some(cid),
-            ..config(kernel.clone(), 1)
-        }),
-        VmmError::InvalidConfig(_)
-    ));
-    assert!(matches!(
-        err(VmConfig {
-            fs_shares: vec![share("s0", &dir.join("missing-dir"))],
-            ..config(kernel.clone(), 1)
-        }),
+        err(VmConfig { fs_shares: vec![share("s0", &dir.join("missing-dir"))], ..config(kernel.clone(), 1) }),
         VmmError::FsShare(ShareError::HostDirMissing { .. })
     ));
     let no_fs = Vmm::start(config(kernel.clone(), 1)).unwrap();
-    assert!(matches!(
-        no_fs.add_fs_share(share("s0", dir)),
-        Err(VmmError::FsShare(ShareError::NoDevice))
-    ));
+    assert!(matches!(no_fs.add_fs_share(share("s0", dir)), Err(VmmError::FsShare(ShareError::NoDevice))));
     no_fs.stop();
     assert!(matches!(no_fs.add_fs_share(share("s0", dir)), Err(VmmError::NotRunning)));
-    let bad_cmdline = VmConfig {
-        cmdline: "a\nb".into(),
-        ..config(kernel, 1)
-    };
+    let bad_cmdline = VmConfig { cmdline: "a\nb".into(), ..config(kernel, 1) };
     assert!(matches!(err(bad_cmdline), VmmError::Cmdline(_)));
 }
 

@@ -268,14 +268,23 @@ impl Request {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum Response {
-    Health { protocol_version: u32, agent_version: String },
-    Started { pid: i32 },
+    Health {
+        protocol_version: u32,
+        agent_version: String,
+    },
+    Started {
+        pid: i32,
+    },
     Exited(ExitStatus),
     Stats(GuestStats),
     ContainerStats(CgroupStats),
     /// Total OOM kills recorded in a container's cgroup so far.
-    OomKills { count: u64 },
-    Pids { pids: Vec<i32> },
+    OomKills {
+        count: u64,
+    },
+    Pids {
+        pids: Vec<i32>,
+    },
     Ok,
     /// The request failed; `code` says how, for the host to act on (and map to containerd's
     /// errdefs) without reading `message`.
@@ -460,6 +469,19 @@ impl From<tern_change_records::FrameError> for ProtocolError {
 }
 
 /// Send one message as a frame.
+/// "outer: inner: innermost" for an error and its sources: how errors read in logs and in
+/// [`Response::Error`] messages on both sides of the protocol.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    s
+}
+
 pub fn send<T: Serialize, W: Write>(w: &mut W, msg: &T) -> Result<(), ProtocolError> {
     let body = serde_json::to_vec(msg)?;
     frame::write_frame(w, &body)

@@ -51,7 +51,9 @@ pub enum ProfileError {
         #[source]
         source: SeccompError,
     },
-    #[error("unknown syscall {0:?} in the seccomp profile: libseccomp knows no syscall of that name on any architecture")]
+    #[error(
+        "unknown syscall {0:?} in the seccomp profile: libseccomp knows no syscall of that name on any architecture"
+    )]
     UnknownSyscall(String),
     #[error("errnoRet {errno} ({what}) does not fit the 16 bits a seccomp filter returns")]
     Errno { errno: u32, what: String },
@@ -226,7 +228,8 @@ fn comparisons(rule: &Rule, name: &str) -> Result<Vec<(u32, ScmpArgCompare)>, Pr
                 "SCMP_CMP_MASKED_EQ" => ScmpCompareOp::MaskedEqual(arg.value),
                 _ => return Err(ProfileError::UnknownOperator { op: arg.op.clone(), name: name.to_owned() }),
             };
-            let datum = if matches!(op, ScmpCompareOp::MaskedEqual(_)) { arg.value_two.unwrap_or(0) } else { arg.value };
+            let datum =
+                if matches!(op, ScmpCompareOp::MaskedEqual(_)) { arg.value_two.unwrap_or(0) } else { arg.value };
             Ok((index, ScmpArgCompare::new(index, op, datum)))
         })
         .collect()

@@ -36,12 +36,14 @@ fn containerds_default_profile_shape_is_accepted() {
 
 #[test]
 fn an_unknown_syscall_name_is_refused_by_name() {
-    let profile = with(containerd_like(), |p| p["syscalls"][0]["names"].as_array_mut().unwrap().push(json!("no_such_call")));
+    let profile =
+        with(containerd_like(), |p| p["syscalls"][0]["names"].as_array_mut().unwrap().push(json!("no_such_call")));
     let err = check_profile(&profile).unwrap_err();
     assert!(matches!(&err, ProfileError::UnknownSyscall(n) if n == "no_such_call"), "{err:?}");
     assert!(err.to_string().contains("\"no_such_call\""), "{err}");
     // Also when the rule would be skipped for having the default action.
-    let profile = json!({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["getpidd"], "action": "SCMP_ACT_ALLOW"}]});
+    let profile =
+        json!({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["getpidd"], "action": "SCMP_ACT_ALLOW"}]});
     assert!(matches!(check_profile(&profile), Err(ProfileError::UnknownSyscall(n)) if n == "getpidd"));
 }
 
@@ -72,7 +74,9 @@ fn names_tern_cannot_map_are_refused() {
             "action" => matches!(&err, ProfileError::UnknownAction { action, .. } if action == "SCMP_ACT_DANCE"),
             "arch" => matches!(&err, ProfileError::UnknownArch(a) if a == "SCMP_ARCH_VAX"),
             "flag" => matches!(&err, ProfileError::UnknownFlag(f) if f == "SECCOMP_FILTER_FLAG_NEW"),
-            "op" => matches!(&err, ProfileError::UnknownOperator { op, name } if op == "SCMP_CMP_ABOUT" && name == "personality"),
+            "op" => {
+                matches!(&err, ProfileError::UnknownOperator { op, name } if op == "SCMP_CMP_ABOUT" && name == "personality")
+            }
             _ => matches!(&err, ProfileError::Parse(_)),
         };
         assert!(ok, "{what}: {err:?}");
@@ -91,7 +95,8 @@ fn values_libseccomp_would_truncate_or_reject_are_refused() {
 
 #[test]
 fn flags_are_checked_against_the_running_kernel_only_in_the_guest() {
-    let profile = with(containerd_like(), |p| p["flags"] = json!(["SECCOMP_FILTER_FLAG_LOG", "SECCOMP_FILTER_FLAG_SPEC_ALLOW"]));
+    let profile =
+        with(containerd_like(), |p| p["flags"] = json!(["SECCOMP_FILTER_FLAG_LOG", "SECCOMP_FILTER_FLAG_SPEC_ALLOW"]));
     check_profile(&profile).unwrap();
     check_for_this_kernel(&profile).unwrap();
     // libseccomp 2.5 (Debian 12) cannot set WAIT_KILLABLE_RECV: an error naming the flag,

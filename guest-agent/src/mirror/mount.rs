@@ -41,14 +41,8 @@ fn create_dir(path: &Path) -> Result<(), MountError> {
 /// Mount a fresh tmpfs at `staging` (created if missing).
 pub fn mount_tmpfs(staging: &Path) -> Result<(), MountError> {
     create_dir(staging)?;
-    mount(
-        Some("tmpfs"),
-        staging,
-        Some("tmpfs"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        Some(MIRROR_TMPFS_OPTIONS),
-    )
-    .map_err(|source| MountError::Mount { what: "the mirror tmpfs", path: staging.to_owned(), source })
+    mount(Some("tmpfs"), staging, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some(MIRROR_TMPFS_OPTIONS))
+        .map_err(|source| MountError::Mount { what: "the mirror tmpfs", path: staging.to_owned(), source })
 }
 
 /// Bind `source` at `target` (created if missing), read-only if `read_only`.

@@ -76,7 +76,8 @@ impl Retired {
     pub fn hold(&mut self, path: &str, state: &mut Snapshot) -> bool {
         let now = Instant::now();
         let grace = self.grace;
-        let Some(retired) = self.dirs.iter_mut().rev().find(|r| is_within(path, &r.dir) && now < r.swapped_at + grace) else {
+        let Some(retired) = self.dirs.iter_mut().rev().find(|r| is_within(path, &r.dir) && now < r.swapped_at + grace)
+        else {
             return false;
         };
         let Some(entry) = state.remove(path) else {

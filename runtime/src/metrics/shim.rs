@@ -263,7 +263,8 @@ fn virtio(vm: &VmMetricsSnapshot, out: &mut Vec<Family>) {
     }
     for net in &vm.net {
         for (queue, n) in ["rx", "tx"].iter().zip(&net.queue_notifications) {
-            notes = notes.with(vec![("device", net.device.clone()), ("queue", (*queue).to_owned())], Value::Counter(*n));
+            notes =
+                notes.with(vec![("device", net.device.clone()), ("queue", (*queue).to_owned())], Value::Counter(*n));
         }
     }
     out.push(notes);
@@ -292,20 +293,29 @@ fn virtio(vm: &VmMetricsSnapshot, out: &mut Vec<Family>) {
 
 /// The virtio-net devices, labelled by their host tap (`to_guest` = rx, `from_guest` = tx).
 fn net(vm: &VmMetricsSnapshot, out: &mut Vec<Family>) {
-    let mut packets = Family::new("tern_vmm_virtio_net_packets", "Frames through the virtio-net devices, by device and direction.");
-    let mut bytes = Family::new("tern_vmm_virtio_net_bytes", "Frame bytes through the virtio-net devices, by device and direction.");
+    let mut packets =
+        Family::new("tern_vmm_virtio_net_packets", "Frames through the virtio-net devices, by device and direction.");
+    let mut bytes = Family::new(
+        "tern_vmm_virtio_net_bytes",
+        "Frame bytes through the virtio-net devices, by device and direction.",
+    );
     let mut drops = Family::new(
         "tern_vmm_virtio_net_drops",
         "Frames dropped: from the tap with no room in the guest, or refused by the tap.",
     );
-    let mut bad = Family::new("tern_vmm_virtio_net_bad_chains", "Malformed descriptor chains a virtio-net device returned unused.");
+    let mut bad = Family::new(
+        "tern_vmm_virtio_net_bad_chains",
+        "Malformed descriptor chains a virtio-net device returned unused.",
+    );
     for n in &vm.net {
         let by = |direction: &str| vec![("device", n.device.clone()), ("direction", direction.to_owned())];
         packets = packets
             .with(by("to_guest"), Value::Counter(n.rx_packets))
             .with(by("from_guest"), Value::Counter(n.tx_packets));
-        bytes = bytes.with(by("to_guest"), Value::Counter(n.rx_bytes)).with(by("from_guest"), Value::Counter(n.tx_bytes));
-        drops = drops.with(by("to_guest"), Value::Counter(n.rx_drops)).with(by("from_guest"), Value::Counter(n.tx_drops));
+        bytes =
+            bytes.with(by("to_guest"), Value::Counter(n.rx_bytes)).with(by("from_guest"), Value::Counter(n.tx_bytes));
+        drops =
+            drops.with(by("to_guest"), Value::Counter(n.rx_drops)).with(by("from_guest"), Value::Counter(n.tx_drops));
         bad = bad.with(vec![("device", n.device.clone())], Value::Counter(n.bad_chains));
     }
     out.extend([packets, bytes, drops, bad]);

@@ -190,8 +190,7 @@ pub fn stage_file(files_dir: &Path, bind: &HostBind) -> Result<PathBuf, Containe
     };
     std::fs::create_dir_all(files_dir).map_err(err)?;
     std::fs::OpenOptions::new().write(true).create(true).truncate(false).open(&target).map_err(err)?;
-    mount(Some(&bind.source), &target, None::<&str>, MsFlags::MS_BIND, None::<&str>)
-        .map_err(|e| err(e.into()))?;
+    mount(Some(&bind.source), &target, None::<&str>, MsFlags::MS_BIND, None::<&str>).map_err(|e| err(e.into()))?;
     if bind.read_only {
         let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
         if let Err(e) = mount(None::<&str>, &target, None::<&str>, flags, None::<&str>) {
@@ -357,9 +356,8 @@ pub fn mount_rootfs(mounts: &[RootfsMount], target: &Path) -> Result<(), Contain
     for m in mounts {
         let fs_type = (!m.fs_type.is_empty()).then_some(m.fs_type.as_str());
         let source = (!m.source.is_empty()).then_some(m.source.as_str());
-        containerd_shim::mount::mount_rootfs(fs_type, source, &m.options, target).map_err(|e| {
-            ContainerSpecError::MountRootfs { target: target.to_path_buf(), message: e.to_string() }
-        })?;
+        containerd_shim::mount::mount_rootfs(fs_type, source, &m.options, target)
+            .map_err(|e| ContainerSpecError::MountRootfs { target: target.to_path_buf(), message: e.to_string() })?;
     }
     Ok(())
 }
@@ -465,7 +463,8 @@ mod tests {
         assert!(matches!(err, ContainerSpecError::Seccomp(_)), "{err:?}");
         let chain = format!("{err}: {}", std::error::Error::source(&err).unwrap());
         assert!(chain.contains("\"sethostnam\""), "{chain}");
-        let notify = with.replace(r#""errnoRet": 42"#, r#""errnoRet": 42}, {"names": ["mount"], "action": "SCMP_ACT_NOTIFY""#);
+        let notify =
+            with.replace(r#""errnoRet": 42"#, r#""errnoRet": 42}, {"names": ["mount"], "action": "SCMP_ACT_NOTIFY""#);
         let err = guest_spec(&spec(&notify), "/r").unwrap_err();
         assert!(std::error::Error::source(&err).unwrap().to_string().contains("SCMP_ACT_NOTIFY"), "{err:?}");
     }
@@ -493,7 +492,10 @@ mod tests {
         let sock = d.path().join("s.sock");
         let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
         let m = |dest: &str, src: &std::path::Path, opts: &str| {
-            format!(r#"{{"destination": "{dest}", "type": "bind", "source": "{}", "options": [{opts}]}}"#, src.display())
+            format!(
+                r#"{{"destination": "{dest}", "type": "bind", "source": "{}", "options": [{opts}]}}"#,
+                src.display()
+            )
         };
         let mounts = [
             r#"{"destination": "/proc", "type": "proc", "source": "proc"}"#.to_owned(),
@@ -563,15 +565,8 @@ mod tests {
         assert_eq!(hosts.typ().as_deref(), Some("bind"));
         assert!(hosts.options().as_ref().unwrap().contains(&"ro".to_owned()));
         assert_eq!(dropped.mounts, ["/mnt/gone (bind)"]);
-        let ns: Vec<_> = back
-            .linux()
-            .as_ref()
-            .unwrap()
-            .namespaces()
-            .iter()
-            .flatten()
-            .map(|n| (n.typ(), n.path().clone()))
-            .collect();
+        let ns: Vec<_> =
+            back.linux().as_ref().unwrap().namespaces().iter().flatten().map(|n| (n.typ(), n.path().clone())).collect();
         assert_eq!(
             ns,
             [
@@ -592,7 +587,14 @@ mod tests {
     fn namespace_paths_must_name_a_vm_process() {
         let ok = |p: &str| joinable_ns_path(Path::new(p), &[42]);
         assert!(ok("/proc/42/ns/net"));
-        for bad in ["/proc/43/ns/net", "/proc/0/ns/net", "/var/run/netns/cni-1", "/proc/42/ns", "/proc/42/ns/net/x", "proc/42/ns/net"] {
+        for bad in [
+            "/proc/43/ns/net",
+            "/proc/0/ns/net",
+            "/var/run/netns/cni-1",
+            "/proc/42/ns",
+            "/proc/42/ns/net/x",
+            "proc/42/ns/net",
+        ] {
             assert!(!ok(bad), "{bad}");
         }
     }

@@ -7,7 +7,8 @@
 use containerd_shim::event::Event;
 use containerd_shim::publisher::RemotePublisher;
 use containerd_shim_protos::events::task::{
-    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskPaused, TaskResumed, TaskStart,
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskPaused, TaskResumed,
+    TaskStart,
 };
 use containerd_shim_protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim_protos::protobuf::MessageField;
@@ -80,12 +81,18 @@ impl EventSink {
     }
 
     pub async fn exec_added(&self, id: &str, exec_id: &str) {
-        self.send(TaskExecAdded { container_id: id.to_owned(), exec_id: exec_id.to_owned(), ..Default::default() }).await;
+        self.send(TaskExecAdded { container_id: id.to_owned(), exec_id: exec_id.to_owned(), ..Default::default() })
+            .await;
     }
 
     pub async fn exec_started(&self, id: &str, exec_id: &str, pid: u32) {
-        self.send(TaskExecStarted { container_id: id.to_owned(), exec_id: exec_id.to_owned(), pid, ..Default::default() })
-            .await;
+        self.send(TaskExecStarted {
+            container_id: id.to_owned(),
+            exec_id: exec_id.to_owned(),
+            pid,
+            ..Default::default()
+        })
+        .await;
     }
 
     pub async fn paused(&self, id: &str) {

@@ -81,6 +81,11 @@ fn test_stall_op() -> Option<String> {
     (!op.is_empty() && op.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')).then_some(op)
 }
 
+/// containerd's signal number as the agent takes it.
+fn guest_signal(signal: u32) -> TtrpcResult<i32> {
+    i32::try_from(signal).map_err(|_| rpc_error(Code::INVALID_ARGUMENT, format!("bad signal number {signal}")))
+}
+
 /// Run blocking work on tokio's blocking pool; a panicked task becomes an INTERNAL error.
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> TtrpcResult<T> {
     tokio::task::spawn_blocking(f).await.map_err(|e| rpc_error(Code::INTERNAL, format!("blocking task failed: {e}")))
@@ -200,7 +205,9 @@ impl TaskService {
 
     /// The running sandbox (a cheap clone: the lock is never held beyond this call).
     fn sandbox(&self) -> TtrpcResult<Arc<Sandbox>> {
-        lock(&self.inner.sandbox).clone().ok_or_else(|| rpc_error(Code::FAILED_PRECONDITION, "the sandbox VM is not running"))
+        lock(&self.inner.sandbox)
+            .clone()
+            .ok_or_else(|| rpc_error(Code::FAILED_PRECONDITION, "the sandbox VM is not running"))
     }
 
     /// The agent of the running sandbox.
@@ -280,7 +287,7 @@ impl TaskService {
     /// says NOT_FOUND when the container's cgroup is gone; once the init has exited, a guest
     /// that is gone too (UNAVAILABLE) has nothing left to signal either.
     async fn kill_all(&self, id: &str, signal: u32, phase: Phase) -> TtrpcResult<api::Empty> {
-        let signal = i32::try_from(signal).map_err(|_| rpc_error(Code::INVALID_ARGUMENT, "bad signal number"))?;
+        let signal = guest_signal(signal)?;
         let agent = match self.agent() {
             Ok(agent) => agent,
             // The VM is gone with every process in it.
@@ -443,8 +450,12 @@ impl Task for TaskService {
         }
         // First, before any mount or share: released on every early return below.
         let reservation = IdReservation::take(&self.inner, &id)?;
-        let stdio =
-            StdioPaths { stdin: req.stdin.clone(), stdout: req.stdout.clone(), stderr: req.stderr.clone(), terminal: req.terminal };
+        let stdio = StdioPaths {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
         let bundle = PathBuf::from(&req.bundle);
         let rootfs = bundle.join("rootfs");
         let mounts: Vec<RootfsMount> = req
@@ -542,7 +553,8 @@ impl Task for TaskService {
             let id = id.clone();
             blocking(move || {
                 let pid = agent.start_container(spec).map_err(|e| agent_error("cannot start the container", &e))?;
-                let connected = io.connect(&agent, &id).map_err(|e| internal("cannot connect the container's stdio", &e));
+                let connected =
+                    io.connect(&agent, &id).map_err(|e| internal("cannot connect the container's stdio", &e));
                 Ok::<_, ttrpc::Error>((pid, io, connected))
             })
             .await?
@@ -616,10 +628,12 @@ impl Task for TaskService {
             Phase::Running => {}
         }
         let agent = self.agent()?;
-        let signal = i32::try_from(req.signal).map_err(|_| rpc_error(Code::INVALID_ARGUMENT, "bad signal number"))?;
+        let signal = guest_signal(req.signal)?;
         let id = req.id.clone();
         // A process that ended since the check above is NOT_FOUND from the agent.
-        blocking(move || agent.signal(&id, signal)).await?.map_err(|e| agent_error("cannot signal the container", &e))?;
+        blocking(move || agent.signal(&id, signal))
+            .await?
+            .map_err(|e| agent_error("cannot signal the container", &e))?;
         Ok(api::Empty::default())
     }
 
@@ -661,7 +675,12 @@ impl Task for TaskService {
         }
         self.teardown(c).await;
         self.inner.events.deleted(&req.id, pid, exit.status, &exit.at).await;
-        Ok(api::DeleteResponse { pid, exit_status: exit.status, exited_at: MessageField::some(exit.at), ..Default::default() })
+        Ok(api::DeleteResponse {
+            pid,
+            exit_status: exit.status,
+            exited_at: MessageField::some(exit.at),
+            ..Default::default()
+        })
     }
 
     async fn pids(&self, _ctx: &TtrpcContext, req: api::PidsRequest) -> TtrpcResult<api::PidsResponse> {
@@ -676,11 +695,15 @@ impl Task for TaskService {
             let id = req.id.clone();
             match blocking(move || agent.container_pids(&id)).await? {
                 Ok(all) => pids = all.into_iter().filter_map(|p| u32::try_from(p).ok()).collect(),
-                Err(e) => tracing::warn!(id = %req.id, error = %error_chain(&e), "cannot list the container's processes"),
+                Err(e) => {
+                    tracing::warn!(id = %req.id, error = %error_chain(&e), "cannot list the container's processes")
+                }
             }
         }
-        let processes =
-            pids.into_iter().map(|pid| containerd_shim_protos::types::task::ProcessInfo { pid, ..Default::default() }).collect();
+        let processes = pids
+            .into_iter()
+            .map(|pid| containerd_shim_protos::types::task::ProcessInfo { pid, ..Default::default() })
+            .collect();
         Ok(api::PidsResponse { processes, ..Default::default() })
     }
 

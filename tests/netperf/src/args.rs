@@ -74,9 +74,7 @@ pub fn parse(argv: &[String]) -> Result<Command, UsageError> {
     match args.as_slice() {
         [] => Err(usage("missing command")),
         ["-h" | "--help" | "help", ..] => Ok(Command::Help),
-        ["server", port] => Ok(Command::Server {
-            port: parse_port(port)?,
-        }),
+        ["server", port] => Ok(Command::Server { port: parse_port(port)? }),
         ["server", ..] => Err(usage("server takes exactly one argument: PORT")),
         ["client", host, port, test, rest @ ..] => parse_client(host, port, test, rest),
         ["client", ..] => Err(usage("client needs HOST PORT TEST")),
@@ -92,9 +90,7 @@ fn parse_client(host: &str, port: &str, test: &str, rest: &[&str]) -> Result<Com
     let mut size = None;
     for (name, value) in options {
         match name {
-            "--connect-timeout" => {
-                connect_timeout = parse_seconds(name, value, Duration::from_secs(3600))?
-            }
+            "--connect-timeout" => connect_timeout = parse_seconds(name, value, Duration::from_secs(3600))?,
             "--count" => count = Some(parse_bounded(name, value, 1, MAX_RR_COUNT)?),
             "--size" => size = Some(parse_bounded(name, value, 1, MAX_ECHO_SIZE)?),
             _ => return Err(usage(format!("unknown option {name}"))),
@@ -104,32 +100,15 @@ fn parse_client(host: &str, port: &str, test: &str, rest: &[&str]) -> Result<Com
         return Err(usage("--count and --size are options of rr only"));
     }
     let test = match (test, positional.as_slice()) {
-        ("send", [secs]) => Test::Send {
-            duration: parse_seconds("SECS", secs, MAX_DURATION)?,
-        },
-        ("recv", [secs]) => Test::Recv {
-            duration: parse_seconds("SECS", secs, MAX_DURATION)?,
-        },
-        ("send" | "recv", _) => {
-            return Err(usage(format!("{test} takes exactly one argument: SECS")))
-        }
-        ("rr", []) => Test::Rr {
-            count: count.unwrap_or(DEFAULT_RR_COUNT),
-            size: size.unwrap_or(DEFAULT_RR_SIZE),
-        },
+        ("send", [secs]) => Test::Send { duration: parse_seconds("SECS", secs, MAX_DURATION)? },
+        ("recv", [secs]) => Test::Recv { duration: parse_seconds("SECS", secs, MAX_DURATION)? },
+        ("send" | "recv", _) => return Err(usage(format!("{test} takes exactly one argument: SECS"))),
+        ("rr", []) => Test::Rr { count: count.unwrap_or(DEFAULT_RR_COUNT), size: size.unwrap_or(DEFAULT_RR_SIZE) },
         ("stop", []) => Test::Stop,
         ("rr" | "stop", _) => return Err(usage(format!("{test} takes no positional argument"))),
-        _ => {
-            return Err(usage(format!(
-                "unknown test {test:?} (send, recv, rr, stop)"
-            )))
-        }
+        _ => return Err(usage(format!("unknown test {test:?} (send, recv, rr, stop)"))),
     };
-    let target = Target {
-        host: host.to_owned(),
-        port,
-        connect_timeout,
-    };
+    let target = Target { host: host.to_owned(), port, connect_timeout };
     Ok(Command::Client { target, test })
 }
 
@@ -144,9 +123,7 @@ fn split_options<'a>(args: &[&'a str]) -> Result<SplitArgs<'a>, UsageError> {
         if let Some((name, value)) = arg.split_once('=').filter(|_| arg.starts_with("--")) {
             options.push((name, value));
         } else if arg.starts_with("--") {
-            let value = iter
-                .next()
-                .ok_or_else(|| usage(format!("{arg} needs a value")))?;
+            let value = iter.next().ok_or_else(|| usage(format!("{arg} needs a value")))?;
             options.push((arg, *value));
         } else {
             positional.push(arg);
@@ -164,12 +141,7 @@ fn parse_port(s: &str) -> Result<u16, UsageError> {
 
 /// Seconds (fractions allowed), more than zero and at most `max`.
 fn parse_seconds(name: &str, s: &str, max: Duration) -> Result<Duration, UsageError> {
-    let bad = || {
-        usage(format!(
-            "{name} {s:?} is not a number of seconds in (0, {}]",
-            max.as_secs()
-        ))
-    };
+    let bad = || usage(format!("{name} {s:?} is not a number of seconds in (0, {}]", max.as_secs()));
     let secs: f64 = s.parse().map_err(|_| bad())?;
     if !(secs > 0.0 && secs <= max.as_secs_f64()) {
         return Err(bad());
@@ -180,9 +152,7 @@ fn parse_seconds(name: &str, s: &str, max: Duration) -> Result<Duration, UsageEr
 fn parse_bounded(name: &str, s: &str, min: u32, max: u32) -> Result<u32, UsageError> {
     match s.parse::<u32>() {
         Ok(n) if (min..=max).contains(&n) => Ok(n),
-        _ => Err(usage(format!(
-            "{name} {s:?} is not a whole number in [{min}, {max}]"
-        ))),
+        _ => Err(usage(format!("{name} {s:?} is not a whole number in [{min}, {max}]"))),
     }
 }
 
@@ -205,13 +175,7 @@ mod tests {
     #[test]
     fn server_takes_a_port() {
         assert_eq!(parse_str("server 5201"), Ok(Command::Server { port: 5201 }));
-        for bad in [
-            "server",
-            "server 0",
-            "server 65536",
-            "server x",
-            "server 1 2",
-        ] {
+        for bad in ["server", "server 0", "server 65536", "server x", "server 1 2"] {
             assert!(parse_str(bad).is_err(), "{bad:?} parsed");
         }
     }
@@ -219,74 +183,23 @@ mod tests {
     #[test]
     fn send_and_recv_take_seconds() {
         let (target, test) = client("client 10.0.0.2 5201 send 10");
-        assert_eq!(
-            target,
-            Target {
-                host: "10.0.0.2".into(),
-                port: 5201,
-                connect_timeout: DEFAULT_CONNECT_TIMEOUT
-            }
-        );
-        assert_eq!(
-            test,
-            Test::Send {
-                duration: Duration::from_secs(10)
-            }
-        );
+        assert_eq!(target, Target { host: "10.0.0.2".into(), port: 5201, connect_timeout: DEFAULT_CONNECT_TIMEOUT });
+        assert_eq!(test, Test::Send { duration: Duration::from_secs(10) });
         let (_, test) = client("client h 1 recv 0.5");
-        assert_eq!(
-            test,
-            Test::Recv {
-                duration: Duration::from_millis(500)
-            }
-        );
-        for bad in [
-            "send",
-            "send 0",
-            "send -1",
-            "send x",
-            "send 1 2",
-            "send 3601",
-            "send NaN",
-            "recv inf",
-        ] {
-            assert!(
-                parse_str(&format!("client h 1 {bad}")).is_err(),
-                "{bad:?} parsed"
-            );
+        assert_eq!(test, Test::Recv { duration: Duration::from_millis(500) });
+        for bad in ["send", "send 0", "send -1", "send x", "send 1 2", "send 3601", "send NaN", "recv inf"] {
+            assert!(parse_str(&format!("client h 1 {bad}")).is_err(), "{bad:?} parsed");
         }
     }
 
     #[test]
     fn rr_has_defaults_and_bounded_options() {
         let (_, test) = client("client h 1 rr");
-        assert_eq!(
-            test,
-            Test::Rr {
-                count: DEFAULT_RR_COUNT,
-                size: DEFAULT_RR_SIZE
-            }
-        );
+        assert_eq!(test, Test::Rr { count: DEFAULT_RR_COUNT, size: DEFAULT_RR_SIZE });
         let (_, test) = client("client h 1 rr --count 20000 --size=1");
-        assert_eq!(
-            test,
-            Test::Rr {
-                count: 20000,
-                size: 1
-            }
-        );
-        for bad in [
-            "rr --count 0",
-            "rr --size 0",
-            "rr --size 2000000",
-            "rr --count",
-            "rr 5",
-            "rr --bogus 1",
-        ] {
-            assert!(
-                parse_str(&format!("client h 1 {bad}")).is_err(),
-                "{bad:?} parsed"
-            );
+        assert_eq!(test, Test::Rr { count: 20000, size: 1 });
+        for bad in ["rr --count 0", "rr --size 0", "rr --size 2000000", "rr --count", "rr 5", "rr --bogus 1"] {
+            assert!(parse_str(&format!("client h 1 {bad}")).is_err(), "{bad:?} parsed");
         }
     }
 

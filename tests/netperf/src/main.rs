@@ -34,10 +34,7 @@ pub struct Failure {
 
 impl Failure {
     pub fn new(what: impl Into<String>, cause: impl fmt::Display) -> Failure {
-        Failure {
-            what: what.into(),
-            cause: cause.to_string(),
-        }
+        Failure { what: what.into(), cause: cause.to_string() }
     }
 }
 
@@ -69,9 +66,7 @@ fn run(command: Command) -> Result<(), Failure> {
             let line = match test {
                 Test::Send { duration } => client::send(&target, duration)?.to_json("send"),
                 Test::Recv { duration } => client::recv(&target, duration)?.to_json("recv"),
-                Test::Rr { count, size } => {
-                    client::request_response(&target, count, size)?.to_json(size)
-                }
+                Test::Rr { count, size } => client::request_response(&target, count, size)?.to_json(size),
                 Test::Stop => {
                     client::stop(&target)?;
                     r#"{"test":"stop"}"#.to_owned()

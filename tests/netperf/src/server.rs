@@ -22,15 +22,12 @@ pub enum Served {
 
 /// Listen on `port` on every IPv4 address.
 pub fn listen(port: u16) -> Result<TcpListener, Failure> {
-    TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))
-        .or_failed(|| format!("listening on port {port}"))
+    TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).or_failed(|| format!("listening on port {port}"))
 }
 
 /// Serve connections until one asks to stop; then the process exits with status 0.
 pub fn serve(listener: TcpListener) -> Result<(), Failure> {
-    let local = listener
-        .local_addr()
-        .or_failed(|| "reading the listening address")?;
+    let local = listener.local_addr().or_failed(|| "reading the listening address")?;
     println!("tern-netperf: listening on {local}");
     io::stdout().flush().or_failed(|| "writing to stdout")?;
     for conn in listener.incoming() {
@@ -43,16 +40,12 @@ pub fn serve(listener: TcpListener) -> Result<(), Failure> {
                 continue;
             }
         };
-        let peer = stream
-            .peer_addr()
-            .map_or_else(|_| "?".to_owned(), |a| a.to_string());
-        let spawned = std::thread::Builder::new()
-            .name("conn".into())
-            .spawn(move || match handle(stream) {
-                Ok(Served::Done) => {}
-                Ok(Served::Stop) => std::process::exit(0),
-                Err(e) => eprintln!("tern-netperf: connection from {peer}: {e}"),
-            });
+        let peer = stream.peer_addr().map_or_else(|_| "?".to_owned(), |a| a.to_string());
+        let spawned = std::thread::Builder::new().name("conn".into()).spawn(move || match handle(stream) {
+            Ok(Served::Done) => {}
+            Ok(Served::Stop) => std::process::exit(0),
+            Err(e) => eprintln!("tern-netperf: connection from {peer}: {e}"),
+        });
         if let Err(e) = spawned {
             eprintln!("tern-netperf: starting a connection thread failed: {e}");
         }
@@ -62,30 +55,18 @@ pub fn serve(listener: TcpListener) -> Result<(), Failure> {
 
 /// Serve one connection.
 pub fn handle(mut stream: TcpStream) -> Result<Served, Failure> {
-    stream
-        .set_read_timeout(Some(IDLE_TIMEOUT))
-        .or_failed(|| "setting a read timeout")?;
-    stream
-        .set_write_timeout(Some(IDLE_TIMEOUT))
-        .or_failed(|| "setting a write timeout")?;
+    stream.set_read_timeout(Some(IDLE_TIMEOUT)).or_failed(|| "setting a read timeout")?;
+    stream.set_write_timeout(Some(IDLE_TIMEOUT)).or_failed(|| "setting a write timeout")?;
     let mut first = [0u8; 1];
-    stream
-        .read_exact(&mut first)
-        .or_failed(|| "reading the mode")?;
-    let mode = Mode::from_byte(first[0]).ok_or_else(|| {
-        Failure::new(
-            "reading the mode",
-            format!("unknown mode byte {:#04x}", first[0]),
-        )
-    })?;
+    stream.read_exact(&mut first).or_failed(|| "reading the mode")?;
+    let mode = Mode::from_byte(first[0])
+        .ok_or_else(|| Failure::new("reading the mode", format!("unknown mode byte {:#04x}", first[0])))?;
     match mode {
         Mode::Sink => sink(&mut stream)?,
         Mode::Source => source(&mut stream)?,
         Mode::Echo => echo(&mut stream)?,
         Mode::Stop => {
-            stream
-                .write_all(&[Mode::Stop.byte()])
-                .or_failed(|| "acknowledging stop")?;
+            stream.write_all(&[Mode::Stop.byte()]).or_failed(|| "acknowledging stop")?;
             return Ok(Served::Stop);
         }
     }
@@ -103,25 +84,18 @@ fn sink(stream: &mut TcpStream) -> Result<(), Failure> {
             Err(e) => return Err(Failure::new("sink: reading", e)),
         }
     }
-    stream
-        .write_all(&total.to_le_bytes())
-        .or_failed(|| "sink: sending the byte count")
+    stream.write_all(&total.to_le_bytes()).or_failed(|| "sink: sending the byte count")
 }
 
 fn source(stream: &mut TcpStream) -> Result<(), Failure> {
     let mut request = [0u8; 8];
-    stream
-        .read_exact(&mut request)
-        .or_failed(|| "source: reading the duration")?;
+    stream.read_exact(&mut request).or_failed(|| "source: reading the duration")?;
     let millis = u64::from_le_bytes(request);
     let duration = Duration::from_millis(millis);
     if duration.is_zero() || duration > MAX_DURATION {
         return Err(Failure::new(
             "source",
-            format!(
-                "duration {millis} ms is not in (0, {}] s",
-                MAX_DURATION.as_secs()
-            ),
+            format!("duration {millis} ms is not in (0, {}] s", MAX_DURATION.as_secs()),
         ));
     }
     let buf = pattern(BUFFER_LEN);
@@ -129,25 +103,16 @@ fn source(stream: &mut TcpStream) -> Result<(), Failure> {
     while Instant::now() < end {
         stream.write_all(&buf).or_failed(|| "source: writing")?;
     }
-    stream
-        .shutdown(Shutdown::Write)
-        .or_failed(|| "source: closing")
+    stream.shutdown(Shutdown::Write).or_failed(|| "source: closing")
 }
 
 fn echo(stream: &mut TcpStream) -> Result<(), Failure> {
-    stream
-        .set_nodelay(true)
-        .or_failed(|| "echo: setting TCP_NODELAY")?;
+    stream.set_nodelay(true).or_failed(|| "echo: setting TCP_NODELAY")?;
     let mut request = [0u8; 4];
-    stream
-        .read_exact(&mut request)
-        .or_failed(|| "echo: reading the size")?;
+    stream.read_exact(&mut request).or_failed(|| "echo: reading the size")?;
     let size = u32::from_le_bytes(request);
     if !(1..=MAX_ECHO_SIZE).contains(&size) {
-        return Err(Failure::new(
-            "echo",
-            format!("message size {size} is not in [1, {MAX_ECHO_SIZE}]"),
-        ));
+        return Err(Failure::new("echo", format!("message size {size} is not in [1, {MAX_ECHO_SIZE}]")));
     }
     let mut buf = vec![0u8; size as usize];
     while read_message(stream, &mut buf).or_failed(|| "echo: reading")? {
@@ -200,11 +165,7 @@ mod tests {
         use std::net::TcpListener;
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let requests: [&[u8]; 3] = [
-            b"x",
-            &[b'e', 0, 0, 0, 0x10],
-            &[b'r', 0, 0, 0, 0, 0, 0, 0, 0],
-        ];
+        let requests: [&[u8]; 3] = [b"x", &[b'e', 0, 0, 0, 0x10], &[b'r', 0, 0, 0, 0, 0, 0, 0, 0]];
         for request in requests {
             let mut client = TcpStream::connect(addr).expect("connect");
             client.write_all(request).expect("write");

@@ -109,10 +109,7 @@ mod tests {
     fn latency_summary_sorts_and_averages() {
         let mut samples = vec![4000, 1000, 3000, 2000];
         let l = Latency::from_samples(&mut samples).expect("samples");
-        assert_eq!(
-            (l.count, l.p50_ns, l.p99_ns, l.min_ns, l.max_ns),
-            (4, 2000, 4000, 1000, 4000)
-        );
+        assert_eq!((l.count, l.p50_ns, l.p99_ns, l.min_ns, l.max_ns), (4, 2000, 4000, 1000, 4000));
         assert!((l.mean_ns - 2500.0).abs() < 1e-9);
         assert_eq!(
             l.to_json(64),
@@ -123,22 +120,9 @@ mod tests {
 
     #[test]
     fn throughput_is_decimal_gigabits() {
-        let t = Throughput {
-            bytes: 1_250_000_000,
-            elapsed: Duration::from_secs(2),
-        };
+        let t = Throughput { bytes: 1_250_000_000, elapsed: Duration::from_secs(2) };
         assert!((t.gbit_s() - 5.0).abs() < 1e-9);
-        assert_eq!(
-            t.to_json("send"),
-            r#"{"test":"send","bytes":1250000000,"seconds":2.000000,"gbit_s":5.000000}"#
-        );
-        assert_eq!(
-            Throughput {
-                bytes: 5,
-                elapsed: Duration::ZERO
-            }
-            .gbit_s(),
-            0.0
-        );
+        assert_eq!(t.to_json("send"), r#"{"test":"send","bytes":1250000000,"seconds":2.000000,"gbit_s":5.000000}"#);
+        assert_eq!(Throughput { bytes: 5, elapsed: Duration::ZERO }.gbit_s(), 0.0);
     }
 }

@@ -41,12 +41,7 @@ pub enum CmdlineError {
 pub fn build_cmdline(devices: &[MmioDeviceSlot], extra: &str) -> Result<Cmdline, CmdlineError> {
     let mut text = String::from(DEFAULT_CMDLINE);
     for device in devices {
-        text.push_str(&format!(
-            " virtio_mmio.device={}K@0x{:x}:{}",
-            device.size / 1024,
-            device.base,
-            device.irq
-        ));
+        text.push_str(&format!(" virtio_mmio.device={}K@0x{:x}:{}", device.size / 1024, device.base, device.irq));
     }
     let extra = extra.trim();
     if !extra.is_empty() {
@@ -59,10 +54,7 @@ pub fn build_cmdline(devices: &[MmioDeviceSlot], extra: &str) -> Result<Cmdline,
     // One byte of the buffer holds the terminating NUL.
     let limit = CMDLINE_CAPACITY - 1;
     if text.len() > limit {
-        return Err(CmdlineError::TooLong {
-            len: text.len(),
-            limit,
-        });
+        return Err(CmdlineError::TooLong { len: text.len(), limit });
     }
     Cmdline::try_from(&text, CMDLINE_CAPACITY).map_err(|err| CmdlineError::Invalid(text, err))
 }
@@ -78,16 +70,8 @@ mod tests {
     #[test]
     fn defaults_devices_then_extra() {
         let devices = [
-            MmioDeviceSlot {
-                base: 0xd000_0000,
-                size: 0x1000,
-                irq: 5,
-            },
-            MmioDeviceSlot {
-                base: 0xd000_1000,
-                size: 0x1000,
-                irq: 6,
-            },
+            MmioDeviceSlot { base: 0xd000_0000, size: 0x1000, irq: 5 },
+            MmioDeviceSlot { base: 0xd000_1000, size: 0x1000, irq: 6 },
         ];
         let cmdline = build_cmdline(&devices, " init=/init ").unwrap();
         assert_eq!(
@@ -108,18 +92,9 @@ mod tests {
     #[test]
     fn rejects_overlong_and_invalid_lines() {
         let long = "x".repeat(CMDLINE_CAPACITY);
-        assert!(matches!(
-            build_cmdline(&[], &long),
-            Err(CmdlineError::TooLong { .. })
-        ));
-        assert!(matches!(
-            build_cmdline(&[], "bad\u{7}char"),
-            Err(CmdlineError::InvalidCharacter { .. })
-        ));
-        assert!(matches!(
-            build_cmdline(&[], "nul\0byte"),
-            Err(CmdlineError::InvalidCharacter { .. })
-        ));
+        assert!(matches!(build_cmdline(&[], &long), Err(CmdlineError::TooLong { .. })));
+        assert!(matches!(build_cmdline(&[], "bad\u{7}char"), Err(CmdlineError::InvalidCharacter { .. })));
+        assert!(matches!(build_cmdline(&[], "nul\0byte"), Err(CmdlineError::InvalidCharacter { .. })));
     }
 
     #[test]

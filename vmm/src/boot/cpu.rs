@@ -129,11 +129,7 @@ pub fn vcpu_cpuid(supported: &CpuId, options: &CpuidOptions) -> CpuId {
 
 /// The MSRs every vCPU boots with.
 pub fn boot_msrs() -> Vec<kvm_msr_entry> {
-    let msr = |index, data| kvm_msr_entry {
-        index,
-        data,
-        ..Default::default()
-    };
+    let msr = |index, data| kvm_msr_entry { index, data, ..Default::default() };
     vec![
         msr(MSR_IA32_SYSENTER_CS, 0),
         msr(MSR_IA32_SYSENTER_ESP, 0),
@@ -163,16 +159,9 @@ fn set_lapic_reg(lapic: &mut kvm_lapic_state, offset: usize, value: u32) {
 /// `current` with LINT0 delivering ExtINT (the 8259) and LINT1 delivering NMI, as on a PC.
 pub fn lapic_with_lint_pins(current: &kvm_lapic_state) -> kvm_lapic_state {
     let mut lapic = *current;
-    for (offset, mode) in [
-        (APIC_LVT_LINT0, APIC_MODE_EXTINT),
-        (APIC_LVT_LINT1, APIC_MODE_NMI),
-    ] {
+    for (offset, mode) in [(APIC_LVT_LINT0, APIC_MODE_EXTINT), (APIC_LVT_LINT1, APIC_MODE_NMI)] {
         let value = lapic_reg(&lapic, offset);
-        set_lapic_reg(
-            &mut lapic,
-            offset,
-            (value & !APIC_DELIVERY_MODE_MASK) | (mode << 8),
-        );
+        set_lapic_reg(&mut lapic, offset, (value & !APIC_DELIVERY_MODE_MASK) | (mode << 8));
     }
     lapic
 }
@@ -182,11 +171,7 @@ mod tests {
     use super::*;
 
     fn entry(function: u32, index: u32) -> kvm_cpuid_entry2 {
-        kvm_cpuid_entry2 {
-            function,
-            index,
-            ..Default::default()
-        }
+        kvm_cpuid_entry2 { function, index, ..Default::default() }
     }
 
     fn supported() -> CpuId {
@@ -211,19 +196,11 @@ mod tests {
     }
 
     fn options(apic_id: u8, num_cpus: u8) -> CpuidOptions {
-        CpuidOptions {
-            apic_id,
-            num_cpus,
-            tsc_deadline_timer: true,
-        }
+        CpuidOptions { apic_id, num_cpus, tsc_deadline_timer: true }
     }
 
     fn find(cpuid: &CpuId, function: u32, index: u32) -> kvm_cpuid_entry2 {
-        *cpuid
-            .as_slice()
-            .iter()
-            .find(|e| e.function == function && e.index == index)
-            .unwrap()
+        *cpuid.as_slice().iter().find(|e| e.function == function && e.index == index).unwrap()
     }
 
     #[test]
@@ -236,11 +213,7 @@ mod tests {
         assert_ne!(leaf1.ecx & ECX_HYPERVISOR, 0);
         assert_ne!(leaf1.edx & EDX_HTT, 0);
         assert_ne!(leaf1.ecx & ECX_TSC_DEADLINE, 0);
-        let single = CpuidOptions {
-            apic_id: 0,
-            num_cpus: 1,
-            tsc_deadline_timer: false,
-        };
+        let single = CpuidOptions { apic_id: 0, num_cpus: 1, tsc_deadline_timer: false };
         let single = find(&vcpu_cpuid(&supported(), &single), LEAF_FEATURES, 0);
         assert_eq!(single.edx & EDX_HTT, 0);
         assert_eq!(single.ecx & ECX_TSC_DEADLINE, 0);
@@ -250,10 +223,7 @@ mod tests {
     fn extended_topology_describes_one_core_per_vcpu() {
         let cpuid = vcpu_cpuid(&supported(), &options(2, 3));
         let smt = find(&cpuid, LEAF_EXTENDED_TOPOLOGY, 0);
-        assert_eq!(
-            (smt.eax, smt.ebx, smt.ecx >> 8, smt.edx),
-            (0, 1, LEVEL_TYPE_SMT, 2)
-        );
+        assert_eq!((smt.eax, smt.ebx, smt.ecx >> 8, smt.edx), (0, 1, LEVEL_TYPE_SMT, 2));
         let core = find(&cpuid, LEAF_EXTENDED_TOPOLOGY, 1);
         assert_eq!((core.eax, core.ebx, core.ecx, core.edx), (2, 3, 0x201, 2));
         let end = find(&cpuid, LEAF_EXTENDED_TOPOLOGY, 2);
@@ -266,10 +236,7 @@ mod tests {
         let l1 = find(&cpuid, LEAF_CACHE_PARAMETERS, 0);
         assert_eq!((l1.eax >> 26, (l1.eax >> 14) & 0xfff), (1, 0));
         let l3 = find(&cpuid, LEAF_CACHE_PARAMETERS, 3);
-        assert_eq!(
-            (l3.eax >> 26, (l3.eax >> 14) & 0xfff, l3.eax & 0x3fff),
-            (1, 1, (3 << 5) | 3)
-        );
+        assert_eq!((l3.eax >> 26, (l3.eax >> 14) & 0xfff, l3.eax & 0x3fff), (1, 1, (3 << 5) | 3));
         assert_eq!(find(&cpuid, LEAF_CACHE_PARAMETERS, 4).eax, 0);
         assert_eq!(find(&cpuid, LEAF_AMD_ADDRESS_SIZES, 0).ecx & 0xff, 1);
         assert_eq!(find(&cpuid, LEAF_AMD_EXTENDED_APIC_ID, 0).eax, 1);

@@ -12,8 +12,8 @@ use linux_loader::loader::bootparam::setup_header;
 use linux_loader::loader::{BzImage, Elf, KernelLoader};
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::layout::{HIMEM_START, MMIO_GAP_START, PAGE_SIZE};
 use super::zero_page::InitrdPlacement;
+use crate::layout::{HIMEM_START, MMIO_GAP_START, PAGE_SIZE};
 use crate::memory::GuestMemory;
 
 const ELF_MAGIC: &[u8; 4] = b"\x7fELF";
@@ -66,11 +66,7 @@ pub enum LoaderError {
         "initramfs {path} ({size} bytes) does not fit in guest memory: \
          {available} bytes free between the kernel and the initramfs ceiling; give the VM more memory"
     )]
-    InitrdTooLarge {
-        path: String,
-        size: u64,
-        available: u64,
-    },
+    InitrdTooLarge { path: String, size: u64, available: u64 },
 }
 
 /// A kernel in guest memory.
@@ -102,9 +98,7 @@ pub fn detect_format(head: &[u8]) -> Option<KernelFormat> {
 
 fn read_head(file: &mut File) -> std::io::Result<Vec<u8>> {
     let mut head = Vec::with_capacity(HDRS_OFFSET + 4);
-    file.by_ref()
-        .take((HDRS_OFFSET + 4) as u64)
-        .read_to_end(&mut head)?;
+    file.by_ref().take((HDRS_OFFSET + 4) as u64).read_to_end(&mut head)?;
     file.seek(SeekFrom::Start(0))?;
     Ok(head)
 }
@@ -116,20 +110,11 @@ fn align_up(value: u64, align: u64) -> u64 {
 /// Load the kernel at `path` into `mem`.
 pub fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<LoadedKernel, LoaderError> {
     let display = path.display().to_string();
-    let io_error = |source| LoaderError::KernelIo {
-        path: display.clone(),
-        source,
-    };
+    let io_error = |source| LoaderError::KernelIo { path: display.clone(), source };
     let mut file = File::open(path).map_err(io_error)?;
     let head = read_head(&mut file).map_err(io_error)?;
-    let format = detect_format(&head).ok_or_else(|| LoaderError::UnknownKernelFormat {
-        path: display.clone(),
-    })?;
-    let load_error = |source| LoaderError::Kernel {
-        path: display.clone(),
-        format,
-        source,
-    };
+    let format = detect_format(&head).ok_or_else(|| LoaderError::UnknownKernelFormat { path: display.clone() })?;
+    let load_error = |source| LoaderError::Kernel { path: display.clone(), format, source };
     let himem = Some(GuestAddress(HIMEM_START));
 
     match format {
@@ -144,8 +129,7 @@ pub fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<LoadedKernel, Loade
             })
         }
         KernelFormat::BzImage => {
-            let result = BzImage::load(mem, Some(GuestAddress(HIMEM_START)), &mut file, himem)
-                .map_err(load_error)?;
+            let result = BzImage::load(mem, Some(GuestAddress(HIMEM_START)), &mut file, himem).map_err(load_error)?;
             let header = result.setup_header.unwrap_or_default();
             // The decompressor unpacks into `init_size` bytes at the kernel's preferred
             // address (or where it was loaded, if relocatable and lower); keep the initramfs
@@ -172,9 +156,7 @@ pub fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<LoadedKernel, Loade
 /// ends below both `ram_end` (exclusive) and the kernel's `initrd_addr_max` (inclusive),
 /// without dipping into the kernel. `None` if it does not fit.
 pub fn place_initrd(size: u64, kernel: &LoadedKernel, ram_end: u64) -> Option<u64> {
-    let ceiling = ram_end
-        .min(kernel.initrd_addr_max.saturating_add(1))
-        .min(MMIO_GAP_START);
+    let ceiling = ram_end.min(kernel.initrd_addr_max.saturating_add(1)).min(MMIO_GAP_START);
     let start = ceiling.checked_sub(size)? / PAGE_SIZE * PAGE_SIZE;
     (start >= align_up(kernel.end, PAGE_SIZE)).then_some(start)
 }
@@ -187,10 +169,7 @@ pub fn load_initrd(
     ram_end: u64,
 ) -> Result<InitrdPlacement, LoaderError> {
     let display = path.display().to_string();
-    let io_error = |source| LoaderError::InitrdIo {
-        path: display.clone(),
-        source,
-    };
+    let io_error = |source| LoaderError::InitrdIo { path: display.clone(), source };
     let mut file = File::open(path).map_err(io_error)?;
     let size = file.metadata().map_err(io_error)?.len();
     let too_large = || LoaderError::InitrdTooLarge {
@@ -202,17 +181,10 @@ pub fn load_initrd(
     };
     let size32 = u32::try_from(size).map_err(|_| too_large())?;
     let addr = place_initrd(size, kernel, ram_end).ok_or_else(too_large)?;
-    mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
-        .map_err(|err| match err {
-            vm_memory::GuestMemoryError::IOError(source) => LoaderError::InitrdIo {
-                path: display.clone(),
-                source,
-            },
-            other => LoaderError::InitrdIo {
-                path: display.clone(),
-                source: std::io::Error::other(other),
-            },
-        })?;
+    mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize).map_err(|err| match err {
+        vm_memory::GuestMemoryError::IOError(source) => LoaderError::InitrdIo { path: display.clone(), source },
+        other => LoaderError::InitrdIo { path: display.clone(), source: std::io::Error::other(other) },
+    })?;
     Ok(InitrdPlacement { addr, size: size32 })
 }
 
@@ -249,10 +221,7 @@ mod tests {
 
     #[test]
     fn detects_formats_by_magic() {
-        assert_eq!(
-            detect_format(b"\x7fELF\x02\x01\x01"),
-            Some(KernelFormat::Elf)
-        );
+        assert_eq!(detect_format(b"\x7fELF\x02\x01\x01"), Some(KernelFormat::Elf));
         assert_eq!(detect_format(&bzimage_head()), Some(KernelFormat::BzImage));
         assert_eq!(detect_format(b"MZ this is not a kernel"), None);
         assert_eq!(detect_format(&[]), None);
@@ -269,26 +238,14 @@ mod tests {
     fn garbage_kernel_is_an_unknown_format() {
         let file = file_with(&[0x55u8; 4096]);
         let err = load_kernel(&memory(64), file.path()).unwrap_err();
-        assert!(
-            matches!(err, LoaderError::UnknownKernelFormat { .. }),
-            "{err:?}"
-        );
+        assert!(matches!(err, LoaderError::UnknownKernelFormat { .. }), "{err:?}");
     }
 
     #[test]
     fn truncated_elf_is_a_load_error() {
         let file = file_with(b"\x7fELF\x02\x01\x01\x00");
         let err = load_kernel(&memory(64), file.path()).unwrap_err();
-        assert!(
-            matches!(
-                err,
-                LoaderError::Kernel {
-                    format: KernelFormat::Elf,
-                    ..
-                }
-            ),
-            "{err:?}"
-        );
+        assert!(matches!(err, LoaderError::Kernel { format: KernelFormat::Elf, .. }), "{err:?}");
     }
 
     #[test]
@@ -296,16 +253,7 @@ mod tests {
         // "HdrS" but no LOADED_HIGH flag and a zero version: not a loadable bzImage.
         let file = file_with(&bzimage_head());
         let err = load_kernel(&memory(64), file.path()).unwrap_err();
-        assert!(
-            matches!(
-                err,
-                LoaderError::Kernel {
-                    format: KernelFormat::BzImage,
-                    ..
-                }
-            ),
-            "{err:?}"
-        );
+        assert!(matches!(err, LoaderError::Kernel { format: KernelFormat::BzImage, .. }), "{err:?}");
     }
 
     #[test]
@@ -317,16 +265,7 @@ mod tests {
         image[0x214..0x218].copy_from_slice(&(HIMEM_START as u32).to_le_bytes());
         let file = file_with(&image);
         let err = load_kernel(&memory(64), file.path()).unwrap_err();
-        assert!(
-            matches!(
-                err,
-                LoaderError::Kernel {
-                    format: KernelFormat::BzImage,
-                    ..
-                }
-            ),
-            "{err:?}"
-        );
+        assert!(matches!(err, LoaderError::Kernel { format: KernelFormat::BzImage, .. }), "{err:?}");
     }
 
     #[test]
@@ -361,9 +300,7 @@ mod tests {
         let kernel = elf_kernel(63 << 20);
         let err = load_initrd(&memory(64), file.path(), &kernel, 64 << 20).unwrap_err();
         match err {
-            LoaderError::InitrdTooLarge {
-                size, available, ..
-            } => {
+            LoaderError::InitrdTooLarge { size, available, .. } => {
                 assert_eq!(size, 2 << 20);
                 assert_eq!(available, 1 << 20);
             }
@@ -378,8 +315,7 @@ mod tests {
         let mem = memory(64);
         let placement = load_initrd(&mem, file.path(), &kernel, 64 << 20).unwrap();
         let mut buf = [0u8; 6];
-        mem.read_slice(&mut buf, GuestAddress(placement.addr))
-            .unwrap();
+        mem.read_slice(&mut buf, GuestAddress(placement.addr)).unwrap();
         assert_eq!(&buf, b"070701");
         assert_eq!(placement.size, 17);
     }

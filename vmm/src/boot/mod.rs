@@ -73,12 +73,7 @@ pub fn prepare_guest_memory(
 ) -> Result<BootEntry, BootError> {
     let kernel: LoadedKernel = loader::load_kernel(mem, kernel_path)?;
     let initrd = match initrd_path {
-        Some(path) => Some(loader::load_initrd(
-            mem,
-            path,
-            &kernel,
-            ram_end_below_gap(mem),
-        )?),
+        Some(path) => Some(loader::load_initrd(mem, path, &kernel, ram_end_below_gap(mem))?),
         None => None,
     };
 
@@ -89,14 +84,10 @@ pub fn prepare_guest_memory(
     if let Some(header) = &kernel.setup_header {
         let limit = { header.cmdline_size };
         if { header.version } >= BOOT_PROTOCOL_CMDLINE_SIZE && cmdline_len > limit as usize {
-            return Err(BootError::CmdlineTooLongForKernel {
-                len: cmdline_len,
-                limit,
-            });
+            return Err(BootError::CmdlineTooLongForKernel { len: cmdline_len, limit });
         }
     }
-    linux_loader::loader::load_cmdline(mem, GuestAddress(CMDLINE_ADDR), cmdline)
-        .map_err(BootError::CmdlineWrite)?;
+    linux_loader::loader::load_cmdline(mem, GuestAddress(CMDLINE_ADDR), cmdline).map_err(BootError::CmdlineWrite)?;
 
     let e820 = zero_page::build_e820(&ram_regions(mem));
     let params = zero_page::build_boot_params(&ZeroPageInput {
@@ -110,11 +101,7 @@ pub fn prepare_guest_memory(
     regs::write_gdt_and_idt(mem)?;
     regs::write_identity_page_tables(mem)?;
 
-    Ok(BootEntry {
-        entry: kernel.entry,
-        format: kernel.format,
-        initrd,
-    })
+    Ok(BootEntry { entry: kernel.entry, format: kernel.format, initrd })
 }
 
 /// The boot state of vCPU `index` of `num_cpus`: CPUID from what KVM supports, the boot MSRs,
@@ -127,11 +114,7 @@ pub fn vcpu_boot_state(
     num_cpus: u8,
     entry: Option<u64>,
 ) -> VcpuBootState {
-    let options = cpu::CpuidOptions {
-        apic_id: index,
-        num_cpus,
-        tsc_deadline_timer: kvm.has_tsc_deadline_timer(),
-    };
+    let options = cpu::CpuidOptions { apic_id: index, num_cpus, tsc_deadline_timer: kvm.has_tsc_deadline_timer() };
     VcpuBootState {
         cpuid: cpu::vcpu_cpuid(supported_cpuid, &options),
         msrs: cpu::boot_msrs(),

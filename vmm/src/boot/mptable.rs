@@ -62,11 +62,7 @@ pub fn build_mptable(num_cpus: u8, base: u64) -> Result<Vec<u8>, MpTableError> {
     let mut entry_count: u16 = 0;
 
     for apic_id in 0..num_cpus {
-        let flags = if apic_id == 0 {
-            CPU_ENABLED | CPU_BOOTSTRAP
-        } else {
-            CPU_ENABLED
-        };
+        let flags = if apic_id == 0 { CPU_ENABLED | CPU_BOOTSTRAP } else { CPU_ENABLED };
         entries.extend_from_slice(&[ENTRY_PROCESSOR, apic_id, LAPIC_VERSION, flags]);
         entries.extend_from_slice(&CPU_SIGNATURE.to_le_bytes());
         entries.extend_from_slice(&CPU_FEATURES.to_le_bytes());
@@ -129,8 +125,7 @@ pub fn write_mptable(mem: &GuestMemory, num_cpus: u8) -> Result<(), MpTableError
     let table = build_mptable(num_cpus, EBDA_START)?;
     // MAX_VCPUS is chosen so this holds; keep it checked where the two meet.
     debug_assert!(EBDA_START + table.len() as u64 <= EBDA_END);
-    mem.write_slice(&table, GuestAddress(EBDA_START))
-        .map_err(MpTableError::Write)
+    mem.write_slice(&table, GuestAddress(EBDA_START)).map_err(MpTableError::Write)
 }
 
 #[cfg(test)]
@@ -153,16 +148,8 @@ mod tests {
     fn checksums_balance() {
         for cpus in [1, 2, 7, MAX_VCPUS] {
             let table = build_mptable(cpus, EBDA_START).unwrap();
-            assert_eq!(
-                sum(&table[..FLOATING_POINTER_LEN]),
-                0,
-                "floating pointer, {cpus} cpus"
-            );
-            assert_eq!(
-                sum(&table[FLOATING_POINTER_LEN..]),
-                0,
-                "config table, {cpus} cpus"
-            );
+            assert_eq!(sum(&table[..FLOATING_POINTER_LEN]), 0, "floating pointer, {cpus} cpus");
+            assert_eq!(sum(&table[FLOATING_POINTER_LEN..]), 0, "config table, {cpus} cpus");
         }
     }
 
@@ -192,10 +179,7 @@ mod tests {
         let ioapic = &entries[3 * PROCESSOR_ENTRY_LEN + SMALL_ENTRY_LEN..];
         assert_eq!(ioapic[0], ENTRY_IOAPIC);
         assert_eq!(ioapic[1], 3);
-        assert_eq!(
-            u32::from_le_bytes(ioapic[4..8].try_into().unwrap()),
-            0xfec0_0000
-        );
+        assert_eq!(u32::from_le_bytes(ioapic[4..8].try_into().unwrap()), 0xfec0_0000);
     }
 
     #[test]
@@ -206,14 +190,8 @@ mod tests {
 
     #[test]
     fn rejects_bad_vcpu_counts() {
-        assert!(matches!(
-            build_mptable(0, EBDA_START),
-            Err(MpTableError::VcpuCount(0))
-        ));
-        assert!(matches!(
-            build_mptable(MAX_VCPUS + 1, EBDA_START),
-            Err(MpTableError::VcpuCount(_))
-        ));
+        assert!(matches!(build_mptable(0, EBDA_START), Err(MpTableError::VcpuCount(0))));
+        assert!(matches!(build_mptable(MAX_VCPUS + 1, EBDA_START), Err(MpTableError::VcpuCount(_))));
     }
 
     #[test]
@@ -221,8 +199,7 @@ mod tests {
         let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         write_mptable(&mem, 2).unwrap();
         let mut signature = [0u8; 4];
-        mem.read_slice(&mut signature, GuestAddress(EBDA_START))
-            .unwrap();
+        mem.read_slice(&mut signature, GuestAddress(EBDA_START)).unwrap();
         assert_eq!(&signature, b"_MP_");
     }
 }

@@ -6,9 +6,7 @@
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, kvm_sregs};
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::layout::{
-    BOOT_STACK_POINTER, GDT_ADDR, IDT_ADDR, PDPT_ADDR, PD_ADDR, PML4_ADDR, ZERO_PAGE_ADDR,
-};
+use crate::layout::{BOOT_STACK_POINTER, GDT_ADDR, IDT_ADDR, PDPT_ADDR, PD_ADDR, PML4_ADDR, ZERO_PAGE_ADDR};
 use crate::memory::GuestMemory;
 
 const CR0_PE: u64 = 1 << 0;
@@ -29,12 +27,8 @@ const FPU_CONTROL_WORD: u16 = 0x37f;
 const MXCSR_DEFAULT: u32 = 0x1f80;
 
 /// The boot GDT: null, 64-bit code, data, TSS (all flat). Selectors are `index * 8`.
-pub const BOOT_GDT: [u64; 4] = [
-    gdt_entry(0, 0, 0),
-    gdt_entry(0xa09b, 0, 0xfffff),
-    gdt_entry(0xc093, 0, 0xfffff),
-    gdt_entry(0x808b, 0, 0xfffff),
-];
+pub const BOOT_GDT: [u64; 4] =
+    [gdt_entry(0, 0, 0), gdt_entry(0xa09b, 0, 0xfffff), gdt_entry(0xc093, 0, 0xfffff), gdt_entry(0x808b, 0, 0xfffff)];
 const CODE_INDEX: u16 = 1;
 const DATA_INDEX: u16 = 2;
 const TSS_INDEX: u16 = 3;
@@ -66,11 +60,7 @@ pub fn segment_from_gdt(entry: u64, index: u16) -> kvm_segment {
     let raw_limit = ((entry & 0xffff) | ((entry >> 32) & 0x000f_0000)) as u32;
     let granularity = ((entry >> 55) & 1) as u8;
     // With 4 KiB granularity the limit counts pages; KVM wants it in bytes.
-    let limit = if granularity == 1 {
-        (raw_limit << 12) | 0xfff
-    } else {
-        raw_limit
-    };
+    let limit = if granularity == 1 { (raw_limit << 12) | 0xfff } else { raw_limit };
     kvm_segment {
         base,
         limit,
@@ -91,26 +81,20 @@ pub fn segment_from_gdt(entry: u64, index: u16) -> kvm_segment {
 /// Write the boot GDT and an empty IDT.
 pub fn write_gdt_and_idt(mem: &GuestMemory) -> Result<(), RegsError> {
     for (index, entry) in BOOT_GDT.iter().enumerate() {
-        mem.write_obj(*entry, GuestAddress(GDT_ADDR + 8 * index as u64))
-            .map_err(|err| RegsError::Write("GDT", err))?;
+        mem.write_obj(*entry, GuestAddress(GDT_ADDR + 8 * index as u64)).map_err(|err| RegsError::Write("GDT", err))?;
     }
-    mem.write_obj(0u64, GuestAddress(IDT_ADDR))
-        .map_err(|err| RegsError::Write("IDT", err))
+    mem.write_obj(0u64, GuestAddress(IDT_ADDR)).map_err(|err| RegsError::Write("IDT", err))
 }
 
 /// Write page tables identity-mapping [0, 1 GiB) with 2 MiB pages.
 pub fn write_identity_page_tables(mem: &GuestMemory) -> Result<(), RegsError> {
     let write = |value: u64, addr: u64| {
-        mem.write_obj(value, GuestAddress(addr))
-            .map_err(|err| RegsError::Write("page tables", err))
+        mem.write_obj(value, GuestAddress(addr)).map_err(|err| RegsError::Write("page tables", err))
     };
     write(PDPT_ADDR | PTE_PRESENT_WRITABLE, PML4_ADDR)?;
     write(PD_ADDR | PTE_PRESENT_WRITABLE, PDPT_ADDR)?;
     for index in 0..512u64 {
-        write(
-            (index << 21) | PDE_HUGE_PAGE | PTE_PRESENT_WRITABLE,
-            PD_ADDR + index * 8,
-        )?;
+        write((index << 21) | PDE_HUGE_PAGE | PTE_PRESENT_WRITABLE, PD_ADDR + index * 8)?;
     }
     Ok(())
 }
@@ -156,11 +140,7 @@ pub fn boot_regs(entry: u64) -> kvm_regs {
 
 /// The FPU as after FINIT, SSE exceptions masked.
 pub fn boot_fpu() -> kvm_fpu {
-    kvm_fpu {
-        fcw: FPU_CONTROL_WORD,
-        mxcsr: MXCSR_DEFAULT,
-        ..Default::default()
-    }
+    kvm_fpu { fcw: FPU_CONTROL_WORD, mxcsr: MXCSR_DEFAULT, ..Default::default() }
 }
 
 #[cfg(test)]
@@ -172,10 +152,7 @@ mod tests {
         let code = segment_from_gdt(BOOT_GDT[1], 1);
         assert_eq!(code.selector, 0x8);
         assert_eq!((code.base, code.limit), (0, 0xffff_ffff));
-        assert_eq!(
-            (code.l, code.db, code.g, code.present, code.s, code.type_),
-            (1, 0, 1, 1, 1, 0xb)
-        );
+        assert_eq!((code.l, code.db, code.g, code.present, code.s, code.type_), (1, 0, 1, 1, 1, 0xb));
         let data = segment_from_gdt(BOOT_GDT[2], 2);
         assert_eq!(data.selector, 0x10);
         assert_eq!((data.l, data.db, data.type_, data.unusable), (0, 1, 0x3, 0));
@@ -224,10 +201,7 @@ mod tests {
     #[test]
     fn boot_regs_point_at_the_zero_page() {
         let regs = boot_regs(0x100_0000);
-        assert_eq!(
-            (regs.rip, regs.rsi, regs.rflags),
-            (0x100_0000, ZERO_PAGE_ADDR, 2)
-        );
+        assert_eq!((regs.rip, regs.rsi, regs.rflags), (0x100_0000, ZERO_PAGE_ADDR, 2));
         let fpu = boot_fpu();
         assert_eq!((fpu.fcw, fpu.mxcsr), (0x37f, 0x1f80));
     }

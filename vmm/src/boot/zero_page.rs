@@ -7,9 +7,7 @@ use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header, KEEP_SEGMENTS};
 use vm_memory::GuestAddress;
 
-use crate::layout::{
-    BIOS_ROM_START, CMDLINE_ADDR, EBDA_END, EBDA_START, HIMEM_START, MMIO_GAP_START, ZERO_PAGE_ADDR,
-};
+use crate::layout::{BIOS_ROM_START, CMDLINE_ADDR, EBDA_END, EBDA_START, HIMEM_START, MMIO_GAP_START, ZERO_PAGE_ADDR};
 use crate::memory::GuestMemory;
 
 /// `boot_flag` magic.
@@ -52,31 +50,15 @@ pub enum ZeroPageError {
 /// the EBDA, the EBDA and BIOS ROM as reserved, then every byte of RAM from 1 MiB.
 pub fn build_e820(regions: &[(u64, u64)]) -> Vec<E820Entry> {
     let mut map = vec![
-        E820Entry {
-            addr: 0,
-            size: EBDA_START,
-            kind: E820_RAM,
-        },
-        E820Entry {
-            addr: EBDA_START,
-            size: EBDA_END - EBDA_START,
-            kind: E820_RESERVED,
-        },
-        E820Entry {
-            addr: BIOS_ROM_START,
-            size: HIMEM_START - BIOS_ROM_START,
-            kind: E820_RESERVED,
-        },
+        E820Entry { addr: 0, size: EBDA_START, kind: E820_RAM },
+        E820Entry { addr: EBDA_START, size: EBDA_END - EBDA_START, kind: E820_RESERVED },
+        E820Entry { addr: BIOS_ROM_START, size: HIMEM_START - BIOS_ROM_START, kind: E820_RESERVED },
     ];
     for &(start, len) in regions {
         let end = start + len;
         let start = start.max(HIMEM_START);
         if end > start {
-            map.push(E820Entry {
-                addr: start,
-                size: end - start,
-                kind: E820_RAM,
-            });
+            map.push(E820Entry { addr: start, size: end - start, kind: E820_RAM });
         }
     }
     map
@@ -128,11 +110,7 @@ pub fn build_boot_params(input: &ZeroPageInput<'_>) -> Result<boot_params, ZeroP
         return Err(ZeroPageError::TooManyE820Entries(input.e820.len()));
     }
     for (slot, entry) in params.e820_table.iter_mut().zip(input.e820) {
-        *slot = boot_e820_entry {
-            addr: entry.addr,
-            size: entry.size,
-            type_: entry.kind,
-        };
+        *slot = boot_e820_entry { addr: entry.addr, size: entry.size, type_: entry.kind };
     }
     params.e820_entries = input.e820.len() as u8;
     Ok(params)
@@ -141,8 +119,7 @@ pub fn build_boot_params(input: &ZeroPageInput<'_>) -> Result<boot_params, ZeroP
 /// Write `params` at [`ZERO_PAGE_ADDR`].
 pub fn write_zero_page(mem: &GuestMemory, params: &boot_params) -> Result<(), ZeroPageError> {
     let boot_params = BootParams::new::<boot_params>(params, GuestAddress(ZERO_PAGE_ADDR));
-    LinuxBootConfigurator::write_bootparams::<GuestMemory>(&boot_params, mem)
-        .map_err(ZeroPageError::Write)
+    LinuxBootConfigurator::write_bootparams::<GuestMemory>(&boot_params, mem).map_err(ZeroPageError::Write)
 }
 
 #[cfg(test)]
@@ -157,26 +134,10 @@ mod tests {
         assert_eq!(
             map,
             vec![
-                E820Entry {
-                    addr: 0,
-                    size: 0x9fc00,
-                    kind: E820_RAM
-                },
-                E820Entry {
-                    addr: 0x9fc00,
-                    size: 0x400,
-                    kind: E820_RESERVED
-                },
-                E820Entry {
-                    addr: 0xf0000,
-                    size: 0x10000,
-                    kind: E820_RESERVED
-                },
-                E820Entry {
-                    addr: 0x10_0000,
-                    size: (128 << 20) - 0x10_0000,
-                    kind: E820_RAM
-                },
+                E820Entry { addr: 0, size: 0x9fc00, kind: E820_RAM },
+                E820Entry { addr: 0x9fc00, size: 0x400, kind: E820_RESERVED },
+                E820Entry { addr: 0xf0000, size: 0x10000, kind: E820_RESERVED },
+                E820Entry { addr: 0x10_0000, size: (128 << 20) - 0x10_0000, kind: E820_RAM },
             ]
         );
     }
@@ -185,22 +146,8 @@ mod tests {
     fn e820_includes_ram_above_4g() {
         let map = build_e820(&[(0, MMIO_GAP_START), (FIRST_ADDR_PAST_32BITS, 1 << 30)]);
         assert_eq!(map.len(), 5);
-        assert_eq!(
-            map[3],
-            E820Entry {
-                addr: HIMEM_START,
-                size: MMIO_GAP_START - HIMEM_START,
-                kind: E820_RAM
-            }
-        );
-        assert_eq!(
-            map[4],
-            E820Entry {
-                addr: FIRST_ADDR_PAST_32BITS,
-                size: 1 << 30,
-                kind: E820_RAM
-            }
-        );
+        assert_eq!(map[3], E820Entry { addr: HIMEM_START, size: MMIO_GAP_START - HIMEM_START, kind: E820_RAM });
+        assert_eq!(map[4], E820Entry { addr: FIRST_ADDR_PAST_32BITS, size: 1 << 30, kind: E820_RAM });
         // No entry overlaps the next one.
         for pair in map.windows(2) {
             assert!(pair[0].addr + pair[0].size <= pair[1].addr);
@@ -210,10 +157,7 @@ mod tests {
     #[test]
     fn elf_zero_page_gets_a_synthetic_header() {
         let e820 = build_e820(&[(0, 64 << 20)]);
-        let initrd = InitrdPlacement {
-            addr: 0x300_0000,
-            size: 4096,
-        };
+        let initrd = InitrdPlacement { addr: 0x300_0000, size: 4096 };
         let params = build_boot_params(&ZeroPageInput {
             setup_header: None,
             cmdline_len: 42,
@@ -260,37 +204,18 @@ mod tests {
 
     #[test]
     fn rejects_oversized_memory_maps() {
-        let e820 = vec![
-            E820Entry {
-                addr: 0,
-                size: 1,
-                kind: E820_RAM
-            };
-            129
-        ];
-        let input = ZeroPageInput {
-            setup_header: None,
-            cmdline_len: 0,
-            initrd: None,
-            e820: &e820,
-        };
-        assert!(matches!(
-            build_boot_params(&input),
-            Err(ZeroPageError::TooManyE820Entries(129))
-        ));
+        let e820 = vec![E820Entry { addr: 0, size: 1, kind: E820_RAM }; 129];
+        let input = ZeroPageInput { setup_header: None, cmdline_len: 0, initrd: None, e820: &e820 };
+        assert!(matches!(build_boot_params(&input), Err(ZeroPageError::TooManyE820Entries(129))));
     }
 
     #[test]
     fn writes_the_zero_page() {
         let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let e820 = build_e820(&[(0, 1 << 20)]);
-        let params = build_boot_params(&ZeroPageInput {
-            setup_header: None,
-            cmdline_len: 0,
-            initrd: None,
-            e820: &e820,
-        })
-        .unwrap();
+        let params =
+            build_boot_params(&ZeroPageInput { setup_header: None, cmdline_len: 0, initrd: None, e820: &e820 })
+                .unwrap();
         write_zero_page(&mem, &params).unwrap();
         // `header` sits at offset 0x202 of the zero page.
         let magic: u32 = mem.read_obj(GuestAddress(ZERO_PAGE_ADDR + 0x202)).unwrap();

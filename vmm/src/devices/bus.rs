@@ -53,15 +53,9 @@ impl Bus {
 
     /// Put `device` at `[base, base + len)`.
     pub fn insert(&mut self, base: u64, len: u64, device: SharedBusDevice) -> Result<(), BusError> {
-        let end = base
-            .checked_add(len)
-            .filter(|_| len > 0)
-            .ok_or(BusError::InvalidRange { base, len })?;
-        let overlaps_previous = self
-            .ranges
-            .range(..=base)
-            .next_back()
-            .is_some_and(|(prev_base, prev)| prev_base + prev.len > base);
+        let end = base.checked_add(len).filter(|_| len > 0).ok_or(BusError::InvalidRange { base, len })?;
+        let overlaps_previous =
+            self.ranges.range(..=base).next_back().is_some_and(|(prev_base, prev)| prev_base + prev.len > base);
         let overlaps_next = self.ranges.range(base..end).next().is_some();
         if overlaps_previous || overlaps_next {
             return Err(BusError::Overlap { base, len });
@@ -81,9 +75,7 @@ impl Bus {
             Some((offset, device)) => {
                 // A device that panicked while holding its lock is still the best answer we
                 // have; the guest sees whatever state it left.
-                let mut device = device
-                    .lock()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                let mut device = device.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
                 device.read(offset, data);
                 true
             }
@@ -95,9 +87,7 @@ impl Bus {
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
         match self.find(addr) {
             Some((offset, device)) => {
-                let mut device = device
-                    .lock()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                let mut device = device.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
                 device.write(offset, data);
                 true
             }
@@ -153,22 +143,10 @@ mod tests {
         let mut bus = Bus::new();
         let device = || Arc::new(Mutex::new(Recorder::default()));
         bus.insert(0x1000, 0x1000, device()).unwrap();
-        assert!(matches!(
-            bus.insert(0x1800, 0x10, device()),
-            Err(BusError::Overlap { .. })
-        ));
-        assert!(matches!(
-            bus.insert(0x800, 0x801, device()),
-            Err(BusError::Overlap { .. })
-        ));
-        assert!(matches!(
-            bus.insert(0x3000, 0, device()),
-            Err(BusError::InvalidRange { .. })
-        ));
-        assert!(matches!(
-            bus.insert(u64::MAX, 2, device()),
-            Err(BusError::InvalidRange { .. })
-        ));
+        assert!(matches!(bus.insert(0x1800, 0x10, device()), Err(BusError::Overlap { .. })));
+        assert!(matches!(bus.insert(0x800, 0x801, device()), Err(BusError::Overlap { .. })));
+        assert!(matches!(bus.insert(0x3000, 0, device()), Err(BusError::InvalidRange { .. })));
+        assert!(matches!(bus.insert(u64::MAX, 2, device()), Err(BusError::InvalidRange { .. })));
         bus.insert(0x2000, 0x1000, device()).unwrap();
         bus.insert(0x800, 0x800, device()).unwrap();
     }

@@ -14,10 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use event_manager::{
-    EventManager, EventOps, Events, MutEventSubscriber, RemoteEndpoint, SubscriberId,
-    SubscriberOps,
-};
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, RemoteEndpoint, SubscriberId, SubscriberOps};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -92,8 +89,7 @@ impl MutEventSubscriber for ExitSubscriber {
 impl EventLoop {
     /// Create an event loop (not yet running).
     pub fn new() -> io::Result<Self> {
-        let manager =
-            EventManager::new().map_err(|e| EventLoopError::Manager(e.to_string()))?;
+        let manager = EventManager::new().map_err(|e| EventLoopError::Manager(e.to_string()))?;
         let exit_fd = EventFd::new(libc::EFD_NONBLOCK).map_err(EventLoopError::ExitFd)?;
         Ok(EventLoop { manager, exit_fd })
     }
@@ -112,30 +108,27 @@ impl EventLoop {
     pub fn spawn_named(mut self, name: &str) -> io::Result<EventLoopThread> {
         let exit = Arc::new(AtomicBool::new(false));
         let thread_fd = self.exit_fd.try_clone()?;
-        let subscriber: SharedSubscriber =
-            Arc::new(Mutex::new(ExitSubscriber { fd: thread_fd, exit: exit.clone() }));
+        let subscriber: SharedSubscriber = Arc::new(Mutex::new(ExitSubscriber { fd: thread_fd, exit: exit.clone() }));
         self.manager.add_subscriber(subscriber);
         let mut manager = self.manager;
         let thread_name = name.to_owned();
-        let thread = std::thread::Builder::new()
-            .name(name.into())
-            .spawn(move || {
-                let mut consecutive_errors = 0u32;
-                while !exit.load(Ordering::SeqCst) {
-                    match manager.run() {
-                        Ok(_) => consecutive_errors = 0,
-                        Err(e) => {
-                            consecutive_errors += 1;
-                            tracing::error!(thread = %thread_name, error = %e, "device event loop failed to poll");
-                            if consecutive_errors > 100 {
-                                tracing::error!(thread = %thread_name, "device event loop gives up");
-                                break;
-                            }
+        let thread = std::thread::Builder::new().name(name.into()).spawn(move || {
+            let mut consecutive_errors = 0u32;
+            while !exit.load(Ordering::SeqCst) {
+                match manager.run() {
+                    Ok(_) => consecutive_errors = 0,
+                    Err(e) => {
+                        consecutive_errors += 1;
+                        tracing::error!(thread = %thread_name, error = %e, "device event loop failed to poll");
+                        if consecutive_errors > 100 {
+                            tracing::error!(thread = %thread_name, "device event loop gives up");
+                            break;
                         }
                     }
                 }
-                tracing::debug!(thread = %thread_name, "device event loop exits");
-            })?;
+            }
+            tracing::debug!(thread = %thread_name, "device event loop exits");
+        })?;
         Ok(EventLoopThread { exit_fd: self.exit_fd, thread: Some(thread) })
     }
 }
@@ -262,9 +255,7 @@ mod tests {
         let thread = lp.spawn().unwrap();
 
         let (fd2, sub2, rx2) = counter();
-        let token2 = std::thread::spawn(move || handle.add_subscriber(sub2).unwrap())
-            .join()
-            .unwrap();
+        let token2 = std::thread::spawn(move || handle.add_subscriber(sub2).unwrap()).join().unwrap();
 
         fd1.write(3).unwrap();
         assert_eq!(rx1.recv_timeout(Duration::from_secs(5)).unwrap(), 3);

@@ -1,7 +1,7 @@
 //! The link to the agent (the `tern-fs-link` thread): the connection to the agent's watch port,
 //! batch numbering, and the resyncs after each (re)connect and on the periodic timer.
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::ErrorKind;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -20,8 +20,6 @@ const FIRST_RETRY: Duration = Duration::from_millis(10);
 const MAX_RETRY: Duration = Duration::from_millis(500);
 /// How long the VMM may take to answer `CONNECT`, and a send may block on a stuck guest.
 const LINK_IO_TIMEOUT: Duration = Duration::from_secs(5);
-/// Longest `OK <port>` line accepted from the VMM.
-const MAX_HANDSHAKE_LINE: usize = 64;
 /// The `tern-fs-link` thread: the connection to the agent's watch port.
 pub(super) struct AgentLink {
     pub(super) uds_path: PathBuf,
@@ -129,29 +127,11 @@ fn resync_batch(share: String) -> PendingBatch {
     PendingBatch { share, first_change_unix_ns: unix_now_ns(), resync: true, records: Vec::new() }
 }
 
-/// Open a stream to the agent's watch port through the hybrid vsock socket.
+/// Open a stream to the agent's watch port through the hybrid vsock socket; sends may block
+/// at most [`LINK_IO_TIMEOUT`] on a stuck guest.
 fn connect_watch_port(uds_path: &Path) -> std::io::Result<UnixStream> {
-    let mut sock = UnixStream::connect(uds_path)?;
-    sock.set_read_timeout(Some(LINK_IO_TIMEOUT))?;
+    let sock = crate::hybrid_vsock::connect(uds_path, AGENT_WATCH_PORT, LINK_IO_TIMEOUT)
+        .map_err(|e| std::io::Error::new(ErrorKind::ConnectionRefused, e))?;
     sock.set_write_timeout(Some(LINK_IO_TIMEOUT))?;
-    sock.write_all(format!("CONNECT {AGENT_WATCH_PORT}\n").as_bytes())?;
-    // Byte by byte: nothing after the newline is ours to consume.
-    let mut line = Vec::with_capacity(16);
-    let mut byte = [0u8; 1];
-    loop {
-        match sock.read(&mut byte) {
-            Ok(0) => return Err(std::io::Error::new(ErrorKind::ConnectionRefused, "agent is not listening")),
-            Ok(_) if byte[0] == b'\n' => break,
-            Ok(_) if line.len() >= MAX_HANDSHAKE_LINE => {
-                return Err(std::io::Error::new(ErrorKind::InvalidData, "vsock handshake reply too long"))
-            }
-            Ok(_) => line.push(byte[0]),
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    if !line.starts_with(b"OK ") {
-        return Err(std::io::Error::new(ErrorKind::InvalidData, "unexpected vsock handshake reply"));
-    }
     Ok(sock)
 }

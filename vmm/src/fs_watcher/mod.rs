@@ -173,16 +173,10 @@ impl Watcher {
         let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(WatchError::Wait)?;
         let epoll = Epoll::new().map_err(WatchError::Wait)?;
         for (fd, token) in [(inotify.as_raw_fd(), TOKEN_INOTIFY), (wake.as_raw_fd(), TOKEN_WAKE)] {
-            epoll
-                .ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, token))
-                .map_err(WatchError::Wait)?;
+            epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, token)).map_err(WatchError::Wait)?;
         }
         let shared = Arc::new(Shared {
-            state: Mutex::new(WatchState {
-                watches: inotify.watches(),
-                shares: BTreeMap::new(),
-                dirs: HashMap::new(),
-            }),
+            state: Mutex::new(WatchState { watches: inotify.watches(), shares: BTreeMap::new(), dirs: HashMap::new() }),
             counters: AtomicCounters::default(),
             stop: AtomicBool::new(false),
         });
@@ -328,9 +322,7 @@ impl ShareWatchers {
 }
 
 fn unix_now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
 #[cfg(test)]

@@ -145,7 +145,9 @@ fn handle_event(
         // end names it if it shows up. A directory's watches stay until then.
         push(coalescer, path.clone(), ChangeKind::Moved, None);
         let watch_ids = if is_dir { state.watch_ids_below(&share, &path) } else { Vec::new() };
-        if let Some(stale) = moves.0.insert(event.cookie, MovedFrom { share: share.clone(), path, seen: now, watch_ids }) {
+        if let Some(stale) =
+            moves.0.insert(event.cookie, MovedFrom { share: share.clone(), path, seen: now, watch_ids })
+        {
             stale.unwatch(state);
         }
         return;

@@ -73,8 +73,7 @@ pub fn share_vfs(share: &ShareConfig) -> Result<Arc<Vfs>, VhostUserFsError> {
     fs.import().map_err(passthrough_error)?;
     // The same mount options as the built-in device: both serve a share the same way.
     let vfs = Vfs::new(crate::devices::fs::vfs_options());
-    vfs.mount(Box::new(ShareFs::new(fs, share.read_only)), "/")
-        .map_err(|err| ShareError::Vfs(format!("{err:?}")))?;
+    vfs.mount(Box::new(ShareFs::new(fs, share.read_only)), "/").map_err(|err| ShareError::Vfs(format!("{err:?}")))?;
     Ok(Arc::new(vfs))
 }
 
@@ -96,12 +95,7 @@ impl VhostUserFsBackend {
         let mut config = [0u8; CONFIG_LEN];
         config[..tag.len()].copy_from_slice(tag.as_bytes());
         config[TAG_LEN..].copy_from_slice(&1u32.to_le_bytes());
-        Ok(Self {
-            server: Arc::new(Server::new(vfs)),
-            config,
-            mem: None,
-            event_idx: false,
-        })
+        Ok(Self { server: Arc::new(Server::new(vfs)), config, mem: None, event_idx: false })
     }
 }
 
@@ -125,9 +119,7 @@ impl VhostUserBackendMut for VhostUserFsBackend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::REPLY_ACK
+        VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::REPLY_ACK
     }
 
     fn set_event_idx(&mut self, enabled: bool) {
@@ -251,14 +243,10 @@ impl VhostUserFsDaemon {
     /// Listen on `socket` (replacing a stale socket file), accept one frontend and serve it
     /// until it disconnects. `on_listening` runs once the socket accepts connections.
     pub fn serve(mut self, socket: &Path, on_listening: impl FnOnce()) -> Result<(), VhostUserFsError> {
-        let mut listener = Listener::new(socket, true).map_err(|err| VhostUserFsError::Listen {
-            path: socket.to_path_buf(),
-            reason: err.to_string(),
-        })?;
+        let mut listener = Listener::new(socket, true)
+            .map_err(|err| VhostUserFsError::Listen { path: socket.to_path_buf(), reason: err.to_string() })?;
         on_listening();
-        self.daemon
-            .start(&mut listener)
-            .map_err(|err| VhostUserFsError::Session(err.to_string()))?;
+        self.daemon.start(&mut listener).map_err(|err| VhostUserFsError::Session(err.to_string()))?;
         let result = self.daemon.wait();
         for handler in self.daemon.get_epoll_handlers() {
             handler.send_exit_event();

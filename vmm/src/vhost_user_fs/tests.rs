@@ -94,13 +94,8 @@ impl Driver {
 }
 
 fn fuse_request(opcode: u32, unique: u64, nodeid: u64, body: &[u8]) -> Vec<u8> {
-    let header = InHeader {
-        len: (size_of::<InHeader>() + body.len()) as u32,
-        opcode,
-        unique,
-        nodeid,
-        ..Default::default()
-    };
+    let header =
+        InHeader { len: (size_of::<InHeader>() + body.len()) as u32, opcode, unique, nodeid, ..Default::default() };
     let mut bytes = header.as_slice().to_vec();
     bytes.extend_from_slice(body);
     bytes
@@ -145,13 +140,7 @@ fn fixture() -> Fixture {
     vring.set_queue_info(DESC, AVAIL, USED).unwrap();
     vring.set_queue_ready(true);
     vring.set_enabled(true);
-    Fixture {
-        _dir: dir,
-        server: Server::new(Arc::new(vfs)),
-        shared,
-        vring,
-        driver: Driver::new(mem),
-    }
+    Fixture { _dir: dir, server: Server::new(Arc::new(vfs)), shared, vring, driver: Driver::new(mem) }
 }
 
 impl Fixture {

@@ -50,11 +50,8 @@ pub struct KvmReport {
 /// Open `/dev/kvm` and report its API version and every missing required capability.
 pub fn report() -> Result<KvmReport, KvmError> {
     let kvm = Kvm::new().map_err(KvmError::Open)?;
-    let missing_capabilities = REQUIRED_CAPABILITIES
-        .iter()
-        .filter(|(cap, _)| !kvm.check_extension(*cap))
-        .map(|(_, name)| *name)
-        .collect();
+    let missing_capabilities =
+        REQUIRED_CAPABILITIES.iter().filter(|(cap, _)| !kvm.check_extension(*cap)).map(|(_, name)| *name).collect();
     Ok(KvmReport { api_version: kvm.get_api_version(), missing_capabilities })
 }
 
@@ -71,10 +68,7 @@ impl KvmSystem {
         if found != KVM_API_VERSION {
             return Err(KvmError::ApiVersion { found });
         }
-        if let Some((_, name)) = REQUIRED_CAPABILITIES
-            .iter()
-            .find(|(cap, _)| !kvm.check_extension(*cap))
-        {
+        if let Some((_, name)) = REQUIRED_CAPABILITIES.iter().find(|(cap, _)| !kvm.check_extension(*cap)) {
             return Err(KvmError::MissingCapability(name));
         }
         Ok(KvmSystem { kvm })
@@ -82,9 +76,7 @@ impl KvmSystem {
 
     /// The CPUID entries KVM can present to a guest.
     pub fn supported_cpuid(&self) -> Result<CpuId, KvmError> {
-        self.kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(KvmError::SupportedCpuid)
+        self.kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(KvmError::SupportedCpuid)
     }
 
     /// The most vCPUs KVM allows in one VM.

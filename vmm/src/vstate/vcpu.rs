@@ -34,11 +34,7 @@ pub enum VcpuSetupError {
     MsrList,
     /// `KVM_SET_MSRS` failed or stopped early.
     #[error("cannot set the boot MSRs of vCPU {index} (KVM took {set} of {wanted})")]
-    Msrs {
-        index: u8,
-        set: usize,
-        wanted: usize,
-    },
+    Msrs { index: u8, set: usize, wanted: usize },
     /// `KVM_SET_MSRS` failed outright.
     #[error("cannot set the boot MSRs of vCPU {0}")]
     MsrsIoctl(u8, #[source] kvm_ioctls::Error),
@@ -183,8 +179,7 @@ static KICK_HANDLER: OnceLock<Result<(), vmm_sys_util::errno::Error>> = OnceLock
 
 /// Install the kick signal handler (once per process).
 pub fn install_kick_handler() -> Result<(), VcpuSetupError> {
-    let result =
-        KICK_HANDLER.get_or_init(|| register_signal_handler(kick_signal(), handle_kick_signal));
+    let result = KICK_HANDLER.get_or_init(|| register_signal_handler(kick_signal(), handle_kick_signal));
     (*result).map_err(VcpuSetupError::KickSignal)
 }
 
@@ -224,56 +219,29 @@ enum ExitAction {
 
 impl Vcpu {
     pub(super) fn new(index: u8, fd: VcpuFd, memory: Option<GuestMemory>) -> Self {
-        Vcpu {
-            index,
-            fd,
-            _memory: memory,
-        }
+        Vcpu { index, fd, _memory: memory }
     }
 
     /// Hand `state` (CPUID, MSRs, FPU, LAPIC and, for the bootstrap vCPU, the registers
     /// entering the kernel) to KVM.
     pub fn configure(&self, state: &VcpuBootState) -> Result<(), VcpuSetupError> {
         let index = self.index;
-        self.fd
-            .set_cpuid2(&state.cpuid)
-            .map_err(|err| VcpuSetupError::Cpuid(index, err))?;
+        self.fd.set_cpuid2(&state.cpuid).map_err(|err| VcpuSetupError::Cpuid(index, err))?;
 
         let msrs = Msrs::from_entries(&state.msrs).map_err(|_| VcpuSetupError::MsrList)?;
-        let set = self
-            .fd
-            .set_msrs(&msrs)
-            .map_err(|err| VcpuSetupError::MsrsIoctl(index, err))?;
+        let set = self.fd.set_msrs(&msrs).map_err(|err| VcpuSetupError::MsrsIoctl(index, err))?;
         if set != state.msrs.len() {
-            return Err(VcpuSetupError::Msrs {
-                index,
-                set,
-                wanted: state.msrs.len(),
-            });
+            return Err(VcpuSetupError::Msrs { index, set, wanted: state.msrs.len() });
         }
 
-        self.fd
-            .set_fpu(&state.fpu)
-            .map_err(|err| VcpuSetupError::Fpu(index, err))?;
-        let lapic = self
-            .fd
-            .get_lapic()
-            .map_err(|err| VcpuSetupError::Lapic(index, err))?;
-        self.fd
-            .set_lapic(&(state.lapic)(&lapic))
-            .map_err(|err| VcpuSetupError::Lapic(index, err))?;
+        self.fd.set_fpu(&state.fpu).map_err(|err| VcpuSetupError::Fpu(index, err))?;
+        let lapic = self.fd.get_lapic().map_err(|err| VcpuSetupError::Lapic(index, err))?;
+        self.fd.set_lapic(&(state.lapic)(&lapic)).map_err(|err| VcpuSetupError::Lapic(index, err))?;
 
         if let Some(entry) = &state.entry {
-            let sregs = self
-                .fd
-                .get_sregs()
-                .map_err(|err| VcpuSetupError::Sregs(index, err))?;
-            self.fd
-                .set_sregs(&(entry.sregs)(&sregs))
-                .map_err(|err| VcpuSetupError::Sregs(index, err))?;
-            self.fd
-                .set_regs(&entry.regs)
-                .map_err(|err| VcpuSetupError::Regs(index, err))?;
+            let sregs = self.fd.get_sregs().map_err(|err| VcpuSetupError::Sregs(index, err))?;
+            self.fd.set_sregs(&(entry.sregs)(&sregs)).map_err(|err| VcpuSetupError::Sregs(index, err))?;
+            self.fd.set_regs(&entry.regs).map_err(|err| VcpuSetupError::Regs(index, err))?;
         }
         Ok(())
     }
@@ -285,36 +253,29 @@ impl Vcpu {
         sregs.cs.base = 0;
         sregs.cs.selector = 0;
         self.fd.set_sregs(&sregs)?;
-        self.fd.set_regs(&kvm_bindings::kvm_regs {
-            rip: ip,
-            rflags: 2,
-            ..Default::default()
-        })
+        self.fd.set_regs(&kvm_bindings::kvm_regs { rip: ip, rflags: 2, ..Default::default() })
     }
 
     /// Run on a new `tern-vcpu<N>` thread; the result goes to the context's supervisor.
     pub fn spawn(mut self, context: VcpuRunContext) -> std::io::Result<JoinHandle<()>> {
-        std::thread::Builder::new()
-            .name(crate::threads::vcpu_thread_name(self.index))
-            .spawn(move || {
-                // The thread inherits its creator's signal mask; the kick must get through.
-                if let Err(err) = vmm_sys_util::signal::unblock_signal(kick_signal()) {
-                    tracing::warn!("cannot unblock the vCPU kick signal: {err}");
-                }
-                let index = self.index;
-                // The release profile has `panic = "abort"`: there a panic ends the process (the
-                // shim) before this catch could run, which containerd sees as a dead shim. Builds
-                // that unwind (tests, debug builds) get here instead, and must tell the
-                // supervisor: a vCPU thread that ended silently would leave `VmHandle::wait`
-                // blocked forever.
-                let result =
-                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run(&context)))
-                        .unwrap_or(Err(VcpuRunError::Panicked));
-                if let Err(error) = &result {
-                    tracing::error!("vCPU {index} failed: {error}");
-                }
-                context.supervisor.vcpu_ended(index, result);
-            })
+        std::thread::Builder::new().name(crate::threads::vcpu_thread_name(self.index)).spawn(move || {
+            // The thread inherits its creator's signal mask; the kick must get through.
+            if let Err(err) = vmm_sys_util::signal::unblock_signal(kick_signal()) {
+                tracing::warn!("cannot unblock the vCPU kick signal: {err}");
+            }
+            let index = self.index;
+            // The release profile has `panic = "abort"`: there a panic ends the process (the
+            // shim) before this catch could run, which containerd sees as a dead shim. Builds
+            // that unwind (tests, debug builds) get here instead, and must tell the
+            // supervisor: a vCPU thread that ended silently would leave `VmHandle::wait`
+            // blocked forever.
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run(&context)))
+                .unwrap_or(Err(VcpuRunError::Panicked));
+            if let Err(error) = &result {
+                tracing::error!("vCPU {index} failed: {error}");
+            }
+            context.supervisor.vcpu_ended(index, result);
+        })
     }
 
     /// The run loop: until the guest resets or shuts down, a fault, or a stop request.
@@ -375,19 +336,13 @@ impl Vcpu {
     fn internal_error(&mut self) -> VcpuRunError {
         let run = self.fd.get_kvm_run();
         if run.exit_reason != KVM_EXIT_INTERNAL_ERROR {
-            return VcpuRunError::Internal {
-                suberror: 0,
-                data: Vec::new(),
-            };
+            return VcpuRunError::Internal { suberror: 0, data: Vec::new() };
         }
         // SAFETY: exit_reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is the union member
         // the kernel filled in; it is plain integers.
         let internal = unsafe { run.__bindgen_anon_1.internal };
         let words = (internal.ndata as usize).min(internal.data.len());
-        VcpuRunError::Internal {
-            suberror: internal.suberror,
-            data: internal.data[..words].to_vec(),
-        }
+        VcpuRunError::Internal { suberror: internal.suberror, data: internal.data[..words].to_vec() }
     }
 }
 
@@ -443,13 +398,9 @@ fn handle_exit(exit: VcpuExit<'_>, context: &VcpuRunContext) -> ExitAction {
             KVM_SYSTEM_EVENT_SHUTDOWN => ExitAction::End(VmExit::Shutdown),
             KVM_SYSTEM_EVENT_RESET => ExitAction::End(VmExit::Reset),
             KVM_SYSTEM_EVENT_CRASH => ExitAction::Fail(VcpuRunError::GuestCrash),
-            other => ExitAction::Fail(VcpuRunError::UnexpectedExit(format!(
-                "system event {other}"
-            ))),
+            other => ExitAction::Fail(VcpuRunError::UnexpectedExit(format!("system event {other}"))),
         },
-        VcpuExit::FailEntry(reason, cpu) => {
-            ExitAction::Fail(VcpuRunError::FailEntry { reason, cpu })
-        }
+        VcpuExit::FailEntry(reason, cpu) => ExitAction::Fail(VcpuRunError::FailEntry { reason, cpu }),
         VcpuExit::InternalError => ExitAction::InternalError,
         VcpuExit::Intr => ExitAction::Continue,
         other => ExitAction::Fail(VcpuRunError::UnexpectedExit(format!("{other:?}"))),

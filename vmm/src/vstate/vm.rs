@@ -31,9 +31,7 @@ pub enum VmError {
     #[error("cannot create the in-kernel PIT")]
     CreatePit(#[source] kvm_ioctls::Error),
     /// Registering a RAM region failed.
-    #[error(
-        "cannot register guest memory slot {slot} ({size:#x} bytes at {guest_addr:#x}) with KVM"
-    )]
+    #[error("cannot register guest memory slot {slot} ({size:#x} bytes at {guest_addr:#x}) with KVM")]
     MemoryRegion {
         slot: u32,
         guest_addr: u64,
@@ -78,18 +76,13 @@ impl Vm {
     /// Create a VM with the in-kernel irqchip and PIT.
     pub fn new(kvm: &KvmSystem) -> Result<Vm, VmError> {
         let fd = kvm.create_vm_fd()?;
-        fd.set_tss_address(KVM_TSS_ADDR as usize)
-            .map_err(VmError::TssAddress)?;
+        fd.set_tss_address(KVM_TSS_ADDR as usize).map_err(VmError::TssAddress)?;
         if kvm.has_identity_map_cap() {
-            fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDR)
-                .map_err(VmError::IdentityMapAddress)?;
+            fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDR).map_err(VmError::IdentityMapAddress)?;
         }
         fd.create_irq_chip().map_err(VmError::CreateIrqchip)?;
         // The speaker port (0x61) is answered in the kernel; nothing to do in userspace.
-        let pit_config = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
+        let pit_config = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
         fd.create_pit2(pit_config).map_err(VmError::CreatePit)?;
         Ok(Vm { fd, memory: None })
     }
@@ -113,13 +106,11 @@ impl Vm {
             // SAFETY: `host_addr..host_addr + size` is one live mmap owned by `mem`'s region,
             // and `self.memory` keeps a clone of `mem` (sharing the same mappings) until the
             // VM fd is closed, so KVM never sees an unmapped or reused range.
-            unsafe { self.fd.set_user_memory_region(memory_region) }.map_err(|source| {
-                VmError::MemoryRegion {
-                    slot,
-                    guest_addr,
-                    size,
-                    source,
-                }
+            unsafe { self.fd.set_user_memory_region(memory_region) }.map_err(|source| VmError::MemoryRegion {
+                slot,
+                guest_addr,
+                size,
+                source,
             })?;
         }
         self.memory = Some(mem.clone());
@@ -128,19 +119,12 @@ impl Vm {
 
     /// Deliver an interrupt on `gsi` whenever `fd` is written.
     pub fn register_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<(), VmError> {
-        self.fd
-            .register_irqfd(fd, gsi)
-            .map_err(|source| VmError::Irqfd { gsi, source })
+        self.fd.register_irqfd(fd, gsi).map_err(|source| VmError::Irqfd { gsi, source })
     }
 
     /// Signal `fd` (instead of exiting to userspace) when the guest writes the 32-bit value
     /// `datamatch` at MMIO address `addr`.
-    pub fn register_mmio_notify(
-        &self,
-        fd: &EventFd,
-        addr: u64,
-        datamatch: u32,
-    ) -> Result<(), VmError> {
+    pub fn register_mmio_notify(&self, fd: &EventFd, addr: u64, datamatch: u32) -> Result<(), VmError> {
         self.fd
             .register_ioevent(fd, &IoEventAddress::Mmio(addr), datamatch)
             .map_err(|source| VmError::Ioeventfd { addr, source })
@@ -148,10 +132,7 @@ impl Vm {
 
     /// Create vCPU `index` (its APIC id is the same number).
     pub fn create_vcpu(&self, index: u8) -> Result<Vcpu, VmError> {
-        let fd = self
-            .fd
-            .create_vcpu(u64::from(index))
-            .map_err(|source| VmError::CreateVcpu { index, source })?;
+        let fd = self.fd.create_vcpu(u64::from(index)).map_err(|source| VmError::CreateVcpu { index, source })?;
         Ok(Vcpu::new(index, fd, self.memory.clone()))
     }
 }

@@ -58,13 +58,7 @@ fn parse_share(arg: &str, cache: CachePolicy) -> Result<ShareConfig> {
     let Some((host, name)) = arg.rsplit_once(':') else {
         bail!("--share {arg:?} is not HOST_DIR:NAME");
     };
-    Ok(ShareConfig {
-        name: name.to_string(),
-        host_dir: PathBuf::from(host),
-        read_only: false,
-        cache,
-        watch: false,
-    })
+    Ok(ShareConfig { name: name.to_string(), host_dir: PathBuf::from(host), read_only: false, cache, watch: false })
 }
 
 pub fn boot(config: Config, args: BootArgs) -> Result<i32> {

@@ -152,7 +152,9 @@ fn check_pod_networking(r: &mut Report) {
         Ok(m) if std::os::unix::fs::FileTypeExt::is_char_device(&m.file_type()) => {
             r.pass("/dev/net/tun", "taps for pod networks can be created")
         }
-        Ok(_) => r.fail("/dev/net/tun", "exists but is not a character device", "recreate it: mknod /dev/net/tun c 10 200"),
+        Ok(_) => {
+            r.fail("/dev/net/tun", "exists but is not a character device", "recreate it: mknod /dev/net/tun c 10 200")
+        }
         Err(e) => r.fail(
             "/dev/net/tun",
             &e.to_string(),
@@ -185,8 +187,9 @@ fn module_state(module: &str, symbol: &str, kernel_config: Option<&str>) -> Opti
     let release = kernel_release()?;
     let modules = Path::new("/lib/modules").join(&release);
     let listed = |file: &str| {
-        std::fs::read_to_string(modules.join(file))
-            .is_ok_and(|text| text.lines().any(|l| l.rsplit('/').next().is_some_and(|f| f.starts_with(&format!("{module}.ko")))))
+        std::fs::read_to_string(modules.join(file)).is_ok_and(|text| {
+            text.lines().any(|l| l.rsplit('/').next().is_some_and(|f| f.starts_with(&format!("{module}.ko"))))
+        })
     };
     if listed("modules.builtin") {
         return Some("built into the kernel");

@@ -74,11 +74,7 @@ pub fn fs_serve(args: FsServeArgs) -> Result<i32> {
         .name("fs-serve".into())
         .spawn(move || {
             let result = daemon.serve(&socket, || {
-                eprintln!(
-                    "tern fs-serve: serving {} ({mode}) on {}",
-                    shared_dir.display(),
-                    socket.display()
-                );
+                eprintln!("tern fs-serve: serving {} ({mode}) on {}", shared_dir.display(), socket.display());
             });
             let _ = ended_tx.send(Ending::Disconnected(result.map_err(anyhow::Error::from)));
         })

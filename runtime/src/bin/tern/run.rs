@@ -200,10 +200,8 @@ fn mount_shares(sandbox: &Sandbox, shares: &[PlannedShare]) -> Result<()> {
 
 fn run_command(sandbox: &Sandbox, args: &RunArgs, signals: &Signals) -> Result<Ending> {
     let agent = sandbox.agent();
-    let mut env = vec![
-        "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
-        "HOME=/root".to_string(),
-    ];
+    let mut env =
+        vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(), "HOME=/root".to_string()];
     env.extend(args.env.iter().cloned());
     agent
         .exec(ExecRequest {
@@ -279,19 +277,21 @@ fn relay_signals_until_exit(
     loop {
         let event = match first {
             None => signals.events().recv().ok(),
-            Some((signal, since)) => match signals.events().recv_timeout(stop_timeout.saturating_sub(since.elapsed())) {
-                Ok(event) => Some(event),
-                Err(RecvTimeoutError::Timeout) => {
-                    return Ok(Relayed::GaveUp {
-                        code: exit_code_of(signal),
-                        why: format!(
-                            "the command did not exit within {} s of {signal}; stopping the VM",
-                            stop_timeout.as_secs()
-                        ),
-                    });
+            Some((signal, since)) => {
+                match signals.events().recv_timeout(stop_timeout.saturating_sub(since.elapsed())) {
+                    Ok(event) => Some(event),
+                    Err(RecvTimeoutError::Timeout) => {
+                        return Ok(Relayed::GaveUp {
+                            code: exit_code_of(signal),
+                            why: format!(
+                                "the command did not exit within {} s of {signal}; stopping the VM",
+                                stop_timeout.as_secs()
+                            ),
+                        });
+                    }
+                    Err(RecvTimeoutError::Disconnected) => None,
                 }
-                Err(RecvTimeoutError::Disconnected) => None,
-            },
+            }
         };
         // `signals` holds a sender itself, so the channel cannot disconnect.
         let Some(event) = event else { anyhow::bail!("the signal channel closed") };

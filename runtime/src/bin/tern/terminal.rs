@@ -81,15 +81,13 @@ fn restore() {
 /// The window size of the host terminal: stdin's, else stdout's (`… | tern run -t` in a
 /// terminal); `None` when neither is a terminal.
 pub fn window_size() -> Option<WindowSize> {
-    [std::io::stdin().as_fd().as_raw_fd(), std::io::stdout().as_fd().as_raw_fd()]
-        .into_iter()
-        .find_map(|fd| {
-            let mut size = libc::winsize { ws_row: 0, ws_col: 0, ws_xpixel: 0, ws_ypixel: 0 };
-            // SAFETY: TIOCGWINSZ writes one `winsize` into `size`, valid for the call; on a
-            // descriptor that is no terminal it fails with ENOTTY and writes nothing.
-            let rc = unsafe { libc::ioctl(fd, libc::TIOCGWINSZ, &mut size) };
-            (rc == 0).then_some(WindowSize { rows: size.ws_row, cols: size.ws_col })
-        })
+    [std::io::stdin().as_fd().as_raw_fd(), std::io::stdout().as_fd().as_raw_fd()].into_iter().find_map(|fd| {
+        let mut size = libc::winsize { ws_row: 0, ws_col: 0, ws_xpixel: 0, ws_ypixel: 0 };
+        // SAFETY: TIOCGWINSZ writes one `winsize` into `size`, valid for the call; on a
+        // descriptor that is no terminal it fails with ENOTTY and writes nothing.
+        let rc = unsafe { libc::ioctl(fd, libc::TIOCGWINSZ, &mut size) };
+        (rc == 0).then_some(WindowSize { rows: size.ws_row, cols: size.ws_col })
+    })
 }
 
 /// Passes the host's window size on to the command's pty, from a thread of its own (a slow

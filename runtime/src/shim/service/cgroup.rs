@@ -9,8 +9,8 @@ use containerd_shim_protos::ttrpc::Code;
 
 use super::{blocking, internal, rpc_error, Phase, TaskService};
 use crate::agent::AgentClient;
-use crate::shim::errdefs::agent_error;
 use crate::sandbox::error_chain;
+use crate::shim::errdefs::agent_error;
 use crate::shim::resources::{metrics_any, resource_update};
 
 impl TaskService {

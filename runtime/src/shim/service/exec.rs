@@ -16,8 +16,8 @@ use tokio::sync::watch;
 
 use super::{blocking, internal, not_found, rpc_error, ExitInfo, Phase, TaskService, LOST_EXIT_STATUS};
 use crate::agent::AgentClient;
-use crate::shim::errdefs::agent_error;
 use crate::sandbox::error_chain;
+use crate::shim::errdefs::agent_error;
 use crate::shim::io::{ProcessIo, StdioPaths};
 
 /// One exec process of a container.
@@ -205,7 +205,7 @@ impl TaskService {
             Phase::Created => return Err(rpc_error(Code::FAILED_PRECONDITION, "the exec was not started")),
             Phase::Running => {}
         }
-        let signal = i32::try_from(signal).map_err(|_| rpc_error(Code::INVALID_ARGUMENT, "bad signal number"))?;
+        let signal = super::guest_signal(signal)?;
         let agent = self.agent()?;
         let guest_id = agent_id(id, exec_id);
         // An exec that ended since the check above is NOT_FOUND from the agent.

@@ -20,11 +20,9 @@ use super::policy::ShareFs;
 use super::share::{validate_share_name, ShareConfig, ShareError};
 use super::{NUM_QUEUES, QUEUE_SIZE, TAG_LEN};
 use crate::devices::event_loop::{ActiveHandler, EventLoopHandle, SharedSubscriber};
-use crate::metrics::VmMetrics;
-use crate::devices::virtio::{
-    read_config_space, ActivateError, ActivatedQueue, InterruptSignal, VirtioDevice,
-};
+use crate::devices::virtio::{read_config_space, ActivateError, ActivatedQueue, InterruptSignal, VirtioDevice};
 use crate::memory::GuestMemory;
+use crate::metrics::VmMetrics;
 
 const QUEUE_SIZES: [u16; NUM_QUEUES] = [QUEUE_SIZE; NUM_QUEUES];
 /// Size of `struct virtio_fs_config`: `u8 tag[36]; le32 num_request_queues`.
@@ -74,14 +72,11 @@ impl FsShares {
         if table.contains_key(&share.name) {
             return Err(ShareError::Duplicate(share.name));
         }
-        let passthrough_error =
-            |source| ShareError::Passthrough { path: share.host_dir.clone(), source };
+        let passthrough_error = |source| ShareError::Passthrough { path: share.host_dir.clone(), source };
         let fs = PassthroughFs::<()>::new(share.passthrough_config()?).map_err(passthrough_error)?;
         fs.import().map_err(passthrough_error)?;
         let fs = ShareFs::new(fs, share.read_only);
-        self.vfs
-            .mount(Box::new(fs), &format!("/{}", share.name))
-            .map_err(|e| ShareError::Vfs(format!("{e:?}")))?;
+        self.vfs.mount(Box::new(fs), &format!("/{}", share.name)).map_err(|e| ShareError::Vfs(format!("{e:?}")))?;
         tracing::debug!(name = %share.name, host_dir = ?share.host_dir, read_only = share.read_only, "fs share added");
         table.insert(share.name.clone(), share);
         Ok(())
@@ -111,7 +106,6 @@ impl Default for FsShares {
         FsShares::new()
     }
 }
-
 
 /// The virtio-fs device: one hiprio queue and one request queue, served on the event loop.
 pub struct VirtioFs {

@@ -172,7 +172,13 @@ pub fn serve_chain_counted(
             return if unique == 0 { 0 } else { reply_error(&mut writer, unique, libc::EINVAL) };
         }
     };
-    tracing::trace!(opcode = header.opcode, unique = header.unique, nodeid = header.nodeid, len = header.len, "virtio-fs request");
+    tracing::trace!(
+        opcode = header.opcode,
+        unique = header.unique,
+        nodeid = header.nodeid,
+        len = header.len,
+        "virtio-fs request"
+    );
     let started = std::time::Instant::now();
     let result = server.handle_message(reader, writer, None, None);
     if let Some(m) = metrics {

@@ -18,8 +18,8 @@ use std::time::Duration;
 
 use fuse_backend_rs::abi::fuse_abi::{stat64, statvfs64, CreateIn};
 use fuse_backend_rs::api::filesystem::{
-    Context, DirEntry, Entry, FileLock, FileSystem, FsOptions, GetxattrReply, IoctlData,
-    ListxattrReply, OpenOptions, SetattrValid, ZeroCopyReader, ZeroCopyWriter,
+    Context, DirEntry, Entry, FileLock, FileSystem, FsOptions, GetxattrReply, IoctlData, ListxattrReply, OpenOptions,
+    SetattrValid, ZeroCopyReader, ZeroCopyWriter,
 };
 use fuse_backend_rs::api::{validate_path_component, BackendFileSystem};
 use fuse_backend_rs::passthrough::PassthroughFs;
@@ -29,8 +29,7 @@ fn erofs() -> io::Error {
 }
 
 /// Open flags that change the file or the directory it is in.
-const WRITE_OPEN_FLAGS: u32 =
-    (libc::O_WRONLY | libc::O_RDWR | libc::O_TRUNC | libc::O_CREAT | libc::O_APPEND) as u32;
+const WRITE_OPEN_FLAGS: u32 = (libc::O_WRONLY | libc::O_RDWR | libc::O_TRUNC | libc::O_CREAT | libc::O_APPEND) as u32;
 
 /// One share as the device's [`Vfs`](fuse_backend_rs::api::Vfs) sees it.
 pub struct ShareFs {

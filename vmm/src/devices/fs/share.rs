@@ -122,8 +122,8 @@ pub fn validate_share_name(name: &str) -> Result<(), ShareError> {
 /// The host directory must exist and be a directory (symlinks to one are followed here, once,
 /// by the host administrator's choice; the guest never makes the host follow a link).
 pub fn validate_host_dir(path: &Path) -> Result<(), ShareError> {
-    let meta = std::fs::metadata(path)
-        .map_err(|source| ShareError::HostDirMissing { path: path.to_path_buf(), source })?;
+    let meta =
+        std::fs::metadata(path).map_err(|source| ShareError::HostDirMissing { path: path.to_path_buf(), source })?;
     if meta.is_dir() {
         Ok(())
     } else {
@@ -207,10 +207,7 @@ mod tests {
         let file = dir.path().join("f");
         std::fs::write(&file, b"x").unwrap();
         assert!(matches!(validate_host_dir(&file), Err(ShareError::NotADirectory(_))));
-        assert!(matches!(
-            validate_host_dir(&dir.path().join("missing")),
-            Err(ShareError::HostDirMissing { .. })
-        ));
+        assert!(matches!(validate_host_dir(&dir.path().join("missing")), Err(ShareError::HostDirMissing { .. })));
     }
 
     #[test]

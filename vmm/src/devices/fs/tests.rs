@@ -12,8 +12,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::Arc;
 
 use fuse_backend_rs::abi::fuse_abi::{
-    AttrOut, CreateIn, EntryOut, GetattrIn, InHeader, InitIn, MkdirIn, MknodIn, Opcode, OpenIn,
-    OpenOut, OutHeader, ReadIn, SetattrIn, WriteIn,
+    AttrOut, CreateIn, EntryOut, GetattrIn, InHeader, InitIn, MkdirIn, MknodIn, Opcode, OpenIn, OpenOut, OutHeader,
+    ReadIn, SetattrIn, WriteIn,
 };
 use fuse_backend_rs::api::server::Server;
 use vm_memory::{ByteValued, Bytes, GuestAddress};
@@ -62,9 +62,8 @@ struct Harness {
 
 impl Harness {
     fn new() -> Self {
-        let mem: &'static GuestMemory = Box::leak(Box::new(
-            GuestMemory::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap(),
-        ));
+        let mem: &'static GuestMemory =
+            Box::leak(Box::new(GuestMemory::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap()));
         let ring = Ring::new(mem, REQ_RING, QSIZE);
         let hiprio = Ring::new(mem, HIPRIO_RING, QSIZE);
         let shares = Arc::new(FsShares::new());
@@ -255,7 +254,12 @@ fn host_symlinks_are_data_never_followed() {
     // Using a link to a host directory as a directory.
     let dir_link = h.lookup(s0.nodeid, "to-dir").unwrap();
     assert!(h.lookup(dir_link.nodeid, "secret").is_err());
-    let reply = h.named(Opcode::Create, dir_link.nodeid, CreateIn { flags: libc::O_RDWR as u32, mode: 0o644, ..Default::default() }, "planted");
+    let reply = h.named(
+        Opcode::Create,
+        dir_link.nodeid,
+        CreateIn { flags: libc::O_RDWR as u32, mode: 0o644, ..Default::default() },
+        "planted",
+    );
     assert_ne!(reply.header.error, 0);
     assert!(!outside.path().join("planted").exists());
     assert_eq!(std::fs::read(outside.path().join("secret")).unwrap(), b"HOST-ONLY-MARKER");
@@ -303,7 +307,8 @@ fn writable_share_writes_but_refuses_device_nodes() {
     let reply = h.named(Opcode::Create, rw.nodeid, create, "out.txt");
     assert_eq!(reply.header.error, 0);
     let entry: EntryOut = reply.obj();
-    let open: OpenOut = OpenOut::from_slice(&reply.body[size_of::<EntryOut>()..][..size_of::<OpenOut>()]).copied().unwrap();
+    let open: OpenOut =
+        OpenOut::from_slice(&reply.body[size_of::<EntryOut>()..][..size_of::<OpenOut>()]).copied().unwrap();
     let mut write = WriteIn { fh: open.fh, offset: 0, size: 5, ..Default::default() }.as_slice().to_vec();
     write.extend_from_slice(b"guest");
     assert_eq!(h.call(Opcode::Write, entry.nodeid, &write).header.error, 0);
@@ -387,7 +392,13 @@ fn shares_come_and_go_on_a_running_device() {
     h.add_share("b", b.path(), true);
     let bn = h.lookup(ROOT, "b").unwrap();
     assert!(h.lookup(bn.nodeid, "b.txt").is_ok());
-    let dup = ShareConfig { name: "b".into(), host_dir: b.path().into(), read_only: false, cache: CachePolicy::Auto, watch: false };
+    let dup = ShareConfig {
+        name: "b".into(),
+        host_dir: b.path().into(),
+        read_only: false,
+        cache: CachePolicy::Auto,
+        watch: false,
+    };
     assert!(matches!(h.shares.add(dup), Err(ShareError::Duplicate(_))));
     assert_eq!(h.shares.list().len(), 2);
 
@@ -405,6 +416,12 @@ fn shares_come_and_go_on_a_running_device() {
     let bn = h.lookup(ROOT, "b").unwrap();
     assert!(h.lookup(bn.nodeid, "b.txt").is_ok());
 
-    let missing = ShareConfig { name: "c".into(), host_dir: a.path().join("nope"), read_only: false, cache: CachePolicy::Auto, watch: false };
+    let missing = ShareConfig {
+        name: "c".into(),
+        host_dir: a.path().join("nope"),
+        read_only: false,
+        cache: CachePolicy::Auto,
+        watch: false,
+    };
     assert!(matches!(h.shares.add(missing), Err(ShareError::HostDirMissing { .. })));
 }

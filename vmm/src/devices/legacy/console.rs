@@ -66,32 +66,20 @@ impl ConsoleWriter {
     /// Bytes go to `sink` from a background thread.
     pub fn spawn(mut sink: Box<dyn Write + Send>) -> io::Result<Self> {
         let (queue, chunks) = sync_channel::<Vec<u8>>(QUEUE_CHUNKS);
-        let thread = std::thread::Builder::new()
-            .name(crate::threads::CONSOLE.into())
-            .spawn(move || {
-                for chunk in chunks {
-                    // A closed or failing sink loses console output, nothing else.
-                    if sink.write_all(&chunk).and_then(|()| sink.flush()).is_err() {
-                        tracing::trace!("console output failed; dropping {} bytes", chunk.len());
-                    }
+        let thread = std::thread::Builder::new().name(crate::threads::CONSOLE.into()).spawn(move || {
+            for chunk in chunks {
+                // A closed or failing sink loses console output, nothing else.
+                if sink.write_all(&chunk).and_then(|()| sink.flush()).is_err() {
+                    tracing::trace!("console output failed; dropping {} bytes", chunk.len());
                 }
-            })?;
-        Ok(ConsoleWriter {
-            pending: Vec::new(),
-            queue: Some(queue),
-            thread: Some(thread),
-            tail: Arc::default(),
-        })
+            }
+        })?;
+        Ok(ConsoleWriter { pending: Vec::new(), queue: Some(queue), thread: Some(thread), tail: Arc::default() })
     }
 
     /// Output is thrown away.
     pub fn discard() -> Self {
-        ConsoleWriter {
-            pending: Vec::new(),
-            queue: None,
-            thread: None,
-            tail: Arc::default(),
-        }
+        ConsoleWriter { pending: Vec::new(), queue: None, thread: None, tail: Arc::default() }
     }
 
     /// The tail of everything written, readable while the guest runs and after.
@@ -117,9 +105,7 @@ impl ConsoleWriter {
         match queue.try_send(chunk) {
             Ok(()) => {}
             Err(TrySendError::Full(chunk)) | Err(TrySendError::Disconnected(chunk)) => {
-                self.tail
-                    .dropped_bytes
-                    .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                self.tail.dropped_bytes.fetch_add(chunk.len() as u64, Ordering::Relaxed);
             }
         }
     }

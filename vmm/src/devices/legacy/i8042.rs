@@ -26,9 +26,7 @@ pub struct I8042ResetPort {
 impl I8042ResetPort {
     /// `on_reset` runs on the vCPU thread that wrote the reset command.
     pub fn new(on_reset: impl Fn() + Send + 'static) -> Self {
-        I8042ResetPort {
-            controller: I8042Device::new(ResetLine(Box::new(on_reset))),
-        }
+        I8042ResetPort { controller: I8042Device::new(ResetLine(Box::new(on_reset))) }
     }
 }
 

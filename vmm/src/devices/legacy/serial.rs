@@ -28,9 +28,7 @@ impl SerialConsole {
     /// A UART whose interrupt is `irq` (registered as an irqfd by the caller) and whose
     /// output goes to `output`.
     pub fn new(irq: EventFd, output: ConsoleWriter) -> Self {
-        SerialConsole {
-            uart: Serial::new(EventFdTrigger(irq), output),
-        }
+        SerialConsole { uart: Serial::new(EventFdTrigger(irq), output) }
     }
 }
 

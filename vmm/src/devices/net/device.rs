@@ -19,9 +19,7 @@ use super::event_handler::NetHandler;
 use super::tap::{tap_offload_flags, Tap, TapIo};
 use super::{validate_params, NetError, NUM_QUEUES, QUEUE_SIZE, VNET_HDR_LEN};
 use crate::devices::event_loop::{ActiveHandler, EventLoopHandle, SharedSubscriber};
-use crate::devices::virtio::{
-    read_config_space, ActivateError, ActivatedQueue, InterruptSignal, VirtioDevice,
-};
+use crate::devices::virtio::{read_config_space, ActivateError, ActivatedQueue, InterruptSignal, VirtioDevice};
 use crate::memory::GuestMemory;
 use crate::metrics::NetMetrics;
 
@@ -46,7 +44,6 @@ const AVAIL_FEATURES: u64 = (1 << VIRTIO_F_VERSION_1)
     | (1 << VIRTIO_NET_F_HOST_TSO6)
     | (1 << VIRTIO_NET_F_HOST_UFO)
     | (1 << VIRTIO_NET_F_HOST_ECN);
-
 
 /// A virtio-net device backed by a host tap.
 pub struct Net {

@@ -67,10 +67,7 @@ pub enum NetError {
 
 /// `aa:bb:cc:dd:ee:ff`, for messages.
 pub fn format_mac(mac: &[u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
+    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
 }
 
 /// Check a device's MAC and MTU: the guest must get a unicast MAC and a usable MTU.

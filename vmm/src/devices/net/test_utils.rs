@@ -21,8 +21,8 @@ use vmm_sys_util::eventfd::EventFd;
 use super::event_handler::{NetHandler, TAP_EVENT};
 use super::tap::{Tap, TapIo};
 use super::{MAX_PACKET_LEN, QUEUE_SIZE, VNET_HDR_LEN};
-use crate::devices::virtio::test_ring::Ring;
 pub use crate::devices::virtio::test_ring::CountingInterrupt;
+use crate::devices::virtio::test_ring::Ring;
 use crate::devices::virtio::ActivatedQueue;
 use crate::memory::GuestMemory;
 

@@ -8,17 +8,16 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use virtio_bindings::virtio_config::{
-    VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
-    VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
-    VIRTIO_F_VERSION_1,
+    VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FAILED,
+    VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET, VIRTIO_F_VERSION_1,
 };
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{ActivatedQueue, InterruptSignal, VirtioDevice};
-use crate::memory::GuestMemory;
 use crate::devices::bus::BusDevice;
+use crate::memory::GuestMemory;
 
 /// "virt" in little endian.
 const MMIO_MAGIC_VALUE: u32 = 0x7472_6976;
@@ -94,12 +93,7 @@ pub struct MmioTransport {
 impl MmioTransport {
     /// Wrap `device`; `irq` is written to inject the device's interrupt, `queue_kicks[i]` is
     /// queue i's notification eventfd (registered as an ioeventfd at QueueNotify, datamatch i).
-    pub fn new(
-        device: Box<dyn VirtioDevice>,
-        mem: GuestMemory,
-        irq: EventFd,
-        queue_kicks: Vec<EventFd>,
-    ) -> Self {
+    pub fn new(device: Box<dyn VirtioDevice>, mem: GuestMemory, irq: EventFd, queue_kicks: Vec<EventFd>) -> Self {
         let mut queues = Vec::new();
         for (index, &max) in device.queue_max_sizes().iter().enumerate() {
             match Queue::new(max) {
@@ -328,14 +322,11 @@ impl MmioTransport {
             let kick = kick.try_clone().map_err(|e| format!("cannot clone the kick eventfd: {e}"))?;
             // The device gets its own copy of the queue state; ours keeps the configuration
             // for the register reads and is reset with the device.
-            let queue = Queue::try_from(queue.state())
-                .map_err(|e| format!("cannot copy queue {index}: {e}"))?;
+            let queue = Queue::try_from(queue.state()).map_err(|e| format!("cannot copy queue {index}: {e}"))?;
             activated.push(ActivatedQueue { queue, kick });
         }
         let interrupt: Arc<dyn InterruptSignal> = self.interrupt.clone();
-        self.device
-            .activate(self.mem.clone(), interrupt, activated)
-            .map_err(|e| e.to_string())?;
+        self.device.activate(self.mem.clone(), interrupt, activated).map_err(|e| e.to_string())?;
         self.activated = true;
         Ok(())
     }

@@ -46,7 +46,8 @@ impl Ring {
     pub fn new(mem: &'static GuestMemory, base: u64, size: u16) -> Self {
         let avail = base + 16 * u64::from(size);
         let used = Ring::used_ring_of(base, size);
-        for addr in [avail, avail + 2, avail + 4 + 2 * u64::from(size), used, used + 2, used + 4 + 8 * u64::from(size)] {
+        for addr in [avail, avail + 2, avail + 4 + 2 * u64::from(size), used, used + 2, used + 4 + 8 * u64::from(size)]
+        {
             mem.write_obj(0u16, GuestAddress(addr)).unwrap();
         }
         let mock = MockSplitQueue::create(mem, GuestAddress(base), size);

@@ -19,9 +19,8 @@ use vm_memory::{ReadVolatile, VolatileMemoryError, VolatileSlice, WriteVolatile}
 use vmm_sys_util::epoll::EventSet;
 
 use super::packet::{
-    Header, RxOp, MAX_PKT_DATA, VSOCK_OP_CREDIT_REQUEST, VSOCK_OP_CREDIT_UPDATE, VSOCK_OP_REQUEST,
-    VSOCK_OP_RESPONSE, VSOCK_OP_RST, VSOCK_OP_RW, VSOCK_OP_SHUTDOWN, VSOCK_SHUTDOWN_BOTH,
-    VSOCK_SHUTDOWN_RCV, VSOCK_SHUTDOWN_SEND,
+    Header, RxOp, MAX_PKT_DATA, VSOCK_OP_CREDIT_REQUEST, VSOCK_OP_CREDIT_UPDATE, VSOCK_OP_REQUEST, VSOCK_OP_RESPONSE,
+    VSOCK_OP_RST, VSOCK_OP_RW, VSOCK_OP_SHUTDOWN, VSOCK_SHUTDOWN_BOTH, VSOCK_SHUTDOWN_RCV, VSOCK_SHUTDOWN_SEND,
 };
 
 /// Receive buffer space we advertise to the guest per connection (our `buf_alloc`); it bounds

@@ -13,18 +13,15 @@ use super::event_handler::VsockHandler;
 use super::muxer::Muxer;
 use super::VsockError;
 use crate::devices::event_loop::{ActiveHandler, EventLoopHandle, SharedSubscriber};
-use crate::metrics::VmMetrics;
-use crate::devices::virtio::{
-    read_config_space, ActivateError, ActivatedQueue, InterruptSignal, VirtioDevice,
-};
+use crate::devices::virtio::{read_config_space, ActivateError, ActivatedQueue, InterruptSignal, VirtioDevice};
 use crate::memory::GuestMemory;
+use crate::metrics::VmMetrics;
 
 /// Queue size of rx, tx and event queues.
 pub const QUEUE_SIZE: u16 = 256;
 const QUEUE_SIZES: [u16; 3] = [QUEUE_SIZE; 3];
 /// CIDs 0-2 are reserved (hypervisor, local, host); `u32::MAX` is VMADDR_CID_ANY.
 const FIRST_GUEST_CID: u64 = 3;
-
 
 /// A virtio-vsock device whose host side is a hybrid unix socket at `uds_path`.
 pub struct Vsock {

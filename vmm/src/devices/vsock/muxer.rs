@@ -19,9 +19,7 @@ use vm_memory::VolatileSlice;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::connection::{ConnState, Connection};
-use super::packet::{
-    Header, RxOp, VSOCK_HOST_CID, VSOCK_OP_REQUEST, VSOCK_OP_RST, VSOCK_TYPE_STREAM,
-};
+use super::packet::{Header, RxOp, VSOCK_HOST_CID, VSOCK_OP_REQUEST, VSOCK_OP_RST, VSOCK_TYPE_STREAM};
 
 /// Most connections (plus half-open host clients) one device keeps.
 pub const MAX_CONNECTIONS: usize = 1024;

@@ -173,10 +173,8 @@ impl Guest {
 
         let used_ring_bytes = 4 + 8 * u64::from(QSIZE) + 2;
         let ev_used = Ring::used_ring_of(0x2_0000, QSIZE);
-        let mut allowed: Vec<std::ops::Range<u64>> = [self.rx.used, self.tx.used, ev_used]
-            .iter()
-            .map(|&used| used..used + used_ring_bytes)
-            .collect();
+        let mut allowed: Vec<std::ops::Range<u64>> =
+            [self.rx.used, self.tx.used, ev_used].iter().map(|&used| used..used + used_ring_bytes).collect();
         let mut idx = first_new;
         while idx != self.rx.used_idx() {
             let elem = self.rx.used + 4 + 8 * u64::from(idx % QSIZE);
@@ -228,7 +226,9 @@ impl Guest {
         let mut out = Vec::new();
         self.check();
         for (head, len) in self.rx.used() {
-            let Some(i) = self.rx_heads.remove(&head) else { panic!("used rx head {head} (len {len}) was not posted; posted: {:?}", self.rx_heads) };
+            let Some(i) = self.rx_heads.remove(&head) else {
+                panic!("used rx head {head} (len {len}) was not posted; posted: {:?}", self.rx_heads)
+            };
             let addr = RX_BUF_BASE + u64::from(i) * 0x2000;
             let mut hb = [0u8; HEADER_SIZE];
             self.mem.read_slice(&mut hb, GuestAddress(addr)).unwrap();

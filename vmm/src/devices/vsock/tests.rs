@@ -227,7 +227,12 @@ fn blocked_host_buffers_up_to_credit_without_loss() {
     for chunk in payload.chunks(MAX_PKT_DATA as usize) {
         g.send(rw(local, GUEST_PORT, chunk.len()), chunk);
     }
-    let buffered = g.handler.muxer().connection(&super::muxer::ConnKey { local_port: local, peer_port: GUEST_PORT }).unwrap().buffered();
+    let buffered = g
+        .handler
+        .muxer()
+        .connection(&super::muxer::ConnKey { local_port: local, peer_port: GUEST_PORT })
+        .unwrap()
+        .buffered();
     assert!(buffered > 0, "the socket buffer should have filled up");
     // Now the host reads; EPOLLOUT flushes the rest and a credit update tells the guest.
     host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -386,7 +391,14 @@ fn transfer_both_ways(size: usize, watch_writes: bool) {
         // The guest application consumed everything: tell the device.
         if received.len() as u32 != guest_fwd_cnt {
             guest_fwd_cnt = received.len() as u32;
-            g.send(Header { buf_alloc: GUEST_BUF_ALLOC, fwd_cnt: guest_fwd_cnt, ..hdr(VSOCK_OP_CREDIT_UPDATE, local, GUEST_PORT) }, &[]);
+            g.send(
+                Header {
+                    buf_alloc: GUEST_BUF_ALLOC,
+                    fwd_cnt: guest_fwd_cnt,
+                    ..hdr(VSOCK_OP_CREDIT_UPDATE, local, GUEST_PORT)
+                },
+                &[],
+            );
         }
         // Guest writes, within the device's advertised credit.
         let credit = dev_buf_alloc - (sent as u32 - dev_fwd_cnt);
