@@ -80,12 +80,20 @@ pub struct ShimEndpoint {
 
 struct EndpointInner {
     probe: SandboxProbe,
-    guest_cache: Mutex<Option<(Instant, Option<GuestStats>)>>,
+    guest_cache: Mutex<GuestCache>,
+}
+
+/// The agent's last statistics, and whether a scrape is asking for new ones. The lock is never
+/// held across the agent call: a scrape that finds another one asking serves the last answer.
+#[derive(Default)]
+struct GuestCache {
+    last: Option<(Instant, Option<GuestStats>)>,
+    asking: bool,
 }
 
 impl ShimEndpoint {
     pub fn new(probe: SandboxProbe) -> Self {
-        ShimEndpoint { inner: Arc::new(EndpointInner { probe, guest_cache: Mutex::new(None) }) }
+        ShimEndpoint { inner: Arc::new(EndpointInner { probe, guest_cache: Mutex::default() }) }
     }
 }
 
@@ -105,10 +113,11 @@ impl EndpointInner {
     }
 
     fn guest_stats(&self) -> Option<GuestStats> {
-        let mut cache = self.guest_cache.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some((at, stats)) = cache.as_ref() {
-            if at.elapsed() < GUEST_STATS_MAX_AGE {
-                return stats.clone();
+        {
+            let mut cache = self.guest_cache.lock().unwrap_or_else(PoisonError::into_inner);
+            match &cache.last {
+                Some((at, stats)) if at.elapsed() < GUEST_STATS_MAX_AGE || cache.asking => return stats.clone(),
+                _ => cache.asking = true,
             }
         }
         let stats = match self.probe.agent.stats_within(GUEST_STATS_TIMEOUT) {
@@ -118,7 +127,8 @@ impl EndpointInner {
                 None
             }
         };
-        *cache = Some((Instant::now(), stats.clone()));
+        let mut cache = self.guest_cache.lock().unwrap_or_else(PoisonError::into_inner);
+        *cache = GuestCache { last: Some((Instant::now(), stats.clone())), asking: false };
         stats
     }
 
