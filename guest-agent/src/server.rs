@@ -85,23 +85,24 @@ impl Agent {
 
     /// Answer one request.
     fn handle(&self, req: Request) -> Response {
+        // Nothing new starts once the guest is powering off.
+        let starts_a_process =
+            matches!(req, Request::Exec(_) | Request::StartContainer(_) | Request::ExecInContainer(_));
+        if starts_a_process && self.shutting_down.load(Ordering::SeqCst) {
+            return shutting_down();
+        }
         match req {
             Request::Health => Response::Health {
                 protocol_version: PROTOCOL_VERSION,
                 agent_version: env!("CARGO_PKG_VERSION").to_owned(),
             },
-            Request::Exec(exec) => {
-                if self.shutting_down.load(Ordering::SeqCst) {
-                    return shutting_down();
+            Request::Exec(exec) => match self.table.spawn(&exec) {
+                Ok(pid) => Response::Started { pid },
+                Err(e) => {
+                    info!(id = %exec.id, error = %e, "exec failed");
+                    error_response(&e)
                 }
-                match self.table.spawn(&exec) {
-                    Ok(pid) => Response::Started { pid },
-                    Err(e) => {
-                        info!(id = %exec.id, error = %e, "exec failed");
-                        error_response(&e)
-                    }
-                }
-            }
+            },
             Request::Wait { id } => match self.table.wait(&id) {
                 Ok(status) => Response::Exited(status),
                 Err(e) => error_response(&e),
@@ -133,30 +134,20 @@ impl Agent {
                 Ok(()) => Response::Ok,
                 Err(e) => error_response(&e),
             },
-            Request::StartContainer(spec) => {
-                if self.shutting_down.load(Ordering::SeqCst) {
-                    return shutting_down();
+            Request::StartContainer(spec) => match crate::container::start(&self.table, &self.containers, &spec) {
+                Ok(pid) => Response::Started { pid },
+                Err(e) => {
+                    info!(id = %spec.id, error = %e, "container start failed");
+                    error_response(&e)
                 }
-                match crate::container::start(&self.table, &self.containers, &spec) {
-                    Ok(pid) => Response::Started { pid },
-                    Err(e) => {
-                        info!(id = %spec.id, error = %e, "container start failed");
-                        error_response(&e)
-                    }
+            },
+            Request::ExecInContainer(req) => match crate::container::exec(&self.table, &self.containers, &req) {
+                Ok(pid) => Response::Started { pid },
+                Err(e) => {
+                    info!(container = %req.container_id, id = %req.id, error = %e, "exec in container failed");
+                    error_response(&e)
                 }
-            }
-            Request::ExecInContainer(req) => {
-                if self.shutting_down.load(Ordering::SeqCst) {
-                    return shutting_down();
-                }
-                match crate::container::exec(&self.table, &self.containers, &req) {
-                    Ok(pid) => Response::Started { pid },
-                    Err(e) => {
-                        info!(container = %req.container_id, id = %req.id, error = %e, "exec in container failed");
-                        error_response(&e)
-                    }
-                }
-            }
+            },
             Request::ResizePty { id, rows, cols } => match self.table.resize_pty(&id, rows, cols) {
                 Ok(()) => Response::Ok,
                 Err(e) => error_response(&e),
