@@ -205,13 +205,20 @@ impl SandboxDir {
     }
 }
 
-impl Drop for SandboxDir {
-    fn drop(&mut self) {
+impl SandboxDir {
+    /// Remove the directory and what is in it (again at drop; a missing directory is fine).
+    pub fn remove(&self) {
         if let Err(e) = std::fs::remove_dir_all(&self.path) {
             if e.kind() != ErrorKind::NotFound {
                 tracing::warn!(path = %self.path.display(), error = %e, "cannot remove the sandbox run directory");
             }
         }
+    }
+}
+
+impl Drop for SandboxDir {
+    fn drop(&mut self) {
+        self.remove();
     }
 }
 

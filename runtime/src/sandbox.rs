@@ -277,6 +277,9 @@ impl Sandbox {
             }
         };
         self.join_monitor();
+        // The VM is gone, and its socket with it: the run directory goes now, not only when the
+        // last reference to a shared sandbox drops (the shim may exit before that).
+        self.run_dir.remove();
         exit
     }
 
