@@ -71,6 +71,22 @@ impl Cri {
         self.rt.block_on(f(self.client.clone()))
     }
 
+    /// CreateContainer of `config` in `sandbox`, then StartContainer; the container's id. The
+    /// error names the RPC that failed.
+    pub fn create_and_start(
+        &self,
+        sandbox: &str,
+        config: api::ContainerConfig,
+        pod: api::PodSandboxConfig,
+    ) -> Result<String, cri::CriError> {
+        let sandbox = sandbox.to_owned();
+        self.rt.block_on(async {
+            let id = self.client.create_container(&sandbox, config, pod).await?;
+            self.client.start_container(&id).await?;
+            Ok(id)
+        })
+    }
+
     /// The runtime's `Version` answer (name and version of containerd).
     pub fn version(&self) -> &api::VersionResponse {
         &self.version

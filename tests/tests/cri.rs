@@ -110,14 +110,7 @@ fn cri_pod_of_two_containers_shares_one_vm_and_sees_secret_updates() {
     );
     let mut ids = Vec::new();
     for config in [reader, peer] {
-        let pod = pod.clone();
-        let sb = sandbox.clone();
-        let id = cri
-            .call(|c| async move { c.create_container(&sb, config, pod).await })
-            .unwrap_or_else(|e| panic!("CreateContainer: {e}\n{}", logs()));
-        let cid = id.clone();
-        cri.call(|c| async move { c.start_container(&cid).await })
-            .unwrap_or_else(|e| panic!("StartContainer: {e}\n{}", logs()));
+        let id = cri.create_and_start(&sandbox, config, pod.clone()).unwrap_or_else(|e| panic!("{e}\n{}", logs()));
         ids.push(id);
     }
     eprintln!("pod with two containers started: {:?}", started.elapsed());

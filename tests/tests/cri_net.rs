@@ -57,12 +57,8 @@ fn start_net_container(cri: &Cri, ctrd: &TestContainerd, pod: &Pod, peers: &[&st
         peers = peers.join(" "),
     );
     let config = container_config("net", BUSYBOX_IMAGE, &["sh", "-c", &script], "net.log", &[]);
-    let (sb, pod_config) = (pod.sandbox.clone(), pod.config.clone());
-    let id = cri
-        .call(|c| async move { c.create_container(&sb, config, pod_config).await })
-        .unwrap_or_else(|e| panic!("CreateContainer in {}: {e}\n{}", pod.name, ctrd.logs()));
-    cri.call(|c| async move { c.start_container(&id).await })
-        .unwrap_or_else(|e| panic!("StartContainer in {}: {e}\n{}", pod.name, ctrd.logs()));
+    cri.create_and_start(&pod.sandbox, config, pod.config.clone())
+        .unwrap_or_else(|e| panic!("{e} (pod {})\n{}", pod.name, ctrd.logs()));
 }
 
 /// The network namespace containerd made for `sandbox`, from its bundle's spec.

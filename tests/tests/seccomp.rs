@@ -149,14 +149,7 @@ fn cri_runtime_default_filters_the_container() {
         profile_type: api::security_profile::ProfileType::RuntimeDefault as i32,
         localhost_ref: String::new(),
     });
-    let sb = sandbox.clone();
-    let pod_for_create = pod.clone();
-    let id = cri
-        .call(|c| async move { c.create_container(&sb, config, pod_for_create).await })
-        .unwrap_or_else(|e| panic!("CreateContainer: {e}\n{}", logs()));
-    let cid = id.clone();
-    cri.call(|c| async move { c.start_container(&cid).await })
-        .unwrap_or_else(|e| panic!("StartContainer: {e}\n{}", logs()));
+    cri.create_and_start(&sandbox, config, pod.clone()).unwrap_or_else(|e| panic!("{e}\n{}", logs()));
 
     let log = log_dir.join("probe.log");
     wait_log_line(&log, Duration::from_secs(240), &logs, |l| l == "done");
