@@ -36,7 +36,8 @@ use std::fs::File;
 use std::os::fd::OwnedFd;
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Mutex, MutexGuard};
+use tern_sync::LockExt;
 
 use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::syscall::syscall::SyscallType;
@@ -108,7 +109,7 @@ pub struct Containers {
 
 impl Containers {
     fn lock(&self) -> MutexGuard<'_, HashMap<String, Started>> {
-        self.map.lock().unwrap_or_else(PoisonError::into_inner)
+        self.map.lock_unpoisoned()
     }
 
     fn get(&self, id: &str) -> Result<Started, ContainerError> {

@@ -29,8 +29,9 @@ mod tree;
 use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
+use tern_sync::{CondvarExt, LockExt};
 
 use tern_protocol::watch::{
     is_safe_relative_path, ChangeBatch, ChangeKind, DEFAULT_RESYNC_INTERVAL, MAX_RECORDS_PER_BATCH, POLL_INTERVAL,
@@ -102,21 +103,16 @@ pub struct WatchableMount {
     inner: Mutex<MirrorInner>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic in one sync must not stop every later one.
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
 impl WatchableMount {
     /// Bring the mirror up to date; never fails (problems are logged and retried later).
     fn settle(&self, scope: Scope<'_>) {
-        let mut inner = lock(&self.inner);
+        let mut inner = self.inner.lock_unpoisoned();
         self.settle_locked(&mut inner, scope);
     }
 
     /// Apply the renames the watcher paired, then settle what `hints` names.
     fn settle_changes(&self, hints: &Hints, renames: &[moves::Rename]) {
-        let mut inner = lock(&self.inner);
+        let mut inner = self.inner.lock_unpoisoned();
         if !renames.is_empty() && inner.presentation == Presentation::Mirror {
             let done = moves::apply_renames(&self.share_root, &self.staging, &mut inner.state, renames);
             if !done.is_empty() {
@@ -165,7 +161,7 @@ impl WatchableMount {
 
     /// Remove the retired directories whose grace is over.
     fn remove_retired(&self) {
-        let mut inner = lock(&self.inner);
+        let mut inner = self.inner.lock_unpoisoned();
         let inner = &mut *inner;
         if inner.presentation == Presentation::BindFallback {
             return;
@@ -178,7 +174,7 @@ impl WatchableMount {
 
     /// When are retired directories due for removal (none while the share is bound instead)?
     fn retired_due_in(&self) -> Option<Duration> {
-        let inner = lock(&self.inner);
+        let inner = self.inner.lock_unpoisoned();
         if inner.presentation == Presentation::BindFallback {
             return None;
         }
@@ -187,7 +183,7 @@ impl WatchableMount {
 
     /// Is a periodic full sync due (poll interval or safety-net resync)?
     fn full_sync_due_in(&self, resync: Duration) -> Option<Duration> {
-        let inner = lock(&self.inner);
+        let inner = self.inner.lock_unpoisoned();
         if inner.presentation == Presentation::BindFallback {
             return None;
         }
@@ -304,9 +300,9 @@ pub fn mount_watchable(req: &MountRequest) -> Result<(), MirrorError> {
     });
     // Registered (and locked) before the first fill, so a batch arriving meanwhile is applied
     // right after it instead of being lost.
-    let mut inner = lock(&entry.inner);
+    let mut inner = entry.inner.lock_unpoisoned();
     {
-        let mut mounts = lock(&registry.mounts);
+        let mut mounts = registry.mounts.lock_unpoisoned();
         if mounts.iter().any(|m| m.guest_path == guest_path) {
             return Err(MirrorError::AlreadyMounted(req.guest_path.clone()));
         }
@@ -314,7 +310,7 @@ pub fn mount_watchable(req: &MountRequest) -> Result<(), MirrorError> {
     }
     let filled = fill(&entry, &mut inner);
     if let Err(e) = filled {
-        lock(&registry.mounts).retain(|m| !Arc::ptr_eq(m, &entry));
+        registry.mounts.lock_unpoisoned().retain(|m| !Arc::ptr_eq(m, &entry));
         let _ = mount::unmount(&staging);
         let _ = std::fs::remove_dir(&staging);
         return Err(e);
@@ -345,21 +341,21 @@ fn fill(entry: &WatchableMount, inner: &mut MirrorInner) -> Result<(), MirrorErr
 
 /// How many watchable mounts exist (for the agent's statistics).
 pub fn watched_mounts() -> usize {
-    lock(&registry().mounts).len()
+    registry().mounts.lock_unpoisoned().len()
 }
 
 /// Undo [`mount_watchable`] at `guest_path`.
 pub fn unmount_watchable(guest_path: &str) -> Result<(), MirrorError> {
     let registry = registry();
     let entry = {
-        let mut mounts = lock(&registry.mounts);
+        let mut mounts = registry.mounts.lock_unpoisoned();
         let at = mounts
             .iter()
             .position(|m| m.guest_path == Path::new(guest_path))
             .ok_or_else(|| MirrorError::NotMounted(guest_path.to_owned()))?;
         mounts.remove(at)
     };
-    let mut inner = lock(&entry.inner);
+    let mut inner = entry.inner.lock_unpoisoned();
     while inner.layers > 0 {
         mount::unmount(&entry.guest_path)?;
         inner.layers -= 1;
@@ -404,7 +400,7 @@ pub fn handle_watch_connection(mut conn: Connection) {
 
 fn queue_resync_all() {
     let registry = registry();
-    lock(&registry.work).resync_all = true;
+    registry.work.lock_unpoisoned().resync_all = true;
     registry.wake.notify_one();
 }
 
@@ -414,7 +410,7 @@ fn queue_batch(batch: ChangeBatch, gap: bool) {
     if gap {
         warn!(seq = batch.seq, "gap in change batches; resyncing every mount");
     }
-    merge_batch(&mut lock(&registry.work), batch, gap);
+    merge_batch(&mut registry.work.lock_unpoisoned(), batch, gap);
     registry.wake.notify_one();
 }
 
@@ -461,18 +457,14 @@ fn run_sync_thread() {
     let registry = registry();
     loop {
         let work = {
-            let mut work = lock(&registry.work);
+            let mut work = registry.work.lock_unpoisoned();
             if !work.resync_all && work.shares.is_empty() {
                 let sleep = next_timer(registry);
-                work = registry
-                    .wake
-                    .wait_timeout(work, sleep)
-                    .map(|(guard, _)| guard)
-                    .unwrap_or_else(|poisoned| poisoned.into_inner().0);
+                work = registry.wake.wait_timeout_unpoisoned(work, sleep).0;
             }
             std::mem::take(&mut *work)
         };
-        let mounts: Vec<Arc<WatchableMount>> = lock(&registry.mounts).clone();
+        let mounts: Vec<Arc<WatchableMount>> = registry.mounts.lock_unpoisoned().clone();
         for m in mounts.iter().filter(|m| m.mode == WatchMode::Events) {
             let share = work.shares.get(&m.share);
             if work.resync_all || share.is_some_and(|s| s.resync) {
@@ -500,7 +492,7 @@ fn run_sync_thread() {
 /// [`MAX_TIMER_SLEEP`]).
 fn next_timer(registry: &Registry) -> Duration {
     let resync = Duration::from_secs(registry.resync_secs.load(Ordering::Relaxed));
-    let mounts: Vec<Arc<WatchableMount>> = lock(&registry.mounts).clone();
+    let mounts: Vec<Arc<WatchableMount>> = registry.mounts.lock_unpoisoned().clone();
     mounts
         .iter()
         .flat_map(|m| [m.full_sync_due_in(resync), m.retired_due_in()])

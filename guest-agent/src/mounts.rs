@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
+use tern_sync::LockExt;
 
 use nix::errno::Errno;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
@@ -71,7 +72,7 @@ struct MountTable {
 static TABLE: Mutex<MountTable> = Mutex::new(MountTable { device_mounted: false, plain: BTreeMap::new() });
 
 fn table() -> MutexGuard<'static, MountTable> {
-    TABLE.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    TABLE.lock_unpoisoned()
 }
 
 /// An absolute path other than `/`, without `..` components.

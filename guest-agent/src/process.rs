@@ -23,9 +23,10 @@ use std::os::fd::OwnedFd;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tern_protocol::{ExecRequest, ExitStatus, StreamKind};
+use tern_sync::{CondvarExt, LockExt};
 use tracing::{debug, info, warn};
 
 use crate::transport::Connection;
@@ -213,11 +214,11 @@ impl ProcessTable {
     fn lock(&self) -> MutexGuard<'_, TableState> {
         // A panic aborts the agent (panic = "abort"), so a poisoned lock cannot be observed
         // in practice; and the state stays consistent at every unlock anyway.
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        self.state.lock_unpoisoned()
     }
 
     fn wait_changed<'a>(&self, guard: MutexGuard<'a, TableState>) -> MutexGuard<'a, TableState> {
-        self.changed.wait(guard).unwrap_or_else(PoisonError::into_inner)
+        self.changed.wait_unpoisoned(guard)
     }
 
     /// Start a process and register it; returns its pid.
@@ -449,7 +450,7 @@ impl ProcessTable {
             if now >= deadline {
                 break;
             }
-            let (next, _) = self.changed.wait_timeout(state, deadline - now).unwrap_or_else(PoisonError::into_inner);
+            let (next, _) = self.changed.wait_timeout_unpoisoned(state, deadline - now);
             state = next;
         }
         for pid in state.by_pid.keys() {

@@ -13,8 +13,9 @@ use crate::config::Config;
 use crate::network::SandboxNetwork;
 pub use crate::run_dir::SandboxDir;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tern_sync::LockExt;
 use vmm::api::{ConsoleOutput, ShareConfig, VmConfig, VmExit, VmHandle, Vmm, VmmError, VsockConfig};
 
 /// Errors creating or running a sandbox.
@@ -285,7 +286,7 @@ impl Sandbox {
 
     /// Wait for the monitor thread, which ends right after the VM (call once the VM ended).
     fn join_monitor(&self) {
-        let monitor = self.monitor.lock().unwrap_or_else(PoisonError::into_inner).take();
+        let monitor = self.monitor.lock_unpoisoned().take();
         if let Some(monitor) = monitor {
             if monitor.join().is_err() {
                 tracing::warn!("the VM monitor thread panicked");

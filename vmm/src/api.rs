@@ -4,6 +4,7 @@
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tern_sync::LockExt;
 
 use crate::builder::{self, RunningVm};
 pub use crate::config::{ConsoleOutput, NetConfig, VmConfig, VsockConfig};
@@ -182,7 +183,7 @@ impl VmHandle {
     }
 
     fn watchers(&self) -> Result<Arc<ShareWatchers>, VmmError> {
-        let running = self.running.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let running = self.running.lock_unpoisoned();
         Ok(running.as_ref().ok_or(VmmError::NotRunning)?.watchers())
     }
 
@@ -192,7 +193,7 @@ impl VmHandle {
     }
 
     fn fs_shares(&self) -> Result<Arc<crate::devices::fs::FsShares>, VmmError> {
-        let running = self.running.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let running = self.running.lock_unpoisoned();
         let vm = running.as_ref().ok_or(VmmError::NotRunning)?;
         vm.fs_shares().ok_or(VmmError::FsShare(ShareError::NoDevice))
     }
@@ -200,7 +201,7 @@ impl VmHandle {
     /// Join the vCPUs, stop the event loop and release devices, memory and the VM, once.
     /// Concurrent callers wait here until it is done.
     fn tear_down(&self) {
-        let mut running = self.running.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut running = self.running.lock_unpoisoned();
         if let Some(vm) = running.take() {
             self.lifecycle.join_vcpus();
             vm.shut_down();

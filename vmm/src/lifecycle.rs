@@ -4,9 +4,10 @@
 //! thread out of `KVM_RUN` with a signal; `join_vcpus` then collects the threads.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
+use std::sync::{Condvar, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+use tern_sync::{CondvarExt, LockExt};
 
 use crate::vstate::vcpu::{kick_vcpu_thread, VcpuRunError, VcpuSupervisor, VmExit};
 
@@ -24,11 +25,6 @@ pub(crate) struct VcpuFault {
 
 /// How the VM ended.
 pub(crate) type VmOutcome = Result<VmExit, VcpuFault>;
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // The data behind these locks stays consistent across a panic (single assignments).
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
 
 /// Shared by the VM handle, the vCPU threads and the devices that can end the VM.
 #[derive(Default)]
@@ -49,7 +45,7 @@ impl VmLifecycle {
     /// Record `outcome` unless another came first, and bring every vCPU out of the guest.
     pub fn finish(&self, outcome: VmOutcome) {
         {
-            let mut slot = lock(&self.outcome);
+            let mut slot = self.outcome.lock_unpoisoned();
             if slot.is_none() {
                 let _ = self.exit_time.set(Instant::now());
                 *slot = Some(outcome);
@@ -85,36 +81,36 @@ impl VmLifecycle {
             // The VM ended while this thread was starting: it may have missed the kick.
             kick_vcpu_thread(&thread);
         }
-        lock(&self.vcpu_threads).push(thread);
+        self.vcpu_threads.lock_unpoisoned().push(thread);
     }
 
     fn kick_vcpus(&self) {
-        for thread in lock(&self.vcpu_threads).iter().filter(|thread| !thread.is_finished()) {
+        for thread in self.vcpu_threads.lock_unpoisoned().iter().filter(|thread| !thread.is_finished()) {
             kick_vcpu_thread(thread);
         }
     }
 
     /// Block until the VM ends.
     pub fn wait(&self) -> VmOutcome {
-        let mut slot = lock(&self.outcome);
+        let mut slot = self.outcome.lock_unpoisoned();
         loop {
             if let Some(outcome) = slot.as_ref() {
                 return outcome.clone();
             }
-            slot = self.ended.wait(slot).unwrap_or_else(|poisoned| poisoned.into_inner());
+            slot = self.ended.wait_unpoisoned(slot);
         }
     }
 
     /// Block until the VM ends or `timeout` passes.
     pub fn wait_timeout(&self, timeout: Duration) -> Option<VmOutcome> {
         let deadline = Instant::now() + timeout;
-        let mut slot = lock(&self.outcome);
+        let mut slot = self.outcome.lock_unpoisoned();
         loop {
             if let Some(outcome) = slot.as_ref() {
                 return Some(outcome.clone());
             }
             let left = deadline.checked_duration_since(Instant::now())?;
-            slot = self.ended.wait_timeout(slot, left).unwrap_or_else(|poisoned| poisoned.into_inner()).0;
+            slot = self.ended.wait_timeout_unpoisoned(slot, left).0;
         }
     }
 
@@ -123,7 +119,7 @@ impl VmLifecycle {
     /// detached rather than hanging the caller.
     pub fn join_vcpus(&self) {
         self.stopping.store(true, Ordering::SeqCst);
-        let threads = std::mem::take(&mut *lock(&self.vcpu_threads));
+        let threads = std::mem::take(&mut *self.vcpu_threads.lock_unpoisoned());
         let deadline = Instant::now() + VCPU_JOIN_TIMEOUT;
         for thread in threads {
             while !thread.is_finished() && Instant::now() < deadline {
@@ -190,6 +186,6 @@ mod tests {
         let lifecycle = VmLifecycle::new();
         lifecycle.adopt_vcpu_thread(std::thread::spawn(|| {}));
         lifecycle.join_vcpus();
-        assert!(lock(&lifecycle.vcpu_threads).is_empty());
+        assert!(lifecycle.vcpu_threads.lock_unpoisoned().is_empty());
     }
 }

@@ -12,6 +12,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tern_sync::LockExt;
 
 /// Why a vCPU left `KVM_RUN`, as counted by `VmMetrics::exits`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -397,7 +398,7 @@ impl VmMetrics {
 
     fn net_devices(&self) -> std::sync::MutexGuard<'_, Vec<Arc<NetMetrics>>> {
         // Every update is one push: a panic elsewhere cannot leave the list half-changed.
-        self.net.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.net.lock_unpoisoned()
     }
 
     /// Copy every counter.

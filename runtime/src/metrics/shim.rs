@@ -8,8 +8,9 @@
 //! answer, the scrape still succeeds with `tern_agent_up 0` and without guest families.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tern_sync::LockExt;
 
 use tern_protocol::{GuestStats, AGENT_RPC_PORT, WATCH_APPLY_BUCKETS};
 use tokio::net::UnixListener;
@@ -114,7 +115,7 @@ impl EndpointInner {
 
     fn guest_stats(&self) -> Option<GuestStats> {
         {
-            let mut cache = self.guest_cache.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut cache = self.guest_cache.lock_unpoisoned();
             match &cache.last {
                 Some((at, stats)) if at.elapsed() < GUEST_STATS_MAX_AGE || cache.asking => return stats.clone(),
                 _ => cache.asking = true,
@@ -127,7 +128,7 @@ impl EndpointInner {
                 None
             }
         };
-        let mut cache = self.guest_cache.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut cache = self.guest_cache.lock_unpoisoned();
         *cache = GuestCache { last: Some((Instant::now(), stats.clone())), asking: false };
         stats
     }

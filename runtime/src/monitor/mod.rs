@@ -19,8 +19,9 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tern_sync::LockExt;
 
 use vmm::AtomicHistogram;
 
@@ -77,7 +78,7 @@ pub struct Sandboxes {
 
 impl Sandboxes {
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, SandboxEntry>> {
-        self.entries.lock().unwrap_or_else(PoisonError::into_inner)
+        self.entries.lock_unpoisoned()
     }
 
     /// Make the set exactly `ids` (directories under `sbs_root`), keeping known metadata.

@@ -19,7 +19,8 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Mutex, MutexGuard};
+use tern_sync::LockExt;
 
 use tern_protocol::MountRequest;
 use vmm::api::{CachePolicy, ShareConfig};
@@ -88,7 +89,7 @@ struct WatchTable {
 
 impl WatchableShares {
     fn lock(&self) -> MutexGuard<'_, WatchTable> {
-        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+        self.inner.lock_unpoisoned()
     }
 
     /// Share and mount `bind` unless an equal watchable share exists; take a reference and

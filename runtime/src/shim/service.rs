@@ -16,8 +16,9 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tern_sync::LockExt;
 
 use async_trait::async_trait;
 use containerd_shim::api;
@@ -170,11 +171,6 @@ pub struct TaskService {
     inner: Arc<Inner>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // State stays consistent at every unlock; a panic elsewhere must not wedge the shim.
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
 impl TaskService {
     pub fn new(
         config: Result<Config, String>,
@@ -205,7 +201,9 @@ impl TaskService {
 
     /// The running sandbox (a cheap clone: the lock is never held beyond this call).
     fn sandbox(&self) -> TtrpcResult<Arc<Sandbox>> {
-        lock(&self.inner.sandbox)
+        self.inner
+            .sandbox
+            .lock_unpoisoned()
             .clone()
             .ok_or_else(|| rpc_error(Code::FAILED_PRECONDITION, "the sandbox VM is not running"))
     }
@@ -219,7 +217,7 @@ impl TaskService {
     /// of the spec that boots it, see [`network_namespace`]; ignored once the VM runs).
     async fn ensure_sandbox(&self, netns: Result<Option<PathBuf>, ContainerSpecError>) -> TtrpcResult<()> {
         let _boot = self.inner.boot.lock().await;
-        if lock(&self.inner.sandbox).is_some() {
+        if self.inner.sandbox.lock_unpoisoned().is_some() {
             return Ok(());
         }
         let netns = netns.map_err(|e| rpc_error(Code::INVALID_ARGUMENT, error_chain(&e)))?;
@@ -245,7 +243,7 @@ impl TaskService {
         .await??;
         tracing::info!(run_dir = %sandbox.run_dir().display(), "sandbox VM ready");
         let probe = self.metrics_probe(&sandbox);
-        *lock(&self.inner.sandbox) = Some(Arc::new(sandbox));
+        *self.inner.sandbox.lock_unpoisoned() = Some(Arc::new(sandbox));
         self.start_metrics(probe);
         Ok(())
     }
@@ -261,7 +259,7 @@ impl TaskService {
             vm: sandbox.vm_metrics(),
             agent: sandbox.agent().clone(),
             watcher: Arc::new(move || {
-                let sandbox = lock(&inner.upgrade()?.sandbox).clone()?;
+                let sandbox = inner.upgrade()?.sandbox.lock_unpoisoned().clone()?;
                 sandbox.watcher_counters()
             }),
         }
@@ -271,13 +269,13 @@ impl TaskService {
     fn start_metrics(&self, probe: SandboxProbe) {
         let Ok(config) = self.config() else { return };
         match ShimMetricsServer::start(&config.shim.root_dir, &self.inner.sandbox_id, probe) {
-            Ok(server) => *lock(&self.inner.metrics) = Some(server),
+            Ok(server) => *self.inner.metrics.lock_unpoisoned() = Some(server),
             Err(e) => tracing::warn!(error = %error_chain(&e), "cannot serve sandbox metrics"),
         }
     }
 
     fn with_container<T>(&self, id: &str, f: impl FnOnce(&mut Container) -> TtrpcResult<T>) -> TtrpcResult<T> {
-        let mut state = lock(&self.inner.state);
+        let mut state = self.inner.state.lock_unpoisoned();
         let c = state.containers.get_mut(id).ok_or_else(|| not_found(&format!("container {id}")))?;
         f(c)
     }
@@ -341,7 +339,7 @@ impl TaskService {
     /// Undo `Create`'s host and guest setup for a container already removed from the table.
     async fn teardown(&self, c: Container) {
         let inner = Arc::clone(&self.inner);
-        let sandbox = lock(&self.inner.sandbox).clone();
+        let sandbox = self.inner.sandbox.lock_unpoisoned().clone();
         let result = blocking(move || {
             let Container { share, guest_rootfs, rootfs, rootfs_mounted, io, bind_shares, .. } = c;
             // Closing the FIFO ends the shim held (module docs of `io`).
@@ -390,7 +388,9 @@ impl TaskService {
     /// Guest pids of this VM's running containers: the only `/proc/<pid>/ns/*` paths a spec
     /// may join (a CRI container joins its pod's sandbox namespaces that way).
     fn running_pids(&self) -> Vec<u32> {
-        lock(&self.inner.state)
+        self.inner
+            .state
+            .lock_unpoisoned()
             .containers
             .values()
             .filter(|c| c.phase == Phase::Running && c.pid != 0)
@@ -426,11 +426,11 @@ impl TaskService {
     /// Power the VM off (if it runs) and end the shim.
     async fn stop_sandbox(&self) {
         // Out of the lock first: an `if let` on the guard would hold it across `stop`.
-        let metrics = lock(&self.inner.metrics).take();
+        let metrics = self.inner.metrics.lock_unpoisoned().take();
         if let Some(metrics) = metrics {
             metrics.stop();
         }
-        let sandbox = lock(&self.inner.sandbox).take();
+        let sandbox = self.inner.sandbox.lock_unpoisoned().take();
         if let Some(sandbox) = sandbox {
             match blocking(move || sandbox.shutdown(SHUTDOWN_GRACE)).await {
                 Ok(Ok(exit)) => tracing::info!(?exit, "sandbox VM stopped"),
@@ -488,7 +488,7 @@ impl Task for TaskService {
         // Refuse a spec the guest cannot run before booting or sharing anything.
         guest_spec(&spec, &guest_rootfs).map_err(|e| rpc_error(Code::INVALID_ARGUMENT, error_chain(&e)))?;
         let share = {
-            let mut state = lock(&self.inner.state);
+            let mut state = self.inner.state.lock_unpoisoned();
             state.next_share += 1;
             format!("c{}", state.next_share)
         };
@@ -496,7 +496,7 @@ impl Task for TaskService {
         let (bind_sources, bind_shares) = self.share_binds(&id, &share, &bundle, host_bind_mounts).await?;
         if let Err(e) = self.share_rootfs(&share, &rootfs, &guest_rootfs).await {
             let inner = Arc::clone(&self.inner);
-            let sandbox = lock(&self.inner.sandbox).clone();
+            let sandbox = self.inner.sandbox.lock_unpoisoned().clone();
             let _ = blocking(move || binds::unshare_binds(sandbox.as_deref(), &inner.watchables, bind_shares)).await;
             return Err(e);
         }
@@ -656,7 +656,7 @@ impl Task for TaskService {
             return self.exec_delete(&req.id, &req.exec_id).await;
         }
         let c = {
-            let mut state = lock(&self.inner.state);
+            let mut state = self.inner.state.lock_unpoisoned();
             let c = state.containers.get(&req.id).ok_or_else(|| not_found(&format!("container {}", req.id)))?;
             if c.phase == Phase::Running {
                 return Err(rpc_error(Code::FAILED_PRECONDITION, format!("container {} is still running", req.id)));
@@ -668,7 +668,7 @@ impl Task for TaskService {
         if c.cri_sandbox {
             // CRI removes a pod's containers before its sandbox; the VM stops at the
             // `Shutdown` that follows once nothing is left.
-            let left: Vec<String> = lock(&self.inner.state).containers.keys().cloned().collect();
+            let left: Vec<String> = self.inner.state.lock_unpoisoned().containers.keys().cloned().collect();
             if !left.is_empty() {
                 tracing::warn!(sandbox = %req.id, ?left, "pod sandbox deleted before its containers");
             }
@@ -768,7 +768,7 @@ impl Task for TaskService {
     }
 
     async fn connect(&self, _ctx: &TtrpcContext, req: api::ConnectRequest) -> TtrpcResult<api::ConnectResponse> {
-        let task_pid = lock(&self.inner.state).containers.get(&req.id).map_or(0, |c| c.pid);
+        let task_pid = self.inner.state.lock_unpoisoned().containers.get(&req.id).map_or(0, |c| c.pid);
         Ok(api::ConnectResponse {
             shim_pid: std::process::id(),
             task_pid,
@@ -779,7 +779,7 @@ impl Task for TaskService {
 
     async fn shutdown(&self, _ctx: &TtrpcContext, _req: api::ShutdownRequest) -> TtrpcResult<api::Empty> {
         let busy = {
-            let state = lock(&self.inner.state);
+            let state = self.inner.state.lock_unpoisoned();
             !state.containers.is_empty() || !state.creating.is_empty()
         };
         if busy {

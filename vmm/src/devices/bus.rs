@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
+use tern_sync::LockExt;
 
 use crate::vstate::vcpu::GuestIoBus;
 
@@ -75,7 +76,7 @@ impl Bus {
             Some((offset, device)) => {
                 // A device that panicked while holding its lock is still the best answer we
                 // have; the guest sees whatever state it left.
-                let mut device = device.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                let mut device = device.lock_unpoisoned();
                 device.read(offset, data);
                 true
             }
@@ -87,7 +88,7 @@ impl Bus {
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
         match self.find(addr) {
             Some((offset, device)) => {
-                let mut device = device.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                let mut device = device.lock_unpoisoned();
                 device.write(offset, data);
                 true
             }

@@ -26,6 +26,7 @@ use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tern_sync::LockExt;
 
 use inotify::Inotify;
 use tern_change_records::is_safe_relative_path;
@@ -147,7 +148,7 @@ struct Shared {
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, WatchState> {
         // A panicking watcher thread must not take the VMM down with a poisoned lock.
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state.lock_unpoisoned()
     }
 }
 
@@ -286,7 +287,7 @@ impl ShareWatchers {
     }
 
     fn lock(&self) -> MutexGuard<'_, Option<Watcher>> {
-        self.watcher.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.watcher.lock_unpoisoned()
     }
 
     /// Watch share `name` at `host_dir`, starting the watcher if needed.

@@ -13,6 +13,7 @@ use std::io::IsTerminal;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::mpsc::{channel, Sender};
 use std::sync::{Mutex, Once};
+use tern_sync::LockExt;
 
 use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg, Termios};
 use tern_protocol::WindowSize;
@@ -51,7 +52,7 @@ impl RawMode {
         let terminal = fd.try_clone_to_owned()?;
         // TCSANOW: what was typed during the boot stays in the input queue for the command.
         tcsetattr(&terminal, SetArg::TCSANOW, &raw)?;
-        *SAVED.lock().unwrap_or_else(|p| p.into_inner()) = Some((terminal, saved));
+        *SAVED.lock_unpoisoned() = Some((terminal, saved));
         Ok(RawMode(()))
     }
 }

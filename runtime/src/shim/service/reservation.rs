@@ -5,7 +5,8 @@ use std::sync::Arc;
 use containerd_shim::TtrpcResult;
 use containerd_shim_protos::ttrpc::Code;
 
-use super::{lock, rpc_error, Container, Inner};
+use super::{rpc_error, Container, Inner};
+use tern_sync::LockExt;
 
 /// An id reserved by a `Create` in progress; dropping it (every failure path, or the request
 /// being cancelled) frees the id again. [`IdReservation::commit`] turns it into the container.
@@ -17,7 +18,7 @@ pub(super) struct IdReservation {
 impl IdReservation {
     /// Reserve `id`, or fail with ALREADY_EXISTS when it exists or is being created.
     pub(super) fn take(inner: &Arc<Inner>, id: &str) -> TtrpcResult<IdReservation> {
-        let mut state = lock(&inner.state);
+        let mut state = inner.state.lock_unpoisoned();
         if state.containers.contains_key(id) || !state.creating.insert(id.to_owned()) {
             return Err(rpc_error(Code::ALREADY_EXISTS, format!("container {id} already exists")));
         }
@@ -26,7 +27,7 @@ impl IdReservation {
 
     /// Register the created container under the reserved id (in one step with the release).
     pub(super) fn commit(self, container: Container) {
-        let mut state = lock(&self.inner.state);
+        let mut state = self.inner.state.lock_unpoisoned();
         state.creating.remove(&self.id);
         state.containers.insert(self.id.clone(), container);
     }
@@ -35,6 +36,6 @@ impl IdReservation {
 impl Drop for IdReservation {
     fn drop(&mut self) {
         // A no-op after `commit`.
-        lock(&self.inner.state).creating.remove(&self.id);
+        self.inner.state.lock_unpoisoned().creating.remove(&self.id);
     }
 }

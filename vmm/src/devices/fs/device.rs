@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
+use tern_sync::LockExt;
 
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::api::{Vfs, VfsOptions};
@@ -62,7 +63,7 @@ impl FsShares {
 
     fn table(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, ShareConfig>> {
         // A panic elsewhere cannot leave the map half-updated: every update is one insert/remove.
-        self.shares.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.shares.lock_unpoisoned()
     }
 
     /// Serve `share.host_dir` at `/<share.name>` of the device.

@@ -13,6 +13,7 @@ use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+use tern_sync::LockExt;
 
 /// Chunks the writer thread may fall behind by before bytes are dropped.
 const QUEUE_CHUNKS: usize = 1024;
@@ -34,7 +35,7 @@ pub struct ConsoleTail {
 
 impl ConsoleTail {
     fn push(&self, buf: &[u8]) {
-        let mut bytes = self.bytes.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut bytes = self.bytes.lock_unpoisoned();
         let keep = buf.len().min(TAIL_BYTES);
         let overflow = (bytes.len() + keep).saturating_sub(TAIL_BYTES);
         bytes.drain(..overflow);
@@ -48,7 +49,7 @@ impl ConsoleTail {
 
     /// The kept bytes, oldest first, as text (invalid UTF-8 replaced).
     pub fn text(&self) -> String {
-        let bytes = self.bytes.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let bytes = self.bytes.lock_unpoisoned();
         let (front, back) = bytes.as_slices();
         String::from_utf8_lossy(&[front, back].concat()).into_owned()
     }
