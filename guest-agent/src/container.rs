@@ -186,6 +186,57 @@ fn terminal_pipes(master: File, stdin: bool) -> Result<Pipes, ContainerError> {
     crate::pty::terminal_pipes(master, stdin).map_err(ContainerError::Pipe)
 }
 
+/// A new container process's stdio: a pty whose master the process's runtime sends over a
+/// console socket, or three pipes.
+enum ProcessStdio {
+    Terminal(ConsoleSocket),
+    Pipes(StdioPipes),
+}
+
+impl ProcessStdio {
+    /// A console socket at `console_path` for a terminal, pipes otherwise (stdin only if
+    /// `stdin`, else `/dev/null`).
+    fn new(terminal: bool, console_path: &Path, stdin: bool) -> Result<Self, ContainerError> {
+        Ok(if terminal {
+            ProcessStdio::Terminal(ConsoleSocket::bind(console_path)?)
+        } else {
+            ProcessStdio::Pipes(stdio_pipes(stdin)?)
+        })
+    }
+
+    /// Give `builder` the process's ends; what the agent keeps comes back.
+    fn hand_to(self, builder: ContainerBuilder) -> (ContainerBuilder, AgentStdio) {
+        match self {
+            ProcessStdio::Terminal(console) => {
+                let builder = builder.with_console_socket(Some(console.path()));
+                (builder, AgentStdio::Terminal(console))
+            }
+            ProcessStdio::Pipes(StdioPipes { child: [i, o, e], parent }) => {
+                (builder.with_stdin(i).with_stdout(o).with_stderr(e), AgentStdio::Pipes(parent))
+            }
+        }
+    }
+}
+
+/// The agent's side of a process's stdio, until the process exists.
+enum AgentStdio {
+    Terminal(ConsoleSocket),
+    Pipes(Pipes),
+}
+
+impl AgentStdio {
+    /// The agent's ends, once the process has started: for a terminal, the pty master it sent.
+    fn into_pipes(self, stdin: bool) -> Result<Pipes, ContainerError> {
+        match self {
+            AgentStdio::Terminal(console) => console
+                .receive_master(crate::pty::MASTER_TIMEOUT)
+                .map_err(ContainerError::from)
+                .and_then(|master| terminal_pipes(master, stdin)),
+            AgentStdio::Pipes(pipes) => Ok(pipes),
+        }
+    }
+}
+
 /// The ends of a non-terminal process's stdio: the container's (child) ends and ours.
 struct StdioPipes {
     child: [OwnedFd; 3],
@@ -234,21 +285,13 @@ pub fn exec(table: &ProcessTable, containers: &Containers, req: &ContainerExecRe
     let process_file = bundle.join(format!("exec-{seq}.json"));
     std::fs::write(&process_file, process.to_string())
         .map_err(|source| ContainerError::Bundle { path: process_file.clone(), source })?;
-    let console = if terminal { Some(ConsoleSocket::bind(&bundle.join(format!("exec-{seq}.sock")))?) } else { None };
-    let stdio = if terminal { None } else { Some(stdio_pipes(req.stdin)?) };
+    let stdio = ProcessStdio::new(terminal, &bundle.join(format!("exec-{seq}.sock")), req.stdin)?;
     let result = table.spawn_with(&req.id, || {
-        let mut builder = ContainerBuilder::new(req.container_id.clone(), SyscallType::Linux)
+        let builder = ContainerBuilder::new(req.container_id.clone(), SyscallType::Linux)
             .with_root_path(STATE_ROOT)
             .map_err(ContainerError::Exec)?
             .with_executor(DefaultExecutor {});
-        let mut parent = None;
-        if let Some(StdioPipes { child: [i, o, e], parent: p }) = stdio {
-            builder = builder.with_stdin(i).with_stdout(o).with_stderr(e);
-            parent = Some(p);
-        }
-        if let Some(console) = &console {
-            builder = builder.with_console_socket(Some(console.path()));
-        }
+        let (builder, ours) = stdio.hand_to(builder);
         let pid = builder
             .as_tenant()
             .with_process(Some(&process_file))
@@ -256,15 +299,7 @@ pub fn exec(table: &ProcessTable, containers: &Containers, req: &ContainerExecRe
             .build()
             .map_err(ContainerError::Exec)?
             .as_raw();
-        let pipes = match (&console, parent) {
-            (Some(console), _) => console
-                .receive_master(crate::pty::MASTER_TIMEOUT)
-                .map_err(ContainerError::from)
-                .and_then(|m| terminal_pipes(m, req.stdin)),
-            (None, Some(p)) => Ok(p),
-            (None, None) => Ok(Pipes::default()),
-        };
-        match pipes {
+        match ours.into_pipes(req.stdin) {
             Ok(pipes) => Ok((pid, pipes)),
             Err(e) => {
                 // Registered anyway would leave a process nobody can talk to: kill it. Its
@@ -316,21 +351,13 @@ pub fn start(table: &ProcessTable, containers: &Containers, spec: &ContainerSpec
     let bundle = prepare(spec)?;
     let oci: serde_json::Value = serde_json::from_str(&spec.oci_spec).map_err(ContainerError::Spec)?;
     let terminal = oci.get("process").is_some_and(wants_terminal);
-    let console = if terminal { Some(ConsoleSocket::bind(&bundle.join("console.sock"))?) } else { None };
-    let stdio = if terminal { None } else { Some(stdio_pipes(spec.stdin)?) };
+    let stdio = ProcessStdio::new(terminal, &bundle.join("console.sock"), spec.stdin)?;
     let pid = table.spawn_with(&spec.id, || {
-        let mut builder = ContainerBuilder::new(spec.id.clone(), SyscallType::Linux)
+        let builder = ContainerBuilder::new(spec.id.clone(), SyscallType::Linux)
             .with_root_path(STATE_ROOT)
             .map_err(ContainerError::Create)?
             .with_executor(DefaultExecutor {});
-        let mut parent = None;
-        if let Some(StdioPipes { child: [i, o, e], parent: p }) = stdio {
-            builder = builder.with_stdin(i).with_stdout(o).with_stderr(e);
-            parent = Some(p);
-        }
-        if let Some(console) = &console {
-            builder = builder.with_console_socket(Some(console.path()));
-        }
+        let (builder, ours) = stdio.hand_to(builder);
         let mut container = builder
             .as_init(&bundle)
             .with_systemd(false)
@@ -344,15 +371,7 @@ pub fn start(table: &ProcessTable, containers: &Containers, spec: &ContainerSpec
             let _ = container.delete(true);
             return Err(ContainerError::Start(e));
         }
-        let pipes = match (&console, parent) {
-            (Some(console), _) => console
-                .receive_master(crate::pty::MASTER_TIMEOUT)
-                .map_err(ContainerError::from)
-                .and_then(|m| terminal_pipes(m, spec.stdin)),
-            (None, Some(p)) => Ok(p),
-            (None, None) => Ok(Pipes::default()),
-        };
-        match pipes {
+        match ours.into_pipes(spec.stdin) {
             Ok(pipes) => Ok((pid, pipes)),
             Err(e) => {
                 let _ = container.delete(true);

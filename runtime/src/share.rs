@@ -9,9 +9,11 @@
 use std::path::{Component, Path, PathBuf};
 
 use tern_protocol::MountRequest;
-use vmm::api::{CachePolicy, ShareConfig};
+use vmm::api::{CachePolicy, ShareConfig, VmmError};
 
+use crate::agent::AgentError;
 use crate::config::FsSection;
+use crate::sandbox::{error_chain, Sandbox};
 
 /// Path markers of kubelet volumes whose contents are swapped atomically and must be watched.
 pub const KUBELET_WATCHABLE_MARKERS: [&str; 4] =
@@ -48,11 +50,87 @@ pub struct ShareSpec {
     pub watch: bool,
 }
 
-/// A share ready for the VMM and the agent.
+/// A share ready for the VMM and the agent: the two halves always agree on its name, access
+/// and watchability, because [`PlannedShare::new`] is the only place that builds them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PlannedShare {
     pub config: ShareConfig,
     pub mount: MountRequest,
+}
+
+impl PlannedShare {
+    /// `host_dir` shared as `name` and mounted by the agent at `guest_path`. It is cached as
+    /// `fs.cache` says, except a watchable share: the mirror must read what the host has now,
+    /// and a cached `..data` lookup or file size would settle it to stale contents that no later
+    /// record corrects.
+    pub fn new(
+        name: impl Into<String>,
+        host_dir: PathBuf,
+        guest_path: impl Into<String>,
+        read_only: bool,
+        watch: bool,
+        fs: &FsSection,
+    ) -> Self {
+        let name = name.into();
+        PlannedShare {
+            config: ShareConfig {
+                name: name.clone(),
+                host_dir,
+                read_only,
+                cache: if watch { CachePolicy::Never } else { fs.cache },
+                watch,
+            },
+            mount: MountRequest {
+                share: name,
+                guest_path: guest_path.into(),
+                read_only,
+                watchable: watch,
+                watch_mode: fs.watch_mode,
+            },
+        }
+    }
+
+    /// The same share, never cached (for files the host rewrites in place).
+    pub fn uncached(mut self) -> Self {
+        self.config.cache = CachePolicy::Never;
+        self
+    }
+}
+
+/// Errors adding a share to a running VM.
+#[derive(Debug, thiserror::Error)]
+pub enum AddShareError {
+    #[error("cannot share {} with the VM", host.display())]
+    Share {
+        host: PathBuf,
+        #[source]
+        source: VmmError,
+    },
+    #[error("cannot mount share {share} at {guest_path} in the guest")]
+    Mount {
+        share: String,
+        guest_path: String,
+        #[source]
+        source: AgentError,
+    },
+}
+
+/// Add `share` to `sandbox`'s running VM and have the agent mount it; on error nothing of it is
+/// left. Blocking.
+pub fn add_and_mount(sandbox: &Sandbox, share: PlannedShare) -> Result<(), AddShareError> {
+    let PlannedShare { config, mount } = share;
+    let host = config.host_dir.clone();
+    let name = config.name.clone();
+    sandbox.add_fs_share(config).map_err(|source| AddShareError::Share { host, source })?;
+    let guest_path = mount.guest_path.clone();
+    if let Err(source) = sandbox.agent().mount(mount) {
+        if let Err(e) = sandbox.remove_fs_share(&name) {
+            tracing::warn!(share = %name, error = %error_chain(&e), "cannot remove a share");
+        }
+        return Err(AddShareError::Mount { share: name, guest_path, source });
+    }
+    tracing::debug!(share = %name, %guest_path, "share added and mounted");
+    Ok(())
 }
 
 /// Whether `path` is a kubelet volume whose updates must reach the guest as events.
@@ -113,25 +191,14 @@ pub fn plan_shares(specs: &[ShareSpec], fs: &FsSection) -> Result<Vec<PlannedSha
         if planned.iter().any(|p| Path::new(&p.mount.guest_path) == Path::new(&spec.guest)) {
             return Err(ShareArgError::DuplicateGuestPath(spec.guest.clone()));
         }
-        let name = format!("s{index}");
-        planned.push(PlannedShare {
-            config: ShareConfig {
-                name: name.clone(),
-                host_dir: spec.host.clone(),
-                read_only: spec.read_only,
-                // The mirror must read what the host has now: a cached `..data` lookup or
-                // file size would settle it to stale contents that no later record corrects.
-                cache: if spec.watch { CachePolicy::Never } else { fs.cache },
-                watch: spec.watch,
-            },
-            mount: MountRequest {
-                share: name,
-                guest_path: spec.guest.clone(),
-                read_only: spec.read_only,
-                watchable: spec.watch,
-                watch_mode: fs.watch_mode,
-            },
-        });
+        planned.push(PlannedShare::new(
+            format!("s{index}"),
+            spec.host.clone(),
+            spec.guest.clone(),
+            spec.read_only,
+            spec.watch,
+            fs,
+        ));
     }
     Ok(planned)
 }
@@ -213,5 +280,18 @@ mod tests {
         assert_eq!(plan[1].mount.watch_mode, WatchMode::Poll);
         let dup = vec![specs[0].clone(), specs[0].clone()];
         assert!(matches!(plan_shares(&dup, &fs), Err(ShareArgError::DuplicateGuestPath(_))));
+    }
+
+    #[test]
+    fn a_planned_share_is_cached_as_configured_unless_watched_or_made_uncached() {
+        let fs = FsSection { cache: CachePolicy::Always, ..FsSection::default() };
+        let plain = PlannedShare::new("c1", PathBuf::from("/srv/a"), "/run/a", true, false, &fs);
+        assert_eq!(plain.config.cache, CachePolicy::Always);
+        assert_eq!((plain.mount.share.as_str(), plain.mount.guest_path.as_str()), ("c1", "/run/a"));
+        assert!(plain.config.read_only && plain.mount.read_only && !plain.mount.watchable);
+        let watched = PlannedShare::new("w1", PathBuf::from("/srv/b"), "/run/b", false, true, &fs);
+        assert_eq!(watched.config.cache, CachePolicy::Never);
+        assert!(watched.config.watch && watched.mount.watchable);
+        assert_eq!(plain.uncached().config.cache, CachePolicy::Never);
     }
 }

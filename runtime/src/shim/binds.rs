@@ -22,14 +22,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 use tern_sync::LockExt;
 
-use tern_protocol::MountRequest;
-use vmm::api::{CachePolicy, ShareConfig};
-
 use super::container::{
     remove_staged_files, stage_file, staged_file_name, BindKind, ContainerSpecError, HostBind, HOST_FILES_DIR,
 };
 use crate::config::FsSection;
 use crate::sandbox::{error_chain, Sandbox};
+use crate::share::{add_and_mount, AddShareError, PlannedShare};
 
 /// Where the agent mounts a container's bind shares: `<this>/<container id>/…`.
 pub const GUEST_MOUNTS_ROOT: &str = "/run/tern/mounts";
@@ -39,19 +37,8 @@ pub const GUEST_MOUNTS_ROOT: &str = "/run/tern/mounts";
 pub enum BindShareError {
     #[error(transparent)]
     Stage(#[from] ContainerSpecError),
-    #[error("cannot share {} with the VM", host.display())]
-    Share {
-        host: PathBuf,
-        #[source]
-        source: vmm::api::VmmError,
-    },
-    #[error("cannot mount share {share} at {guest_path} in the guest")]
-    Mount {
-        share: String,
-        guest_path: String,
-        #[source]
-        source: crate::agent::AgentError,
-    },
+    #[error(transparent)]
+    Share(#[from] AddShareError),
 }
 
 /// What [`share_binds`] set up for one container.
@@ -107,23 +94,7 @@ impl WatchableShares {
         };
         let share = format!("w{n}");
         let guest_path = format!("{GUEST_MOUNTS_ROOT}/watch/{n}");
-        let planned = Planned {
-            config: ShareConfig {
-                name: share.clone(),
-                host_dir: bind.source.clone(),
-                read_only: bind.read_only,
-                // A mirror must read what the host has now (see `share::plan_shares`).
-                cache: CachePolicy::Never,
-                watch: true,
-            },
-            mount: MountRequest {
-                share: share.clone(),
-                guest_path: guest_path.clone(),
-                read_only: bind.read_only,
-                watchable: true,
-                watch_mode: fs.watch_mode,
-            },
-        };
+        let planned = PlannedShare::new(&share, bind.source.clone(), &guest_path, bind.read_only, true, fs);
         add_and_mount(sandbox, planned)?;
         let mut table = self.lock();
         if let Some(entry) = table.entries.get_mut(&key) {
@@ -161,12 +132,6 @@ impl BindShares {
     pub fn shares(&self) -> impl Iterator<Item = &str> {
         self.mounts.iter().map(|(s, _)| s.as_str())
     }
-}
-
-/// One share to add and mount.
-struct Planned {
-    config: ShareConfig,
-    mount: MountRequest,
 }
 
 /// Share `binds` of container `id` with `sandbox`'s VM. `prefix` makes share names unique in
@@ -218,22 +183,7 @@ fn share_binds_inner(
             BindKind::Dir => {
                 let share = format!("{prefix}m{}", bind.index);
                 let guest_path = format!("{base}/{}", bind.index);
-                planned.push(Planned {
-                    config: ShareConfig {
-                        name: share.clone(),
-                        host_dir: bind.source.clone(),
-                        read_only: bind.read_only,
-                        cache: fs.cache,
-                        watch: false,
-                    },
-                    mount: MountRequest {
-                        share,
-                        guest_path: guest_path.clone(),
-                        read_only: bind.read_only,
-                        watchable: false,
-                        watch_mode: fs.watch_mode,
-                    },
-                });
+                planned.push(PlannedShare::new(share, bind.source.clone(), &guest_path, bind.read_only, false, fs));
                 sources.insert(bind.index, guest_path);
             }
             BindKind::File => {
@@ -245,24 +195,9 @@ fn share_binds_inner(
     }
     if done.files_dir.is_some() {
         let share = format!("{prefix}f");
-        planned.push(Planned {
-            // Read-only files are read-only bind mounts on the host already; the container's
-            // bind repeats it. Never cached: kubelet and CRI rewrite these files in place.
-            config: ShareConfig {
-                name: share.clone(),
-                host_dir: files_dir,
-                read_only: false,
-                cache: CachePolicy::Never,
-                watch: false,
-            },
-            mount: MountRequest {
-                share,
-                guest_path: files_guest,
-                read_only: false,
-                watchable: false,
-                watch_mode: fs.watch_mode,
-            },
-        });
+        // Read-only files are read-only bind mounts on the host already; the container's bind
+        // repeats it. Never cached: kubelet and CRI rewrite these files in place.
+        planned.push(PlannedShare::new(share, files_dir, files_guest, false, false, fs).uncached());
     }
     for p in planned {
         let (share, guest_path) = (p.mount.share.clone(), p.mount.guest_path.clone());
@@ -270,21 +205,6 @@ fn share_binds_inner(
         done.mounts.push((share, guest_path));
     }
     Ok(sources)
-}
-
-/// Add the share to the VM and have the agent mount it; on error nothing is left.
-fn add_and_mount(sandbox: &Sandbox, p: Planned) -> Result<(), BindShareError> {
-    let host = p.config.host_dir.clone();
-    sandbox.add_fs_share(p.config).map_err(|source| BindShareError::Share { host, source })?;
-    let (share, guest_path) = (p.mount.share.clone(), p.mount.guest_path.clone());
-    if let Err(source) = sandbox.agent().mount(p.mount) {
-        if let Err(e) = sandbox.remove_fs_share(&share) {
-            tracing::warn!(%share, error = %error_chain(&e), "cannot remove a share");
-        }
-        return Err(BindShareError::Mount { share, guest_path, source });
-    }
-    tracing::debug!(%share, %guest_path, "bind mount shared");
-    Ok(())
 }
 
 /// Unmount `guest_path` in the guest, then remove `share` from the VM (errors logged).

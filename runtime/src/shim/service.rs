@@ -28,9 +28,8 @@ use containerd_shim::{Task, TtrpcContext, TtrpcResult};
 use containerd_shim_protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim_protos::protobuf::MessageField;
 use containerd_shim_protos::ttrpc::{self, Code};
-use tern_protocol::{ContainerSpec, MountRequest};
+use tern_protocol::ContainerSpec;
 use tokio::sync::watch;
-use vmm::api::ShareConfig;
 
 use super::binds::{self, BindShares};
 use super::container::{
@@ -45,6 +44,7 @@ use crate::config::Config;
 use crate::metrics::shim::{SandboxProbe, ShimMetricsServer};
 use crate::network::SandboxNetwork;
 use crate::sandbox::{error_chain, Sandbox, SandboxDir, SandboxError};
+use crate::share::{add_and_mount, AddShareError, PlannedShare};
 
 mod cgroup;
 mod exec;
@@ -306,32 +306,14 @@ impl TaskService {
     /// Share the rootfs with the guest and have the agent mount it at the container's path.
     async fn share_rootfs(&self, share: &str, rootfs: &Path, guest_path: &str) -> TtrpcResult<()> {
         let config = self.config()?;
-        let share_config_name = share.to_owned();
-        let share_config = ShareConfig {
-            name: share.to_owned(),
-            host_dir: rootfs.to_path_buf(),
-            read_only: false,
-            cache: config.fs.cache,
-            watch: false,
-        };
+        let planned = PlannedShare::new(share, rootfs.to_path_buf(), guest_path, false, false, &config.fs);
         let sandbox = self.sandbox()?;
-        let mount = MountRequest {
-            share: share.to_owned(),
-            guest_path: guest_path.to_owned(),
-            read_only: false,
-            watchable: false,
-            watch_mode: Default::default(),
-        };
-        blocking(move || {
-            sandbox.add_fs_share(share_config).map_err(|e| internal("cannot share the rootfs with the VM", &e))?;
-            if let Err(e) = sandbox.agent().mount(mount) {
-                // Nothing of a failed `Create` may stay behind.
-                if let Err(e) = sandbox.remove_fs_share(&share_config_name) {
-                    tracing::warn!(share = %share_config_name, error = %error_chain(&e), "cannot remove the rootfs share");
-                }
-                return Err(agent_error("cannot mount the rootfs in the guest", &e));
+        blocking(move || match add_and_mount(&sandbox, planned) {
+            Ok(()) => Ok(()),
+            Err(e @ AddShareError::Share { .. }) => Err(internal("cannot share the rootfs with the VM", &e)),
+            Err(AddShareError::Mount { source, .. }) => {
+                Err(agent_error("cannot mount the rootfs in the guest", &source))
             }
-            Ok(())
         })
         .await?
     }
