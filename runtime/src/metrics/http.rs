@@ -89,32 +89,26 @@ pub trait Handler: Send + Sync + 'static {
 
 /// Serve `listener` until the task is dropped or aborted.
 pub async fn serve_unix(listener: UnixListener, handler: Arc<dyn Handler>) {
-    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let Ok(permit) = limit.clone().acquire_owned().await else { return };
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                let handler = handler.clone();
-                tokio::spawn(async move {
-                    serve_connection(stream, handler).await;
-                    drop(permit);
-                });
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "metrics socket accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
+    serve(|| async { listener.accept().await.map(|(stream, _)| stream) }, handler, "metrics socket").await;
 }
 
 /// Serve `listener` (TCP) until the task is dropped or aborted.
 pub async fn serve_tcp(listener: TcpListener, handler: Arc<dyn Handler>) {
+    serve(|| async { listener.accept().await.map(|(stream, _)| stream) }, handler, "metrics TCP listener").await;
+}
+
+/// Serve the connections `accept` yields, at most [`MAX_CONNECTIONS`] at a time.
+async fn serve<S, F, Fut>(accept: F, handler: Arc<dyn Handler>, what: &'static str)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = std::io::Result<S>>,
+{
     let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let Ok(permit) = limit.clone().acquire_owned().await else { return };
-        match listener.accept().await {
-            Ok((stream, _)) => {
+        match accept().await {
+            Ok(stream) => {
                 let handler = handler.clone();
                 tokio::spawn(async move {
                     serve_connection(stream, handler).await;
@@ -122,7 +116,7 @@ pub async fn serve_tcp(listener: TcpListener, handler: Arc<dyn Handler>) {
                 });
             }
             Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
+                tracing::warn!(error = %e, "{what}: accept failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }

@@ -55,16 +55,9 @@ impl EventSink {
         self.send(TaskStart { container_id: id.to_owned(), pid, ..Default::default() }).await;
     }
 
+    /// A container's init ended: `TaskExit` with the container id as `id`.
     pub async fn exited(&self, id: &str, pid: u32, exit_status: u32, exited_at: &Timestamp) {
-        self.send(TaskExit {
-            container_id: id.to_owned(),
-            id: id.to_owned(),
-            pid,
-            exit_status,
-            exited_at: MessageField::some(exited_at.clone()),
-            ..Default::default()
-        })
-        .await;
+        self.exec_exited(id, id, pid, exit_status, exited_at).await;
     }
 
     /// An exec process ended: `TaskExit` with the exec id as `id`.
