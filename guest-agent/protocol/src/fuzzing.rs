@@ -37,7 +37,8 @@ pub fn frames(data: &[u8]) {
         assert!(body.len() <= MAX_FRAME_LEN);
         assert_eq!(stream.position() as usize, start + 4 + body.len(), "a frame read more or less than it said");
         // Each side's decoder, on the frame as it came.
-        for decode in [decode_as::<Request>, decode_as::<Response>, decode_as::<StreamHello>, decode_as::<ChangeBatch>] {
+        for decode in [decode_as::<Request>, decode_as::<Response>, decode_as::<StreamHello>, decode_as::<ChangeBatch>]
+        {
             decode(&data[start..start + 4 + body.len()]);
         }
     }

@@ -25,7 +25,8 @@ use super::tree::Snapshot;
 
 const SHARE: &str = "s";
 const OTHER_SHARE: &str = "t";
-const NAMES: [&str; 12] = ["a", "d", "b", "..data", "..2026_01", "..2026_02", "key", "up", "abs", "x", "..data_tmp", "e"];
+const NAMES: [&str; 12] =
+    ["a", "d", "b", "..data", "..2026_01", "..2026_02", "key", "up", "abs", "x", "..data_tmp", "e"];
 const MAX_OPS: usize = 64;
 
 struct Cursor8<'a>(&'a [u8]);
@@ -239,8 +240,7 @@ pub fn change_records(data: &[u8]) {
                 remove_expired(&share, &mirror, &mut state, &mut retired);
             }
         }
-        let mut now: Vec<_> =
-            std::fs::read_dir(base.path()).expect("base").flatten().map(|e| e.file_name()).collect();
+        let mut now: Vec<_> = std::fs::read_dir(base.path()).expect("base").flatten().map(|e| e.file_name()).collect();
         now.sort();
         assert_eq!(now, names, "something was created or removed next to the mirror");
         assert_eq!(tree(&outside), outside_before, "the mirror sync changed something outside the mirror");

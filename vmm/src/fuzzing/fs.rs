@@ -75,7 +75,14 @@ fn share_holds(dir: &Path, needle: &[u8]) -> bool {
 
 /// Post one FUSE request (header and `body`), split over one or two readable descriptors, with
 /// one or two writable descriptors for the reply; the input may make the header's length lie.
-fn request(input: &mut Input<'_>, mem: &GuestMemory, areas: &mut Areas, ring: &mut Ring, header: InHeader, body: &[u8]) {
+fn request(
+    input: &mut Input<'_>,
+    mem: &GuestMemory,
+    areas: &mut Areas,
+    ring: &mut Ring,
+    header: InHeader,
+    body: &[u8],
+) {
     let honest = (size_of::<InHeader>() + body.len()) as u32;
     let len = if input.u8() == 0xff { input.u32() } else { honest };
     let header = InHeader { len, ..header };

@@ -64,8 +64,7 @@ impl<'a> Input<'a> {
 /// Guest memory of `size` bytes at address 0, shared by every input of one harness (`slot`)
 /// and zeroed before each.
 fn zeroed_memory(slot: &'static OnceLock<&'static GuestMemory>, size: usize) -> &'static GuestMemory {
-    let mem = *slot
-        .get_or_init(|| Box::leak(Box::new(GuestMemory::from_ranges(&[(GuestAddress(0), size)]).unwrap())));
+    let mem = *slot.get_or_init(|| Box::leak(Box::new(GuestMemory::from_ranges(&[(GuestAddress(0), size)]).unwrap())));
     mem.write_slice(&vec![0u8; size], GuestAddress(0)).unwrap();
     mem
 }
@@ -142,12 +141,9 @@ mod tests {
     /// Each harness over its committed corpus: what `make test` runs instead of cargo-fuzz.
     #[test]
     fn committed_corpus_replays_without_a_failure() {
-        for (target, run) in [
-            ("mmio", mmio::run as fn(&[u8])),
-            ("virtio_fs", fs::run),
-            ("vsock", vsock::run),
-            ("net", net::run),
-        ] {
+        for (target, run) in
+            [("mmio", mmio::run as fn(&[u8])), ("virtio_fs", fs::run), ("vsock", vsock::run), ("net", net::run)]
+        {
             let files = corpus(target);
             assert!(!files.is_empty(), "no corpus for {target}");
             for (path, data) in files {
