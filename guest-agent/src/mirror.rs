@@ -29,15 +29,12 @@ mod retired;
 mod sync;
 mod tree;
 
-use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-use tern_protocol::watch::{
-    is_safe_relative_path, ChangeBatch, ChangeKind, DEFAULT_RESYNC_INTERVAL, MAX_RECORDS_PER_BATCH, POLL_INTERVAL,
-};
+use tern_protocol::watch::{is_safe_relative_path, ChangeBatch, DEFAULT_RESYNC_INTERVAL, POLL_INTERVAL};
 use tern_protocol::{recv, MountRequest, ProtocolError, WatchMode, GUEST_SHARES_ROOT};
 use tracing::{debug, info, warn};
 

@@ -4,8 +4,6 @@
 //! and joinable pids. It must never panic, and what it returns must parse as a spec again (the
 //! agent parses it) with the guest rootfs as `root.path`, no hooks and no user namespace.
 
-use std::collections::HashMap;
-
 use oci_spec::runtime::{LinuxNamespaceType, Spec};
 
 use crate::shim::container::{guest_spec_for, GuestAdaptation};

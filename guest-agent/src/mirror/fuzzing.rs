@@ -163,7 +163,7 @@ fn batch(c: &mut Cursor8<'_>) -> Option<ChangeBatch> {
         0xff => 100_000,
         n => usize::from(n % 16),
     };
-    let mut records = Vec::new();
+    let mut records: Vec<ChangeRecord> = Vec::new();
     for i in 0..count {
         if i >= 16 {
             // A long list repeats the records the input spelled out.
