@@ -95,8 +95,15 @@ impl Areas {
 
 /// Post one chain the input describes: up to `max_desc` descriptors, each readable (its
 /// bytes taken from the input) or writable, sometimes with an address and length the fuzzer
-/// picks outright (outside guest memory, overlapping the rings, longer than memory).
-pub fn post_chain(input: &mut Input<'_>, mem: &GuestMemory, ring: &mut Ring, areas: &mut Areas, max_desc: u8) -> u16 {
+/// picks outright (outside guest memory, overlapping the rings, longer than memory). Returns
+/// the head and the number of descriptors.
+pub fn post_chain(
+    input: &mut Input<'_>,
+    mem: &GuestMemory,
+    ring: &mut Ring,
+    areas: &mut Areas,
+    max_desc: u8,
+) -> (u16, u16) {
     let count = 1 + input.u8() % max_desc.max(1);
     let mut bufs = Vec::with_capacity(usize::from(count));
     for _ in 0..count {
@@ -119,7 +126,7 @@ pub fn post_chain(input: &mut Input<'_>, mem: &GuestMemory, ring: &mut Ring, are
             bufs.push((addr, bytes.len() as u32, false));
         }
     }
-    ring.post(&bufs)
+    (ring.post(&bufs), u16::from(count))
 }
 
 /// Every file of `fuzz/corpus/<target>/`, for the replay tests.

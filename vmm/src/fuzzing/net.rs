@@ -48,8 +48,11 @@ pub fn run(data: &[u8]) {
     );
     let mut tx_areas = Areas::new(TX_AREA, TX_AREA);
     let mut rx_areas = Areas::new(RX_AREA, RX_AREA);
-    let mut rx_posted: HashMap<u16, u64> = HashMap::new();
+    let mut rx_posted: HashMap<u16, (u64, u16)> = HashMap::new();
+    // Descriptors the device holds on each ring: the rings hand descriptors out in a circle and
+    // the device returns chains in order, so at most QSIZE may be out at once.
     let (mut rx_in_flight, mut tx_in_flight) = (0u16, 0u16);
+    let mut tx_posted: HashMap<u16, u16> = HashMap::new();
     let mut frame = vec![0u8; MAX_PACKET_LEN + 16];
 
     for _ in 0..MAX_OPS {
@@ -58,7 +61,7 @@ pub fn run(data: &[u8]) {
         }
         match input.u8() % 9 {
             // A frame: the vnet header and the payload, split over up to three descriptors.
-            0..=2 if tx_in_flight < QSIZE => {
+            0..=2 if tx_in_flight + 3 <= QSIZE => {
                 let mut packet = input.bytes(VNET_HDR_LEN).to_vec();
                 packet.resize(VNET_HDR_LEN, 0);
                 let len = usize::from(input.u16()) % 2048;
@@ -76,19 +79,21 @@ pub fn run(data: &[u8]) {
                 if chain.is_empty() {
                     continue;
                 }
-                tx.post(&chain);
-                tx_in_flight += 1;
+                let head = tx.post(&chain);
+                tx_posted.insert(head, chain.len() as u16);
+                tx_in_flight += chain.len() as u16;
                 handler.handle(TX_QUEUE as u32);
             }
-            3 if tx_in_flight < QSIZE => {
-                post_chain(&mut input, mem, &mut tx, &mut tx_areas, 8);
-                tx_in_flight += 1;
+            3 if tx_in_flight + 8 <= QSIZE => {
+                let (head, n) = post_chain(&mut input, mem, &mut tx, &mut tx_areas, 8);
+                tx_posted.insert(head, n);
+                tx_in_flight += n;
                 handler.handle(TX_QUEUE as u32);
             }
             // Receive buffers of one or two writable descriptors.
             4 => {
                 for _ in 0..1 + input.u8() % 8 {
-                    if rx_in_flight >= QSIZE {
+                    if rx_in_flight + 2 > QSIZE {
                         break;
                     }
                     let mut bufs = Vec::new();
@@ -99,15 +104,15 @@ pub fn run(data: &[u8]) {
                     }
                     let cap = bufs.iter().map(|b| u64::from(b.1)).sum();
                     let head = rx.post(&bufs);
-                    assert!(rx_posted.insert(head, cap).is_none());
-                    rx_in_flight += 1;
+                    assert!(rx_posted.insert(head, (cap, bufs.len() as u16)).is_none());
+                    rx_in_flight += bufs.len() as u16;
                 }
                 handler.handle(RX_QUEUE as u32);
             }
-            5 if rx_in_flight < QSIZE => {
-                let head = post_chain(&mut input, mem, &mut rx, &mut rx_areas, 4);
-                assert!(rx_posted.insert(head, u64::MAX).is_none());
-                rx_in_flight += 1;
+            5 if rx_in_flight + 4 <= QSIZE => {
+                let (head, n) = post_chain(&mut input, mem, &mut rx, &mut rx_areas, 4);
+                assert!(rx_posted.insert(head, (u64::MAX, n)).is_none());
+                rx_in_flight += n;
                 handler.handle(RX_QUEUE as u32);
             }
             // The host sends a frame (up to past the largest packet).
@@ -126,13 +131,15 @@ pub fn run(data: &[u8]) {
             }
             _ => handler.handle(TAP_EVENT),
         }
-        tx_in_flight -= tx.used().len() as u16;
+        for (head, _) in tx.used() {
+            tx_in_flight -= tx_posted.remove(&head).expect("used tx head was posted");
+        }
         for (head, len) in rx.used() {
-            let Some(cap) = rx_posted.remove(&head) else {
+            let Some((cap, n)) = rx_posted.remove(&head) else {
                 panic!("rx head {head} used but not posted (or used twice)")
             };
             assert!(u64::from(len) <= cap, "rx head {head} used for {len} bytes, it holds {cap}");
-            rx_in_flight -= 1;
+            rx_in_flight -= n;
         }
     }
     while let Ok(n) = peer.recv(&mut frame) {

@@ -63,9 +63,12 @@ pub fn run(data: &[u8]) {
     let mut tx_areas = Areas::new(TX_AREA, TX_AREA);
     let mut rx_areas = Areas::new(RAW_RX_AREA, RAW_RX_AREA);
     // Posted rx heads not yet used, and how many chains are posted on each ring.
-    let mut rx_posted: HashMap<u16, u32> = HashMap::new();
+    let mut rx_posted: HashMap<u16, (u32, u16)> = HashMap::new();
     let mut next_rx_buf = 0u64;
+    // Descriptors the device holds on each ring: the rings hand descriptors out in a circle and
+    // the device returns chains in order, so at most QSIZE may be out at once.
     let (mut rx_in_flight, mut tx_in_flight) = (0u16, 0u16);
+    let mut tx_posted: HashMap<u16, u16> = HashMap::new();
     let mut hosts: Vec<UnixStream> = Vec::new();
     let mut input = Input::new(data);
 
@@ -75,7 +78,7 @@ pub fn run(data: &[u8]) {
         }
         match input.u8() % 11 {
             // A guest packet with a header the input writes, biased to reach live connections.
-            0..=2 if tx_in_flight < QSIZE => {
+            0..=2 if tx_in_flight + 2 <= QSIZE => {
                 let ctl = input.u8();
                 let mut hdr = [0u8; HEADER_SIZE];
                 hdr[0..8].copy_from_slice(&GUEST_CID.to_le_bytes());
@@ -109,34 +112,36 @@ pub fn run(data: &[u8]) {
                     mem.write_slice(&payload, GuestAddress(addr)).unwrap();
                     chain.push((addr, payload.len() as u32, false));
                 }
-                tx.post(&chain);
-                tx_in_flight += 1;
+                let head = tx.post(&chain);
+                tx_posted.insert(head, chain.len() as u16);
+                tx_in_flight += chain.len() as u16;
                 handler.handle(TX_QUEUE as u32);
             }
-            3 if tx_in_flight < QSIZE => {
-                post_chain(&mut input, mem, &mut tx, &mut tx_areas, 6);
-                tx_in_flight += 1;
+            3 if tx_in_flight + 6 <= QSIZE => {
+                let (head, n) = post_chain(&mut input, mem, &mut tx, &mut tx_areas, 6);
+                tx_posted.insert(head, n);
+                tx_in_flight += n;
                 handler.handle(TX_QUEUE as u32);
             }
             // Well-formed rx buffers: a header descriptor and a data descriptor.
             4 => {
                 for _ in 0..1 + input.u8() % 8 {
-                    if rx_in_flight >= QSIZE {
+                    if rx_in_flight + 2 > QSIZE {
                         break;
                     }
                     let base = RX_BUFS.start + (next_rx_buf % 64) * 0x2000;
                     next_rx_buf += 1;
                     let data_len = u32::from(input.u16()) % 0x1f00;
                     let head = rx.post(&[(base, HEADER_SIZE as u32, true), (base + 0x100, data_len, true)]);
-                    assert!(rx_posted.insert(head, HEADER_SIZE as u32 + data_len).is_none());
-                    rx_in_flight += 1;
+                    assert!(rx_posted.insert(head, (HEADER_SIZE as u32 + data_len, 2)).is_none());
+                    rx_in_flight += 2;
                 }
                 handler.handle(RX_QUEUE as u32);
             }
-            5 if rx_in_flight < QSIZE => {
-                let head = post_chain(&mut input, mem, &mut rx, &mut rx_areas, 4);
-                assert!(rx_posted.insert(head, u32::MAX).is_none());
-                rx_in_flight += 1;
+            5 if rx_in_flight + 4 <= QSIZE => {
+                let (head, n) = post_chain(&mut input, mem, &mut rx, &mut rx_areas, 4);
+                assert!(rx_posted.insert(head, (u32::MAX, n)).is_none());
+                rx_in_flight += n;
                 handler.handle(RX_QUEUE as u32);
             }
             // A host client on the hybrid socket: a CONNECT line, or any bytes at all.
@@ -194,14 +199,14 @@ pub fn run(data: &[u8]) {
         }
         for (head, len) in tx.used() {
             assert_eq!(len, 0, "tx chain {head} came back with a length");
-            tx_in_flight -= 1;
+            tx_in_flight -= tx_posted.remove(&head).expect("used tx head was posted");
         }
         for (head, len) in rx.used() {
-            let Some(cap) = rx_posted.remove(&head) else {
+            let Some((cap, n)) = rx_posted.remove(&head) else {
                 panic!("rx head {head} used but not posted (or used twice)")
             };
             assert!(len <= cap, "rx head {head} used for {len} bytes, it holds {cap}");
-            rx_in_flight -= 1;
+            rx_in_flight -= n;
         }
         assert_eq!(handler.rx_next_used(), rx.used_idx(), "rx used index in memory differs from the device's");
     }
