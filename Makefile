@@ -4,6 +4,7 @@
 #   make test    unit tests on the host, then the real-KVM tests (through tests/nested-runner
 #                on hosts whose KVM cannot boot Linux, e.g. kvm_pvm)
 #   make bench   the benchmark harness (tern vs QEMU microvm), results under tests/bench/results
+#   make fuzz    every fuzz target in fuzz/ for FUZZ_SECONDS each (stable toolchain, cargo-fuzz)
 #
 # The guest kernel is built once from Debian's linux-source and cached by config hash under
 # $(TERN_CACHE) (default ~/.cache/tern), outside the repository.
@@ -25,7 +26,7 @@ APT_PACKAGES := qemu-system-x86 busybox-static cpio zstd xz-utils linux-source-6
 	protobuf-compiler containernetworking-plugins libseccomp-dev \
 	python3-prometheus-client prometheus
 
-.PHONY: all deps build kernel agent initramfs run test lint test-unit test-runner test-kvm bench clippy clean
+.PHONY: all deps build kernel agent initramfs run test lint test-unit test-runner test-kvm bench fuzz clippy clean
 
 all: build
 
@@ -87,6 +88,31 @@ test-kvm: build
 
 bench: build
 	tests/bench/run.sh
+
+## fuzz: build every target of the fuzz workspace (cargo-fuzz with `-s none`: no -Z flag, so the
+## stable toolchain does; libfuzzer-sys needs build-essential's C++ compiler) and run each for
+## FUZZ_SECONDS on its committed corpus (fuzz/corpus/<target>, read only; new inputs go to
+## fuzz/target/corpus/<target>). Fails on the first target that crashes (the crashing input is
+## under fuzz/artifacts/<target>/); prints each target's coverage at the end. `make test`
+## replays the committed corpus through plain `cargo test` (the harnesses' unit tests).
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS := mmio virtio_fs vsock net agent_frame change_records oci_spec
+fuzz: deps
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+	cd fuzz && $(CARGO) fuzz build -s none -a
+	@mkdir -p fuzz/target/logs; summary=""; \
+	for t in $(FUZZ_TARGETS); do \
+		mkdir -p fuzz/target/corpus/$$t; \
+		echo ">> fuzzing $$t for $(FUZZ_SECONDS) s"; \
+		if ! (cd fuzz && $(CARGO) fuzz run -s none -a $$t target/corpus/$$t corpus/$$t -- \
+			-max_total_time=$(FUZZ_SECONDS) -timeout=30 -print_final_stats=1) > fuzz/target/logs/$$t.log 2>&1; then \
+			tail -n 60 fuzz/target/logs/$$t.log; echo ">> $$t CRASHED (log: fuzz/target/logs/$$t.log)"; exit 1; \
+		fi; \
+		cov=$$(grep -o 'cov: [0-9]*' fuzz/target/logs/$$t.log | tail -n 1); \
+		runs=$$(grep -o 'stat::number_of_executed_units: *[0-9]*' fuzz/target/logs/$$t.log | grep -o '[0-9]*$$'); \
+		summary="$$summary$$(printf '%-16s %-12s runs: %s' $$t "$$cov" "$$runs")\n"; \
+	done; \
+	echo ">> coverage after $(FUZZ_SECONDS) s per target (cov = edges covered):"; printf "$$summary"
 
 clippy:
 	$(CARGO) clippy --release --workspace --all-targets -- -D warnings

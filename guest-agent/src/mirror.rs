@@ -20,35 +20,34 @@
 //! [`retired`] for why the directory a `..data` swap retires stays readable for a moment (the
 //! sync thread's timer removes it when its grace is over).
 
+#[cfg(test)]
+mod fuzzing;
 mod mount;
 mod moves;
+mod pending;
 mod retired;
 mod sync;
 mod tree;
 
-use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use tern_sync::{CondvarExt, LockExt};
 
-use tern_protocol::watch::{
-    is_safe_relative_path, ChangeBatch, ChangeKind, DEFAULT_RESYNC_INTERVAL, MAX_RECORDS_PER_BATCH, POLL_INTERVAL,
-};
+use tern_protocol::watch::{is_safe_relative_path, ChangeBatch, DEFAULT_RESYNC_INTERVAL, POLL_INTERVAL};
 use tern_protocol::{recv, MountRequest, ProtocolError, WatchMode, GUEST_SHARES_ROOT};
 use tracing::{debug, info, warn};
 
 use crate::transport::{Connection, Listener};
 use mount::MountError;
+use pending::{merge_batch, PendingWork};
 use retired::Retired;
 use sync::{sync_mirror, Hints, Scope, SyncError, SyncOutcome};
 use tree::Snapshot;
 
 /// Longest the sync thread sleeps between checks of the poll, resync and retire timers.
 const MAX_TIMER_SLEEP: Duration = Duration::from_secs(1);
-/// Most distinct paths queued for one share before the work becomes a full resync.
-const MAX_QUEUED_PATHS: usize = 4 * MAX_RECORDS_PER_BATCH;
 
 /// Errors creating or removing a watchable mount.
 #[derive(Debug, thiserror::Error)]
@@ -193,23 +192,6 @@ impl WatchableMount {
         };
         Some((inner.last_full_sync + interval).saturating_duration_since(Instant::now()))
     }
-}
-
-/// Work queued by the listeners for the sync thread.
-#[derive(Debug, Default)]
-struct PendingWork {
-    resync_all: bool,
-    shares: BTreeMap<String, ShareWork>,
-}
-
-#[derive(Debug, Default)]
-struct ShareWork {
-    resync: bool,
-    /// The paths to settle, and those whose records said removed or renamed away.
-    hints: Hints,
-    /// Renames whose both ends the watcher saw, in the order seen (applied before `paths`
-    /// are settled).
-    renames: Vec<moves::Rename>,
 }
 
 struct Registry {
@@ -414,44 +396,6 @@ fn queue_batch(batch: ChangeBatch, gap: bool) {
     registry.wake.notify_one();
 }
 
-/// Add a batch's work to what is queued: records become paths to settle; a resync, an
-/// unsafe path or too many paths become a full compare of the share.
-fn merge_batch(work: &mut PendingWork, batch: ChangeBatch, gap: bool) {
-    work.resync_all |= gap;
-    if batch.share.contains('/') || !is_safe_relative_path(&batch.share) {
-        warn!(share = batch.share, "change batch for an invalid share name; ignored");
-        return;
-    }
-    let share = work.shares.entry(batch.share).or_default();
-    share.resync |= batch.resync;
-    for record in batch.records {
-        let from_is_safe = record.from.as_deref().is_none_or(is_safe_relative_path);
-        if !is_safe_relative_path(&record.path) || !from_is_safe {
-            // Refused, but the change it stood for must not be lost.
-            warn!(path = record.path, from = record.from, "change record with an unsafe path; resyncing the share");
-            share.resync = true;
-            continue;
-        }
-        if let Some(from) = record.from {
-            // The old path is settled too (its own record may have been coalesced away).
-            share.hints.paths.insert(from.clone());
-            share.hints.removed.insert(from.clone());
-            share.renames.push(moves::Rename { from, to: record.path.clone() });
-        }
-        if matches!(record.kind, ChangeKind::Removed | ChangeKind::Moved) {
-            share.hints.removed.insert(record.path.clone());
-        }
-        share.hints.paths.insert(record.path);
-    }
-    if share.hints.paths.len() > MAX_QUEUED_PATHS || share.renames.len() > MAX_QUEUED_PATHS {
-        share.resync = true;
-    }
-    if share.resync {
-        share.hints = Hints::default();
-        share.renames.clear();
-    }
-}
-
 /// The `mirror-sync` thread: applies queued work and runs the poll, resync and retire timers.
 fn run_sync_thread() {
     let registry = registry();
@@ -524,60 +468,5 @@ mod tests {
             let req = MountRequest { share: share.into(), guest_path: path.into(), ..Default::default() };
             assert!(matches!(validate(&req), Err(MirrorError::InvalidRequest(_))), "{share:?} {path:?}");
         }
-    }
-
-    #[test]
-    fn batches_are_merged_and_unsafe_paths_force_a_resync() {
-        use tern_protocol::watch::{ChangeKind, ChangeRecord};
-        let batch = |share: &str, paths: &[&str], resync| ChangeBatch {
-            share: share.into(),
-            seq: 1,
-            first_change_unix_ns: 0,
-            resync,
-            records: paths
-                .iter()
-                .map(|p| ChangeRecord { path: p.to_string(), kind: ChangeKind::Created, from: None })
-                .collect(),
-        };
-        let mut work = PendingWork::default();
-        merge_batch(&mut work, batch("s", &["a", "b"], false), false);
-        merge_batch(&mut work, batch("s", &["b", "c/d"], false), false);
-        let paths: Vec<&str> = work.shares["s"].hints.paths.iter().map(String::as_str).collect();
-        assert_eq!(paths, ["a", "b", "c/d"]);
-        // Created records allow no removal; a Removed one does.
-        assert!(work.shares["s"].hints.removed.is_empty());
-        let mut removal = batch("s", &["gone"], false);
-        removal.records[0].kind = ChangeKind::Removed;
-        merge_batch(&mut work, removal, false);
-        assert_eq!(work.shares["s"].hints.removed.iter().map(String::as_str).collect::<Vec<_>>(), ["gone"]);
-        assert!(!work.resync_all);
-
-        merge_batch(&mut work, batch("t", &["ok", "../etc/passwd"], false), false);
-        assert!(work.shares["t"].resync && work.shares["t"].hints.paths.is_empty());
-        merge_batch(&mut work, batch("../x", &["a"], false), true);
-        assert!(work.resync_all);
-        assert!(!work.shares.contains_key("../x"));
-    }
-
-    #[test]
-    fn paired_renames_are_queued_and_unsafe_old_paths_force_a_resync() {
-        use tern_protocol::watch::{ChangeKind, ChangeRecord};
-        let batch = |from: &str| ChangeBatch {
-            share: "s".into(),
-            seq: 1,
-            first_change_unix_ns: 0,
-            resync: false,
-            records: vec![ChangeRecord { path: "g".into(), kind: ChangeKind::Moved, from: Some(from.into()) }],
-        };
-        let mut work = PendingWork::default();
-        merge_batch(&mut work, batch("f"), false);
-        let queued = &work.shares["s"];
-        assert_eq!(queued.hints.paths.iter().map(String::as_str).collect::<Vec<_>>(), ["f", "g"]);
-        // Both ends of the rename may be removed from the mirror when the share lacks them.
-        assert_eq!(queued.hints.removed.iter().map(String::as_str).collect::<Vec<_>>(), ["f", "g"]);
-        assert_eq!(queued.renames, [moves::Rename { from: "f".into(), to: "g".into() }]);
-        merge_batch(&mut work, batch("../etc/passwd"), false);
-        let queued = &work.shares["s"];
-        assert!(queued.resync && queued.hints.paths.is_empty() && queued.renames.is_empty());
     }
 }

@@ -8,6 +8,8 @@
 pub mod agent;
 pub mod config;
 pub mod cri;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod metrics;
 pub mod monitor;
 pub mod network;

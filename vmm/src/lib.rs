@@ -24,6 +24,8 @@ mod config;
 mod devices;
 mod error;
 mod fs_watcher;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod hybrid_vsock;
 #[cfg(test)]
 mod kvm_tests;

@@ -17,6 +17,8 @@ use serde::{Deserialize, Serialize};
 use std::io::{Read, Write};
 
 pub mod frame;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod net;
 pub mod watch;
 

@@ -81,7 +81,7 @@ pub fn validate_params(mac: &[u8; 6], mtu: u16) -> Result<(), NetError> {
     Ok(())
 }
 
-#[cfg(test)]
-mod test_utils;
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) mod test_utils;
 #[cfg(test)]
 mod tests;

@@ -5,7 +5,7 @@
 //! calls on the device; each device's queue processing runs on the VMM's event-loop thread.
 
 pub mod mmio;
-#[cfg(test)]
+#[cfg(any(test, feature = "fuzzing"))]
 pub(crate) mod test_ring;
 
 use std::sync::Arc;

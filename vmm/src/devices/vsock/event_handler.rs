@@ -21,7 +21,7 @@ pub const RX_QUEUE: usize = 0;
 pub const TX_QUEUE: usize = 1;
 pub const EVENT_QUEUE: usize = 2;
 /// Event data of the muxer's epoll fd (queue kicks use their queue index).
-const MUXER_EVENT: u32 = 3;
+pub const MUXER_EVENT: u32 = 3;
 
 /// Moves packets between the guest's queues and the muxer.
 pub struct VsockHandler {
@@ -59,7 +59,7 @@ impl VsockHandler {
         &self.muxer
     }
 
-    #[cfg(test)]
+    #[cfg(any(test, feature = "fuzzing"))]
     pub fn rx_next_used(&self) -> u16 {
         self.queues[RX_QUEUE].next_used()
     }
