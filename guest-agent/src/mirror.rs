@@ -35,7 +35,9 @@ use std::time::{Duration, Instant};
 use tern_protocol::watch::{
     is_safe_relative_path, ChangeBatch, ChangeKind, DEFAULT_RESYNC_INTERVAL, MAX_RECORDS_PER_BATCH, POLL_INTERVAL,
 };
-use tern_protocol::{recv, MountRequest, ProtocolError, WatchMode, GUEST_SHARES_ROOT};
+use tern_protocol::{
+    recv, MountRequest, ProtocolError, WatchMode, WatchStageSample, GUEST_SHARES_ROOT, MAX_WATCH_STAGE_SAMPLES,
+};
 use tracing::{debug, info, warn};
 
 use crate::transport::{Connection, Listener};
@@ -214,6 +216,8 @@ struct ShareWork {
     /// Renames whose both ends the watcher saw, in the order seen (applied before `paths`
     /// are settled).
     renames: Vec<moves::Rename>,
+    /// The stage stamps of the batches merged here, reported once they are applied.
+    received: Vec<WatchStageSample>,
 }
 
 struct Registry {
@@ -409,24 +413,35 @@ fn queue_resync_all() {
 }
 
 fn queue_batch(batch: ChangeBatch, gap: bool) {
+    let receipt_mono_ns = crate::stats::watch::mono_ns();
     crate::stats::watch::batch_received(batch.records.len(), batch.first_change_unix_ns);
     let registry = registry();
     if gap {
         warn!(seq = batch.seq, "gap in change batches; resyncing every mount");
     }
-    merge_batch(&mut lock(&registry.work), batch, gap);
+    merge_batch(&mut lock(&registry.work), batch, gap, receipt_mono_ns);
     registry.wake.notify_one();
 }
 
 /// Add a batch's work to what is queued: records become paths to settle; a resync, an
 /// unsafe path or too many paths become a full compare of the share.
-fn merge_batch(work: &mut PendingWork, batch: ChangeBatch, gap: bool) {
+fn merge_batch(work: &mut PendingWork, batch: ChangeBatch, gap: bool, receipt_mono_ns: u64) {
     work.resync_all |= gap;
     if batch.share.contains('/') || !is_safe_relative_path(&batch.share) {
         warn!(share = batch.share, "change batch for an invalid share name; ignored");
         return;
     }
     let share = work.shares.entry(batch.share).or_default();
+    if share.received.len() < MAX_WATCH_STAGE_SAMPLES {
+        share.received.push(WatchStageSample {
+            seq: batch.seq,
+            read_to_flush_ns: batch.flush_unix_ns.saturating_sub(batch.first_change_unix_ns),
+            flush_to_send_ns: batch.send_unix_ns.saturating_sub(batch.flush_unix_ns),
+            send_unix_ns: batch.send_unix_ns,
+            receipt_mono_ns,
+            ..WatchStageSample::default()
+        });
+    }
     share.resync |= batch.resync;
     for record in batch.records {
         let from_is_safe = record.from.as_deref().is_none_or(is_safe_relative_path);
@@ -475,10 +490,21 @@ fn run_sync_thread() {
         let mounts: Vec<Arc<WatchableMount>> = lock(&registry.mounts).clone();
         for m in mounts.iter().filter(|m| m.mode == WatchMode::Events) {
             let share = work.shares.get(&m.share);
+            let apply_start_mono_ns = crate::stats::watch::mono_ns();
             if work.resync_all || share.is_some_and(|s| s.resync) {
                 m.settle(Scope::Full);
             } else if let Some(share) = share {
                 m.settle_changes(&share.hints, &share.renames);
+            }
+            if let Some(share) = share {
+                let applied_mono_ns = crate::stats::watch::mono_ns();
+                for sample in &share.received {
+                    crate::stats::watch::batch_applied(WatchStageSample {
+                        apply_start_mono_ns,
+                        applied_mono_ns,
+                        ..sample.clone()
+                    });
+                }
             }
         }
         if !work.shares.is_empty() {
@@ -541,6 +567,8 @@ mod tests {
             share: share.into(),
             seq: 1,
             first_change_unix_ns: 0,
+            flush_unix_ns: 0,
+            send_unix_ns: 0,
             resync,
             records: paths
                 .iter()
@@ -548,21 +576,21 @@ mod tests {
                 .collect(),
         };
         let mut work = PendingWork::default();
-        merge_batch(&mut work, batch("s", &["a", "b"], false), false);
-        merge_batch(&mut work, batch("s", &["b", "c/d"], false), false);
+        merge_batch(&mut work, batch("s", &["a", "b"], false), false, 0);
+        merge_batch(&mut work, batch("s", &["b", "c/d"], false), false, 0);
         let paths: Vec<&str> = work.shares["s"].hints.paths.iter().map(String::as_str).collect();
         assert_eq!(paths, ["a", "b", "c/d"]);
         // Created records allow no removal; a Removed one does.
         assert!(work.shares["s"].hints.removed.is_empty());
         let mut removal = batch("s", &["gone"], false);
         removal.records[0].kind = ChangeKind::Removed;
-        merge_batch(&mut work, removal, false);
+        merge_batch(&mut work, removal, false, 0);
         assert_eq!(work.shares["s"].hints.removed.iter().map(String::as_str).collect::<Vec<_>>(), ["gone"]);
         assert!(!work.resync_all);
 
-        merge_batch(&mut work, batch("t", &["ok", "../etc/passwd"], false), false);
+        merge_batch(&mut work, batch("t", &["ok", "../etc/passwd"], false), false, 0);
         assert!(work.shares["t"].resync && work.shares["t"].hints.paths.is_empty());
-        merge_batch(&mut work, batch("../x", &["a"], false), true);
+        merge_batch(&mut work, batch("../x", &["a"], false), true, 0);
         assert!(work.resync_all);
         assert!(!work.shares.contains_key("../x"));
     }
@@ -574,17 +602,19 @@ mod tests {
             share: "s".into(),
             seq: 1,
             first_change_unix_ns: 0,
+            flush_unix_ns: 0,
+            send_unix_ns: 0,
             resync: false,
             records: vec![ChangeRecord { path: "g".into(), kind: ChangeKind::Moved, from: Some(from.into()) }],
         };
         let mut work = PendingWork::default();
-        merge_batch(&mut work, batch("f"), false);
+        merge_batch(&mut work, batch("f"), false, 0);
         let queued = &work.shares["s"];
         assert_eq!(queued.hints.paths.iter().map(String::as_str).collect::<Vec<_>>(), ["f", "g"]);
         // Both ends of the rename may be removed from the mirror when the share lacks them.
         assert_eq!(queued.hints.removed.iter().map(String::as_str).collect::<Vec<_>>(), ["f", "g"]);
         assert_eq!(queued.renames, [moves::Rename { from: "f".into(), to: "g".into() }]);
-        merge_batch(&mut work, batch("../etc/passwd"), false);
+        merge_batch(&mut work, batch("../etc/passwd"), false, 0);
         let queued = &work.shares["s"];
         assert!(queued.resync && queued.hints.paths.is_empty() && queued.renames.is_empty());
     }

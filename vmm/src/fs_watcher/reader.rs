@@ -11,7 +11,7 @@ use inotify::{EventMask, Inotify};
 use tern_change_records::{ChangeKind, ChangeRecord};
 use vmm_sys_util::epoll::{Epoll, EpollEvent};
 
-use super::coalesce::Coalescer;
+use super::coalesce::{Coalescer, PendingBatch};
 use super::moves::{MovedFrom, PendingMoves};
 use super::tree::{join_rel, utf8_name, WatchState, WATCH_MASK};
 use super::{bump, unix_now_ns, Outgoing, Shared};
@@ -54,8 +54,9 @@ impl EventReader {
                 if !self.moves.0.is_empty() {
                     self.moves.expire(&mut self.shared.lock());
                 }
+                let flush_unix_ns = unix_now_ns();
                 for batch in self.coalescer.take() {
-                    let _ = self.outgoing.send(Outgoing::Batch(batch));
+                    let _ = self.outgoing.send(Outgoing::Batch(PendingBatch { flush_unix_ns, ..batch }));
                 }
             }
         }
