@@ -37,7 +37,10 @@ use crate::transport::{Listener, UNIX_RPC_SOCKET, UNIX_STREAM_SOCKET, UNIX_WATCH
 const USAGE: &str = "usage: tern-agent [--unix-dir DIR]\n\n\
     Without options: listen on vsock ports 1024 (RPC), 1025 (stdio streams) and 1026 (change records).\n\
     --unix-dir DIR   listen on DIR/rpc.sock, DIR/stream.sock and DIR/watch.sock instead (host-side testing)\n\
-    watch-events DIR...   print inotify events of DIRs, one line each (test tool)\n\
+    watch-events [--stamps] [--echo] DIR...\n\
+                          print inotify events of DIRs, one line each (test tool); --stamps\n\
+                          appends the guest monotonic clock (ns), --echo also copies each\n\
+                          stdin line to stdout as `ECHO line` (the stdio floor)\n\
     Log level: tern.log=<level> on the kernel command line (PID 1), else $TERN_AGENT_LOG.\n\
     Test hook: tern.test_stall=<op> on the kernel command line (PID 1), else $TERN_AGENT_TEST_STALL,\n\
     never answers requests of protocol op <op> (e.g. container_stats).\n";

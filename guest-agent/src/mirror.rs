@@ -18,7 +18,9 @@
 //! are not removed first, so they never disappear), and stops being watched only once that
 //! bind mount exists. See [`sync`] for the order in which changes are applied, and
 //! [`retired`] for why the directory a `..data` swap retires stays readable for a moment (the
-//! sync thread's timer removes it when its grace is over).
+//! sync thread's timer removes it when its grace is over). A `..data` swap that had to wait for
+//! its target to be complete is tried again on the same timer within milliseconds, backing off
+//! to [`MAX_SWAP_RETRY`], not only at the next record or the periodic resync.
 
 #[cfg(test)]
 mod fuzzing;
@@ -29,6 +31,7 @@ mod retired;
 mod sync;
 mod tree;
 
+use std::collections::BTreeSet;
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
@@ -36,7 +39,7 @@ use std::time::{Duration, Instant};
 use tern_sync::{CondvarExt, LockExt};
 
 use tern_protocol::watch::{is_safe_relative_path, ChangeBatch, DEFAULT_RESYNC_INTERVAL, POLL_INTERVAL};
-use tern_protocol::{recv, MountRequest, ProtocolError, WatchMode, GUEST_SHARES_ROOT};
+use tern_protocol::{recv, MountRequest, ProtocolError, WatchMode, WatchStageSample, GUEST_SHARES_ROOT};
 use tracing::{debug, info, warn};
 
 use crate::transport::{Connection, Listener};
@@ -48,6 +51,10 @@ use tree::Snapshot;
 
 /// Longest the sync thread sleeps between checks of the poll, resync and retire timers.
 const MAX_TIMER_SLEEP: Duration = Duration::from_secs(1);
+/// First wait before a deferred `..data` swap is tried again.
+const FIRST_SWAP_RETRY: Duration = Duration::from_millis(2);
+/// Longest wait between tries of a deferred `..data` swap.
+const MAX_SWAP_RETRY: Duration = Duration::from_secs(1);
 
 /// Errors creating or removing a watchable mount.
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +95,31 @@ struct MirrorInner {
     /// Mounts stacked at the guest path (the mirror's bind, then maybe the fallback).
     layers: u8,
     last_full_sync: Instant,
+    /// `..data` swaps the last sync left waiting for their target to be complete: retried on
+    /// a short timer, not only at the next record or the periodic resync.
+    swap_retry: Option<SwapRetry>,
+}
+
+/// A pending retry of deferred `..data` swaps.
+#[derive(Debug)]
+struct SwapRetry {
+    at: Instant,
+    /// The wait before this retry (doubled, up to [`MAX_SWAP_RETRY`], while swaps stay deferred).
+    wait: Duration,
+    links: BTreeSet<String>,
+}
+
+impl SwapRetry {
+    /// The retry a sync that left `deferred` entries calls for at `now`: none unless a `..data`
+    /// link is among them; the wait doubles while the previous retry's swaps stay deferred.
+    fn after(previous: Option<&SwapRetry>, deferred: &BTreeSet<String>, now: Instant) -> Option<SwapRetry> {
+        let links: BTreeSet<String> = deferred.iter().filter(|p| sync::is_data_link(p)).cloned().collect();
+        if links.is_empty() {
+            return None;
+        }
+        let wait = previous.map_or(FIRST_SWAP_RETRY, |r| (r.wait * 2).min(MAX_SWAP_RETRY));
+        Some(SwapRetry { at: now + wait, wait, links })
+    }
 }
 
 /// One watchable mount: a share mirrored into a tmpfs shown at `guest_path`.
@@ -131,6 +163,7 @@ impl WatchableMount {
         }
         match sync_mirror(&self.share_root, &self.staging, &mut inner.state, &mut inner.retired, scope) {
             Ok(SyncOutcome::Synced(report)) => {
+                inner.swap_retry = SwapRetry::after(inner.swap_retry.as_ref(), &report.deferred, Instant::now());
                 if !report.ops.is_empty() || !report.deferred.is_empty() {
                     debug!(guest_path = %self.guest_path.display(), ops = ?report.ops, deferred = ?report.deferred, "mirror settled");
                 }
@@ -156,6 +189,26 @@ impl WatchableMount {
                 warn!(guest_path = %self.guest_path.display(), error = %error_chain(&e), "bind fallback failed; will retry")
             }
         }
+    }
+
+    /// Try the deferred `..data` swaps again (their links are settled afresh, which rescans
+    /// what they publish).
+    fn retry_swaps(&self) {
+        let mut inner = self.inner.lock_unpoisoned();
+        let Some(retry) = inner.swap_retry.as_ref() else {
+            return;
+        };
+        let hints = Hints { paths: retry.links.clone(), removed: BTreeSet::new() };
+        self.settle_locked(&mut inner, Scope::Paths(&hints));
+    }
+
+    /// When is a deferred `..data` swap to be tried again?
+    fn swap_retry_due_in(&self) -> Option<Duration> {
+        let inner = self.inner.lock_unpoisoned();
+        if inner.presentation == Presentation::BindFallback {
+            return None;
+        }
+        inner.swap_retry.as_ref().map(|r| r.at.saturating_duration_since(Instant::now()))
     }
 
     /// Remove the retired directories whose grace is over.
@@ -278,6 +331,7 @@ pub fn mount_watchable(req: &MountRequest) -> Result<(), MirrorError> {
             presentation: Presentation::Mirror,
             layers: 0,
             last_full_sync: Instant::now(),
+            swap_retry: None,
         }),
     });
     // Registered (and locked) before the first fill, so a batch arriving meanwhile is applied
@@ -387,12 +441,13 @@ fn queue_resync_all() {
 }
 
 fn queue_batch(batch: ChangeBatch, gap: bool) {
+    let receipt_mono_ns = crate::stats::watch::mono_ns();
     crate::stats::watch::batch_received(batch.records.len(), batch.first_change_unix_ns);
     let registry = registry();
     if gap {
         warn!(seq = batch.seq, "gap in change batches; resyncing every mount");
     }
-    merge_batch(&mut registry.work.lock_unpoisoned(), batch, gap);
+    merge_batch(&mut registry.work.lock_unpoisoned(), batch, gap, receipt_mono_ns);
     registry.wake.notify_one();
 }
 
@@ -411,10 +466,21 @@ fn run_sync_thread() {
         let mounts: Vec<Arc<WatchableMount>> = registry.mounts.lock_unpoisoned().clone();
         for m in mounts.iter().filter(|m| m.mode == WatchMode::Events) {
             let share = work.shares.get(&m.share);
+            let apply_start_mono_ns = crate::stats::watch::mono_ns();
             if work.resync_all || share.is_some_and(|s| s.resync) {
                 m.settle(Scope::Full);
             } else if let Some(share) = share {
                 m.settle_changes(&share.hints, &share.renames);
+            }
+            if let Some(share) = share {
+                let applied_mono_ns = crate::stats::watch::mono_ns();
+                for sample in &share.received {
+                    crate::stats::watch::batch_applied(WatchStageSample {
+                        apply_start_mono_ns,
+                        applied_mono_ns,
+                        ..sample.clone()
+                    });
+                }
             }
         }
         if !work.shares.is_empty() {
@@ -428,6 +494,9 @@ fn run_sync_thread() {
             if m.retired_due_in().is_some_and(|left| left.is_zero()) {
                 m.remove_retired();
             }
+            if m.swap_retry_due_in().is_some_and(|left| left.is_zero()) {
+                m.retry_swaps();
+            }
         }
     }
 }
@@ -439,7 +508,7 @@ fn next_timer(registry: &Registry) -> Duration {
     let mounts: Vec<Arc<WatchableMount>> = registry.mounts.lock_unpoisoned().clone();
     mounts
         .iter()
-        .flat_map(|m| [m.full_sync_due_in(resync), m.retired_due_in()])
+        .flat_map(|m| [m.full_sync_due_in(resync), m.retired_due_in(), m.swap_retry_due_in()])
         .flatten()
         .min()
         .unwrap_or(MAX_TIMER_SLEEP)
@@ -457,6 +526,24 @@ mod tests {
         assert_eq!(resync_interval_from_cmdline("quiet tern.watch_resync=5"), Some(Duration::from_secs(5)));
         assert_eq!(resync_interval_from_cmdline("tern.watch_resync=0"), None);
         assert_eq!(resync_interval_from_cmdline("quiet"), None);
+    }
+
+    #[test]
+    fn a_deferred_data_swap_is_retried_within_milliseconds_backing_off() {
+        let now = Instant::now();
+        let deferred = |paths: &[&str]| paths.iter().map(|p| p.to_string()).collect::<BTreeSet<String>>();
+        // Entries waiting for a record are not retried on a timer.
+        assert!(SwapRetry::after(None, &deferred(&["gone", "d/f"]), now).is_none());
+        let first = SwapRetry::after(None, &deferred(&["..data", "f"]), now).unwrap();
+        assert_eq!((first.at, first.wait), (now + FIRST_SWAP_RETRY, FIRST_SWAP_RETRY));
+        assert_eq!(first.links, deferred(&["..data"]));
+        let mut retry = first;
+        for _ in 0..20 {
+            retry = SwapRetry::after(Some(&retry), &deferred(&["sub/..data"]), now).unwrap();
+        }
+        assert_eq!(retry.wait, MAX_SWAP_RETRY);
+        // Once the swap happened, no more retries.
+        assert!(SwapRetry::after(Some(&retry), &deferred(&[]), now).is_none());
     }
 
     #[test]

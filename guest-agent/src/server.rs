@@ -119,6 +119,7 @@ impl Agent {
                 Ok(stats) => Response::Stats(stats),
                 Err(e) => error_response(&e),
             },
+            Request::WatchStages => Response::WatchStages { batches: stats::watch::recent_stages() },
             Request::Shutdown => {
                 self.shutting_down.store(true, Ordering::SeqCst);
                 Response::Ok

@@ -127,9 +127,14 @@ fn parse_net_dev(text: &str) -> Vec<NetDevStats> {
 
 /// Counters of the watchable-mount mirrors, bumped by `mirror` and read by [`collect`].
 pub mod watch {
+    use std::collections::VecDeque;
     use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Mutex;
     use std::time::{SystemTime, UNIX_EPOCH};
-    use tern_protocol::{WatchStats, WATCH_APPLY_BUCKETS};
+    use tern_protocol::{
+        WatchStage, WatchStageHistogram, WatchStageSample, WatchStats, MAX_WATCH_STAGE_SAMPLES, WATCH_APPLY_BUCKETS,
+        WATCH_STAGE_BUCKETS,
+    };
 
     static BATCHES_RECEIVED: AtomicU64 = AtomicU64::new(0);
     static RECORDS_RECEIVED: AtomicU64 = AtomicU64::new(0);
@@ -143,8 +148,65 @@ pub mod watch {
     static LATENCY_COUNT: AtomicU64 = AtomicU64::new(0);
     static LATENCY_SUM_NS: AtomicU64 = AtomicU64::new(0);
 
+    /// One histogram per [`WatchStage`] (in `WatchStage::ALL` order).
+    struct StageHistogram {
+        buckets: [AtomicU64; WATCH_STAGE_BUCKETS.len() + 1],
+        count: AtomicU64,
+        sum_ns: AtomicU64,
+    }
+    static STAGES: [StageHistogram; WatchStage::ALL.len()] = [const {
+        StageHistogram {
+            buckets: [const { AtomicU64::new(0) }; WATCH_STAGE_BUCKETS.len() + 1],
+            count: AtomicU64::new(0),
+            sum_ns: AtomicU64::new(0),
+        }
+    }; WatchStage::ALL.len()];
+    /// The last applied batches' stages. Only the mirror-sync thread pushes and a stats
+    /// request copies, each for a moment.
+    static RECENT: Mutex<VecDeque<WatchStageSample>> = Mutex::new(VecDeque::new());
+
     fn bump(c: &AtomicU64, by: u64) {
         c.fetch_add(by, Ordering::Relaxed);
+    }
+
+    /// The guest's monotonic clock (ns since boot): one clock for the agent and a container's
+    /// watcher (`watch-events --stamps`).
+    pub fn mono_ns() -> u64 {
+        nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
+            u64::try_from(t.tv_sec()).unwrap_or(0) * 1_000_000_000 + u64::try_from(t.tv_nsec()).unwrap_or(0)
+        })
+    }
+
+    fn observe_stage(stage: WatchStage, ns: u64) {
+        let Some(h) = WatchStage::ALL.iter().position(|s| *s == stage).and_then(|i| STAGES.get(i)) else {
+            return;
+        };
+        let secs = ns as f64 / 1e9;
+        let slot = WATCH_STAGE_BUCKETS.iter().position(|b| secs <= *b).unwrap_or(WATCH_STAGE_BUCKETS.len());
+        if let Some(c) = h.buckets.get(slot) {
+            bump(c, 1);
+        }
+        bump(&h.count, 1);
+        bump(&h.sum_ns, ns);
+    }
+
+    /// Record the stages of one applied batch: its host stamps' differences, and the guest's
+    /// own from its receipt.
+    pub fn batch_applied(sample: WatchStageSample) {
+        if sample.send_unix_ns != 0 {
+            observe_stage(WatchStage::ReadToFlush, sample.read_to_flush_ns);
+            observe_stage(WatchStage::FlushToSend, sample.flush_to_send_ns);
+        }
+        observe_stage(
+            WatchStage::ReceiptToApplyStart,
+            sample.apply_start_mono_ns.saturating_sub(sample.receipt_mono_ns),
+        );
+        observe_stage(WatchStage::ReceiptToApplied, sample.applied_mono_ns.saturating_sub(sample.receipt_mono_ns));
+        let mut recent = RECENT.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if recent.len() >= MAX_WATCH_STAGE_SAMPLES {
+            recent.pop_front();
+        }
+        recent.push_back(sample);
     }
 
     /// A change batch with `records` records arrived from the VMM; its first change was seen
@@ -198,6 +260,11 @@ pub mod watch {
         bump(&BIND_FALLBACKS, 1);
     }
 
+    /// The stages of the last applied batches, oldest first.
+    pub fn recent_stages() -> Vec<WatchStageSample> {
+        RECENT.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).iter().cloned().collect()
+    }
+
     /// The current values.
     pub fn snapshot() -> WatchStats {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
@@ -211,6 +278,16 @@ pub mod watch {
             apply_latency_buckets: LATENCY.iter().map(get).collect(),
             apply_latency_count: get(&LATENCY_COUNT),
             apply_latency_sum_ns: get(&LATENCY_SUM_NS),
+            stages: WatchStage::ALL
+                .iter()
+                .zip(STAGES.iter())
+                .map(|(stage, h)| WatchStageHistogram {
+                    stage: *stage,
+                    buckets: h.buckets.iter().map(get).collect(),
+                    count: get(&h.count),
+                    sum_ns: get(&h.sum_ns),
+                })
+                .collect(),
         }
     }
 

@@ -273,6 +273,14 @@ impl AgentClient {
         }
     }
 
+    /// The stage durations of the last change batches the agent applied, oldest first.
+    pub fn watch_stages(&self) -> Result<Vec<tern_protocol::WatchStageSample>, AgentError> {
+        match self.call(&Request::WatchStages)? {
+            Response::WatchStages { batches } => Ok(batches),
+            other => Err(AgentError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
     /// Present a virtio-fs share at a guest path.
     pub fn mount(&self, req: MountRequest) -> Result<(), AgentError> {
         self.expect_ok(&Request::Mount(req))

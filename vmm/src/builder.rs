@@ -44,6 +44,9 @@ const FIRST_GUEST_CID: u32 = 3;
 /// What a started VM owns besides its vCPU threads.
 pub(crate) struct RunningVm {
     event_loop: EventLoopThread,
+    /// The virtio-fs device's loop (`tern-fs`), apart so that file-system work cannot delay
+    /// vsock: agent RPC, stdio and change records.
+    fs_event_loop: Option<EventLoopThread>,
     /// The net devices' loop, apart so that network load cannot stall vsock or virtio-fs.
     net_event_loop: Option<EventLoopThread>,
     fs_shares: Option<Arc<FsShares>>,
@@ -76,6 +79,7 @@ impl RunningVm {
     pub(crate) fn shut_down(self) {
         let RunningVm {
             event_loop,
+            fs_event_loop,
             net_event_loop,
             fs_shares,
             watchers,
@@ -88,6 +92,9 @@ impl RunningVm {
         // The watcher talks to the guest through the vsock device: stop it first.
         watchers.stop();
         event_loop.stop();
+        if let Some(fs_event_loop) = fs_event_loop {
+            fs_event_loop.stop();
+        }
         if let Some(net_event_loop) = net_event_loop {
             net_event_loop.stop();
         }
@@ -183,9 +190,11 @@ struct VirtioDevices {
     fs_shares: Option<Arc<FsShares>>,
 }
 
-/// The event loops devices register with: `net` exists iff the VM has net devices.
+/// The event loops devices register with: `fs` exists iff the VM has an fs device, `net` iff
+/// it has net devices.
 struct DeviceLoops {
     devices: EventLoopHandle,
+    fs: Option<EventLoopHandle>,
     net: Option<EventLoopHandle>,
 }
 
@@ -211,6 +220,8 @@ fn build_virtio_devices(
         for share in &config.fs_shares {
             shares.add(share.clone())?;
         }
+        let events =
+            loops.fs.as_ref().ok_or_else(|| VmmError::InvalidConfig("the fs device needs the fs event loop".into()))?;
         let mut device = VirtioFs::new(FS_TAG, shares.clone(), events.clone())
             .map_err(|err| VmmError::Device { device: "virtio-fs", source: Box::new(err) })?;
         device.set_metrics(metrics.clone());
@@ -274,7 +285,16 @@ pub(crate) fn build_and_start(
     } else {
         Some(EventLoop::new().map_err(|err| VmmError::Thread("net event loop", err))?)
     };
-    let loops = DeviceLoops { devices: event_loop.handle(), net: net_event_loop.as_ref().map(EventLoop::handle) };
+    let fs_event_loop = if config.has_fs_device() {
+        Some(EventLoop::new().map_err(|err| VmmError::Thread("fs event loop", err))?)
+    } else {
+        None
+    };
+    let loops = DeviceLoops {
+        devices: event_loop.handle(),
+        fs: fs_event_loop.as_ref().map(EventLoop::handle),
+        net: net_event_loop.as_ref().map(EventLoop::handle),
+    };
     let VirtioDevices { mmio, slots: virtio_slots, fs_shares } =
         build_virtio_devices(config, &vm, &memory, &loops, &metrics)?;
     let (pio, console_tail) = build_legacy_devices(config, &vm, &lifecycle)?;
@@ -298,12 +318,17 @@ pub(crate) fn build_and_start(
         watchers.watch(&share.name, &share.host_dir)?;
     }
     let event_loop = event_loop.spawn().map_err(|err| VmmError::Thread("device event loop", err))?;
+    let fs_event_loop = fs_event_loop
+        .map(|fs_loop| fs_loop.spawn_named(crate::threads::FS))
+        .transpose()
+        .map_err(|err| VmmError::Thread("fs event loop", err))?;
     let net_event_loop = net_event_loop
         .map(|net_loop| net_loop.spawn_named(crate::threads::NET))
         .transpose()
         .map_err(|err| VmmError::Thread("net event loop", err))?;
     let running = RunningVm {
         event_loop,
+        fs_event_loop,
         net_event_loop,
         fs_shares,
         watchers,

@@ -6,7 +6,8 @@
 //! | name | thread | started by |
 //! |---|---|---|
 //! | `tern-vcpu<N>` | vCPU `N`'s run loop | `vstate::vcpu::Vcpu::spawn` |
-//! | `tern-devices` | the device event loop (vsock, virtio-fs queues) | `builder` |
+//! | `tern-devices` | the device event loop (vsock) | `builder` |
+//! | `tern-fs` | the virtio-fs request loop (only with an fs device) | `builder` |
 //! | `tern-net` | the net devices' event loop (only with net devices) | `builder` |
 //! | `tern-console` | the serial console's writer | `devices::legacy::ConsoleWriter` |
 //! | `tern-fs-watch` | the fs watcher's inotify reader | `fs_watcher` |
@@ -17,6 +18,9 @@
 const VCPU_PREFIX: &str = "tern-vcpu";
 /// The device event loop.
 pub(crate) const DEVICES: &str = "tern-devices";
+/// The virtio-fs device's event loop: file-system requests never wait behind vsock, nor vsock
+/// (agent RPC, stdio, change records) behind them.
+pub(crate) const FS: &str = "tern-fs";
 /// The net devices' event loop.
 pub(crate) const NET: &str = "tern-net";
 /// The serial console's writer.
@@ -29,7 +33,7 @@ pub(crate) const FS_LINK: &str = "tern-fs-link";
 pub(crate) const VHOST_FS: &str = "tern-vhost-fs";
 
 /// Every VMM thread other than the vCPUs.
-const VMM_THREADS: [&str; 6] = [DEVICES, NET, CONSOLE, FS_WATCH, FS_LINK, VHOST_FS];
+const VMM_THREADS: [&str; 7] = [DEVICES, FS, NET, CONSOLE, FS_WATCH, FS_LINK, VHOST_FS];
 
 /// What a thread of a process that runs the VMM does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

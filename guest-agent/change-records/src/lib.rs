@@ -38,9 +38,16 @@ pub struct ChangeBatch {
     pub share: String,
     /// Increases by one per batch on a connection; a gap means lost batches (agent resyncs).
     pub seq: u64,
-    /// Host wall clock when the first change of the batch was seen (ns since the Unix epoch),
-    /// for change -> apply latency.
+    /// Host wall clock when the inotify read that saw the first change of the batch returned
+    /// (ns since the Unix epoch): the first stage stamp.
     pub first_change_unix_ns: u64,
+    /// Host wall clock when the coalescer flushed the batch (0: unknown). Stage stamps are host
+    /// clock only; the agent measures its own stages from its receipt, on its own clock.
+    #[serde(default)]
+    pub flush_unix_ns: u64,
+    /// Host wall clock just before the batch was written to the agent's stream (0: unknown).
+    #[serde(default)]
+    pub send_unix_ns: u64,
     /// Compare the whole share, not just `records`.
     pub resync: bool,
     pub records: Vec<ChangeRecord>,
@@ -71,6 +78,10 @@ pub enum ChangeKind {
     /// in [`ChangeRecord::from`] when the watcher paired them).
     Moved,
 }
+
+/// Version of the change-batch format; part of the agent protocol's version
+/// (`tern_protocol::PROTOCOL_VERSION` moves with it).
+pub const CHANGE_BATCH_VERSION: u32 = 2;
 
 /// Is `path` a safe share-relative path: non-empty components, no `.`/`..`, not absolute?
 pub fn is_safe_relative_path(path: &str) -> bool {
@@ -125,6 +136,8 @@ mod tests {
             share: "s".into(),
             seq: 7,
             first_change_unix_ns: 1,
+            flush_unix_ns: 2,
+            send_unix_ns: 3,
             resync: false,
             records: vec![ChangeRecord { path: "f".into(), kind: ChangeKind::Created, from: None }],
         };

@@ -23,7 +23,7 @@ pub mod net;
 pub mod watch;
 
 /// Bumped on every incompatible change of the messages below.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 /// vsock port of the agent's RPC server.
 pub const AGENT_RPC_PORT: u32 = 1024;
 /// vsock port on which the agent accepts process stdio streams.
@@ -55,6 +55,10 @@ pub enum Request {
     CloseStdin { id: String },
     /// Guest-wide statistics.
     Stats,
+    /// The stage durations of the last change batches the mirrors applied; returns
+    /// [`Response::WatchStages`] (kept out of [`Request::Stats`], which every metrics scrape
+    /// asks for).
+    WatchStages,
     /// Orderly shutdown: sync, kill remaining processes and power the VM off.
     Shutdown,
     /// Present a virtio-fs share at a guest path (see [`MountRequest`]).
@@ -248,6 +252,7 @@ impl Request {
             Request::Signal { .. } => "signal",
             Request::CloseStdin { .. } => "close_stdin",
             Request::Stats => "stats",
+            Request::WatchStages => "watch_stages",
             Request::Shutdown => "shutdown",
             Request::Mount(_) => "mount",
             Request::Unmount { .. } => "unmount",
@@ -279,6 +284,10 @@ pub enum Response {
     },
     Exited(ExitStatus),
     Stats(GuestStats),
+    /// The last [`MAX_WATCH_STAGE_SAMPLES`] applied change batches' stages, oldest first.
+    WatchStages {
+        batches: Vec<WatchStageSample>,
+    },
     ContainerStats(CgroupStats),
     /// Total OOM kills recorded in a container's cgroup so far.
     OomKills {
@@ -444,6 +453,78 @@ pub struct WatchStats {
     pub apply_latency_buckets: Vec<u64>,
     pub apply_latency_count: u64,
     pub apply_latency_sum_ns: u64,
+    /// One histogram per stage of the watch path (see [`WatchStage`]).
+    #[serde(default)]
+    pub stages: Vec<WatchStageHistogram>,
+}
+
+/// Upper bounds (seconds) of the per-stage watch histograms.
+pub const WATCH_STAGE_BUCKETS: [f64; 12] =
+    [0.000_1, 0.000_25, 0.000_5, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 2.0];
+/// Most recent batches whose stage durations [`Response::WatchStages`] carries.
+pub const MAX_WATCH_STAGE_SAMPLES: usize = 256;
+
+/// The stages of the watch path whose durations are measured on one clock. Host stages come
+/// from the host stamps a [`watch::ChangeBatch`] carries; guest stages are measured on the
+/// guest's monotonic clock from the agent's receipt of the batch. The hop between the two
+/// (vsock send → agent receipt) spans two clocks and is not a stage: the benchmark gets it as
+/// what is left of the round trip.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WatchStage {
+    /// Host inotify read → coalescer flush.
+    ReadToFlush,
+    /// Coalescer flush → vsock send.
+    FlushToSend,
+    /// Agent receipt → the mirror's sync starts.
+    ReceiptToApplyStart,
+    /// Agent receipt → mirror applied (writes and renames done).
+    ReceiptToApplied,
+}
+
+impl WatchStage {
+    /// Every stage, in path order.
+    pub const ALL: [WatchStage; 4] = [
+        WatchStage::ReadToFlush,
+        WatchStage::FlushToSend,
+        WatchStage::ReceiptToApplyStart,
+        WatchStage::ReceiptToApplied,
+    ];
+
+    /// The stage's metrics label.
+    pub fn label(self) -> &'static str {
+        match self {
+            WatchStage::ReadToFlush => "host_read_to_flush",
+            WatchStage::FlushToSend => "host_flush_to_send",
+            WatchStage::ReceiptToApplyStart => "guest_receipt_to_apply_start",
+            WatchStage::ReceiptToApplied => "guest_receipt_to_applied",
+        }
+    }
+}
+
+/// Observations of one [`WatchStage`] per bucket of [`WATCH_STAGE_BUCKETS`] plus one for
+/// larger (not cumulative).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WatchStageHistogram {
+    pub stage: WatchStage,
+    pub buckets: Vec<u64>,
+    pub count: u64,
+    pub sum_ns: u64,
+}
+
+/// The stage durations of one applied change batch.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct WatchStageSample {
+    pub seq: u64,
+    /// Host clock: inotify read → coalescer flush, flush → send (ns).
+    pub read_to_flush_ns: u64,
+    pub flush_to_send_ns: u64,
+    /// Host clock: the send stamp (ns since the epoch).
+    pub send_unix_ns: u64,
+    /// Guest monotonic clock: receipt, sync start and mirror applied (ns since boot).
+    pub receipt_mono_ns: u64,
+    pub apply_start_mono_ns: u64,
+    pub applied_mono_ns: u64,
 }
 
 /// Errors reading or writing protocol messages.
@@ -578,6 +659,7 @@ mod tests {
         let reqs = [
             Request::Health,
             Request::Stats,
+            Request::WatchStages,
             Request::ContainerStats { id: "c".into() },
             Request::PauseContainer { id: "c".into() },
             Request::WaitOom { id: "c".into(), seen: 0 },

@@ -176,7 +176,15 @@ fn batch(c: &mut Cursor8<'_>) -> Option<ChangeBatch> {
         let from = (kind == ChangeKind::Moved && c.u8() & 1 == 0).then(|| c.record_path());
         records.push(ChangeRecord { path, kind, from });
     }
-    Some(ChangeBatch { share, seq: u64::from(c.u8()), first_change_unix_ns: 0, resync: c.u8() == 0xff, records })
+    Some(ChangeBatch {
+        share,
+        seq: u64::from(c.u8()),
+        first_change_unix_ns: 0,
+        flush_unix_ns: 0,
+        send_unix_ns: 0,
+        resync: c.u8() == 0xff,
+        records,
+    })
 }
 
 /// Play `data` as share changes and change batches against a fresh mirror.
@@ -221,7 +229,7 @@ pub fn change_records(data: &[u8]) {
                 for _ in 0..1 + c.u8() % 3 {
                     if let Some(b) = batch(&mut c) {
                         let gap = c.u8() == 0xff;
-                        merge_batch(&mut work, b, gap);
+                        merge_batch(&mut work, b, gap, 0);
                     }
                 }
                 // As the sync thread applies it to the mount of share `s`.

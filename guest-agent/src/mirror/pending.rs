@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 
 use tern_protocol::watch::{is_safe_relative_path, ChangeBatch, ChangeKind, MAX_RECORDS_PER_BATCH};
+use tern_protocol::{WatchStageSample, MAX_WATCH_STAGE_SAMPLES};
 use tracing::warn;
 
 use super::moves::Rename;
@@ -28,17 +29,30 @@ pub struct ShareWork {
     /// Renames whose both ends the watcher saw, in the order seen (applied before `paths`
     /// are settled).
     pub renames: Vec<Rename>,
+    /// The stage stamps of the batches merged here, reported once they are applied.
+    pub received: Vec<WatchStageSample>,
 }
 
 /// Add a batch's work to what is queued: records become paths to settle; a resync, an
-/// unsafe path or too many paths become a full compare of the share.
-pub fn merge_batch(work: &mut PendingWork, batch: ChangeBatch, gap: bool) {
+/// unsafe path or too many paths become a full compare of the share. `receipt_mono_ns` is when
+/// the agent received the batch (guest monotonic clock), for its stage stamps.
+pub fn merge_batch(work: &mut PendingWork, batch: ChangeBatch, gap: bool, receipt_mono_ns: u64) {
     work.resync_all |= gap;
     if batch.share.contains('/') || !is_safe_relative_path(&batch.share) {
         warn!(share = batch.share, "change batch for an invalid share name; ignored");
         return;
     }
     let share = work.shares.entry(batch.share).or_default();
+    if share.received.len() < MAX_WATCH_STAGE_SAMPLES {
+        share.received.push(WatchStageSample {
+            seq: batch.seq,
+            read_to_flush_ns: batch.flush_unix_ns.saturating_sub(batch.first_change_unix_ns),
+            flush_to_send_ns: batch.send_unix_ns.saturating_sub(batch.flush_unix_ns),
+            send_unix_ns: batch.send_unix_ns,
+            receipt_mono_ns,
+            ..WatchStageSample::default()
+        });
+    }
     share.resync |= batch.resync;
     for record in batch.records {
         let from_is_safe = record.from.as_deref().is_none_or(is_safe_relative_path);
@@ -79,6 +93,8 @@ mod tests {
             share: share.into(),
             seq: 1,
             first_change_unix_ns: 0,
+            flush_unix_ns: 0,
+            send_unix_ns: 0,
             resync,
             records: paths
                 .iter()
@@ -86,21 +102,21 @@ mod tests {
                 .collect(),
         };
         let mut work = PendingWork::default();
-        merge_batch(&mut work, batch("s", &["a", "b"], false), false);
-        merge_batch(&mut work, batch("s", &["b", "c/d"], false), false);
+        merge_batch(&mut work, batch("s", &["a", "b"], false), false, 0);
+        merge_batch(&mut work, batch("s", &["b", "c/d"], false), false, 0);
         let paths: Vec<&str> = work.shares["s"].hints.paths.iter().map(String::as_str).collect();
         assert_eq!(paths, ["a", "b", "c/d"]);
         // Created records allow no removal; a Removed one does.
         assert!(work.shares["s"].hints.removed.is_empty());
         let mut removal = batch("s", &["gone"], false);
         removal.records[0].kind = ChangeKind::Removed;
-        merge_batch(&mut work, removal, false);
+        merge_batch(&mut work, removal, false, 0);
         assert_eq!(work.shares["s"].hints.removed.iter().map(String::as_str).collect::<Vec<_>>(), ["gone"]);
         assert!(!work.resync_all);
 
-        merge_batch(&mut work, batch("t", &["ok", "../etc/passwd"], false), false);
+        merge_batch(&mut work, batch("t", &["ok", "../etc/passwd"], false), false, 0);
         assert!(work.shares["t"].resync && work.shares["t"].hints.paths.is_empty());
-        merge_batch(&mut work, batch("../x", &["a"], false), true);
+        merge_batch(&mut work, batch("../x", &["a"], false), true, 0);
         assert!(work.resync_all);
         assert!(!work.shares.contains_key("../x"));
     }
@@ -112,17 +128,19 @@ mod tests {
             share: "s".into(),
             seq: 1,
             first_change_unix_ns: 0,
+            flush_unix_ns: 0,
+            send_unix_ns: 0,
             resync: false,
             records: vec![ChangeRecord { path: "g".into(), kind: ChangeKind::Moved, from: Some(from.into()) }],
         };
         let mut work = PendingWork::default();
-        merge_batch(&mut work, batch("f"), false);
+        merge_batch(&mut work, batch("f"), false, 0);
         let queued = &work.shares["s"];
         assert_eq!(queued.hints.paths.iter().map(String::as_str).collect::<Vec<_>>(), ["f", "g"]);
         // Both ends of the rename may be removed from the mirror when the share lacks them.
         assert_eq!(queued.hints.removed.iter().map(String::as_str).collect::<Vec<_>>(), ["f", "g"]);
         assert_eq!(queued.renames, [Rename { from: "f".into(), to: "g".into() }]);
-        merge_batch(&mut work, batch("../etc/passwd"), false);
+        merge_batch(&mut work, batch("../etc/passwd"), false, 0);
         let queued = &work.shares["s"];
         assert!(queued.resync && queued.hints.paths.is_empty() && queued.renames.is_empty());
     }

@@ -340,7 +340,7 @@ fn rescan(share: &Path, root: &str, target: &mut Snapshot) -> Result<(), ScanErr
     Ok(())
 }
 
-fn is_data_link(path: &str) -> bool {
+pub(super) fn is_data_link(path: &str) -> bool {
     path.rsplit('/').next() == Some(DATA_LINK)
 }
 

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tern_sync::LockExt;
 
-use tern_protocol::{GuestStats, AGENT_RPC_PORT, WATCH_APPLY_BUCKETS};
+use tern_protocol::{GuestStats, AGENT_RPC_PORT, WATCH_APPLY_BUCKETS, WATCH_STAGE_BUCKETS};
 use tokio::net::UnixListener;
 use tokio::task::JoinHandle;
 use vmm::api::WatcherCounters;
@@ -498,6 +498,18 @@ fn watch(s: &ShimSnapshot, out: &mut Vec<Family>) {
             gw.apply_latency_sum_ns as f64 / 1e9,
         )),
     ));
+    let mut stages = Family::new(
+        "tern_watch_stage_seconds",
+        "Duration of each stage of the watch path, per change batch: host stages on the host clock \
+         (from the batch's stamps), guest stages on the guest clock from the agent's receipt.",
+    );
+    for h in &gw.stages {
+        stages = stages.with(
+            labels([("stage", h.stage.label())]),
+            Value::Histogram(histogram_from_buckets(&WATCH_STAGE_BUCKETS, &h.buckets, h.count, h.sum_ns as f64 / 1e9)),
+        );
+    }
+    out.push(stages);
 }
 
 #[cfg(test)]

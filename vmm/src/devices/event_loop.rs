@@ -1,7 +1,8 @@
 //! A device event loop: a thread running an [`event_manager::EventManager`] that dispatches
-//! queue kicks and host sockets to device subscribers. A VM runs one for vsock and virtio-fs
-//! (`tern-devices`) and, when it has network devices, a second one for them (`tern-net`), so
-//! network load cannot stall the agent's channel or the shares.
+//! queue kicks and host sockets to device subscribers. A VM runs one for vsock
+//! (`tern-devices`), one for virtio-fs when it has shares (`tern-fs`) and one for its network
+//! devices when it has any (`tern-net`), so neither a burst of file-system requests nor network
+//! load can delay the agent's channel (RPC, stdio, change records).
 //!
 //! Devices register their subscribers through an [`EventLoopHandle`], which works from any
 //! thread and at any time: before the loop runs (the request waits in the manager's channel)

@@ -24,6 +24,8 @@ pub const MAX_DELAY: Duration = Duration::from_millis(20);
 pub struct PendingBatch {
     pub share: String,
     pub first_change_unix_ns: u64,
+    /// Wall clock of the flush (0 until the reader hands the batch to the link).
+    pub flush_unix_ns: u64,
     /// True when the burst had more distinct paths than one batch may carry: the agent then
     /// compares the whole share instead.
     pub resync: bool,
@@ -139,6 +141,7 @@ impl Coalescer {
             .map(|(share, burst)| PendingBatch {
                 share,
                 first_change_unix_ns: burst.first_change_unix_ns,
+                flush_unix_ns: 0,
                 resync: burst.too_many,
                 records: burst.records,
             })

@@ -102,6 +102,8 @@ impl AgentLink {
             share: batch.share,
             seq: *seq,
             first_change_unix_ns: batch.first_change_unix_ns,
+            flush_unix_ns: batch.flush_unix_ns,
+            send_unix_ns: unix_now_ns(),
             resync,
             records: batch.records,
         };
@@ -124,7 +126,8 @@ impl AgentLink {
 }
 
 fn resync_batch(share: String) -> PendingBatch {
-    PendingBatch { share, first_change_unix_ns: unix_now_ns(), resync: true, records: Vec::new() }
+    let now = unix_now_ns();
+    PendingBatch { share, first_change_unix_ns: now, flush_unix_ns: now, resync: true, records: Vec::new() }
 }
 
 /// Open a stream to the agent's watch port through the hybrid vsock socket; sends may block

@@ -32,6 +32,7 @@ use inotify::Inotify;
 use tern_change_records::is_safe_relative_path;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
 
 use self::coalesce::{Coalescer, PendingBatch};
 use self::link::AgentLink;
@@ -47,6 +48,7 @@ mod tree;
 
 const TOKEN_INOTIFY: u64 = 0;
 const TOKEN_WAKE: u64 = 1;
+const TOKEN_FLUSH: u64 = 2;
 
 /// Errors starting the watcher or adding a share.
 #[derive(Debug, thiserror::Error)]
@@ -172,8 +174,11 @@ impl Watcher {
     pub fn start(uds_path: &Path, resync_interval: Duration) -> Result<Watcher, WatchError> {
         let inotify = Inotify::init().map_err(WatchError::Inotify)?;
         let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(WatchError::Wait)?;
+        let timer = TimerFd::new().map_err(|e| WatchError::Wait(std::io::Error::from_raw_os_error(e.errno())))?;
         let epoll = Epoll::new().map_err(WatchError::Wait)?;
-        for (fd, token) in [(inotify.as_raw_fd(), TOKEN_INOTIFY), (wake.as_raw_fd(), TOKEN_WAKE)] {
+        let fds =
+            [(inotify.as_raw_fd(), TOKEN_INOTIFY), (wake.as_raw_fd(), TOKEN_WAKE), (timer.as_raw_fd(), TOKEN_FLUSH)];
+        for (fd, token) in fds {
             epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, token)).map_err(WatchError::Wait)?;
         }
         let shared = Arc::new(Shared {
@@ -197,6 +202,7 @@ impl Watcher {
             outgoing,
             coalescer: Coalescer::default(),
             moves: PendingMoves::default(),
+            timer,
         };
         let thread = std::thread::Builder::new()
             .name(crate::threads::FS_WATCH.into())

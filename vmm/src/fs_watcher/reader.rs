@@ -5,13 +5,14 @@ use std::io::ErrorKind;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use inotify::{EventMask, Inotify};
 use tern_change_records::{ChangeKind, ChangeRecord};
 use vmm_sys_util::epoll::{Epoll, EpollEvent};
+use vmm_sys_util::timerfd::TimerFd;
 
-use super::coalesce::Coalescer;
+use super::coalesce::{Coalescer, PendingBatch};
 use super::moves::{MovedFrom, PendingMoves};
 use super::tree::{join_rel, utf8_name, WatchState, WATCH_MASK};
 use super::{bump, unix_now_ns, Outgoing, Shared};
@@ -27,21 +28,17 @@ pub(super) struct EventReader {
     pub(super) outgoing: Sender<Outgoing>,
     pub(super) coalescer: Coalescer,
     pub(super) moves: PendingMoves,
+    /// Wakes the wait when the pending burst is due (re-arming it also clears its expirations,
+    /// so it is never read).
+    pub(super) timer: TimerFd,
 }
 
 impl EventReader {
     pub(super) fn run(mut self) {
         let mut buffer = vec![0u8; EVENT_BUFFER];
-        let mut ready = [EpollEvent::default(); 2];
+        let mut ready = [EpollEvent::default(); 3];
         while !self.shared.stop.load(Ordering::SeqCst) {
-            let timeout_ms = match self.flush_at() {
-                None => -1,
-                Some(deadline) => {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    // Round up: waking early would only spin.
-                    i32::try_from(left.as_micros().div_ceil(1000)).unwrap_or(i32::MAX)
-                }
-            };
+            let timeout_ms = self.arm_flush_timer();
             if let Err(e) = self.epoll.wait(timeout_ms, &mut ready) {
                 if e.kind() != ErrorKind::Interrupted {
                     tracing::error!(error = %e, "watcher wait failed; stopping the watcher");
@@ -54,9 +51,34 @@ impl EventReader {
                 if !self.moves.0.is_empty() {
                     self.moves.expire(&mut self.shared.lock());
                 }
+                let flush_unix_ns = unix_now_ns();
                 for batch in self.coalescer.take() {
-                    let _ = self.outgoing.send(Outgoing::Batch(batch));
+                    let _ = self.outgoing.send(Outgoing::Batch(PendingBatch { flush_unix_ns, ..batch }));
                 }
+            }
+        }
+    }
+
+    /// Arm the flush timer for the pending burst (disarm it when nothing is pending) and return
+    /// the epoll timeout: none, since the timer wakes the wait to the nanosecond; epoll's own
+    /// timeout, in whole milliseconds, would add up to 1 ms to every batch on top of the quiet
+    /// period. Only if the timer cannot be set does the wait fall back to it.
+    fn arm_flush_timer(&mut self) -> i32 {
+        let deadline = self.flush_at();
+        let armed = match deadline {
+            None => self.timer.clear(),
+            // A zero duration would disarm the timer: a due burst fires at once instead.
+            Some(at) => {
+                self.timer.reset(at.saturating_duration_since(Instant::now()).max(Duration::from_nanos(1)), None)
+            }
+        };
+        match (armed, deadline) {
+            (Ok(()), _) | (Err(_), None) => -1,
+            (Err(e), Some(at)) => {
+                tracing::debug!(error = %e, "cannot arm the watcher's flush timer");
+                let left = at.saturating_duration_since(Instant::now());
+                // Round up: waking early would only spin.
+                i32::try_from(left.as_micros().div_ceil(1000)).unwrap_or(i32::MAX)
             }
         }
     }

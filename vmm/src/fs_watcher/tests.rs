@@ -263,3 +263,25 @@ fn a_directory_renamed_into_a_brand_new_one_stays_watched() {
     std::fs::write(share.path().join("b/c/sub/file"), "x").unwrap();
     agent.until(|b| b.records.iter().any(|r| r.path == "b/c/sub/file"));
 }
+
+#[test]
+fn every_batch_carries_its_host_stage_stamps_in_order() {
+    let agent = fake_agent();
+    let share = tempfile::tempdir().unwrap();
+    let watcher = Watcher::start(&agent.uds, Duration::from_secs(3600)).unwrap();
+    watcher.add_share("s", share.path()).unwrap();
+    agent.until(|b| b.resync);
+    let before = unix_now_ns();
+    std::fs::write(share.path().join("f"), "x").unwrap();
+    let got = agent.until(|b| b.records.iter().any(|r| r.path == "f"));
+    let batch = got.last().unwrap();
+    // inotify read, coalescer flush, vsock send: one host clock, in path order.
+    assert!(before <= batch.first_change_unix_ns, "{batch:?}");
+    assert!(batch.first_change_unix_ns <= batch.flush_unix_ns, "{batch:?}");
+    assert!(batch.flush_unix_ns <= batch.send_unix_ns, "{batch:?}");
+    // The flush follows the quiet period, not a whole extra millisecond of epoll timeout on
+    // top: well under 1 s here, and at least the quiet period.
+    let read_to_flush = Duration::from_nanos(batch.flush_unix_ns - batch.first_change_unix_ns);
+    assert!(read_to_flush >= coalesce::QUIET_PERIOD, "{read_to_flush:?}");
+    assert!(read_to_flush < Duration::from_secs(1), "{read_to_flush:?}");
+}

@@ -124,6 +124,9 @@ pub fn run(mut config: Config, args: RunArgs) -> Result<i32> {
         None => run_command(&sandbox, &args, &signals),
     });
     let command_exit = Instant::now();
+    if !matches!(result, Ok(Ending::Forced { .. })) {
+        write_watch_stages(&sandbox);
+    }
     match result {
         Ok(Ending::Exited(code)) => {
             shutdown_after_command(sandbox, &args, command_exit);
@@ -151,6 +154,43 @@ fn boot_error(e: SandboxError) -> anyhow::Error {
              tests/nested-runner (see `tern check`)",
         ),
         _ => err,
+    }
+}
+
+/// Environment variable of the benchmark hook [`write_watch_stages`].
+const WATCH_STAGES_ENV: &str = "TERN_WATCH_STAGES_OUT";
+/// Small agent requests timed by [`write_watch_stages`].
+const AGENT_ROUND_TRIPS: usize = 200;
+
+/// Benchmark hook: with `$TERN_WATCH_STAGES_OUT` set, once the command has ended, time
+/// [`AGENT_ROUND_TRIPS`] health requests to the agent (a small agent RPC over vsock, on a fresh
+/// connection each, as the shim makes them) and write them with the agent's watch statistics
+/// (per-stage histograms) and the last applied batches' stage stamps to that file as JSON.
+fn write_watch_stages(sandbox: &Sandbox) {
+    let Some(path) = std::env::var_os(WATCH_STAGES_ENV) else {
+        return;
+    };
+    let agent = sandbox.agent();
+    let mut round_trips_ns = Vec::with_capacity(AGENT_ROUND_TRIPS);
+    for _ in 0..AGENT_ROUND_TRIPS {
+        let start = Instant::now();
+        if let Err(e) = agent.health() {
+            tracing::warn!("agent round trip: {e:#}");
+            break;
+        }
+        round_trips_ns.push(u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX));
+    }
+    let stages = agent.watch_stages().unwrap_or_else(|e| {
+        tracing::warn!("watch stages: {e:#}");
+        Vec::new()
+    });
+    let watch = agent.stats_within(Duration::from_secs(10)).map(|s| s.watch).unwrap_or_else(|e| {
+        tracing::warn!("guest statistics: {e:#}");
+        Default::default()
+    });
+    let out = serde_json::json!({ "agent_round_trips_ns": round_trips_ns, "batches": stages, "watch": watch });
+    if let Err(e) = std::fs::write(&path, out.to_string()) {
+        tracing::warn!("cannot write {}: {e}", PathBuf::from(path).display());
     }
 }
 

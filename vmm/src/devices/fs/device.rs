@@ -108,7 +108,7 @@ impl Default for FsShares {
     }
 }
 
-/// The virtio-fs device: one hiprio queue and one request queue, served on the event loop.
+/// The virtio-fs device: one hiprio queue and one request queue, served on the `tern-fs` event loop.
 pub struct VirtioFs {
     config: [u8; CONFIG_LEN],
     shares: Arc<FsShares>,

@@ -1,4 +1,4 @@
-//! The virtio-fs device's subscriber on the device event loop: it owns the activated queues
+//! The virtio-fs device's subscriber on the `tern-fs` event loop: it owns the activated queues
 //! and hands each request chain, checked first, to the FUSE server.
 //!
 //! Every chain the guest posts is hostile input. Before the server sees it, a chain must have

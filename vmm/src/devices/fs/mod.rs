@@ -8,7 +8,7 @@
 //!
 //! Layout: [`share`] (what a share is, validation, cache policy), [`policy`] (the per-share
 //! file system), [`device`] (the `VirtioDevice` and the share table), [`event_handler`] (queue
-//! processing on the device event loop, with the checks every guest chain passes first). The
+//! processing on the `tern-fs` event loop, with the checks every guest chain passes first). The
 //! same tree exported as a vhost-user-fs daemon is `crate::vhost_user_fs`; the host watcher of
 //! watchable shares is `crate::fs_watcher`.
 
