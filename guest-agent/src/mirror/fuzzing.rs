@@ -109,7 +109,7 @@ fn change_share(share: &Path, outside: &Path, c: &mut Cursor8<'_>) {
     }
     let p = share.join(&rel);
     let _ = match c.u8() % 7 {
-        0 => std::fs::write(&p, c.bytes(16)),
+        0 => write_here(&p, &c.bytes(16)),
         1 => std::fs::create_dir(&p),
         2 => {
             let target = match c.u8() % 5 {
@@ -134,12 +134,31 @@ fn change_share(share: &Path, outside: &Path, c: &mut Cursor8<'_>) {
             // Kubelet's atomic update: a new timestamped directory, `..data` swapped to it.
             let dir = format!("..2026_0{}", c.u8() % 3);
             let _ = std::fs::create_dir(share.join(&dir));
-            let _ = std::fs::write(share.join(&dir).join("key"), c.bytes(8));
+            if !share.join(&dir).symlink_metadata().is_ok_and(|m| m.is_dir()) {
+                // A symlink by that name (made by an earlier step) would lead the write out
+                // of the share: the host never writes through one.
+                return;
+            }
+            let _ = write_here(&share.join(&dir).join("key"), &c.bytes(8));
             let _ = symlink(&dir, share.join("..data_tmp"));
             std::fs::rename(share.join("..data_tmp"), share.join("..data"))
         }
-        _ => std::fs::write(&p, c.bytes(4096)),
+        _ => write_here(&p, &c.bytes(4096)),
     };
+}
+
+/// Write a share file as the host does: never through a symlink (`key -> ..data/key` with
+/// `..data` pointing out of the share would otherwise lead the write outside it).
+fn write_here(p: &Path, content: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(p)?;
+    file.write_all(content)
 }
 
 /// A batch for the agent: decoded from raw bytes as the agent reads its watch port, or built
