@@ -198,7 +198,7 @@ impl WatchableMount {
         let Some(retry) = inner.swap_retry.as_ref() else {
             return;
         };
-        let hints = Hints { paths: retry.links.clone(), removed: BTreeSet::new() };
+        let hints = Hints { paths: retry.links.clone(), ..Hints::default() };
         self.settle_locked(&mut inner, Scope::Paths(&hints));
     }
 

@@ -10,6 +10,11 @@
 //! record or a resync covers the path. After connecting, after an `IN_Q_OVERFLOW`, and on the
 //! slow periodic timer, the VMM sends a batch with `resync: true`, and the agent compares the
 //! whole share.
+//!
+//! A batch that reports a kubelet `..data` swap also carries the [`Generation`] the link names,
+//! read on the host, where reading it takes microseconds: the agent publishes it without
+//! reading the share through virtio-fs, so a secret that changes faster than the guest can
+//! read it over FUSE still reaches the mirror, one complete generation at a time.
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
@@ -51,6 +56,85 @@ pub struct ChangeBatch {
     /// Compare the whole share, not just `records`.
     pub resync: bool,
     pub records: Vec<ChangeRecord>,
+    /// What the `..data` links the records name published when the VMM sent the batch (at most
+    /// [`MAX_GENERATIONS_PER_BATCH`]; a link the VMM could not read completely has none, and the
+    /// agent reads it through the share instead).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub generations: Vec<Generation>,
+}
+
+/// Most [`Generation`]s one batch carries.
+pub const MAX_GENERATIONS_PER_BATCH: usize = 4;
+/// Most entries of one [`Generation`] (the directory included).
+pub const MAX_GENERATION_ENTRIES: usize = 256;
+/// Most file content of one [`Generation`], in bytes: Kubernetes' limit for one secret or
+/// configMap.
+pub const MAX_GENERATION_BYTES: u64 = 1 << 20;
+
+/// The directory a kubelet `..data` link published, read completely on the host: the link was
+/// read, then everything below the directory it names, then the link again, and both reads of
+/// the link agreed. Kubelet removes a generation's directory only after `..data` has moved
+/// away from it, so nothing was missing from the directory while it was read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Generation {
+    /// Increases with every generation the VMM reads, over all shares and connections, for the
+    /// VM's lifetime: of two generations of one link, the higher was read later.
+    pub order: u64,
+    /// The `..data` link itself (share-relative path, [`GenerationContent::Symlink`]).
+    pub link: GenerationEntry,
+    /// The directory the link names and everything below it, parents before children
+    /// (share-relative paths).
+    pub entries: Vec<GenerationEntry>,
+    /// What the link named in the generations the VMM read before this one, latest first (at
+    /// most [`MAX_EARLIER_TARGETS`]): a mirror showing one of them shows an older generation.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub earlier: Vec<String>,
+}
+
+/// Most earlier link targets a [`Generation`] lists.
+pub const MAX_EARLIER_TARGETS: usize = 16;
+
+/// One entry of a [`Generation`], with the host metadata the share shows for it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GenerationEntry {
+    /// Share-relative path (same rules as [`ChangeRecord::path`]).
+    pub path: String,
+    /// Permission bits (`mode & 0o7777`).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub ino: u64,
+    pub size: u64,
+    /// (seconds, nanoseconds)
+    pub mtime: (i64, i64),
+    pub ctime: (i64, i64),
+    pub content: GenerationContent,
+}
+
+/// What a [`GenerationEntry`] is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GenerationContent {
+    Dir,
+    /// A regular file and its whole content (base64 on the wire).
+    File(#[serde(with = "base64_bytes")] Vec<u8>),
+    /// A symlink and its target.
+    Symlink(String),
+}
+
+mod base64_bytes {
+    use base64::engine::general_purpose::STANDARD;
+    use base64::Engine;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&STANDARD.encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        STANDARD.decode(text.as_bytes()).map_err(serde::de::Error::custom)
+    }
 }
 
 /// Something happened at `path` (relative to the share root, `/`-separated, never absolute
@@ -81,7 +165,7 @@ pub enum ChangeKind {
 
 /// Version of the change-batch format; part of the agent protocol's version
 /// (`tern_protocol::PROTOCOL_VERSION` moves with it).
-pub const CHANGE_BATCH_VERSION: u32 = 2;
+pub const CHANGE_BATCH_VERSION: u32 = 3;
 
 /// Is `path` a safe share-relative path: non-empty components, no `.`/`..`, not absolute?
 pub fn is_safe_relative_path(path: &str) -> bool {
@@ -140,11 +224,59 @@ mod tests {
             send_unix_ns: 3,
             resync: false,
             records: vec![ChangeRecord { path: "f".into(), kind: ChangeKind::Created, from: None }],
+            generations: Vec::new(),
         };
         let mut wire = Vec::new();
         send_batch(&mut wire, &batch).unwrap();
         assert_eq!(u32::from_be_bytes(wire[..4].try_into().unwrap()) as usize, wire.len() - 4);
         assert_eq!(recv_batch(&mut &wire[..]).unwrap(), batch);
+    }
+
+    #[test]
+    fn a_generation_round_trips_with_binary_content() {
+        let entry = |path: &str, content| GenerationEntry {
+            path: path.into(),
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            ino: 9,
+            size: 3,
+            mtime: (1, 2),
+            ctime: (3, 4),
+            content,
+        };
+        let generation = Generation {
+            order: 5,
+            link: entry("..data", GenerationContent::Symlink("..2026_12_06".into())),
+            entries: vec![
+                entry("..2026_12_06", GenerationContent::Dir),
+                entry("..2026_12_06/key", GenerationContent::File(vec![0, 0xff, b'\n'])),
+            ],
+            earlier: vec!["..2026_12_05".into()],
+        };
+        let batch = ChangeBatch {
+            share: "s".into(),
+            seq: 1,
+            first_change_unix_ns: 0,
+            flush_unix_ns: 0,
+            send_unix_ns: 0,
+            resync: false,
+            records: Vec::new(),
+            generations: vec![generation],
+        };
+        let json = serde_json::to_string(&batch).unwrap();
+        assert!(json.contains(r#""file":"AP8K""#), "{json}");
+        assert_eq!(serde_json::from_str::<ChangeBatch>(&json).unwrap(), batch);
+        // A batch without generations does not spell the field, and one without it decodes.
+        let mut plain = batch.clone();
+        plain.generations.clear();
+        let json = serde_json::to_string(&plain).unwrap();
+        assert!(!json.contains("generations"), "{json}");
+        assert_eq!(serde_json::from_str::<ChangeBatch>(&json).unwrap(), plain);
+        let bad = r#"{"share":"s","seq":1,"first_change_unix_ns":0,"resync":false,"records":[],
+            "generations":[{"order":1,"link":{"path":"..data","mode":0,"uid":0,"gid":0,"ino":0,"size":0,
+            "mtime":[0,0],"ctime":[0,0],"content":{"file":"not base64!"}},"entries":[]}]}"#;
+        assert!(serde_json::from_str::<ChangeBatch>(bad).is_err());
     }
 
     #[test]

@@ -23,7 +23,7 @@ pub mod net;
 pub mod watch;
 
 /// Bumped on every incompatible change of the messages below.
-pub const PROTOCOL_VERSION: u32 = 6;
+pub const PROTOCOL_VERSION: u32 = 7;
 /// vsock port of the agent's RPC server.
 pub const AGENT_RPC_PORT: u32 = 1024;
 /// vsock port on which the agent accepts process stdio streams.

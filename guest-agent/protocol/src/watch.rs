@@ -5,7 +5,8 @@
 use std::time::Duration;
 
 pub use tern_change_records::{
-    is_safe_relative_path, ChangeBatch, ChangeKind, ChangeRecord, DEFAULT_RESYNC_INTERVAL, MAX_RECORDS_PER_BATCH,
+    is_safe_relative_path, ChangeBatch, ChangeKind, ChangeRecord, Generation, GenerationContent, GenerationEntry,
+    DEFAULT_RESYNC_INTERVAL, MAX_GENERATION_ENTRIES, MAX_RECORDS_PER_BATCH,
 };
 
 /// Most entries (files, directories and symlinks, the share root not counted) a watchable

@@ -4,7 +4,8 @@
 //! The input mixes changes made to the host share (files, directories, symlinks pointing out
 //! of the share, kubelet's `..data` layout, renames, removals) with change batches (raw frames
 //! decoded as the agent decodes them, or batches with paths holding `..`, absolute paths, NUL
-//! bytes, other shares, long record lists), merged and applied as the mirror-sync thread does:
+//! bytes, other shares, long record lists, carried generations whose paths or links leave their
+//! directory), merged and applied as the mirror-sync thread does:
 //! paired renames first, then the named paths, or a full compare. After every step nothing
 //! outside the mirror may have been created, changed or removed.
 
@@ -14,7 +15,7 @@ use std::os::unix::fs::{symlink, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use tern_protocol::watch::{ChangeBatch, ChangeKind, ChangeRecord};
+use tern_protocol::watch::{ChangeBatch, ChangeKind, ChangeRecord, Generation, GenerationContent, GenerationEntry};
 use tern_protocol::{frame, recv};
 
 use super::moves::apply_renames;
@@ -152,12 +153,8 @@ fn change_share(share: &Path, outside: &Path, c: &mut Cursor8<'_>) {
 fn write_here(p: &Path, content: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(p)?;
+    let mut file =
+        std::fs::OpenOptions::new().write(true).create(true).truncate(true).custom_flags(libc::O_NOFOLLOW).open(p)?;
     file.write_all(content)
 }
 
@@ -203,7 +200,61 @@ fn batch(c: &mut Cursor8<'_>) -> Option<ChangeBatch> {
         send_unix_ns: 0,
         resync: c.u8() == 0xff,
         records,
+        generations: if c.u8() % 3 == 0 { vec![generation(c)] } else { Vec::new() },
     })
+}
+
+/// A generation as the VMM would carry it for a `..data` swap: mostly well formed (a sibling
+/// directory of [`NAMES`] with files and symlinks), sometimes with paths that leave the
+/// directory or the share, symlinks pointing out, or contents that disagree with their size.
+fn generation(c: &mut Cursor8<'_>) -> Generation {
+    let entry = |c: &mut Cursor8<'_>, path: String, content: GenerationContent| {
+        let size = match &content {
+            GenerationContent::File(bytes) => bytes.len() as u64 + u64::from(c.u8() == 0xff),
+            _ => 0,
+        };
+        GenerationEntry {
+            path,
+            mode: u32::from(c.u8()) << 1,
+            uid: 0,
+            gid: 0,
+            ino: u64::from(c.u8()),
+            size,
+            mtime: (0, 0),
+            ctime: (0, 0),
+            content,
+        }
+    };
+    let link = if c.u8() % 4 == 0 { c.record_path() } else { "..data".to_owned() };
+    let to = match c.u8() % 6 {
+        0 => "../outside".to_owned(),
+        1 => "/".to_owned(),
+        2 => c.path(),
+        _ => NAMES[usize::from(c.u8()) % NAMES.len()].to_owned(),
+    };
+    let dir = match link.rsplit_once('/') {
+        Some((parent, _)) => format!("{parent}/{to}"),
+        None => to.clone(),
+    };
+    let mut entries = vec![entry(c, dir.clone(), GenerationContent::Dir)];
+    for _ in 0..c.u8() % 5 {
+        let path = match c.u8() % 6 {
+            0 => c.record_path(),
+            _ => format!("{dir}/{}", c.path()),
+        };
+        let content = match c.u8() % 4 {
+            0 => GenerationContent::Dir,
+            1 => GenerationContent::Symlink(["../outside", "/etc/passwd", "key"][usize::from(c.u8() % 3)].to_owned()),
+            _ => {
+                let n = usize::from(c.u8() % 32);
+                GenerationContent::File(c.bytes(n))
+            }
+        };
+        entries.push(entry(c, path, content));
+    }
+    let link = entry(c, link, GenerationContent::Symlink(to));
+    let earlier = (0..c.u8() % 3).map(|_| NAMES[usize::from(c.u8()) % NAMES.len()].to_owned()).collect();
+    Generation { order: u64::from(c.u8()), link, entries, earlier }
 }
 
 /// Play `data` as share changes and change batches against a fresh mirror.

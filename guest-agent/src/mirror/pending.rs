@@ -9,7 +9,7 @@ use tern_protocol::{WatchStageSample, MAX_WATCH_STAGE_SAMPLES};
 use tracing::warn;
 
 use super::moves::Rename;
-use super::sync::Hints;
+use super::sync::{generation_dir, Hints};
 
 /// Most distinct paths queued for one share before the work becomes a full resync.
 const MAX_QUEUED_PATHS: usize = 4 * MAX_RECORDS_PER_BATCH;
@@ -73,6 +73,17 @@ pub fn merge_batch(work: &mut PendingWork, batch: ChangeBatch, gap: bool, receip
         }
         share.hints.paths.insert(record.path);
     }
+    for generation in batch.generations {
+        if generation_dir(&generation).is_none() {
+            // The records of the batch still name the link: the share is read instead.
+            warn!(link = generation.link.path, "malformed generation in a change batch; ignored");
+            continue;
+        }
+        let link = generation.link.path.clone();
+        if share.hints.generations.get(&link).is_none_or(|queued| queued.order < generation.order) {
+            share.hints.generations.insert(link, generation);
+        }
+    }
     if share.hints.paths.len() > MAX_QUEUED_PATHS || share.renames.len() > MAX_QUEUED_PATHS {
         share.resync = true;
     }
@@ -100,6 +111,7 @@ mod tests {
                 .iter()
                 .map(|p| ChangeRecord { path: p.to_string(), kind: ChangeKind::Created, from: None })
                 .collect(),
+            generations: Vec::new(),
         };
         let mut work = PendingWork::default();
         merge_batch(&mut work, batch("s", &["a", "b"], false), false, 0);
@@ -122,6 +134,51 @@ mod tests {
     }
 
     #[test]
+    fn the_latest_well_formed_generation_of_a_link_is_queued() {
+        use tern_protocol::watch::{Generation, GenerationContent, GenerationEntry};
+        let entry = |path: &str, content| GenerationEntry {
+            path: path.into(),
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            ino: 1,
+            size: 0,
+            mtime: (0, 0),
+            ctime: (0, 0),
+            content,
+        };
+        let generation = |order, dir: &str| Generation {
+            order,
+            link: entry("..data", GenerationContent::Symlink(dir.into())),
+            entries: vec![
+                entry(dir, GenerationContent::Dir),
+                entry(&format!("{dir}/k"), GenerationContent::File(vec![])),
+            ],
+            earlier: Vec::new(),
+        };
+        let batch = |generations| ChangeBatch {
+            share: "s".into(),
+            seq: 1,
+            first_change_unix_ns: 0,
+            flush_unix_ns: 0,
+            send_unix_ns: 0,
+            resync: false,
+            records: Vec::new(),
+            generations,
+        };
+        let mut work = PendingWork::default();
+        merge_batch(&mut work, batch(vec![generation(2, "..b")]), false, 0);
+        merge_batch(&mut work, batch(vec![generation(1, "..a")]), false, 0);
+        assert_eq!(work.shares["s"].hints.generations["..data"].order, 2, "an older one does not replace it");
+        let mut escaping = generation(3, "..c");
+        escaping.entries[1].path = "..c/../../etc/passwd".into();
+        merge_batch(&mut work, batch(vec![escaping]), false, 0);
+        assert_eq!(work.shares["s"].hints.generations["..data"].order, 2, "a malformed one is dropped");
+        merge_batch(&mut work, batch(vec![generation(4, "..d")]), false, 0);
+        assert_eq!(work.shares["s"].hints.generations["..data"].order, 4);
+    }
+
+    #[test]
     fn paired_renames_are_queued_and_unsafe_old_paths_force_a_resync() {
         use tern_protocol::watch::{ChangeKind, ChangeRecord};
         let batch = |from: &str| ChangeBatch {
@@ -132,6 +189,7 @@ mod tests {
             send_unix_ns: 0,
             resync: false,
             records: vec![ChangeRecord { path: "g".into(), kind: ChangeKind::Moved, from: Some(from.into()) }],
+            generations: Vec::new(),
         };
         let mut work = PendingWork::default();
         merge_batch(&mut work, batch("f"), false, 0);

@@ -5,7 +5,9 @@
 //! 0. each `..data` link is read afresh, last, and the directory it newly publishes is read
 //!    after it and checked against a second read of the link (see [`read_published`]): if
 //!    the link moved on meanwhile (kubelet published a newer generation and began removing
-//!    this one), the newest one is read instead;
+//!    this one), the newest one is read instead. A batch may carry the generation a link published, read on the host (see
+//!    [`tern_protocol::watch::Generation`]): it stands in for reading the link and its directory
+//!    through the share, when it is newer than what the mirror shows ([`accepted_generations`]);
 //! 1. directories, parents first, and the regular files of the directories `..data` links
 //!    publish. A file whose host inode is unchanged is rewritten in place (the container sees
 //!    IN_MODIFY, as on the host); a new file is created under its own name (IN_CREATE); a file
@@ -27,10 +29,12 @@
 //! Failures of single entries (typically: the host removed a file between the scan and the
 //! copy) are warnings: the entry keeps its old state and the next record or resync settles it.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{ErrorKind, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+
+use tern_protocol::watch::{Generation, GenerationContent, GenerationEntry};
 
 use super::retired::Retired;
 use super::tree::{
@@ -66,6 +70,9 @@ pub struct Hints {
     /// Paths whose records said removed or renamed (either end): these, and everything below
     /// them, may be removed from the mirror.
     pub removed: BTreeSet<String>,
+    /// `..data` link → the latest generation the VMM read for it (checked by
+    /// [`super::pending::merge_batch`]: every path safe and inside the directory the link names).
+    pub generations: BTreeMap<String, Generation>,
 }
 
 impl Hints {
@@ -77,7 +84,7 @@ impl Hints {
         S: Into<String>,
     {
         let paths: BTreeSet<String> = paths.into_iter().map(Into::into).collect();
-        Hints { removed: paths.clone(), paths }
+        Hints { removed: paths.clone(), paths, generations: BTreeMap::new() }
     }
 
     fn allows_removal(&self, path: &str) -> bool {
@@ -130,6 +137,7 @@ pub fn sync_mirror(
     retired: &mut Retired,
     scope: Scope<'_>,
 ) -> Result<SyncOutcome, SyncError> {
+    let mut carried: Vec<(&Generation, String)> = Vec::new();
     let (mut target, mut roots) = match scope {
         Scope::Full => {
             let mut target = Snapshot::new();
@@ -148,7 +156,11 @@ pub fn sync_mirror(
             (target, None)
         }
         Scope::Paths(hints) => {
-            let roots = rescan_roots(state, &hints.paths);
+            carried = accepted_generations(share, state, hints);
+            // What a carried generation holds is not read through the share at all.
+            let covered = |root: &str| carried.iter().any(|(g, dir)| root == g.link.path || is_within(root, dir));
+            let mut roots = rescan_roots(state, &hints.paths);
+            roots.retain(|root| !covered(root));
             let mut target = state.clone();
             for root in &roots {
                 match rescan(share, root, &mut target) {
@@ -157,10 +169,26 @@ pub fn sync_mirror(
                     Err(e) => tracing::warn!(path = root, error = %e, "cannot rescan; keeping the mirror's state"),
                 }
             }
+            for (generation, dir) in &carried {
+                target.retain(|path, _| !is_within(path, dir));
+                for entry in generation.entries.iter().chain([&generation.link]) {
+                    target.insert(entry.path.clone(), carried_entry(entry));
+                }
+                roots.push(dir.clone());
+            }
             (target, Some(roots))
         }
     };
-    // `..data` links are read last, and always: a scan is not atomic, so a link read before
+    let contents: HashMap<String, Vec<u8>> = carried
+        .iter()
+        .flat_map(|(g, _)| &g.entries)
+        .filter_map(|e| match &e.content {
+            GenerationContent::File(bytes) => Some((e.path.clone(), bytes.clone())),
+            _ => None,
+        })
+        .collect();
+    // `..data` links are read last, and always (unless a carried generation settles them): a
+    // scan is not atomic, so a link read before
     // the host emptied the directory it published (kubelet removes it right after a swap), or
     // remembered from an earlier batch, would make that directory look emptied while still
     // published. Read afresh, the link has moved on and the swap below keeps the old one.
@@ -168,6 +196,9 @@ pub fn sync_mirror(
         target.keys().chain(state.keys()).filter(|path| is_data_link(path)).cloned().collect();
     let mut unsettled_links = BTreeSet::new();
     for link in data_links {
+        if carried.iter().any(|(g, _)| g.link.path == link) {
+            continue;
+        }
         match read_published(share, &link, state, &mut target) {
             Ok(Published::Unchanged) => {}
             Ok(Published::Moved(dir)) => {
@@ -216,9 +247,82 @@ pub fn sync_mirror(
         Scope::Full => None,
         Scope::Paths(hints) => Some(hints),
     };
-    let mut apply = Apply { share, mirror, state, retired, removed, unsettled_links, report: SyncReport::default() };
+    let mut apply =
+        Apply { share, mirror, state, retired, removed, unsettled_links, contents, report: SyncReport::default() };
     apply.run(&target, roots.as_deref());
     Ok(SyncOutcome::Synced(apply.report))
+}
+
+/// The share-relative directory `generation` publishes, if the generation is well formed: its
+/// link a `..data` link naming a sibling directory, its first entry that directory, every other
+/// entry below it, every path safe, every file's content as long as its size says.
+pub(super) fn generation_dir(generation: &Generation) -> Option<String> {
+    use tern_protocol::watch::is_safe_relative_path;
+    let link = &generation.link;
+    let GenerationContent::Symlink(to) = &link.content else {
+        return None;
+    };
+    if !is_safe_relative_path(&link.path) || !is_data_link(&link.path) {
+        return None;
+    }
+    let dir = target_dir(&link.path, Path::new(to)).filter(|_| !to.contains('/'))?;
+    let (first, rest) = generation.entries.split_first()?;
+    let sound = |e: &GenerationEntry| {
+        is_safe_relative_path(&e.path)
+            && match &e.content {
+                GenerationContent::File(bytes) => bytes.len() as u64 == e.size,
+                _ => true,
+            }
+    };
+    let well_formed = first.path == dir
+        && first.content == GenerationContent::Dir
+        && generation.entries.len() <= tern_protocol::watch::MAX_GENERATION_ENTRIES
+        && rest.iter().all(|e| sound(e) && e.path != dir && is_within(&e.path, &dir));
+    well_formed.then_some(dir)
+}
+
+/// The generations of `hints` to publish as carried, with their directories: those newer than
+/// what the mirror's link shows (the mirror shows none, or one the VMM read before), or else
+/// the one the share's link still names. Any other is older than what the mirror may have
+/// read through the share meanwhile, and is left to the share.
+fn accepted_generations<'h>(share: &Path, state: &Snapshot, hints: &'h Hints) -> Vec<(&'h Generation, String)> {
+    hints
+        .generations
+        .values()
+        .filter_map(|generation| {
+            let dir = generation_dir(generation)?;
+            let GenerationContent::Symlink(to) = &generation.link.content else {
+                return None;
+            };
+            let link = &generation.link.path;
+            let newer = match state.get(link).map(|e| &e.kind) {
+                Some(EntryKind::Symlink(shown)) if shown.as_os_str() == to.as_str() => return None,
+                Some(EntryKind::Symlink(shown)) => generation.earlier.iter().any(|t| shown.as_os_str() == t.as_str()),
+                _ => true,
+            };
+            let current = || std::fs::read_link(share.join(link)).is_ok_and(|now| now.as_os_str() == to.as_str());
+            (newer || current()).then_some((generation, dir))
+        })
+        .collect()
+}
+
+/// A carried entry as the mirror's state records it.
+fn carried_entry(entry: &GenerationEntry) -> Entry {
+    let kind = match &entry.content {
+        GenerationContent::Dir => EntryKind::Dir,
+        GenerationContent::File(_) => EntryKind::File,
+        GenerationContent::Symlink(to) => EntryKind::Symlink(PathBuf::from(to)),
+    };
+    Entry {
+        kind,
+        mode: entry.mode & 0o7777,
+        uid: entry.uid,
+        gid: entry.gid,
+        ino: entry.ino,
+        size: entry.size,
+        mtime: entry.mtime,
+        ctime: entry.ctime,
+    }
 }
 
 /// Is `path` gone from the share (or no longer reachable through its parents)?
@@ -372,6 +476,8 @@ struct Apply<'a> {
     removed: Option<&'a Hints>,
     /// `..data` links whose new target could not be read completely this time.
     unsettled_links: BTreeSet<String>,
+    /// File contents carried by the batch's generations (path → content): not read again.
+    contents: HashMap<String, Vec<u8>>,
     report: SyncReport,
 }
 
@@ -384,6 +490,7 @@ impl<'a> Apply<'a> {
             retired,
             removed: None,
             unsettled_links: BTreeSet::new(),
+            contents: HashMap::new(),
             report: SyncReport::default(),
         }
     }
@@ -548,6 +655,14 @@ impl Apply<'_> {
         self.state.retain(|p, _| !is_within(p, path));
     }
 
+    /// The share's content of file `path`: carried by a generation, or read through the share.
+    fn share_content(&self, path: &str) -> std::io::Result<Vec<u8>> {
+        match self.contents.get(path) {
+            Some(content) => Ok(content.clone()),
+            None => read_capped(&self.share.join(path)),
+        }
+    }
+
     fn settle_dir(&mut self, path: &str, entry: &Entry) {
         let dst = self.mirror.join(path);
         let known = self.state.get(path).cloned();
@@ -576,7 +691,7 @@ impl Apply<'_> {
                 if !compare && !entry.differs_from(&old) {
                     return;
                 }
-                let content = match read_capped(&self.share.join(path)) {
+                let content = match self.share_content(path) {
                     Ok(content) => content,
                     Err(e) => return self.defer(path, "cannot read a changed share file", &e),
                 };
@@ -600,7 +715,7 @@ impl Apply<'_> {
             }
             Some(old) if old.kind == EntryKind::File => {
                 // The host put a new file in place by rename: so do we.
-                let content = match read_capped(&self.share.join(path)) {
+                let content = match self.share_content(path) {
                     Ok(content) => content,
                     Err(e) => return self.defer(path, "cannot read a replaced share file", &e),
                 };
@@ -628,7 +743,7 @@ impl Apply<'_> {
                         return self.settle_file(path, entry, true, vanished);
                     }
                 }
-                let content = match read_capped(&self.share.join(path)) {
+                let content = match self.share_content(path) {
                     Ok(content) => content,
                     Err(e) => return self.defer(path, "cannot read a new share file", &e),
                 };
@@ -655,7 +770,7 @@ impl Apply<'_> {
         if candidates.is_empty() {
             return None;
         }
-        let content = read_capped(&self.share.join(path)).ok()?;
+        let content = self.share_content(path).ok()?;
         let (ino, from) = candidates
             .into_iter()
             .find(|(_, from)| std::fs::read(self.mirror.join(from)).ok().as_deref() == Some(content.as_slice()))?;

@@ -514,7 +514,7 @@ fn an_entry_gone_before_its_removal_was_reported_stays_until_that_record() {
     // happened, before the rename's record arrives.
     std::fs::write(pair.s("f"), "22").unwrap();
     std::fs::rename(pair.s("f"), pair.s("g")).unwrap();
-    let modified = Hints { paths: BTreeSet::from(["f".to_string()]), removed: BTreeSet::new() };
+    let modified = Hints { paths: BTreeSet::from(["f".to_string()]), ..Hints::default() };
     let report = pair.sync(Scope::Paths(&modified));
     assert!(report.ops.is_empty(), "{report:?}");
     assert!(report.deferred.contains("f"), "{report:?}");
@@ -539,7 +539,11 @@ fn an_entry_gone_before_its_removal_was_reported_stays_until_that_record() {
     std::fs::write(pair.s("d/x"), "x").unwrap();
     pair.sync(Scope::Full);
     std::fs::remove_dir_all(pair.s("d")).unwrap();
-    let removed = Hints { paths: BTreeSet::from(["d".to_string()]), removed: BTreeSet::from(["d".to_string()]) };
+    let removed = Hints {
+        paths: BTreeSet::from(["d".to_string()]),
+        removed: BTreeSet::from(["d".to_string()]),
+        ..Hints::default()
+    };
     let report = pair.sync(Scope::Paths(&removed));
     assert_eq!(report.ops, vec![MirrorOp::Remove("d/x".into()), MirrorOp::Remove("d".into())]);
     pair.assert_identical();
@@ -634,4 +638,99 @@ fn a_data_link_that_moves_during_the_scan_never_publishes_a_partial_directory() 
             *last = published;
         }
     }
+}
+
+/// The generation `..data` publishes now, read as the VMM reads it for a batch (a flat
+/// kubelet directory).
+fn carry(share: &Path, order: u64, earlier: &[&str]) -> Generation {
+    use std::os::unix::fs::MetadataExt;
+    let entry = |path: &str, content| {
+        let meta = std::fs::symlink_metadata(share.join(path)).unwrap();
+        GenerationEntry {
+            path: path.to_owned(),
+            mode: meta.mode() & 0o7777,
+            uid: meta.uid(),
+            gid: meta.gid(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+            content,
+        }
+    };
+    let to = std::fs::read_link(share.join("..data")).unwrap().to_str().unwrap().to_owned();
+    let mut entries = vec![entry(&to, GenerationContent::Dir)];
+    let mut names: Vec<String> =
+        std::fs::read_dir(share.join(&to)).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    names.sort();
+    for name in names {
+        let path = format!("{to}/{name}");
+        entries.push(entry(&path, GenerationContent::File(std::fs::read(share.join(&path)).unwrap())));
+    }
+    Generation {
+        order,
+        link: entry("..data", GenerationContent::Symlink(to)),
+        entries,
+        earlier: earlier.iter().map(|t| t.to_string()).collect(),
+    }
+}
+
+fn carrying(paths: &[&str], generation: Generation) -> Hints {
+    let mut hints = Hints::removable(paths.iter().copied());
+    hints.generations.insert(generation.link.path.clone(), generation);
+    hints
+}
+
+#[test]
+fn a_carried_generation_is_published_although_the_share_already_removed_it() {
+    let mut pair = Pair::new();
+    let ts1 = kubelet_update(pair.share.path(), 1, &[("user", "alice".into())]);
+    pair.sync(Scope::Full);
+    let ts2 = kubelet_update(pair.share.path(), 2, &[("user", "bob".into())]);
+    let g2 = carry(pair.share.path(), 1, &[&ts1]);
+    // The host moves on and removes the generation the batch carries before the agent syncs:
+    // read through the share, ts2 could never be published.
+    let ts3 = kubelet_update(pair.share.path(), 3, &[("user", "carol".into())]);
+    let report = pair.sync(Scope::Paths(&carrying(&["..data", "..data_tmp", &ts1, &ts2, &format!("{ts2}/user")], g2)));
+    assert_eq!(std::fs::read_link(pair.m("..data")).unwrap(), Path::new(&ts2), "{report:#?}");
+    assert_eq!(std::fs::read_to_string(pair.m("user")).unwrap(), "bob");
+    assert!(!pair.m(&ts1).exists(), "the superseded generation goes at once (grace 0)");
+    let swap = report.ops.iter().position(|o| *o == MirrorOp::Symlink("..data".into())).unwrap();
+    let created = report.ops.iter().position(|o| *o == MirrorOp::CreateFile(format!("{ts2}/user"))).unwrap();
+    assert!(created < swap, "{:#?}", report.ops);
+
+    // The next batch carries ts3, naming ts2 among the earlier ones: the mirror catches up.
+    let g3 = carry(pair.share.path(), 2, &[&ts2, &ts1]);
+    pair.sync(Scope::Paths(&carrying(&["..data", &ts2, &ts3], g3)));
+    pair.assert_identical();
+
+    // A late batch carrying ts2 again is older than what the mirror shows: refused.
+    let mut late = carry(pair.share.path(), 3, &[]);
+    late.link.content = GenerationContent::Symlink(ts2.clone());
+    for e in &mut late.entries {
+        e.path = e.path.replacen(&ts3, &ts2, 1);
+    }
+    pair.sync(Scope::Paths(&carrying(&["..data"], late)));
+    assert_eq!(std::fs::read_link(pair.m("..data")).unwrap(), Path::new(&ts3));
+    pair.assert_identical();
+}
+
+#[test]
+fn malformed_generations_are_not_carried() {
+    let pair = Pair::new();
+    kubelet_update(pair.share.path(), 1, &[("user", "alice".into())]);
+    let good = carry(pair.share.path(), 1, &[]);
+    assert!(generation_dir(&good).is_some());
+    let bad = |f: &dyn Fn(&mut Generation)| {
+        let mut g = good.clone();
+        f(&mut g);
+        generation_dir(&g)
+    };
+    assert_eq!(bad(&|g| g.link.path = "key".into()), None, "not a ..data link");
+    assert_eq!(bad(&|g| g.link.content = GenerationContent::Symlink("../outside".into())), None);
+    assert_eq!(bad(&|g| g.link.content = GenerationContent::Symlink("/etc".into())), None);
+    assert_eq!(bad(&|g| g.entries[1].path = "../escape".into()), None);
+    assert_eq!(bad(&|g| g.entries[1].path = "user".into()), None, "outside the generation's directory");
+    assert_eq!(bad(&|g| g.entries[1].size += 1), None, "content shorter than its size");
+    assert_eq!(bad(&|g| g.entries.remove(0).path.clear()), None, "the directory itself missing");
 }

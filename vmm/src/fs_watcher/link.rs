@@ -1,6 +1,8 @@
 //! The link to the agent (the `tern-fs-link` thread): the connection to the agent's watch port,
 //! batch numbering, and the resyncs after each (re)connect and on the periodic timer.
 
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
 use std::io::ErrorKind;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -9,9 +11,13 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tern_change_records::{ChangeBatch, AGENT_WATCH_PORT};
+use tern_change_records::{
+    ChangeBatch, ChangeKind, Generation, GenerationContent, AGENT_WATCH_PORT, MAX_EARLIER_TARGETS,
+    MAX_GENERATIONS_PER_BATCH,
+};
 
 use super::coalesce::PendingBatch;
+use super::generation::{is_data_link, read_generation};
 use super::{bump, unix_now_ns, Outgoing, Shared};
 
 /// First pause between connection attempts while the agent is not listening yet.
@@ -25,6 +31,8 @@ pub(super) struct AgentLink {
     pub(super) uds_path: PathBuf,
     pub(super) shared: Arc<Shared>,
     pub(super) resync_interval: Duration,
+    /// Per (share, link): the targets of the generations read so far, latest first.
+    pub(super) history: RefCell<HashMap<(String, String), VecDeque<String>>>,
 }
 
 impl AgentLink {
@@ -98,6 +106,7 @@ impl AgentLink {
         *seq += 1;
         let records = batch.records.len() as u64;
         let resync = batch.resync;
+        let generations = self.generations(&batch);
         let message = ChangeBatch {
             share: batch.share,
             seq: *seq,
@@ -106,6 +115,7 @@ impl AgentLink {
             send_unix_ns: unix_now_ns(),
             resync,
             records: batch.records,
+            generations,
         };
         let counters = &self.shared.counters;
         match tern_change_records::send_batch(stream, &message) {
@@ -122,6 +132,45 @@ impl AgentLink {
                 *conn = None;
             }
         }
+    }
+}
+
+impl AgentLink {
+    /// What the `..data` links `batch` reports as created or moved publish now, read on the
+    /// host just before the batch is sent (see [`super::generation`]).
+    fn generations(&self, batch: &PendingBatch) -> Vec<Generation> {
+        let mut links: Vec<&str> = batch
+            .records
+            .iter()
+            .filter(|r| r.kind != ChangeKind::Removed && is_data_link(&r.path))
+            .map(|r| r.path.as_str())
+            .collect();
+        links.sort_unstable();
+        links.dedup();
+        links.truncate(MAX_GENERATIONS_PER_BATCH);
+        if links.is_empty() {
+            return Vec::new();
+        }
+        let Some(root) = self.shared.lock().shares.get(&batch.share).map(|s| s.host_dir.clone()) else {
+            return Vec::new();
+        };
+        let mut history = self.history.borrow_mut();
+        links
+            .into_iter()
+            .filter_map(|link| {
+                let order = self.shared.generation_order.fetch_add(1, Ordering::Relaxed) + 1;
+                let mut generation = read_generation(&root, link, order)?;
+                let GenerationContent::Symlink(target) = &generation.link.content else {
+                    return None;
+                };
+                let seen = history.entry((batch.share.clone(), link.to_owned())).or_default();
+                seen.retain(|t| t != target);
+                generation.earlier = seen.iter().cloned().collect();
+                seen.push_front(target.clone());
+                seen.truncate(MAX_EARLIER_TARGETS);
+                Some(generation)
+            })
+            .collect()
     }
 }
 

@@ -12,7 +12,9 @@
 //! - `tern-fs-link` ([`link`]) owns the connection to the agent: it connects through the VMM's hybrid
 //!   vsock socket (`CONNECT 1026\n` → `OK …\n`), retrying until the agent listens, numbers the
 //!   batches (`seq`), and sends a `resync: true` batch for every share after each (re)connect,
-//!   after an inotify queue overflow and on a slow periodic timer (the safety net).
+//!   after an inotify queue overflow and on a slow periodic timer (the safety net). A batch
+//!   reporting a kubelet `..data` swap carries the generation it published, read on the host
+//!   just before sending ([`generation`]).
 //!
 //! Records are hints (see [`tern_change_records`]): a lost record is settled by the next
 //! resync, so every failure here degrades to "the agent resyncs later", never to an error of
@@ -41,6 +43,7 @@ use self::reader::EventReader;
 use self::tree::{WatchState, WatchedShare, WATCH_MASK};
 
 mod coalesce;
+mod generation;
 mod link;
 mod moves;
 mod reader;
@@ -145,6 +148,8 @@ struct Shared {
     state: Mutex<WatchState>,
     counters: AtomicCounters,
     stop: AtomicBool,
+    /// The last `order` stamped on a generation read for a batch.
+    generation_order: AtomicU64,
 }
 
 impl Shared {
@@ -185,11 +190,17 @@ impl Watcher {
             state: Mutex::new(WatchState { watches: inotify.watches(), shares: BTreeMap::new(), dirs: HashMap::new() }),
             counters: AtomicCounters::default(),
             stop: AtomicBool::new(false),
+            generation_order: AtomicU64::new(0),
         });
         let (outgoing, rx) = mpsc::channel();
 
         let mut watcher = Watcher { shared: shared.clone(), wake, outgoing: outgoing.clone(), threads: Vec::new() };
-        let link = AgentLink { uds_path: uds_path.to_owned(), shared: shared.clone(), resync_interval };
+        let link = AgentLink {
+            uds_path: uds_path.to_owned(),
+            shared: shared.clone(),
+            resync_interval,
+            history: std::cell::RefCell::default(),
+        };
         let thread = std::thread::Builder::new()
             .name(crate::threads::FS_LINK.into())
             .spawn(move || link.run(rx))
