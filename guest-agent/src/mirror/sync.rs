@@ -282,9 +282,13 @@ pub(super) fn generation_dir(generation: &Generation) -> Option<String> {
 }
 
 /// The generations of `hints` to publish as carried, with their directories: those newer than
-/// what the mirror's link shows (the mirror shows none, or one the VMM read before), or else
-/// the one the share's link still names. Any other is older than what the mirror may have
-/// read through the share meanwhile, and is left to the share.
+/// what the mirror's link shows, or else the one the share's link still names. Any other may
+/// be older than what the mirror read through the share meanwhile, and is left to the share.
+///
+/// Newer means: the mirror shows no link; or it shows one of the targets the VMM read before
+/// this generation; or the carried link changed later than the one the mirror shows (kubelet
+/// makes a new link for every generation, so its ctime on the host clock grows with each; the
+/// mirror's state holds the host's ctime, read through the share or carried).
 fn accepted_generations<'h>(share: &Path, state: &Snapshot, hints: &'h Hints) -> Vec<(&'h Generation, String)> {
     hints
         .generations
@@ -295,9 +299,12 @@ fn accepted_generations<'h>(share: &Path, state: &Snapshot, hints: &'h Hints) ->
                 return None;
             };
             let link = &generation.link.path;
-            let newer = match state.get(link).map(|e| &e.kind) {
-                Some(EntryKind::Symlink(shown)) if shown.as_os_str() == to.as_str() => return None,
-                Some(EntryKind::Symlink(shown)) => generation.earlier.iter().any(|t| shown.as_os_str() == t.as_str()),
+            let newer = match state.get(link) {
+                Some(Entry { kind: EntryKind::Symlink(shown), .. }) if shown.as_os_str() == to.as_str() => return None,
+                Some(Entry { kind: EntryKind::Symlink(shown), ctime, ino, .. }) => {
+                    generation.earlier.iter().any(|t| shown.as_os_str() == t.as_str())
+                        || (generation.link.ino != *ino && generation.link.ctime > *ctime)
+                }
                 _ => true,
             };
             let current = || std::fs::read_link(share.join(link)).is_ok_and(|now| now.as_os_str() == to.as_str());
