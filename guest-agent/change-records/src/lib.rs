@@ -61,7 +61,16 @@ pub struct ChangeBatch {
     /// agent reads it through the share instead).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub generations: Vec<Generation>,
+    /// The regular files and symlinks the records name, as the VMM read them just before
+    /// sending (content included, at most [`MAX_CARRIED_BYTES`] in all; what it could not read
+    /// beneath the share's root is left out). The agent settles these paths from here instead
+    /// of reading the share; a newer batch carries newer content.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub entries: Vec<HostEntry>,
 }
+
+/// Most file content the [`ChangeBatch::entries`] of one batch carry, in bytes.
+pub const MAX_CARRIED_BYTES: u64 = 1 << 20;
 
 /// Most [`Generation`]s one batch carries.
 pub const MAX_GENERATIONS_PER_BATCH: usize = 4;
@@ -80,11 +89,11 @@ pub struct Generation {
     /// Increases with every generation the VMM reads, over all shares and connections, for the
     /// VM's lifetime: of two generations of one link, the higher was read later.
     pub order: u64,
-    /// The `..data` link itself (share-relative path, [`GenerationContent::Symlink`]).
-    pub link: GenerationEntry,
+    /// The `..data` link itself (share-relative path, [`HostContent::Symlink`]).
+    pub link: HostEntry,
     /// The directory the link names and everything below it, parents before children
     /// (share-relative paths).
-    pub entries: Vec<GenerationEntry>,
+    pub entries: Vec<HostEntry>,
     /// What the link named in the generations the VMM read before this one, latest first (at
     /// most [`MAX_EARLIER_TARGETS`]): a mirror showing one of them shows an older generation.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -94,9 +103,10 @@ pub struct Generation {
 /// Most earlier link targets a [`Generation`] lists.
 pub const MAX_EARLIER_TARGETS: usize = 16;
 
-/// One entry of a [`Generation`], with the host metadata the share shows for it.
+/// One entry of a share read on the host (of a [`Generation`] or [`ChangeBatch::entries`]),
+/// with the host metadata the share shows for it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct GenerationEntry {
+pub struct HostEntry {
     /// Share-relative path (same rules as [`ChangeRecord::path`]).
     pub path: String,
     /// Permission bits (`mode & 0o7777`).
@@ -108,13 +118,13 @@ pub struct GenerationEntry {
     /// (seconds, nanoseconds)
     pub mtime: (i64, i64),
     pub ctime: (i64, i64),
-    pub content: GenerationContent,
+    pub content: HostContent,
 }
 
-/// What a [`GenerationEntry`] is.
+/// What a [`HostEntry`] is, with its content.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum GenerationContent {
+pub enum HostContent {
     Dir,
     /// A regular file and its whole content (base64 on the wire).
     File(#[serde(with = "base64_bytes")] Vec<u8>),
@@ -225,6 +235,7 @@ mod tests {
             resync: false,
             records: vec![ChangeRecord { path: "f".into(), kind: ChangeKind::Created, from: None }],
             generations: Vec::new(),
+            entries: Vec::new(),
         };
         let mut wire = Vec::new();
         send_batch(&mut wire, &batch).unwrap();
@@ -234,7 +245,7 @@ mod tests {
 
     #[test]
     fn a_generation_round_trips_with_binary_content() {
-        let entry = |path: &str, content| GenerationEntry {
+        let entry = |path: &str, content| HostEntry {
             path: path.into(),
             mode: 0o644,
             uid: 0,
@@ -247,10 +258,10 @@ mod tests {
         };
         let generation = Generation {
             order: 5,
-            link: entry("..data", GenerationContent::Symlink("..2026_12_06".into())),
+            link: entry("..data", HostContent::Symlink("..2026_12_06".into())),
             entries: vec![
-                entry("..2026_12_06", GenerationContent::Dir),
-                entry("..2026_12_06/key", GenerationContent::File(vec![0, 0xff, b'\n'])),
+                entry("..2026_12_06", HostContent::Dir),
+                entry("..2026_12_06/key", HostContent::File(vec![0, 0xff, b'\n'])),
             ],
             earlier: vec!["..2026_12_05".into()],
         };
@@ -263,6 +274,7 @@ mod tests {
             resync: false,
             records: Vec::new(),
             generations: vec![generation],
+            entries: Vec::new(),
         };
         let json = serde_json::to_string(&batch).unwrap();
         assert!(json.contains(r#""file":"AP8K""#), "{json}");

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 pub use tern_change_records::{
-    is_safe_relative_path, ChangeBatch, ChangeKind, ChangeRecord, Generation, GenerationContent, GenerationEntry,
+    is_safe_relative_path, ChangeBatch, ChangeKind, ChangeRecord, Generation, HostContent, HostEntry,
     DEFAULT_RESYNC_INTERVAL, MAX_GENERATION_ENTRIES, MAX_RECORDS_PER_BATCH,
 };
 

@@ -15,7 +15,7 @@ use std::os::unix::fs::{symlink, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use tern_protocol::watch::{ChangeBatch, ChangeKind, ChangeRecord, Generation, GenerationContent, GenerationEntry};
+use tern_protocol::watch::{ChangeBatch, ChangeKind, ChangeRecord, Generation, HostContent, HostEntry};
 use tern_protocol::{frame, recv};
 
 use super::moves::apply_renames;
@@ -201,19 +201,48 @@ fn batch(c: &mut Cursor8<'_>) -> Option<ChangeBatch> {
         resync: c.u8() == 0xff,
         records,
         generations: if c.u8() % 3 == 0 { vec![generation(c)] } else { Vec::new() },
+        entries: (0..c.u8() % 3).map(|_| carried_entry(c)).collect(),
     })
+}
+
+/// A file or symlink as the VMM would carry it for a record: at a path of [`NAMES`] or a
+/// hostile one, with a symlink target out of the share, or a content shorter than its size.
+fn carried_entry(c: &mut Cursor8<'_>) -> HostEntry {
+    let path = c.record_path();
+    let content = match c.u8() % 3 {
+        0 => HostContent::Symlink(["../outside", "/etc/passwd", "..data/key"][usize::from(c.u8() % 3)].to_owned()),
+        _ => {
+            let n = usize::from(c.u8() % 32);
+            HostContent::File(c.bytes(n))
+        }
+    };
+    let size = match &content {
+        HostContent::File(bytes) => bytes.len() as u64 + u64::from(c.u8() == 0xff),
+        _ => 0,
+    };
+    HostEntry {
+        path,
+        mode: u32::from(c.u8()) << 1,
+        uid: 0,
+        gid: 0,
+        ino: u64::from(c.u8()),
+        size,
+        mtime: (0, 0),
+        ctime: (0, 0),
+        content,
+    }
 }
 
 /// A generation as the VMM would carry it for a `..data` swap: mostly well formed (a sibling
 /// directory of [`NAMES`] with files and symlinks), sometimes with paths that leave the
 /// directory or the share, symlinks pointing out, or contents that disagree with their size.
 fn generation(c: &mut Cursor8<'_>) -> Generation {
-    let entry = |c: &mut Cursor8<'_>, path: String, content: GenerationContent| {
+    let entry = |c: &mut Cursor8<'_>, path: String, content: HostContent| {
         let size = match &content {
-            GenerationContent::File(bytes) => bytes.len() as u64 + u64::from(c.u8() == 0xff),
+            HostContent::File(bytes) => bytes.len() as u64 + u64::from(c.u8() == 0xff),
             _ => 0,
         };
-        GenerationEntry {
+        HostEntry {
             path,
             mode: u32::from(c.u8()) << 1,
             uid: 0,
@@ -236,23 +265,23 @@ fn generation(c: &mut Cursor8<'_>) -> Generation {
         Some((parent, _)) => format!("{parent}/{to}"),
         None => to.clone(),
     };
-    let mut entries = vec![entry(c, dir.clone(), GenerationContent::Dir)];
+    let mut entries = vec![entry(c, dir.clone(), HostContent::Dir)];
     for _ in 0..c.u8() % 5 {
         let path = match c.u8() % 6 {
             0 => c.record_path(),
             _ => format!("{dir}/{}", c.path()),
         };
         let content = match c.u8() % 4 {
-            0 => GenerationContent::Dir,
-            1 => GenerationContent::Symlink(["../outside", "/etc/passwd", "key"][usize::from(c.u8() % 3)].to_owned()),
+            0 => HostContent::Dir,
+            1 => HostContent::Symlink(["../outside", "/etc/passwd", "key"][usize::from(c.u8() % 3)].to_owned()),
             _ => {
                 let n = usize::from(c.u8() % 32);
-                GenerationContent::File(c.bytes(n))
+                HostContent::File(c.bytes(n))
             }
         };
         entries.push(entry(c, path, content));
     }
-    let link = entry(c, link, GenerationContent::Symlink(to));
+    let link = entry(c, link, HostContent::Symlink(to));
     let earlier = (0..c.u8() % 3).map(|_| NAMES[usize::from(c.u8()) % NAMES.len()].to_owned()).collect();
     Generation { order: u64::from(c.u8()), link, entries, earlier }
 }

@@ -4,12 +4,13 @@
 
 use std::collections::BTreeMap;
 
-use tern_protocol::watch::{is_safe_relative_path, ChangeBatch, ChangeKind, MAX_RECORDS_PER_BATCH};
+use tern_protocol::watch::{is_safe_relative_path, ChangeBatch, ChangeKind, HostContent, MAX_RECORDS_PER_BATCH};
 use tern_protocol::{WatchStageSample, MAX_WATCH_STAGE_SAMPLES};
 use tracing::warn;
 
 use super::moves::Rename;
 use super::sync::{generation_dir, Hints};
+use super::tree::is_within;
 
 /// Most distinct paths queued for one share before the work becomes a full resync.
 const MAX_QUEUED_PATHS: usize = 4 * MAX_RECORDS_PER_BATCH;
@@ -54,6 +55,25 @@ pub fn merge_batch(work: &mut PendingWork, batch: ChangeBatch, gap: bool, receip
         });
     }
     share.resync |= batch.resync;
+    // What this batch's records name supersedes what earlier batches carried for it.
+    for record in &batch.records {
+        for named in [Some(&record.path), record.from.as_ref()].into_iter().flatten() {
+            share.hints.entries.retain(|path, _| !is_within(path, named));
+        }
+    }
+    for entry in batch.entries {
+        let kubelet_internal = entry.path.split('/').any(|c| c.starts_with(".."));
+        let plain = matches!(entry.content, HostContent::File(_) | HostContent::Symlink(_));
+        let sound = match &entry.content {
+            HostContent::File(bytes) => bytes.len() as u64 == entry.size,
+            _ => true,
+        };
+        if is_safe_relative_path(&entry.path) && !kubelet_internal && plain && sound {
+            share.hints.entries.insert(entry.path.clone(), entry);
+        } else {
+            warn!(path = entry.path, "unusable carried entry in a change batch; the share is read instead");
+        }
+    }
     for record in batch.records {
         let from_is_safe = record.from.as_deref().is_none_or(is_safe_relative_path);
         if !is_safe_relative_path(&record.path) || !from_is_safe {
@@ -112,6 +132,7 @@ mod tests {
                 .map(|p| ChangeRecord { path: p.to_string(), kind: ChangeKind::Created, from: None })
                 .collect(),
             generations: Vec::new(),
+            entries: Vec::new(),
         };
         let mut work = PendingWork::default();
         merge_batch(&mut work, batch("s", &["a", "b"], false), false, 0);
@@ -135,8 +156,8 @@ mod tests {
 
     #[test]
     fn the_latest_well_formed_generation_of_a_link_is_queued() {
-        use tern_protocol::watch::{Generation, GenerationContent, GenerationEntry};
-        let entry = |path: &str, content| GenerationEntry {
+        use tern_protocol::watch::{Generation, HostContent, HostEntry};
+        let entry = |path: &str, content| HostEntry {
             path: path.into(),
             mode: 0o644,
             uid: 0,
@@ -149,11 +170,8 @@ mod tests {
         };
         let generation = |order, dir: &str| Generation {
             order,
-            link: entry("..data", GenerationContent::Symlink(dir.into())),
-            entries: vec![
-                entry(dir, GenerationContent::Dir),
-                entry(&format!("{dir}/k"), GenerationContent::File(vec![])),
-            ],
+            link: entry("..data", HostContent::Symlink(dir.into())),
+            entries: vec![entry(dir, HostContent::Dir), entry(&format!("{dir}/k"), HostContent::File(vec![]))],
             earlier: Vec::new(),
         };
         let batch = |generations| ChangeBatch {
@@ -165,6 +183,7 @@ mod tests {
             resync: false,
             records: Vec::new(),
             generations,
+            entries: Vec::new(),
         };
         let mut work = PendingWork::default();
         merge_batch(&mut work, batch(vec![generation(2, "..b")]), false, 0);
@@ -179,6 +198,45 @@ mod tests {
     }
 
     #[test]
+    fn a_later_record_without_content_drops_what_an_earlier_batch_carried() {
+        use tern_protocol::watch::{ChangeRecord, HostEntry};
+        let entry = |path: &str, content: &[u8]| HostEntry {
+            path: path.into(),
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            ino: 1,
+            size: content.len() as u64,
+            mtime: (0, 0),
+            ctime: (0, 0),
+            content: HostContent::File(content.to_vec()),
+        };
+        let batch = |path: &str, kind, entries| ChangeBatch {
+            share: "s".into(),
+            seq: 1,
+            first_change_unix_ns: 0,
+            flush_unix_ns: 0,
+            send_unix_ns: 0,
+            resync: false,
+            records: vec![ChangeRecord { path: path.into(), kind, from: None }],
+            generations: Vec::new(),
+            entries,
+        };
+        let mut work = PendingWork::default();
+        merge_batch(&mut work, batch("d/f", ChangeKind::Modified, vec![entry("d/f", b"1")]), false, 0);
+        merge_batch(&mut work, batch("g", ChangeKind::Modified, vec![entry("g", b"1")]), false, 0);
+        merge_batch(&mut work, batch("g", ChangeKind::Modified, vec![entry("g", b"22")]), false, 0);
+        assert_eq!(work.shares["s"].hints.entries["g"].size, 2, "the latest content wins");
+        merge_batch(&mut work, batch("d", ChangeKind::Removed, Vec::new()), false, 0);
+        assert!(!work.shares["s"].hints.entries.contains_key("d/f"), "removed with its directory");
+        let mut torn = entry("h", b"abc");
+        torn.size = 9;
+        let internal = entry("..2026/key", b"k");
+        merge_batch(&mut work, batch("h", ChangeKind::Created, vec![torn, internal, entry("../x", b"")]), false, 0);
+        assert_eq!(work.shares["s"].hints.entries.keys().collect::<Vec<_>>(), ["g"]);
+    }
+
+    #[test]
     fn paired_renames_are_queued_and_unsafe_old_paths_force_a_resync() {
         use tern_protocol::watch::{ChangeKind, ChangeRecord};
         let batch = |from: &str| ChangeBatch {
@@ -190,6 +248,7 @@ mod tests {
             resync: false,
             records: vec![ChangeRecord { path: "g".into(), kind: ChangeKind::Moved, from: Some(from.into()) }],
             generations: Vec::new(),
+            entries: Vec::new(),
         };
         let mut work = PendingWork::default();
         merge_batch(&mut work, batch("f"), false, 0);

@@ -34,7 +34,7 @@ use std::io::{ErrorKind, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use tern_protocol::watch::{Generation, GenerationContent, GenerationEntry};
+use tern_protocol::watch::{Generation, HostContent, HostEntry};
 
 use super::retired::Retired;
 use super::tree::{
@@ -73,6 +73,9 @@ pub struct Hints {
     /// `..data` link → the latest generation the VMM read for it (checked by
     /// [`super::pending::merge_batch`]: every path safe and inside the directory the link names).
     pub generations: BTreeMap<String, Generation>,
+    /// Path → the file or symlink the VMM read there for the latest record naming the path
+    /// (kept by [`super::pending::merge_batch`] only while no later record names the path).
+    pub entries: BTreeMap<String, HostEntry>,
 }
 
 impl Hints {
@@ -84,7 +87,7 @@ impl Hints {
         S: Into<String>,
     {
         let paths: BTreeSet<String> = paths.into_iter().map(Into::into).collect();
-        Hints { removed: paths.clone(), paths, generations: BTreeMap::new() }
+        Hints { removed: paths.clone(), paths, ..Hints::default() }
     }
 
     fn allows_removal(&self, path: &str) -> bool {
@@ -138,6 +141,7 @@ pub fn sync_mirror(
     scope: Scope<'_>,
 ) -> Result<SyncOutcome, SyncError> {
     let mut carried: Vec<(&Generation, String)> = Vec::new();
+    let mut plain_contents: HashMap<String, Vec<u8>> = HashMap::new();
     let (mut target, mut roots) = match scope {
         Scope::Full => {
             let mut target = Snapshot::new();
@@ -163,6 +167,15 @@ pub fn sync_mirror(
             roots.retain(|root| !covered(root));
             let mut target = state.clone();
             for root in &roots {
+                if let Some(entry) = hints.entries.get(root) {
+                    // Read on the host for this batch: no need to read the share.
+                    target.retain(|path, _| !is_within(path, root));
+                    target.insert(root.clone(), carried_entry(entry));
+                    if let HostContent::File(bytes) = &entry.content {
+                        plain_contents.insert(root.clone(), bytes.clone());
+                    }
+                    continue;
+                }
                 match rescan(share, root, &mut target) {
                     Ok(()) => {}
                     Err(ScanError::OverLimit(limit)) => return Ok(SyncOutcome::OverLimit(limit)),
@@ -179,14 +192,11 @@ pub fn sync_mirror(
             (target, Some(roots))
         }
     };
-    let contents: HashMap<String, Vec<u8>> = carried
-        .iter()
-        .flat_map(|(g, _)| &g.entries)
-        .filter_map(|e| match &e.content {
-            GenerationContent::File(bytes) => Some((e.path.clone(), bytes.clone())),
-            _ => None,
-        })
-        .collect();
+    let mut contents = plain_contents;
+    contents.extend(carried.iter().flat_map(|(g, _)| &g.entries).filter_map(|e| match &e.content {
+        HostContent::File(bytes) => Some((e.path.clone(), bytes.clone())),
+        _ => None,
+    }));
     // `..data` links are read last, and always (unless a carried generation settles them): a
     // scan is not atomic, so a link read before
     // the host emptied the directory it published (kubelet removes it right after a swap), or
@@ -259,7 +269,7 @@ pub fn sync_mirror(
 pub(super) fn generation_dir(generation: &Generation) -> Option<String> {
     use tern_protocol::watch::is_safe_relative_path;
     let link = &generation.link;
-    let GenerationContent::Symlink(to) = &link.content else {
+    let HostContent::Symlink(to) = &link.content else {
         return None;
     };
     if !is_safe_relative_path(&link.path) || !is_data_link(&link.path) {
@@ -267,15 +277,15 @@ pub(super) fn generation_dir(generation: &Generation) -> Option<String> {
     }
     let dir = target_dir(&link.path, Path::new(to)).filter(|_| !to.contains('/'))?;
     let (first, rest) = generation.entries.split_first()?;
-    let sound = |e: &GenerationEntry| {
+    let sound = |e: &HostEntry| {
         is_safe_relative_path(&e.path)
             && match &e.content {
-                GenerationContent::File(bytes) => bytes.len() as u64 == e.size,
+                HostContent::File(bytes) => bytes.len() as u64 == e.size,
                 _ => true,
             }
     };
     let well_formed = first.path == dir
-        && first.content == GenerationContent::Dir
+        && first.content == HostContent::Dir
         && generation.entries.len() <= tern_protocol::watch::MAX_GENERATION_ENTRIES
         && rest.iter().all(|e| sound(e) && e.path != dir && is_within(&e.path, &dir));
     well_formed.then_some(dir)
@@ -295,7 +305,7 @@ fn accepted_generations<'h>(share: &Path, state: &Snapshot, hints: &'h Hints) ->
         .values()
         .filter_map(|generation| {
             let dir = generation_dir(generation)?;
-            let GenerationContent::Symlink(to) = &generation.link.content else {
+            let HostContent::Symlink(to) = &generation.link.content else {
                 return None;
             };
             let link = &generation.link.path;
@@ -314,11 +324,11 @@ fn accepted_generations<'h>(share: &Path, state: &Snapshot, hints: &'h Hints) ->
 }
 
 /// A carried entry as the mirror's state records it.
-fn carried_entry(entry: &GenerationEntry) -> Entry {
+fn carried_entry(entry: &HostEntry) -> Entry {
     let kind = match &entry.content {
-        GenerationContent::Dir => EntryKind::Dir,
-        GenerationContent::File(_) => EntryKind::File,
-        GenerationContent::Symlink(to) => EntryKind::Symlink(PathBuf::from(to)),
+        HostContent::Dir => EntryKind::Dir,
+        HostContent::File(_) => EntryKind::File,
+        HostContent::Symlink(to) => EntryKind::Symlink(PathBuf::from(to)),
     };
     Entry {
         kind,

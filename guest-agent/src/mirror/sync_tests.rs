@@ -646,7 +646,7 @@ fn carry(share: &Path, order: u64, earlier: &[&str]) -> Generation {
     use std::os::unix::fs::MetadataExt;
     let entry = |path: &str, content| {
         let meta = std::fs::symlink_metadata(share.join(path)).unwrap();
-        GenerationEntry {
+        HostEntry {
             path: path.to_owned(),
             mode: meta.mode() & 0o7777,
             uid: meta.uid(),
@@ -659,17 +659,17 @@ fn carry(share: &Path, order: u64, earlier: &[&str]) -> Generation {
         }
     };
     let to = std::fs::read_link(share.join("..data")).unwrap().to_str().unwrap().to_owned();
-    let mut entries = vec![entry(&to, GenerationContent::Dir)];
+    let mut entries = vec![entry(&to, HostContent::Dir)];
     let mut names: Vec<String> =
         std::fs::read_dir(share.join(&to)).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
     names.sort();
     for name in names {
         let path = format!("{to}/{name}");
-        entries.push(entry(&path, GenerationContent::File(std::fs::read(share.join(&path)).unwrap())));
+        entries.push(entry(&path, HostContent::File(std::fs::read(share.join(&path)).unwrap())));
     }
     Generation {
         order,
-        link: entry("..data", GenerationContent::Symlink(to)),
+        link: entry("..data", HostContent::Symlink(to)),
         entries,
         earlier: earlier.iter().map(|t| t.to_string()).collect(),
     }
@@ -710,7 +710,7 @@ fn a_carried_generation_is_published_although_the_share_already_removed_it() {
 
     // A late batch carrying ts2 again is older than what the mirror shows: refused.
     let mut late = carry(pair.share.path(), 3, &[]);
-    late.link.content = GenerationContent::Symlink(ts2.clone());
+    late.link.content = HostContent::Symlink(ts2.clone());
     for e in &mut late.entries {
         e.path = e.path.replacen(&ts3, &ts2, 1);
     }
@@ -731,10 +731,39 @@ fn malformed_generations_are_not_carried() {
         generation_dir(&g)
     };
     assert_eq!(bad(&|g| g.link.path = "key".into()), None, "not a ..data link");
-    assert_eq!(bad(&|g| g.link.content = GenerationContent::Symlink("../outside".into())), None);
-    assert_eq!(bad(&|g| g.link.content = GenerationContent::Symlink("/etc".into())), None);
+    assert_eq!(bad(&|g| g.link.content = HostContent::Symlink("../outside".into())), None);
+    assert_eq!(bad(&|g| g.link.content = HostContent::Symlink("/etc".into())), None);
     assert_eq!(bad(&|g| g.entries[1].path = "../escape".into()), None);
     assert_eq!(bad(&|g| g.entries[1].path = "user".into()), None, "outside the generation's directory");
     assert_eq!(bad(&|g| g.entries[1].size += 1), None, "content shorter than its size");
     assert_eq!(bad(&|g| g.entries.remove(0).path.clear()), None, "the directory itself missing");
+}
+
+#[test]
+fn a_carried_file_is_settled_from_the_batch_not_from_the_share() {
+    use std::os::unix::fs::MetadataExt;
+    let mut pair = Pair::new();
+    std::fs::write(pair.s("f"), "one").unwrap();
+    pair.sync(Scope::Full);
+    std::fs::write(pair.s("f"), "two").unwrap();
+    let meta = std::fs::symlink_metadata(pair.s("f")).unwrap();
+    let carried = HostEntry {
+        path: "f".into(),
+        mode: meta.mode() & 0o7777,
+        uid: meta.uid(),
+        gid: meta.gid(),
+        ino: meta.ino(),
+        size: 3,
+        mtime: (meta.mtime(), meta.mtime_nsec()),
+        ctime: (meta.ctime(), meta.ctime_nsec()),
+        content: HostContent::File(b"two".to_vec()),
+    };
+    // The share is made unreadable for the sync: only the carried content can arrive.
+    std::fs::remove_file(pair.s("f")).unwrap();
+    let mut hints = Hints::removable(["f"]);
+    hints.removed.clear();
+    hints.entries.insert("f".into(), carried);
+    let report = pair.sync(Scope::Paths(&hints));
+    assert_eq!(std::fs::read_to_string(pair.m("f")).unwrap(), "two", "{report:#?}");
+    assert_eq!(report.ops, [MirrorOp::RewriteFile("f".into())]);
 }

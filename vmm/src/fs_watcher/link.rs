@@ -12,12 +12,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tern_change_records::{
-    ChangeBatch, ChangeKind, Generation, GenerationContent, AGENT_WATCH_PORT, MAX_EARLIER_TARGETS,
-    MAX_GENERATIONS_PER_BATCH,
+    ChangeBatch, ChangeKind, Generation, HostContent, HostEntry, AGENT_WATCH_PORT, MAX_CARRIED_BYTES,
+    MAX_EARLIER_TARGETS, MAX_GENERATIONS_PER_BATCH,
 };
 
 use super::coalesce::PendingBatch;
-use super::generation::{is_data_link, read_generation};
+use super::host_read::{is_data_link, read_generation, ShareRoot};
 use super::{bump, unix_now_ns, Outgoing, Shared};
 
 /// First pause between connection attempts while the agent is not listening yet.
@@ -106,7 +106,7 @@ impl AgentLink {
         *seq += 1;
         let records = batch.records.len() as u64;
         let resync = batch.resync;
-        let generations = self.generations(&batch);
+        let (generations, entries) = self.read_on_host(&batch);
         let message = ChangeBatch {
             share: batch.share,
             seq: *seq,
@@ -116,6 +116,7 @@ impl AgentLink {
             resync,
             records: batch.records,
             generations,
+            entries,
         };
         let counters = &self.shared.counters;
         match tern_change_records::send_batch(stream, &message) {
@@ -136,34 +137,50 @@ impl AgentLink {
 }
 
 impl AgentLink {
-    /// What the `..data` links `batch` reports as created or moved publish now, read on the
-    /// host just before the batch is sent (see [`super::generation`]).
-    fn generations(&self, batch: &PendingBatch) -> Vec<Generation> {
-        let mut links: Vec<&str> = batch
-            .records
-            .iter()
-            .filter(|r| r.kind != ChangeKind::Removed && is_data_link(&r.path))
-            .map(|r| r.path.as_str())
-            .collect();
+    /// What `batch` carries besides its records, read on the host just before it is sent
+    /// (see [`super::host_read`]): the generations its `..data` links publish now, and the
+    /// other files and symlinks its records name (kubelet's own `..` names aside: their
+    /// directories travel as generations).
+    fn read_on_host(&self, batch: &PendingBatch) -> (Vec<Generation>, Vec<HostEntry>) {
+        let named = batch.records.iter().filter(|r| r.kind != ChangeKind::Removed);
+        let mut links: Vec<&str> = named.clone().filter(|r| is_data_link(&r.path)).map(|r| r.path.as_str()).collect();
         links.sort_unstable();
         links.dedup();
         links.truncate(MAX_GENERATIONS_PER_BATCH);
-        if links.is_empty() {
-            return Vec::new();
+        let mut plain: Vec<&str> =
+            named.filter(|r| !r.path.split('/').any(|c| c.starts_with(".."))).map(|r| r.path.as_str()).collect();
+        plain.sort_unstable();
+        plain.dedup();
+        if links.is_empty() && plain.is_empty() {
+            return (Vec::new(), Vec::new());
         }
-        let Some(root) = self.shared.lock().shares.get(&batch.share).map(|s| s.host_dir.clone()) else {
-            return Vec::new();
+        let Some(host_dir) = self.shared.lock().shares.get(&batch.share).map(|s| s.host_dir.clone()) else {
+            return (Vec::new(), Vec::new());
         };
+        let Some(root) = ShareRoot::open(&host_dir) else {
+            return (Vec::new(), Vec::new());
+        };
+        let mut budget = MAX_CARRIED_BYTES;
+        let entries = plain
+            .into_iter()
+            .filter_map(|path| root.entry(path, &mut budget))
+            .filter(|e| e.content != HostContent::Dir)
+            .collect();
+        (self.generations(&batch.share, &root, links), entries)
+    }
+
+    /// The generations `links` of `share` publish now, each with the targets read before it.
+    fn generations(&self, share: &str, root: &ShareRoot, links: Vec<&str>) -> Vec<Generation> {
         let mut history = self.history.borrow_mut();
         links
             .into_iter()
             .filter_map(|link| {
                 let order = self.shared.generation_order.fetch_add(1, Ordering::Relaxed) + 1;
-                let mut generation = read_generation(&root, link, order)?;
-                let GenerationContent::Symlink(target) = &generation.link.content else {
+                let mut generation = read_generation(root, link, order)?;
+                let HostContent::Symlink(target) = &generation.link.content else {
                     return None;
                 };
-                let seen = history.entry((batch.share.clone(), link.to_owned())).or_default();
+                let seen = history.entry((share.to_owned(), link.to_owned())).or_default();
                 seen.retain(|t| t != target);
                 generation.earlier = seen.iter().cloned().collect();
                 seen.push_front(target.clone());

@@ -14,7 +14,7 @@
 //!   batches (`seq`), and sends a `resync: true` batch for every share after each (re)connect,
 //!   after an inotify queue overflow and on a slow periodic timer (the safety net). A batch
 //!   reporting a kubelet `..data` swap carries the generation it published, read on the host
-//!   just before sending ([`generation`]).
+//!   just before sending, and the files its records name ([`host_read`]).
 //!
 //! Records are hints (see [`tern_change_records`]): a lost record is settled by the next
 //! resync, so every failure here degrades to "the agent resyncs later", never to an error of
@@ -43,7 +43,7 @@ use self::reader::EventReader;
 use self::tree::{WatchState, WatchedShare, WATCH_MASK};
 
 mod coalesce;
-mod generation;
+mod host_read;
 mod link;
 mod moves;
 mod reader;

@@ -8,7 +8,7 @@ use std::os::unix::net::UnixListener;
 use std::sync::mpsc::Receiver;
 use std::time::Instant;
 
-use tern_change_records::{ChangeBatch, ChangeKind, ChangeRecord, GenerationContent, AGENT_WATCH_PORT};
+use tern_change_records::{ChangeBatch, ChangeKind, ChangeRecord, HostContent, AGENT_WATCH_PORT};
 
 /// A fake VMM vsock socket with the agent listening on the watch port.
 struct FakeAgent {
@@ -94,9 +94,9 @@ fn connect_sends_a_resync_and_changes_arrive_coalesced() {
     // The batch that reports the swap carries the generation it published, read on the host.
     let generation = got.iter().flat_map(|b| &b.generations).next().expect("no generation carried");
     assert_eq!(generation.link.path, "..data");
-    assert_eq!(generation.link.content, GenerationContent::Symlink("..2026_11_26_13_00_00.1".into()));
+    assert_eq!(generation.link.content, HostContent::Symlink("..2026_11_26_13_00_00.1".into()));
     let key = generation.entries.iter().find(|e| e.path == "..2026_11_26_13_00_00.1/key").unwrap();
-    assert_eq!(key.content, GenerationContent::File(b"v1".to_vec()));
+    assert_eq!(key.content, HostContent::File(b"v1".to_vec()));
     // A handful of operations: a batch or two, not one per event.
     assert!(got.iter().filter(|b| !b.resync).count() <= 3, "{got:#?}");
     let seqs: Vec<u64> = got.iter().map(|b| b.seq).collect();
@@ -105,6 +105,12 @@ fn connect_sends_a_resync_and_changes_arrive_coalesced() {
     // A file in a subdirectory created after the watch: the new directory got its own watch.
     std::fs::write(ts.join("later"), "x").unwrap();
     agent.until(|b| b.records.iter().any(|r| r.path == "..2026_11_26_13_00_00.1/later"));
+
+    // A plain file travels with its content.
+    std::fs::write(share.path().join("plain"), "content").unwrap();
+    let got = agent.until(|b| b.entries.iter().any(|e| e.path == "plain"));
+    let entry = got.iter().flat_map(|b| &b.entries).find(|e| e.path == "plain").unwrap();
+    assert_eq!(entry.content, HostContent::File(b"content".to_vec()));
 
     std::fs::remove_file(share.path().join("key")).unwrap();
     let got = agent.until(|b| b.records.iter().any(|r| r.path == "key"));
