@@ -32,9 +32,10 @@ pub fn handle_stream_connection(table: &ProcessTable, mut conn: Connection) {
     match stream {
         StreamKind::Stdout | StreamKind::Stderr => match table.take_output(&id, stream) {
             Ok(pipe) => {
-                match pump_output(pipe, &mut conn) {
-                    Ok(()) => debug!(id, ?stream, "stream reached EOF"),
-                    Err(e) => debug!(id, ?stream, error = %e, "stream broken; closing it"),
+                let mut sent = 0u64;
+                match pump_output(pipe, &mut conn, &mut sent) {
+                    Ok(()) => debug!(id, ?stream, sent, "stream reached EOF"),
+                    Err(e) => debug!(id, ?stream, sent, error = %e, "stream broken; closing it"),
                 }
                 // Deliver EOF even if the host still holds its end open for reading.
                 let _ = conn.shutdown(Shutdown::Both);
@@ -51,9 +52,10 @@ pub fn handle_stream_connection(table: &ProcessTable, mut conn: Connection) {
             };
             match table.take_stdin(&id, handle) {
                 Ok((pipe, pid)) => {
-                    match pump_stdin(&mut conn, pipe) {
-                        Ok(()) => debug!(id, "stdin stream reached EOF"),
-                        Err(e) => debug!(id, error = %e, "stdin stream ended early"),
+                    let mut received = 0u64;
+                    match pump_stdin(&mut conn, pipe, &mut received) {
+                        Ok(()) => debug!(id, received, "stdin stream reached EOF"),
+                        Err(e) => debug!(id, received, error = %e, "stdin stream ended early"),
                     }
                     table.stdin_detached(&id, pid);
                     let _ = conn.shutdown(Shutdown::Both);
@@ -64,8 +66,9 @@ pub fn handle_stream_connection(table: &ProcessTable, mut conn: Connection) {
     }
 }
 
-/// Copy a process's output pipe to the connection until the pipe reaches EOF.
-fn pump_output(mut pipe: File, conn: &mut Connection) -> io::Result<()> {
+/// Copy a process's output pipe to the connection until the pipe reaches EOF; `sent` counts
+/// the bytes written to the connection.
+fn pump_output(mut pipe: File, conn: &mut Connection, sent: &mut u64) -> io::Result<()> {
     let mut buf = vec![0u8; COPY_BUF_LEN];
     loop {
         let n = match pipe.read(&mut buf) {
@@ -75,6 +78,7 @@ fn pump_output(mut pipe: File, conn: &mut Connection) -> io::Result<()> {
             Err(e) => return Err(e),
         };
         conn.write_all(&buf[..n])?;
+        *sent += n as u64;
     }
     // Dropping `pipe` on an error closes the read end: a process still writing gets EPIPE or
     // SIGPIPE, as it would in any pipeline whose reader went away.
@@ -83,7 +87,8 @@ fn pump_output(mut pipe: File, conn: &mut Connection) -> io::Result<()> {
 /// Copy the connection into the stdin pipe until the host half-closes (or the process closed
 /// its stdin). The pipe is dropped on return, which is what delivers EOF to the process; a
 /// terminal stays open without it, so there the terminal's EOF character is sent instead.
-fn pump_stdin(conn: &mut impl Read, mut pipe: File) -> io::Result<()> {
+/// `received` counts the bytes written to the pipe.
+fn pump_stdin(conn: &mut impl Read, mut pipe: File, received: &mut u64) -> io::Result<()> {
     let mut buf = vec![0u8; COPY_BUF_LEN];
     let mut line_pending = false;
     loop {
@@ -94,6 +99,7 @@ fn pump_stdin(conn: &mut impl Read, mut pipe: File) -> io::Result<()> {
             Err(e) => return Err(e),
         };
         pipe.write_all(&buf[..n])?;
+        *received += n as u64;
         line_pending = buf[n - 1] != b'\n';
     }
     if nix::unistd::isatty(&pipe).unwrap_or(false) {
@@ -111,7 +117,9 @@ mod tests {
     fn stdin_ends_with_eof_for_a_pipe_and_for_a_terminal() {
         // A pipe: the data, then EOF because the write end is dropped.
         let (rx, tx) = nix::unistd::pipe().unwrap();
-        pump_stdin(&mut &b"to a pipe"[..], File::from(tx)).unwrap();
+        let mut received = 0;
+        pump_stdin(&mut &b"to a pipe"[..], File::from(tx), &mut received).unwrap();
+        assert_eq!(received, 9);
         let mut got = Vec::new();
         File::from(rx).read_to_end(&mut got).unwrap();
         assert_eq!(got, b"to a pipe");
@@ -123,7 +131,7 @@ mod tests {
         let mut attrs = nix::sys::termios::tcgetattr(&master).unwrap();
         attrs.local_flags.remove(nix::sys::termios::LocalFlags::ECHO);
         nix::sys::termios::tcsetattr(&master, nix::sys::termios::SetArg::TCSANOW, &attrs).unwrap();
-        pump_stdin(&mut &b"line 1\npartial"[..], master.try_clone().unwrap()).unwrap();
+        pump_stdin(&mut &b"line 1\npartial"[..], master.try_clone().unwrap(), &mut 0).unwrap();
         // Canonical reads: "line 1\n", "partial", then 0 (EOF) while the master is still open.
         let got = crate::pty::tests::reads_until_eof(pty.slave);
         assert_eq!(got, [b"line 1\n".to_vec(), b"partial".to_vec(), vec![]]);

@@ -182,7 +182,13 @@ disabled_plugins = [{cri_disabled}"io.containerd.snapshotter.v1.btrfs",
         );
         std::fs::write(root.join("config.toml"), config).unwrap_or_else(|e| panic!("write config.toml: {e}"));
         // The shim's VM console goes to a file the test prints on failure.
-        let tern_config = format!("[vm]\nconsole_log = \"{}\"\n", root.join("console.log").display());
+        // `TERN_TEST_GUEST_LOG=<level>` turns up the agent's log (it goes to that console too);
+        // the shim's own level follows `RUST_LOG`, which containerd passes on to it.
+        let guest_log = match std::env::var("TERN_TEST_GUEST_LOG") {
+            Ok(level) if !level.is_empty() => format!("kernel_cmdline = \"tern.log={level}\"\n"),
+            _ => String::new(),
+        };
+        let tern_config = format!("[vm]\nconsole_log = \"{}\"\n{guest_log}", root.join("console.log").display());
         std::fs::write(root.join("tern.toml"), tern_config).unwrap_or_else(|e| panic!("write tern.toml: {e}"));
         let bin_dir = shim_bin().parent().map(Path::to_path_buf).unwrap_or_default();
         let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default());

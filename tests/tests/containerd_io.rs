@@ -277,12 +277,100 @@ fn close_io_ends_stdin_after_every_byte() {
     assert!(out.status.success(), "ctr run failed: {}\n{}", stderr(&out), ctrd.logs());
     let mut expected = input;
     expected.extend_from_slice(b"\nstdin-eof\n");
-    assert_eq!(
-        (out.stdout.len(), sha256_hex(&out.stdout)),
-        (expected.len(), sha256_hex(&expected)),
-        "stdin did not come back byte-exact before EOF"
+    assert!(
+        out.stdout == expected,
+        "stdin did not come back byte-exact before EOF: {}\n--- ctr stderr ---\n{}\n{}",
+        describe_loss(&expected, &out.stdout),
+        stderr(&out),
+        ctrd.logs()
     );
     assert_clean(&ctrd, "cat");
+}
+
+/// How long the guest kernel waits, after a vsock socket is closed, for the host to end the
+/// connection before it resets the connection itself (`VSOCK_CLOSE_TIMEOUT`, 8 s in Linux).
+const GUEST_VSOCK_CLOSE_TIMEOUT: Duration = Duration::from_secs(8);
+
+/// Output the process has written and the agent has sent off is delivered even when nobody
+/// reads it until after the guest gave up on the closed stream: the process writes more than
+/// the FIFO and the socket and copy buffers behind the device hold (so the device keeps the
+/// rest), exits, and the reader attaches only after the guest's close timeout sent its reset.
+#[test]
+fn output_outlives_the_guest_closing_its_stream() {
+    let Some(ctrd) = setup("output_outlives_the_guest_closing_its_stream") else { return };
+    let fifo_dir = ctrd.dir().join("fifo");
+    let fifo_flag = format!("--fifo-dir={}", fifo_dir.display());
+    // 398,895 bytes: more than the FIFO, the shim's copy buffer and its socket hold (~0.23 MiB),
+    // less than that plus the device's 256 KiB window, so the agent sends the last byte and
+    // closes its stream with nobody reading.
+    let lines = 70_000;
+    let out = ctrd.ctr(&run_args(&["-d", &fifo_flag], "pause", &["seq", "1", &lines.to_string()]), RUN_LIMIT);
+    assert!(out.status.success(), "ctr run -d failed: {}\n{}", stderr(&out), ctrd.logs());
+    assert!(wait_status(&ctrd, "pause", "STOPPED", RUN_LIMIT).is_some(), "seq never ended\n{}", ctrd.logs());
+    std::thread::sleep(GUEST_VSOCK_CLOSE_TIMEOUT * 2);
+
+    let out = ctrd.ctr(&["task", "attach", "pause"], TASK_OP_LIMIT);
+    assert!(out.status.success(), "ctr task attach failed: {}\n{}", stderr(&out), ctrd.logs());
+    let expected = seq_output(lines);
+    assert!(
+        out.stdout == expected,
+        "output lost behind a late reader: {}\n{}",
+        describe_loss(&expected, &out.stdout),
+        ctrd.logs()
+    );
+    let _ = ctrd.ctr(&["task", "delete", "pause"], TASK_OP_LIMIT);
+    let out = ctrd.ctr(&["container", "delete", "pause"], TASK_OP_LIMIT);
+    assert!(out.status.success(), "ctr container delete failed: {}", stderr(&out));
+    assert_clean(&ctrd, "pause");
+}
+
+/// Where `got` departs from `expected`: its length, whether it ends like `expected` does, the
+/// offset of the first differing byte, and whether the rest is missing (a prefix), a hole (the
+/// tail realigns with `expected` further on) or something else.
+fn describe_loss(expected: &[u8], got: &[u8]) -> String {
+    let first_diff = expected.iter().zip(got).position(|(a, b)| a != b).unwrap_or(expected.len().min(got.len()));
+    let tail = &expected[expected.len().saturating_sub(11)..];
+    let mut report = format!(
+        "got {} of {} bytes (sha256 {} vs {}), ends like the expected output ({:?}): {}, first difference at offset {}",
+        got.len(),
+        expected.len(),
+        sha256_hex(got),
+        sha256_hex(expected),
+        String::from_utf8_lossy(tail),
+        got.ends_with(tail),
+        first_diff
+    );
+    let rest = &got[first_diff..];
+    if rest.is_empty() {
+        report.push_str(&format!(", a prefix: the last {} bytes are missing", expected.len() - got.len()));
+        return report;
+    }
+    // The shortest hole after which the output goes on with `expected` to its end.
+    let probe = &rest[..rest.len().min(64)];
+    let realigned = (first_diff..expected.len())
+        .find(|&at| expected[at..].starts_with(probe))
+        .map(|at| (at, expected[at..].starts_with(rest) && at + rest.len() == expected.len()));
+    match realigned {
+        Some((at, true)) => report.push_str(&format!(
+            ", a hole: bytes {first_diff}..{at} ({} bytes) are missing, everything after them arrived",
+            at - first_diff
+        )),
+        Some((at, false)) => {
+            let agree = expected[at..].iter().zip(rest).take_while(|(a, b)| a == b).count();
+            report.push_str(&format!(
+                ", a hole of {} bytes at {first_diff}: the output resumes at expected offset {at} and agrees for {agree} \
+                 bytes, then differs again (output offset {})",
+                at - first_diff,
+                first_diff + agree
+            ));
+        }
+        None => report.push_str(&format!(
+            ", the {} bytes from there on are found nowhere later in the expected output (first: {:02x?})",
+            rest.len(),
+            &rest[..rest.len().min(16)]
+        )),
+    }
+    report
 }
 
 /// Lines of a child's stdout, as they come (a reader thread feeds the channel).

@@ -308,21 +308,27 @@ fn write_fifo(fifo: &mut File, mut data: &[u8], release: &Watch) -> Result<(), W
 /// Guest output stream → FIFO (or nowhere), then close the FIFO writer: containerd's EOF.
 fn copy_out(mut from: UnixStream, mut to: Option<File>, release: &Watch) {
     let mut buf = vec![0u8; COPY_BUF_LEN];
+    // Bytes read from the guest stream, for the logs: where output stops is where to look.
+    let mut copied = 0u64;
     loop {
         let n = match from.read(&mut buf) {
-            Ok(0) => break,
+            Ok(0) => {
+                tracing::debug!(copied, "output stream reached EOF");
+                break;
+            }
             Ok(n) => n,
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
             Err(e) => {
-                tracing::debug!(error = %e, "output stream ended");
+                tracing::debug!(copied, error = %e, "output stream ended");
                 break;
             }
         };
+        copied += n as u64;
         if let Some(fifo) = to.as_mut() {
             match write_fifo(fifo, &buf[..n], release) {
                 Ok(()) => {}
                 Err(WriteStop::Released) => {
-                    tracing::debug!("process deleted while its output FIFO was full; dropping the rest");
+                    tracing::debug!(copied, "process deleted while its output FIFO was full; dropping the rest");
                     return;
                 }
                 Err(WriteStop::Failed(e)) => {
@@ -349,6 +355,8 @@ fn copy_in(mut from: File, mut keepalive: Option<File>, mut to: UnixStream, clos
     let mut buf = vec![0u8; COPY_BUF_LEN];
     let mut closing = false;
     let grace = PollTimeout::try_from(STDIN_CLOSE_GRACE).unwrap_or(PollTimeout::MAX);
+    // Bytes forwarded to the guest, for the logs.
+    let mut copied = 0u64;
     'copy: loop {
         let (ready, from_ready, released, close_fired) = {
             let mut fds = [PollFd::new(from.as_fd(), PollFlags::POLLIN), release.poll_fd(), close.poll_fd()];
@@ -367,6 +375,7 @@ fn copy_in(mut from: File, mut keepalive: Option<File>, mut to: UnixStream, clos
             }
         };
         if released {
+            tracing::debug!(copied, "stdin: process deleted; its copy ends");
             return;
         }
         if close_fired {
@@ -375,6 +384,7 @@ fn copy_in(mut from: File, mut keepalive: Option<File>, mut to: UnixStream, clos
         }
         if ready == 0 {
             // Only possible while closing: containerd's writer lingers with nothing to send.
+            tracing::debug!(copied, "stdin: containerd's writer stayed silent after CloseIO; ending stdin");
             break;
         }
         if !(from_ready || closing) {
@@ -382,15 +392,19 @@ fn copy_in(mut from: File, mut keepalive: Option<File>, mut to: UnixStream, clos
         }
         loop {
             match from.read(&mut buf) {
-                Ok(0) => break 'copy,
+                Ok(0) => {
+                    tracing::debug!(copied, "stdin FIFO reached EOF");
+                    break 'copy;
+                }
                 Ok(n) => {
                     if keepalive.take().is_some() {
                         tracing::debug!("stdin: containerd's writer delivered data; its close is now EOF");
                     }
                     if let Err(e) = to.write_all(&buf[..n]) {
-                        tracing::debug!(error = %e, "stdin stream ended");
+                        tracing::debug!(copied, error = %e, "stdin stream ended");
                         return;
                     }
+                    copied += n as u64;
                 }
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,

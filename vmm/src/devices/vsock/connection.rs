@@ -39,6 +39,10 @@ pub enum ConnState {
     Established,
     /// Torn down: the host stream is shut, an RST still has to reach the guest.
     Killed,
+    /// The guest reset the connection after sending bytes the host stream has not taken yet:
+    /// they were accepted from the guest, so they still go to the host, then the host gets EOF.
+    /// Nothing goes to the guest any more.
+    Draining,
     /// Nothing left to do; the muxer drops the connection.
     Done,
 }
@@ -166,12 +170,41 @@ impl Connection {
         if matches!(self.state, ConnState::Killed | ConnState::Done) {
             return;
         }
-        tracing::debug!(local = self.local_port, peer = self.peer_port, "vsock connection reset");
+        if self.state == ConnState::Draining {
+            // The guest is gone already: nothing to tell it, the rest cannot be delivered.
+            tracing::debug!(undelivered = self.tx_buf.len(), "vsock connection dropped while draining to the host");
+            self.close_silently();
+            return;
+        }
+        tracing::debug!(
+            local = self.local_port,
+            peer = self.peer_port,
+            undelivered = self.tx_buf.len(),
+            "vsock connection reset"
+        );
         let _ = self.stream.shutdown(Shutdown::Both);
         self.state = ConnState::Killed;
         self.pending_rst = true;
         self.tx_buf = VecDeque::new();
         self.ctl_out = Vec::new();
+    }
+
+    /// The guest reset the connection. What it sent before is ours to deliver: a guest that
+    /// closes its socket resets the connection on its own after a timeout (8 s in Linux), and
+    /// a host reader that is slower than that must still get every byte, then EOF.
+    fn guest_reset(&mut self) {
+        let undelivered = !self.tx_buf.is_empty() || !self.ctl_out.is_empty();
+        if self.state == ConnState::Established && undelivered && !self.host_write_shut && !self.host_hup {
+            self.state = ConnState::Draining;
+            self.pending_rst = false;
+            self.pending_request = false;
+            self.pending_response = false;
+            self.pending_credit_update = false;
+            self.pending_shutdown = 0;
+            self.flush_to_host();
+        } else {
+            self.close_silently();
+        }
     }
 
     /// Drop the connection without telling the guest (it reset it, or it never existed there).
@@ -182,7 +215,7 @@ impl Connection {
 
     /// A packet from the guest for this connection. `data` is the validated payload (RW only).
     pub fn send_pkt<B: BitmapSlice>(&mut self, hdr: &Header, data: Option<&VolatileSlice<'_, B>>) {
-        if matches!(self.state, ConnState::Killed | ConnState::Done) {
+        if matches!(self.state, ConnState::Killed | ConnState::Done | ConnState::Draining) {
             // Only the RST we owe the guest is left; its own RST settles it.
             if hdr.op == VSOCK_OP_RST {
                 self.state = ConnState::Done;
@@ -198,8 +231,13 @@ impl Connection {
                 self.flush_to_host();
             }
             VSOCK_OP_RST => {
-                tracing::debug!(local = self.local_port, peer = self.peer_port, "guest reset the vsock connection");
-                self.close_silently();
+                tracing::debug!(
+                    local = self.local_port,
+                    peer = self.peer_port,
+                    undelivered = self.tx_buf.len(),
+                    "guest reset the vsock connection"
+                );
+                self.guest_reset();
             }
             VSOCK_OP_SHUTDOWN if self.state == ConnState::Established => {
                 self.peer_shutdown |= hdr.flags & VSOCK_SHUTDOWN_BOTH;
@@ -269,7 +307,7 @@ impl Connection {
 
     /// Write buffered bytes to the host stream (on EPOLLOUT, or after queuing new ones).
     pub fn flush_to_host(&mut self) {
-        if self.state != ConnState::Established {
+        if !matches!(self.state, ConnState::Established | ConnState::Draining) {
             return;
         }
         while !self.ctl_out.is_empty() {
@@ -303,6 +341,14 @@ impl Connection {
                     return;
                 }
             }
+        }
+        if self.state == ConnState::Draining {
+            if self.tx_buf.is_empty() && self.ctl_out.is_empty() {
+                // Everything arrived: the host reads it, then EOF.
+                tracing::debug!(local = self.local_port, peer = self.peer_port, "vsock connection drained");
+                self.close_silently();
+            }
+            return;
         }
         self.check_credit_update();
         self.apply_peer_shutdown();
@@ -338,6 +384,11 @@ impl Connection {
 
     /// The host peer hung up or errored (EPOLLHUP/EPOLLERR): drain what is left, then close.
     pub fn host_hung_up(&mut self) {
+        if self.state == ConnState::Draining {
+            // Nobody is left to deliver the rest to.
+            self.kill();
+            return;
+        }
         self.host_hup = true;
         self.host_readable = true;
         // Before the guest answered, the client gave up; after EOF (or while the guest takes
@@ -349,6 +400,9 @@ impl Connection {
 
     /// Whether `next_rx` has something to emit.
     pub fn has_pending_rx(&self) -> bool {
+        if self.state == ConnState::Draining {
+            return false;
+        }
         self.pending_rst
             || self.pending_request
             || self.pending_response
@@ -373,6 +427,7 @@ impl Connection {
         match self.state {
             ConnState::Killed | ConnState::Done => return None,
             _ if self.host_hup => return None,
+            ConnState::Draining => return Some(EventSet::OUT),
             // Only hang-ups matter until the guest answers.
             ConnState::LocalInit => return Some(set),
             ConnState::Established => {}
@@ -404,7 +459,7 @@ impl Connection {
         if let Some(rst) = self.take_rst() {
             return Some(rst);
         }
-        if matches!(self.state, ConnState::Killed | ConnState::Done) {
+        if matches!(self.state, ConnState::Killed | ConnState::Done | ConnState::Draining) {
             return None;
         }
         if self.pending_request {

@@ -45,6 +45,8 @@ enum FdOwner {
     Listener,
     Client,
     Conn(ConnKey),
+    /// A connection the guest reset while it still had bytes for the host (see `draining`).
+    Draining,
 }
 
 /// Something waiting for a guest rx buffer.
@@ -71,6 +73,9 @@ pub struct Muxer {
     /// Events each registered fd is watched for (to skip needless EPOLL_CTL_MODs).
     watched: HashMap<RawFd, EventSet>,
     conns: HashMap<ConnKey, Connection>,
+    /// Connections the guest has reset, still delivering what it sent before to the host; out
+    /// of `conns`, so the guest may reuse their ports at once.
+    draining: HashMap<RawFd, Connection>,
     clients: HashMap<RawFd, PendingClient>,
     rxq: VecDeque<RxItem>,
     queued: HashSet<ConnKey>,
@@ -89,6 +94,7 @@ impl Muxer {
             owners: HashMap::new(),
             watched: HashMap::new(),
             conns: HashMap::new(),
+            draining: HashMap::new(),
             clients: HashMap::new(),
             rxq: VecDeque::new(),
             queued: HashSet::new(),
@@ -108,7 +114,7 @@ impl Muxer {
     #[cfg(test)]
     /// Number of live connections (tests and metrics).
     pub fn connection_count(&self) -> usize {
-        self.conns.len()
+        self.conns.len() + self.draining.len()
     }
 
     #[cfg(test)]
@@ -178,7 +184,7 @@ impl Muxer {
 
     /// The guest connects to host port `key.local_port`: try `<uds_path>_<port>`.
     fn guest_connect(&mut self, key: ConnKey, hdr: &Header) {
-        if self.conns.len() + self.clients.len() >= MAX_CONNECTIONS {
+        if self.open_count() >= MAX_CONNECTIONS {
             tracing::warn!("vsock connection limit reached; refusing a guest connection");
             self.queue_rst(key, hdr.op);
             return;
@@ -212,11 +218,27 @@ impl Muxer {
         self.refresh(key);
     }
 
+    /// Host streams the muxer holds: connections (draining ones too) and half-open clients.
+    fn open_count(&self) -> usize {
+        self.conns.len() + self.draining.len() + self.clients.len()
+    }
+
     /// Re-sync a connection with the epoll set and the rx queue after anything happened to it.
     fn refresh(&mut self, key: ConnKey) {
         let Some(conn) = self.conns.get(&key) else { return };
         let fd = conn.stream().as_raw_fd();
         let state = conn.state();
+        if state == ConnState::Draining {
+            // Only the host side is left: the key is the guest's to reuse.
+            if let Some(conn) = self.conns.remove(&key) {
+                self.queued.remove(&key);
+                tracing::debug!(local = key.local_port, peer = key.peer_port, "vsock connection draining to the host");
+                self.owners.insert(fd, FdOwner::Draining);
+                self.draining.insert(fd, conn);
+                self.refresh_draining(fd);
+            }
+            return;
+        }
         let interest = conn.interest();
         let pending = conn.has_pending_rx();
         match interest {
@@ -243,6 +265,36 @@ impl Muxer {
         }
     }
 
+    /// Re-sync a draining connection with the epoll set; forget it once it is done.
+    fn refresh_draining(&mut self, fd: RawFd) {
+        let Some(conn) = self.draining.get(&fd) else { return };
+        match (conn.state(), conn.interest()) {
+            (ConnState::Draining, Some(events)) => {
+                if self.watched.get(&fd) != Some(&events) {
+                    if let Err(e) = self.epoll.ctl(ControlOperation::Modify, fd, EpollEvent::new(events, fd as u64)) {
+                        tracing::warn!(error = %e, "cannot update a host vsock stream's epoll events");
+                    }
+                    self.watched.insert(fd, events);
+                }
+            }
+            _ => {
+                self.unwatch(fd);
+                self.draining.remove(&fd);
+            }
+        }
+    }
+
+    fn draining_event(&mut self, fd: RawFd, set: EventSet) {
+        let Some(conn) = self.draining.get_mut(&fd) else { return };
+        if set.contains(EventSet::OUT) {
+            conn.flush_to_host();
+        }
+        if set.intersects(EventSet::HANG_UP | EventSet::ERROR) {
+            conn.host_hung_up();
+        }
+        self.refresh_draining(fd);
+    }
+
     /// Handle whatever is ready on the host side (the muxer epoll fd was readable).
     pub fn process_host_events(&mut self) {
         let mut events = [EpollEvent::default(); EVENTS_PER_WAIT];
@@ -262,6 +314,7 @@ impl Muxer {
                     Some(FdOwner::Listener) => self.accept_clients(),
                     Some(FdOwner::Client) => self.read_connect_line(fd),
                     Some(FdOwner::Conn(key)) => self.conn_event(key, set),
+                    Some(FdOwner::Draining) => self.draining_event(fd, set),
                     None => tracing::trace!(fd, "event for an fd the vsock muxer no longer watches"),
                 }
             }
@@ -296,7 +349,7 @@ impl Muxer {
                     return;
                 }
             };
-            if self.conns.len() + self.clients.len() >= MAX_CONNECTIONS {
+            if self.open_count() >= MAX_CONNECTIONS {
                 // Closing at once lets the client retry instead of hanging in our backlog.
                 tracing::warn!("vsock connection limit reached; refusing a host client");
                 continue;

@@ -256,6 +256,73 @@ fn blocked_host_buffers_up_to_credit_without_loss() {
     assert_eq!(got, payload);
 }
 
+/// A guest that closes its socket resets the connection on its own once its close timeout
+/// passes (8 s in Linux), whether or not the host took everything yet. What the guest sent
+/// before its RST was accepted by the device: the host still reads every byte, then EOF, and
+/// the guest hears nothing more of the connection and may reuse its port at once.
+#[test]
+fn guest_reset_after_shutdown_still_delivers_what_it_sent() {
+    let mut g = Guest::new();
+    let (mut host, local) = establish(&mut g);
+    // The host does not read: the guest fills the advertised credit, most of it stays buffered.
+    let payload = pattern(CONN_TX_BUF_SIZE as usize, 7);
+    for chunk in payload.chunks(MAX_PKT_DATA as usize) {
+        g.send(rw(local, GUEST_PORT, chunk.len()), chunk);
+    }
+    let key = super::muxer::ConnKey { local_port: local, peer_port: GUEST_PORT };
+    let buffered = g.handler.muxer().connection(&key).unwrap().buffered();
+    assert!(buffered > 0, "the socket buffer should have filled up");
+    g.send(Header { flags: VSOCK_SHUTDOWN_BOTH, ..hdr(VSOCK_OP_SHUTDOWN, local, GUEST_PORT) }, &[]);
+    // Credit updates the device sent while the guest was still there.
+    for (pkt, _) in g.recv() {
+        assert_eq!(pkt.op, VSOCK_OP_CREDIT_UPDATE, "{pkt:?}");
+    }
+    g.send(hdr(VSOCK_OP_RST, local, GUEST_PORT), &[]);
+    assert!(g.handler.muxer().connection(&key).is_none(), "the guest's port is free again");
+    assert_eq!(g.handler.muxer().connection_count(), 1, "the connection still delivers to the host");
+
+    // The host reads late; the device flushes on EPOLLOUT and ends with EOF.
+    host.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut got = Vec::new();
+        let end = host.read_to_end(&mut got);
+        (end.map(drop), got)
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while g.handler.muxer().connection_count() > 0 {
+        g.pump();
+        assert!(g.recv().is_empty(), "nothing may go to a guest that reset the connection");
+        assert!(Instant::now() < deadline, "the buffered bytes never reached the host");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let (end, got) = reader.join().unwrap();
+    assert!(end.is_ok(), "the host must see EOF, not an error: {end:?}");
+    assert!(got == payload, "the host got {} of {} bytes", got.len(), payload.len());
+    g.expect_nothing();
+}
+
+/// A host that goes away while a reset connection drains ends it; nothing is left behind.
+#[test]
+fn draining_connection_ends_when_the_host_goes() {
+    let mut g = Guest::new();
+    let (host, local) = establish(&mut g);
+    let chunk = vec![3u8; MAX_PKT_DATA as usize];
+    for _ in 0..(CONN_TX_BUF_SIZE / MAX_PKT_DATA) {
+        g.send(rw(local, GUEST_PORT, chunk.len()), &chunk);
+    }
+    g.recv();
+    g.send(hdr(VSOCK_OP_RST, local, GUEST_PORT), &[]);
+    assert_eq!(g.handler.muxer().connection_count(), 1);
+    drop(host);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while g.handler.muxer().connection_count() > 0 {
+        g.pump();
+        assert!(Instant::now() < deadline, "the draining connection outlived its host stream");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    g.expect_nothing();
+}
+
 #[test]
 fn guest_overrunning_credit_is_reset() {
     let mut g = Guest::new();
