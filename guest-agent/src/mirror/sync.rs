@@ -311,9 +311,8 @@ fn accepted_generations<'h>(share: &Path, state: &Snapshot, hints: &'h Hints) ->
             let link = &generation.link.path;
             let newer = match state.get(link) {
                 Some(Entry { kind: EntryKind::Symlink(shown), .. }) if shown.as_os_str() == to.as_str() => return None,
-                Some(Entry { kind: EntryKind::Symlink(shown), ctime, ino, .. }) => {
-                    generation.earlier.iter().any(|t| shown.as_os_str() == t.as_str())
-                        || (generation.link.ino != *ino && generation.link.ctime > *ctime)
+                Some(Entry { kind: EntryKind::Symlink(shown), ctime, .. }) => {
+                    generation.earlier.iter().any(|t| shown.as_os_str() == t.as_str()) || generation.link.ctime > *ctime
                 }
                 _ => true,
             };
@@ -323,7 +322,9 @@ fn accepted_generations<'h>(share: &Path, state: &Snapshot, hints: &'h Hints) ->
         .collect()
 }
 
-/// A carried entry as the mirror's state records it.
+/// A carried entry as the mirror's state records it. Its inode number is left unknown (0):
+/// the host's number is not the one the share shows through virtio-fs, so it cannot be
+/// compared with an entry read through the share.
 fn carried_entry(entry: &HostEntry) -> Entry {
     let kind = match &entry.content {
         HostContent::Dir => EntryKind::Dir,
@@ -335,11 +336,20 @@ fn carried_entry(entry: &HostEntry) -> Entry {
         mode: entry.mode & 0o7777,
         uid: entry.uid,
         gid: entry.gid,
-        ino: entry.ino,
+        ino: UNKNOWN_INO,
         size: entry.size,
         mtime: entry.mtime,
         ctime: entry.ctime,
     }
+}
+
+/// The inode number of an entry whose number the share did not show (a carried one).
+const UNKNOWN_INO: u64 = 0;
+
+/// Are `a` and `b` (entries at one path) the same file, as far as the numbers tell? An unknown
+/// number counts as the same file: rewritten in place, not replaced.
+fn same_file(a: &Entry, b: &Entry) -> bool {
+    a.ino == b.ino || a.ino == UNKNOWN_INO || b.ino == UNKNOWN_INO
 }
 
 /// Is `path` gone from the share (or no longer reachable through its parents)?
@@ -524,6 +534,7 @@ impl Apply<'_> {
             .state
             .iter()
             .filter(|(path, e)| e.kind == EntryKind::File && !target.contains_key(*path) && !is_kubelet_internal(path))
+            .filter(|(_, e)| e.ino != UNKNOWN_INO)
             .map(|(path, e)| (e.ino, path.clone()))
             .collect();
         // What the `..data` links of `target` publish: filled first, so that each swap below
@@ -704,7 +715,7 @@ impl Apply<'_> {
         let dst = self.mirror.join(path);
         let known = self.state.get(path).cloned();
         match known {
-            Some(old) if old.kind == EntryKind::File && old.ino == entry.ino => {
+            Some(old) if old.kind == EntryKind::File && same_file(&old, entry) => {
                 if !compare && !entry.differs_from(&old) {
                     return;
                 }
@@ -776,7 +787,8 @@ impl Apply<'_> {
     /// The vanished file `path` was renamed from: same inode, or (virtio-fs need not keep
     /// inode numbers across a rename) same size and content.
     fn find_renamed(&self, path: &str, entry: &Entry, vanished: &mut HashMap<u64, String>) -> Option<String> {
-        if let Some(from) = vanished.remove(&entry.ino).filter(|from| from != path) {
+        let by_number = (entry.ino != UNKNOWN_INO).then(|| vanished.remove(&entry.ino)).flatten();
+        if let Some(from) = by_number.filter(|from| from != path) {
             return Some(from);
         }
         let candidates: Vec<(u64, String)> = vanished

@@ -24,12 +24,13 @@
 use std::fs::{File, OpenOptions};
 use std::io::{ErrorKind, Read, Write};
 use std::net::Shutdown;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -126,6 +127,42 @@ pub struct ProcessIo {
     /// Second handles of the guest streams, shut down on drop so a copy blocked on the guest
     /// side ends too.
     streams: Vec<UnixStream>,
+    /// How far each output copy got, for [`ProcessIo::drain`].
+    outputs: Vec<Arc<OutputProgress>>,
+}
+
+/// How long [`ProcessIo::drain`] waits when no output moves at all: runc's shim gives its
+/// copies 2 s at `Delete` as well.
+pub const OUTPUT_DRAIN_IDLE: Duration = Duration::from_secs(2);
+
+/// What an output copy thread has done so far.
+#[derive(Debug, Default)]
+struct OutputProgress {
+    /// Bytes written to the FIFO (or discarded without one).
+    copied: AtomicU64,
+    /// The copy ended (guest stream at EOF, failed, or released).
+    done: AtomicBool,
+}
+
+/// Marks its copy done however the copy thread ends.
+struct DoneOnDrop<'a>(&'a OutputProgress);
+
+impl Drop for DoneOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.done.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Bytes queued in a FIFO, read through the shim's own read end.
+fn queued_bytes(fifo: &File) -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int to `n`; the fd is open for as long as `fifo` lives.
+    let rc = unsafe { libc::ioctl(fifo.as_raw_fd(), libc::FIONREAD, &mut n) };
+    if rc < 0 {
+        0
+    } else {
+        usize::try_from(n).unwrap_or(0)
+    }
 }
 
 fn check_fifo(path: &Path, stream: &'static str) -> Result<(), IoError> {
@@ -228,7 +265,9 @@ impl ProcessIo {
         ] {
             self.streams.push(stream.try_clone().map_err(IoError::Setup)?);
             let release = release.clone();
-            spawn_copy(format!("{kind:?}-{id}"), move || copy_out(stream, writer, &release))?;
+            let progress = Arc::new(OutputProgress::default());
+            self.outputs.push(progress.clone());
+            spawn_copy(format!("{kind:?}-{id}"), move || copy_out(stream, writer, &release, &progress))?;
         }
         if let (Some(stream), Some(reader)) = (stdin, self.stdin_reader.take()) {
             self.streams.push(stream.try_clone().map_err(IoError::Setup)?);
@@ -246,6 +285,34 @@ impl ProcessIo {
             self.stdin_copying = true;
         }
         Ok(())
+    }
+
+    /// Wait until the process's output has reached its consumer, before `Delete` releases it:
+    /// until every output copy has ended and the consumer has emptied the stdout and stderr
+    /// FIFOs, or until nothing has moved for `max_idle` (a consumer that stopped reading, or
+    /// none at all). A client may send `Delete` as soon as it sees the exit, before it read
+    /// the end of the output; answering at once would drop what the FIFO and the copy still
+    /// held. Returns whether everything was delivered. Blocks: call it off the async runtime.
+    pub fn drain(&self, max_idle: Duration) -> bool {
+        let fifos: Vec<&File> = [&self.stdout_keepalive, &self.stderr_keepalive].into_iter().flatten().collect();
+        let mut last = None;
+        let mut last_move = Instant::now();
+        loop {
+            let copied: u64 = self.outputs.iter().map(|o| o.copied.load(Ordering::SeqCst)).sum();
+            let done = self.outputs.iter().all(|o| o.done.load(Ordering::SeqCst));
+            let queued: usize = fifos.iter().map(|f| queued_bytes(f)).sum();
+            if done && queued == 0 {
+                return true;
+            }
+            if last != Some((copied, queued)) {
+                last = Some((copied, queued));
+                last_move = Instant::now();
+            } else if last_move.elapsed() >= max_idle {
+                tracing::warn!(copied, queued, copies_done = done, "output not taken by its consumer; deleting anyway");
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// Let stdin reach EOF (`CloseIO`): drop the shim's writer and tell the stdin copy to
@@ -306,7 +373,8 @@ fn write_fifo(fifo: &mut File, mut data: &[u8], release: &Watch) -> Result<(), W
 }
 
 /// Guest output stream → FIFO (or nowhere), then close the FIFO writer: containerd's EOF.
-fn copy_out(mut from: UnixStream, mut to: Option<File>, release: &Watch) {
+fn copy_out(mut from: UnixStream, mut to: Option<File>, release: &Watch, progress: &OutputProgress) {
+    let _done = DoneOnDrop(progress);
     let mut buf = vec![0u8; COPY_BUF_LEN];
     // Bytes read from the guest stream, for the logs: where output stops is where to look.
     let mut copied = 0u64;
@@ -326,7 +394,9 @@ fn copy_out(mut from: UnixStream, mut to: Option<File>, release: &Watch) {
         copied += n as u64;
         if let Some(fifo) = to.as_mut() {
             match write_fifo(fifo, &buf[..n], release) {
-                Ok(()) => {}
+                Ok(()) => {
+                    progress.copied.fetch_add(n as u64, Ordering::SeqCst);
+                }
                 Err(WriteStop::Released) => {
                     tracing::debug!(copied, "process deleted while its output FIFO was full; dropping the rest");
                     return;
@@ -507,6 +577,55 @@ mod tests {
         assert!(got == expected, "got {} bytes, wanted {} identical ones", got.len(), expected.len());
         let err = read_to_end_within(open_reader(&paths.stderr), Duration::from_secs(10)).expect("no EOF");
         assert!(err.is_empty());
+    }
+
+    #[test]
+    fn delete_waits_for_a_slow_reader_to_take_the_last_byte() {
+        let d = tempfile::tempdir().unwrap();
+        let paths = StdioPaths { stdout: fifo(d.path(), "out"), stderr: fifo(d.path(), "err"), ..Default::default() };
+        let mut io = ProcessIo::open(&paths).unwrap();
+        let (mut guest_out, shim_out) = UnixStream::pair().unwrap();
+        let (guest_err, shim_err) = UnixStream::pair().unwrap();
+        io.start_copies("slow", shim_out, shim_err, None).unwrap();
+        drop(guest_err);
+        let data = pattern(1 << 20);
+        let mut reader = open_reader(&paths.stdout);
+        set_blocking(&reader);
+        // The process wrote everything and exited; the consumer has read nothing yet.
+        let expected = data.clone();
+        let writer = std::thread::spawn(move || {
+            guest_out.write_all(&data).unwrap();
+        });
+        let slow = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            let mut buf = [0u8; 4096];
+            std::thread::sleep(Duration::from_millis(200));
+            loop {
+                match reader.read(&mut buf) {
+                    Ok(0) | Err(_) => return got,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                }
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        });
+        // Delete comes at once: drain holds it until the reader took every byte.
+        assert!(io.drain(Duration::from_secs(5)), "drain gave up while the reader was still reading");
+        writer.join().unwrap();
+        drop(io);
+        let got = slow.join().unwrap();
+        assert!(got == expected, "got {} of {} bytes", got.len(), expected.len());
+
+        // A reader that never reads: drain gives up after the idle bound, not later.
+        let paths = StdioPaths { stdout: fifo(d.path(), "out2"), ..Default::default() };
+        let mut io = ProcessIo::open(&paths).unwrap();
+        let (mut guest_out, shim_out) = UnixStream::pair().unwrap();
+        let (_guest_err, shim_err) = UnixStream::pair().unwrap();
+        io.start_copies("stalled", shim_out, shim_err, None).unwrap();
+        let _stalled = open_reader(&paths.stdout);
+        guest_out.write_all(b"never read").unwrap();
+        let start = Instant::now();
+        assert!(!io.drain(Duration::from_millis(300)));
+        assert!(start.elapsed() < Duration::from_secs(3), "{:?}", start.elapsed());
     }
 
     #[test]

@@ -38,7 +38,7 @@ use super::container::{
 };
 use super::errdefs::{self, agent_error};
 use super::events::EventSink;
-use super::io::{ProcessIo, StdioPaths};
+use super::io::{ProcessIo, StdioPaths, OUTPUT_DRAIN_IDLE};
 use crate::agent::AgentClient;
 use crate::config::Config;
 use crate::metrics::shim::{SandboxProbe, ShimMetricsServer};
@@ -655,6 +655,12 @@ impl Task for TaskService {
                 tracing::warn!(sandbox = %req.id, ?left, "pod sandbox deleted before its containers");
             }
         }
+        // What the process wrote reaches its consumer before the FIFO ends are released.
+        let c = blocking(move || {
+            c.io.drain(OUTPUT_DRAIN_IDLE);
+            c
+        })
+        .await?;
         self.teardown(c).await;
         self.inner.events.deleted(&req.id, pid, exit.status, &exit.at).await;
         Ok(api::DeleteResponse {

@@ -18,7 +18,7 @@ use super::{blocking, internal, not_found, rpc_error, ExitInfo, Phase, TaskServi
 use crate::agent::AgentClient;
 use crate::sandbox::error_chain;
 use crate::shim::errdefs::agent_error;
-use crate::shim::io::{ProcessIo, StdioPaths};
+use crate::shim::io::{ProcessIo, StdioPaths, OUTPUT_DRAIN_IDLE};
 
 /// One exec process of a container.
 pub(super) struct ExecProcess {
@@ -235,8 +235,13 @@ impl TaskService {
         })?;
         let exit = exec.exit_tx.borrow().clone().unwrap_or(ExitInfo { status: 0, at: Timestamp::now() });
         let pid = exec.pid;
-        // Closing the FIFO ends the shim held; dropping may touch files, so off the runtime.
-        blocking(move || drop(exec)).await?;
+        // The output reaches its consumer first; closing the FIFO ends the shim held and
+        // dropping may touch files: both off the runtime.
+        blocking(move || {
+            exec.io.drain(OUTPUT_DRAIN_IDLE);
+            drop(exec)
+        })
+        .await?;
         Ok(api::DeleteResponse {
             pid,
             exit_status: exit.status,
