@@ -121,6 +121,24 @@ pub struct HostEntry {
     pub content: HostContent,
 }
 
+impl HostEntry {
+    /// The entry at `path` as `meta` (from `lstat`/`fstat` on the host) describes it.
+    pub fn from_metadata(path: &str, meta: &std::fs::Metadata, content: HostContent) -> HostEntry {
+        use std::os::unix::fs::MetadataExt;
+        HostEntry {
+            path: path.to_owned(),
+            mode: meta.mode() & 0o7777,
+            uid: meta.uid(),
+            gid: meta.gid(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+            content,
+        }
+    }
+}
+
 /// What a [`HostEntry`] is, with its content.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

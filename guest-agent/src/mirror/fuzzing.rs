@@ -216,6 +216,12 @@ fn carried_entry(c: &mut Cursor8<'_>) -> HostEntry {
             HostContent::File(c.bytes(n))
         }
     };
+    fuzzed_entry(c, path, content)
+}
+
+/// A carried entry with fuzzed mode and inode number, and a size that sometimes says one byte
+/// more than the content holds.
+fn fuzzed_entry(c: &mut Cursor8<'_>, path: String, content: HostContent) -> HostEntry {
     let size = match &content {
         HostContent::File(bytes) => bytes.len() as u64 + u64::from(c.u8() == 0xff),
         _ => 0,
@@ -237,23 +243,7 @@ fn carried_entry(c: &mut Cursor8<'_>) -> HostEntry {
 /// directory of [`NAMES`] with files and symlinks), sometimes with paths that leave the
 /// directory or the share, symlinks pointing out, or contents that disagree with their size.
 fn generation(c: &mut Cursor8<'_>) -> Generation {
-    let entry = |c: &mut Cursor8<'_>, path: String, content: HostContent| {
-        let size = match &content {
-            HostContent::File(bytes) => bytes.len() as u64 + u64::from(c.u8() == 0xff),
-            _ => 0,
-        };
-        HostEntry {
-            path,
-            mode: u32::from(c.u8()) << 1,
-            uid: 0,
-            gid: 0,
-            ino: u64::from(c.u8()),
-            size,
-            mtime: (0, 0),
-            ctime: (0, 0),
-            content,
-        }
-    };
+    let entry = fuzzed_entry;
     let link = if c.u8() % 4 == 0 { c.record_path() } else { "..data".to_owned() };
     let to = match c.u8() % 6 {
         0 => "../outside".to_owned(),

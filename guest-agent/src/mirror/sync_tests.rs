@@ -643,20 +643,8 @@ fn a_data_link_that_moves_during_the_scan_never_publishes_a_partial_directory() 
 /// The generation `..data` publishes now, read as the VMM reads it for a batch (a flat
 /// kubelet directory).
 fn carry(share: &Path, order: u64, earlier: &[&str]) -> Generation {
-    use std::os::unix::fs::MetadataExt;
     let entry = |path: &str, content| {
-        let meta = std::fs::symlink_metadata(share.join(path)).unwrap();
-        HostEntry {
-            path: path.to_owned(),
-            mode: meta.mode() & 0o7777,
-            uid: meta.uid(),
-            gid: meta.gid(),
-            ino: meta.ino(),
-            size: meta.size(),
-            mtime: (meta.mtime(), meta.mtime_nsec()),
-            ctime: (meta.ctime(), meta.ctime_nsec()),
-            content,
-        }
+        HostEntry::from_metadata(path, &std::fs::symlink_metadata(share.join(path)).unwrap(), content)
     };
     let to = std::fs::read_link(share.join("..data")).unwrap().to_str().unwrap().to_owned();
     let mut entries = vec![entry(&to, HostContent::Dir)];

@@ -93,11 +93,11 @@ impl ShareRoot {
         let meta = handle.metadata().ok()?;
         let ft = meta.file_type();
         if ft.is_dir() {
-            return Some(entry_of(path, &meta, HostContent::Dir));
+            return Some(HostEntry::from_metadata(path, &meta, HostContent::Dir));
         }
         if ft.is_symlink() {
             let target = read_link_fd(&handle)?;
-            return Some(entry_of(path, &meta, HostContent::Symlink(target)));
+            return Some(HostEntry::from_metadata(path, &meta, HostContent::Symlink(target)));
         }
         if !ft.is_file() {
             return None;
@@ -114,7 +114,7 @@ impl ShareRoot {
             return None;
         }
         *budget -= meta.size();
-        Some(entry_of(path, &meta, HostContent::File(content)))
+        Some(HostEntry::from_metadata(path, &meta, HostContent::File(content)))
     }
 
     /// The names in directory `dir`, sorted.
@@ -175,20 +175,6 @@ fn published_dir(link: &str, target: &str) -> Option<String> {
         Some((parent, _)) => format!("{parent}/{target}"),
         None => target.to_owned(),
     })
-}
-
-fn entry_of(path: &str, meta: &std::fs::Metadata, content: HostContent) -> HostEntry {
-    HostEntry {
-        path: path.to_owned(),
-        mode: meta.mode() & 0o7777,
-        uid: meta.uid(),
-        gid: meta.gid(),
-        ino: meta.ino(),
-        size: meta.size(),
-        mtime: (meta.mtime(), meta.mtime_nsec()),
-        ctime: (meta.ctime(), meta.ctime_nsec()),
-        content,
-    }
 }
 
 fn read_link(root: &ShareRoot, link: &str) -> Option<HostEntry> {

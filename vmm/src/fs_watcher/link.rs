@@ -134,9 +134,7 @@ impl AgentLink {
             }
         }
     }
-}
 
-impl AgentLink {
     /// What `batch` carries besides its records, read on the host just before it is sent
     /// (see [`super::host_read`]): the generations its `..data` links publish now, and the
     /// other files and symlinks its records name (kubelet's own `..` names aside: their
