@@ -1,7 +1,8 @@
 //! Process stdio over stream connections (`AGENT_STREAM_PORT`).
 //!
-//! A connection starts with a [`StreamHello`] frame naming a process and one of its streams,
-//! then carries raw bytes. stdout/stderr: the pipe is copied to the connection until the
+//! A connection starts with a [`StreamHello`] frame naming a process and one of its streams;
+//! the agent answers it ([`Response::Ok`], or [`Response::Error`] saying why the stream is
+//! refused), then the connection carries raw bytes. stdout/stderr: the pipe is copied to the connection until the
 //! process side reaches EOF, then the connection is closed. stdin: the connection is copied
 //! into the pipe until the host half-closes, then the pipe is dropped so the process sees EOF.
 //! A broken connection only ends that stream; the agent goes on.
@@ -9,10 +10,11 @@
 use std::fs::File;
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::Shutdown;
-use tern_protocol::{recv, ProtocolError, StreamHello, StreamKind};
+use tern_protocol::{recv, send, ProtocolError, Response, StreamHello, StreamKind};
 use tracing::{debug, warn};
 
-use crate::process::ProcessTable;
+use crate::error_code::CodedError;
+use crate::process::{ProcessError, ProcessTable};
 use crate::transport::Connection;
 
 /// Copy buffer size: large, so a busy stream costs few syscalls (and vsock packets).
@@ -29,41 +31,50 @@ pub fn handle_stream_connection(table: &ProcessTable, mut conn: Connection) {
         }
     };
     let StreamHello { id, stream } = hello;
-    match stream {
-        StreamKind::Stdout | StreamKind::Stderr => match table.take_output(&id, stream) {
-            Ok(pipe) => {
-                let mut sent = 0u64;
-                match pump_output(pipe, &mut conn, &mut sent) {
-                    Ok(()) => debug!(id, ?stream, sent, "stream reached EOF"),
-                    Err(e) => debug!(id, ?stream, sent, error = %e, "stream broken; closing it"),
-                }
-                // Deliver EOF even if the host still holds its end open for reading.
-                let _ = conn.shutdown(Shutdown::Both);
+    if stream == StreamKind::Stdin {
+        let handle = match conn.try_clone() {
+            Ok(handle) => handle,
+            Err(e) => {
+                warn!(id, error = %e, "cannot clone the stdin stream; closing it");
+                return;
             }
-            Err(e) => warn!(error = %e, "refusing stream"),
-        },
-        StreamKind::Stdin => {
-            let handle = match conn.try_clone() {
-                Ok(handle) => handle,
-                Err(e) => {
-                    warn!(id, error = %e, "cannot clone the stdin stream; closing it");
-                    return;
-                }
-            };
-            match table.take_stdin(&id, handle) {
-                Ok((pipe, pid)) => {
-                    let mut received = 0u64;
-                    match pump_stdin(&mut conn, pipe, &mut received) {
-                        Ok(()) => debug!(id, received, "stdin stream reached EOF"),
-                        Err(e) => debug!(id, received, error = %e, "stdin stream ended early"),
-                    }
-                    table.stdin_detached(&id, pid);
-                    let _ = conn.shutdown(Shutdown::Both);
-                }
-                Err(e) => warn!(error = %e, "refusing stream"),
+        };
+        if let Some((pipe, pid)) = answer(&mut conn, &id, stream, table.take_stdin(&id, handle)) {
+            let mut received = 0u64;
+            match pump_stdin(&mut conn, pipe, &mut received) {
+                Ok(()) => debug!(id, received, "stdin stream reached EOF"),
+                Err(e) => debug!(id, received, error = %e, "stdin stream ended early"),
             }
+            table.stdin_detached(&id, pid);
+            let _ = conn.shutdown(Shutdown::Both);
         }
+    } else if let Some(pipe) = answer(&mut conn, &id, stream, table.take_output(&id, stream)) {
+        let mut sent = 0u64;
+        match pump_output(pipe, &mut conn, &mut sent) {
+            Ok(()) => debug!(id, ?stream, sent, "stream reached EOF"),
+            Err(e) => debug!(id, ?stream, sent, error = %e, "stream broken; closing it"),
+        }
+        // Deliver EOF even if the host still holds its end open for reading.
+        let _ = conn.shutdown(Shutdown::Both);
     }
+}
+
+/// Answer the hello: `Ok` when the stream was handed over, the error (with its code) when it is
+/// refused. `None` means the connection ends here: refused, or the host is already gone (a
+/// pipe taken for it then closes, as it would had the host attached and gone).
+fn answer<T>(conn: &mut Connection, id: &str, stream: StreamKind, taken: Result<T, ProcessError>) -> Option<T> {
+    let (reply, taken) = match taken {
+        Ok(taken) => (Response::Ok, Some(taken)),
+        Err(e) => {
+            warn!(id, ?stream, error = %e, "refusing stream");
+            (Response::Error { message: tern_protocol::error_chain(&e), code: e.code() }, None)
+        }
+    };
+    if let Err(e) = send(conn, &reply) {
+        debug!(id, ?stream, error = %e, "cannot answer the stream hello; closing the stream");
+        return None;
+    }
+    taken
 }
 
 /// Copy a process's output pipe to the connection until the pipe reaches EOF; `sent` counts

@@ -52,10 +52,18 @@ impl Agent {
         self.connect("rpc.sock")
     }
 
-    /// A stream connection for process `id`, hello already sent.
-    fn stream(&self, id: &str, stream: StreamKind) -> UnixStream {
+    /// A stream connection for process `id`: hello sent, and the agent's answer to it.
+    fn try_stream(&self, id: &str, stream: StreamKind) -> (UnixStream, Response) {
         let mut conn = self.connect("stream.sock");
         send(&mut conn, &StreamHello { id: id.into(), stream }).unwrap();
+        let answer = recv(&mut conn).unwrap();
+        (conn, answer)
+    }
+
+    /// A stream connection for process `id`, attached.
+    fn stream(&self, id: &str, stream: StreamKind) -> UnixStream {
+        let (conn, answer) = self.try_stream(id, stream);
+        assert_eq!(answer, Response::Ok, "{id} {stream:?}");
         conn
     }
 
@@ -246,23 +254,26 @@ fn a_stream_attaches_only_once() {
     let agent = Agent::start();
     let mut rpc = agent.rpc();
     started(agent.exec(&mut rpc, "once", &["sh", "-c", "sleep 0.2; echo once"]));
-    // Each connection is served on its own thread, so either may win; the loser is refused
-    // by closing it (immediate EOF), the winner gets all the output.
-    let readers: Vec<_> = (0..2)
-        .map(|_| {
-            let mut conn = agent.stream("once", StreamKind::Stdout);
-            std::thread::spawn(move || {
-                let mut out = Vec::new();
-                conn.read_to_end(&mut out).unwrap();
-                out
-            })
-        })
-        .collect();
-    let mut outputs: Vec<Vec<u8>> = readers.into_iter().map(|r| r.join().unwrap()).collect();
-    outputs.sort();
-    assert_eq!(outputs, vec![b"".to_vec(), b"once\n".to_vec()]);
-    // A stdin stream for a process without stdin is refused the same way.
-    assert_eq!(agent.read_stream("once", StreamKind::Stdin), b"");
+    // The first attach takes the stream; a second one is answered FailedPrecondition (never
+    // mistaken for an empty stream) and carries no byte; the first gets all the output.
+    let mut first = agent.stream("once", StreamKind::Stdout);
+    let (mut second, answer) = agent.try_stream("once", StreamKind::Stdout);
+    let (message, code) = error_with_code(answer);
+    assert_eq!(code, ErrorCode::FailedPrecondition, "{message}");
+    let mut rest = Vec::new();
+    second.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty(), "a refused stream carried bytes: {rest:?}");
+    let mut output = Vec::new();
+    first.read_to_end(&mut output).unwrap();
+    assert_eq!(output, b"once\n");
+    // A stdin stream for a process without stdin is refused the same way; a stream of a
+    // process the agent does not know is NotFound.
+    let (_, answer) = agent.try_stream("once", StreamKind::Stdin);
+    assert_eq!(error_with_code(answer).1, ErrorCode::FailedPrecondition);
+    let (_, answer) = agent.try_stream("nope", StreamKind::Stderr);
+    let (message, code) = error_with_code(answer);
+    assert_eq!(code, ErrorCode::NotFound, "{message}");
+    assert!(message.contains("nope"), "{message}");
     assert_eq!(wait(&mut rpc, "once"), Response::Exited(ExitStatus::Code(0)));
 }
 

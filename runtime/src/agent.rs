@@ -301,10 +301,31 @@ impl AgentClient {
         self.expect_ok(&Request::Shutdown)
     }
 
-    /// Attach to one stdio stream of process `id`.
+    /// Attach to one stdio stream of process `id`. The agent answers the hello before any byte of
+    /// the stream: a refused stream (unknown process, stream already taken) is an error here, not
+    /// an empty stream.
     pub fn attach(&self, id: &str, stream: StreamKind) -> Result<UnixStream, AgentError> {
-        let mut sock = self.connect(AGENT_STREAM_PORT)?;
+        let started = Instant::now();
+        let result = self.attach_unmeasured(id, stream);
+        crate::metrics::rpc::AGENT.record("attach", started.elapsed(), result.is_ok());
+        result
+    }
+
+    fn attach_unmeasured(&self, id: &str, stream: StreamKind) -> Result<UnixStream, AgentError> {
+        let mut sock = self.connect_within(AGENT_STREAM_PORT, RPC_TIMEOUT)?;
+        sock.set_read_timeout(Some(RPC_TIMEOUT))?;
         tern_protocol::send(&mut sock, &StreamHello { id: id.to_string(), stream })?;
+        match tern_protocol::recv(&mut sock) {
+            Ok(Response::Ok) => {}
+            Ok(Response::Error { message, code }) => return Err(AgentError::Remote { code, message }),
+            Ok(other) => return Err(AgentError::Unexpected(format!("{other:?}"))),
+            Err(ProtocolError::Io(e)) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                return Err(AgentError::Timeout { request: "attach", after: RPC_TIMEOUT });
+            }
+            Err(e) => return Err(e.into()),
+        }
+        // The stream itself is read for as long as the process writes.
+        sock.set_read_timeout(None)?;
         Ok(sock)
     }
 
@@ -385,5 +406,68 @@ mod tests {
         let mut rest = String::new();
         s.read_to_string(&mut rest).unwrap();
         assert_eq!(rest, "DATA");
+    }
+
+    /// A guest end of the stream port: takes the VMM handshake and the hello, then answers
+    /// `answer` followed by `data` and closes.
+    fn fake_stream_port(
+        answer: Response,
+        data: &'static [u8],
+    ) -> (tempfile::TempDir, AgentClient, std::thread::JoinHandle<()>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vsock.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let t = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut line = [0u8; 13];
+            s.read_exact(&mut line).unwrap();
+            assert_eq!(&line, b"CONNECT 1025\n");
+            s.write_all(b"OK 1073741824\n").unwrap();
+            let hello: StreamHello = tern_protocol::recv(&mut s).unwrap();
+            assert_eq!(hello, StreamHello { id: "p".into(), stream: StreamKind::Stdout });
+            tern_protocol::send(&mut s, &answer).unwrap();
+            s.write_all(data).unwrap();
+        });
+        (dir, AgentClient::new(path), t)
+    }
+
+    #[test]
+    fn an_attached_stream_starts_after_the_answer() {
+        let (_d, client, t) = fake_stream_port(Response::Ok, b"hello\n");
+        let mut s = client.attach("p", StreamKind::Stdout).unwrap();
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).unwrap();
+        assert_eq!(out, b"hello\n");
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn a_refused_stream_is_an_error_not_an_empty_stream() {
+        let refusal = Response::Error { message: "no process with id \"p\"".into(), code: ErrorCode::NotFound };
+        let (_d, client, t) = fake_stream_port(refusal, b"");
+        let err = client.attach("p", StreamKind::Stdout).unwrap_err();
+        assert!(
+            matches!(&err, AgentError::Remote { code: ErrorCode::NotFound, message } if message.contains("\"p\"")),
+            "{err:?}"
+        );
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn a_stream_closed_without_an_answer_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vsock.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let t = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut line = [0u8; 13];
+            s.read_exact(&mut line).unwrap();
+            s.write_all(b"OK 1073741824\n").unwrap();
+            let _: StreamHello = tern_protocol::recv(&mut s).unwrap();
+        });
+        let client = AgentClient::new(path);
+        let err = client.attach("p", StreamKind::Stdout).unwrap_err();
+        assert!(matches!(err, AgentError::Protocol(ProtocolError::Closed)), "{err:?}");
+        t.join().unwrap();
     }
 }

@@ -26,12 +26,12 @@ fn ctr_run_prints_output_and_exit_codes() {
     let Some(ctrd) = setup("ctr_run_prints_output_and_exit_codes") else { return };
     let out = ctrd.run_rm("echo", &["echo", "hello"], RUN_LIMIT);
     assert!(out.status.success(), "ctr run failed: {}\n{}", stderr(&out), ctrd.logs());
-    assert_eq!(stdout(&out), "hello\n");
+    assert_eq!(stdout(&out), "hello\n", "stderr: {}\n{}", stderr(&out), ctrd.logs());
     assert_clean(&ctrd);
 
     let out = ctrd.run_rm("exit3", &["sh", "-c", "echo to-stderr >&2; exit 3"], RUN_LIMIT);
     assert_eq!(out.status.code(), Some(3), "stderr: {}\n{}", stderr(&out), ctrd.logs());
-    assert!(stderr(&out).contains("to-stderr"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("to-stderr"), "{}\n{}", stderr(&out), ctrd.logs());
     assert_clean(&ctrd);
 }
 

@@ -4,7 +4,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
 use std::time::Duration;
-use tern_protocol::{ExecRequest, ExitStatus, StreamKind};
+use tern_protocol::{ErrorCode, ExecRequest, ExitStatus, StreamKind};
+use tern_runtime::agent::AgentError;
 use tern_runtime::config::Config;
 use tern_runtime::sandbox::Sandbox;
 use tern_tests::{require_linux_kvm, tern_bin};
@@ -48,8 +49,12 @@ fn boot_exec_stats_shutdown_leaves_nothing_behind() {
         .expect_err("exec of a missing binary fails");
     assert!(err.to_string().contains("refused"), "{err}");
 
-    // A stream for an unknown process is refused without harming the agent.
-    let _ = agent.attach("nope", StreamKind::Stdout);
+    // A stream for an unknown process is refused, by name, without harming the agent.
+    let err = agent.attach("nope", StreamKind::Stdout).expect_err("a stream of an unknown process is refused");
+    assert!(
+        matches!(&err, AgentError::Remote { code: ErrorCode::NotFound, message } if message.contains("nope")),
+        "{err:?}"
+    );
     agent.health().expect("agent still healthy");
 
     let run_dir = sandbox.run_dir().to_path_buf();

@@ -6,9 +6,11 @@
 //!   order; the host opens several connections when it needs concurrency (e.g. a blocking
 //!   [`Request::Wait`] beside other calls).
 //! - [`AGENT_STREAM_PORT`]: process stdio. The first frame is a [`StreamHello`] naming a process
-//!   and one of its streams; after it the connection carries raw bytes. For stdin the host
-//!   half-closes (shutdown write) to deliver EOF; for stdout/stderr the agent closes the
-//!   connection when the process side of the pipe reaches EOF.
+//!   and one of its streams; the agent answers with one [`Response`] frame ([`Response::Ok`]:
+//!   the stream is attached; [`Response::Error`]: it is refused, and why), so a refused stream is
+//!   never mistaken for an empty one. After the answer the connection carries raw bytes. For
+//!   stdin the host half-closes (shutdown write) to deliver EOF; for stdout/stderr the agent
+//!   closes the connection when the process side of the pipe reaches EOF.
 //!
 //! The first request on an RPC connection should be [`Request::Health`]; the host compares
 //! the returned version with [`PROTOCOL_VERSION`] and refuses to talk to a different one.
@@ -23,7 +25,7 @@ pub mod net;
 pub mod watch;
 
 /// Bumped on every incompatible change of the messages below.
-pub const PROTOCOL_VERSION: u32 = 7;
+pub const PROTOCOL_VERSION: u32 = 8;
 /// vsock port of the agent's RPC server.
 pub const AGENT_RPC_PORT: u32 = 1024;
 /// vsock port on which the agent accepts process stdio streams.
@@ -359,7 +361,9 @@ pub enum StreamKind {
     Stderr,
 }
 
-/// First frame on a stream connection.
+/// First frame on a stream connection; the agent answers it with [`Response::Ok`] or
+/// [`Response::Error`] (an unknown process is `NotFound`, a stream already attached or a stdin
+/// the process does not have is `FailedPrecondition`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StreamHello {
     pub id: String,

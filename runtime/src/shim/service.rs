@@ -421,6 +421,20 @@ impl TaskService {
             }
         }
     }
+
+    /// A started process whose stdio could not be connected would run unseen, its output lost:
+    /// kill it (its exit is recorded as any other, so it can be deleted) and fail the Start with
+    /// the cause.
+    async fn end_unconnected(&self, id: &str, guest_id: &str, agent: AgentClient, e: ttrpc::Error) -> ttrpc::Error {
+        tracing::error!(id, guest_id, "{e:?}; killing the process");
+        let guest_id = guest_id.to_owned();
+        match blocking(move || agent.signal(&guest_id, libc::SIGKILL)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => tracing::warn!(id, error = %error_chain(&err), "cannot kill the unconnected process"),
+            Err(err) => tracing::warn!(id, error = %err, "cannot kill the unconnected process"),
+        }
+        e
+    }
 }
 
 #[async_trait]
@@ -555,12 +569,12 @@ impl Task for TaskService {
             c.phase = Phase::Running;
             Ok(())
         })?;
-        self.inner.events.started(&id, pid).await;
         tokio::spawn(self.clone().watch_exit(id.clone(), pid, agent.clone()));
-        tokio::spawn(self.clone().watch_oom(id.clone(), agent.clone()));
         if let Err(e) = connected {
-            tracing::warn!(%id, "stdio: {e:?}");
+            return Err(self.end_unconnected(&id, &id, agent, e).await);
         }
+        self.inner.events.started(&id, pid).await;
+        tokio::spawn(self.clone().watch_oom(id.clone(), agent.clone()));
         Ok(api::StartResponse { pid, ..Default::default() })
     }
 

@@ -140,11 +140,11 @@ impl TaskService {
             e.phase = Phase::Running;
             Ok(())
         })?;
-        self.inner.events.exec_started(id, exec_id, pid).await;
-        tokio::spawn(self.clone().watch_exec_exit(id.to_owned(), exec_id.to_owned(), pid, agent));
+        tokio::spawn(self.clone().watch_exec_exit(id.to_owned(), exec_id.to_owned(), pid, agent.clone()));
         if let Err(e) = connected {
-            tracing::warn!(%id, %exec_id, "stdio: {e:?}");
+            return Err(self.end_unconnected(id, &guest_id, agent, e).await);
         }
+        self.inner.events.exec_started(id, exec_id, pid).await;
         Ok(api::StartResponse { pid, ..Default::default() })
     }
 
