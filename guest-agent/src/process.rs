@@ -365,16 +365,21 @@ impl ProcessTable {
     }
 
     /// Hand the stdin pipe to a stream connection; `conn` is kept so `CloseStdin` can end it.
-    /// Also returns the pid, to pass back to [`Self::stdin_detached`].
-    pub fn take_stdin(&self, id: &str, conn: Connection) -> Result<(File, i32), ProcessError> {
+    /// Also returns the pid, to pass back to [`Self::stdin_detached`]. `None`: the process has
+    /// exited (its stdin went with it), so the stream is accepted with nothing to feed: a short
+    /// command may well end before the host attaches its stdin, and that is no error.
+    pub fn take_stdin(&self, id: &str, conn: Connection) -> Result<Option<(File, i32)>, ProcessError> {
         let mut state = self.lock();
         let proc = state.procs.get_mut(id).ok_or_else(|| ProcessError::Unknown(id.to_owned()))?;
+        if proc.status.is_some() && proc.stdin.is_none() {
+            return Ok(None);
+        }
         let pipe = proc
             .stdin
             .take()
             .ok_or_else(|| ProcessError::StreamTaken { id: id.to_owned(), stream: StreamKind::Stdin })?;
         proc.stdin_stream = Some(conn);
-        Ok((pipe, proc.pid))
+        Ok(Some((pipe, proc.pid)))
     }
 
     /// The stdin stream of process `id` (with `pid`) ended; forget its connection handle.

@@ -39,15 +39,18 @@ pub fn handle_stream_connection(table: &ProcessTable, mut conn: Connection) {
                 return;
             }
         };
-        if let Some((pipe, pid)) = answer(&mut conn, &id, stream, table.take_stdin(&id, handle)) {
+        let Some(taken) = answer(&mut conn, &id, stream, table.take_stdin(&id, handle)) else { return };
+        if let Some((pipe, pid)) = taken {
             let mut received = 0u64;
             match pump_stdin(&mut conn, pipe, &mut received) {
                 Ok(()) => debug!(id, received, "stdin stream reached EOF"),
                 Err(e) => debug!(id, received, error = %e, "stdin stream ended early"),
             }
             table.stdin_detached(&id, pid);
-            let _ = conn.shutdown(Shutdown::Both);
+        } else {
+            debug!(id, "stdin stream of a process that has exited; closing it");
         }
+        let _ = conn.shutdown(Shutdown::Both);
     } else if let Some(pipe) = answer(&mut conn, &id, stream, table.take_output(&id, stream)) {
         let mut sent = 0u64;
         match pump_output(pipe, &mut conn, &mut sent) {

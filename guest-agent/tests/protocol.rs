@@ -253,28 +253,44 @@ fn output_written_before_the_stream_attaches_is_kept() {
 fn a_stream_attaches_only_once() {
     let agent = Agent::start();
     let mut rpc = agent.rpc();
-    started(agent.exec(&mut rpc, "once", &["sh", "-c", "sleep 0.2; echo once"]));
+    started(agent.exec(&mut rpc, "once", &["sh", "-c", "sleep 1; echo once"]));
     // The first attach takes the stream; a second one is answered FailedPrecondition (never
     // mistaken for an empty stream) and carries no byte; the first gets all the output.
     let mut first = agent.stream("once", StreamKind::Stdout);
     let (mut second, answer) = agent.try_stream("once", StreamKind::Stdout);
     let (message, code) = error_with_code(answer);
     assert_eq!(code, ErrorCode::FailedPrecondition, "{message}");
-    let mut rest = Vec::new();
-    second.read_to_end(&mut rest).unwrap();
-    assert!(rest.is_empty(), "a refused stream carried bytes: {rest:?}");
-    let mut output = Vec::new();
-    first.read_to_end(&mut output).unwrap();
-    assert_eq!(output, b"once\n");
-    // A stdin stream for a process without stdin is refused the same way; a stream of a
-    // process the agent does not know is NotFound.
+    // A stdin stream for a running process without stdin is refused the same way; a stream
+    // of a process the agent does not know is NotFound.
     let (_, answer) = agent.try_stream("once", StreamKind::Stdin);
     assert_eq!(error_with_code(answer).1, ErrorCode::FailedPrecondition);
     let (_, answer) = agent.try_stream("nope", StreamKind::Stderr);
     let (message, code) = error_with_code(answer);
     assert_eq!(code, ErrorCode::NotFound, "{message}");
     assert!(message.contains("nope"), "{message}");
+    let mut rest = Vec::new();
+    second.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty(), "a refused stream carried bytes: {rest:?}");
+    let mut output = Vec::new();
+    first.read_to_end(&mut output).unwrap();
+    assert_eq!(output, b"once\n");
     assert_eq!(wait(&mut rpc, "once"), Response::Exited(ExitStatus::Code(0)));
+}
+
+#[test]
+fn stdin_of_a_process_that_already_exited_is_accepted_and_closed() {
+    // `tern run -- echo x` often ends before the host attaches its stdin: no error for that.
+    let agent = Agent::start();
+    let mut rpc = agent.rpc();
+    let mut req = exec_req("quick", &["true"]);
+    req.stdin = true;
+    started(call(&mut rpc, Request::Exec(req)));
+    assert_eq!(wait(&mut rpc, "quick"), Response::Exited(ExitStatus::Code(0)));
+    let mut stdin = agent.stream("quick", StreamKind::Stdin);
+    let mut rest = Vec::new();
+    stdin.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty());
+    assert_eq!(agent.read_stream("quick", StreamKind::Stdout), b"");
 }
 
 #[test]
