@@ -2,9 +2,11 @@
 //!
 //! A connection starts with a [`StreamHello`] frame naming a process and one of its streams;
 //! the agent answers it ([`Response::Ok`], or [`Response::Error`] saying why the stream is
-//! refused), then the connection carries raw bytes. stdout/stderr: the pipe is copied to the connection until the
-//! process side reaches EOF, then the connection is closed. stdin: the connection is copied
-//! into the pipe until the host half-closes, then the pipe is dropped so the process sees EOF.
+//! refused), then the connection carries raw bytes. stdout/stderr: the pipe is copied to the
+//! connection until the process side reaches EOF, then the connection is closed. stdin: the
+//! connection is copied into the pipe until the host half-closes, then the pipe is dropped so
+//! the process sees EOF; a process that has already exited gets its stdin stream accepted and
+//! closed at once.
 //! A broken connection only ends that stream; the agent goes on.
 
 use std::fs::File;

@@ -569,11 +569,13 @@ impl Task for TaskService {
             c.phase = Phase::Running;
             Ok(())
         })?;
-        tokio::spawn(self.clone().watch_exit(id.clone(), pid, agent.clone()));
         if let Err(e) = connected {
+            tokio::spawn(self.clone().watch_exit(id.clone(), pid, agent.clone()));
             return Err(self.end_unconnected(&id, &id, agent, e).await);
         }
+        // TaskStart before any TaskExit the watcher publishes.
         self.inner.events.started(&id, pid).await;
+        tokio::spawn(self.clone().watch_exit(id.clone(), pid, agent.clone()));
         tokio::spawn(self.clone().watch_oom(id.clone(), agent.clone()));
         Ok(api::StartResponse { pid, ..Default::default() })
     }

@@ -140,11 +140,13 @@ impl TaskService {
             e.phase = Phase::Running;
             Ok(())
         })?;
-        tokio::spawn(self.clone().watch_exec_exit(id.to_owned(), exec_id.to_owned(), pid, agent.clone()));
         if let Err(e) = connected {
+            tokio::spawn(self.clone().watch_exec_exit(id.to_owned(), exec_id.to_owned(), pid, agent.clone()));
             return Err(self.end_unconnected(id, &guest_id, agent, e).await);
         }
+        // TaskExecStarted before any TaskExit the watcher publishes.
         self.inner.events.exec_started(id, exec_id, pid).await;
+        tokio::spawn(self.clone().watch_exec_exit(id.to_owned(), exec_id.to_owned(), pid, agent));
         Ok(api::StartResponse { pid, ..Default::default() })
     }
 
