@@ -136,18 +136,7 @@ impl AgentClient {
             sock.set_read_timeout(Some(timeout))?;
         }
         tern_protocol::send(&mut sock, req)?;
-        let resp: Response = match tern_protocol::recv(&mut sock) {
-            Ok(resp) => resp,
-            // The read timeout set above (EAGAIN on a socket).
-            Err(ProtocolError::Io(e)) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                return Err(AgentError::Timeout { request: request_name(req), after: timeout });
-            }
-            Err(e) => return Err(e.into()),
-        };
-        if let Response::Error { message, code } = resp {
-            return Err(AgentError::Remote { code, message });
-        }
-        Ok(resp)
+        read_answer(&mut sock, request_name(req), timeout)
     }
 
     /// Health check; returns the agent's version string.
@@ -315,14 +304,9 @@ impl AgentClient {
         let mut sock = self.connect_within(AGENT_STREAM_PORT, RPC_TIMEOUT)?;
         sock.set_read_timeout(Some(RPC_TIMEOUT))?;
         tern_protocol::send(&mut sock, &StreamHello { id: id.to_string(), stream })?;
-        match tern_protocol::recv(&mut sock) {
-            Ok(Response::Ok) => {}
-            Ok(Response::Error { message, code }) => return Err(AgentError::Remote { code, message }),
-            Ok(other) => return Err(AgentError::Unexpected(format!("{other:?}"))),
-            Err(ProtocolError::Io(e)) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                return Err(AgentError::Timeout { request: "attach", after: RPC_TIMEOUT });
-            }
-            Err(e) => return Err(e.into()),
+        match read_answer(&mut sock, "attach", RPC_TIMEOUT)? {
+            Response::Ok => {}
+            other => return Err(AgentError::Unexpected(format!("{other:?}"))),
         }
         // The stream itself is read for as long as the process writes.
         sock.set_read_timeout(None)?;
@@ -334,6 +318,20 @@ impl AgentClient {
             Response::Ok => Ok(()),
             other => Err(AgentError::Unexpected(format!("{other:?}"))),
         }
+    }
+}
+
+/// Read the agent's answer to `request` on `sock`, whose read timeout is `timeout`: an answer
+/// later than that (EAGAIN on the socket) is a Timeout naming the request, an error answer is
+/// [`AgentError::Remote`].
+fn read_answer(sock: &mut UnixStream, request: &'static str, timeout: Duration) -> Result<Response, AgentError> {
+    match tern_protocol::recv(sock) {
+        Ok(Response::Error { message, code }) => Err(AgentError::Remote { code, message }),
+        Ok(resp) => Ok(resp),
+        Err(ProtocolError::Io(e)) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+            Err(AgentError::Timeout { request, after: timeout })
+        }
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -409,9 +407,9 @@ mod tests {
     }
 
     /// A guest end of the stream port: takes the VMM handshake and the hello, then answers
-    /// `answer` followed by `data` and closes.
+    /// `answer` (or closes without one when it is `None`) followed by `data`.
     fn fake_stream_port(
-        answer: Response,
+        answer: Option<Response>,
         data: &'static [u8],
     ) -> (tempfile::TempDir, AgentClient, std::thread::JoinHandle<()>) {
         let dir = tempfile::tempdir().unwrap();
@@ -425,15 +423,17 @@ mod tests {
             s.write_all(b"OK 1073741824\n").unwrap();
             let hello: StreamHello = tern_protocol::recv(&mut s).unwrap();
             assert_eq!(hello, StreamHello { id: "p".into(), stream: StreamKind::Stdout });
-            tern_protocol::send(&mut s, &answer).unwrap();
-            s.write_all(data).unwrap();
+            if let Some(answer) = answer {
+                tern_protocol::send(&mut s, &answer).unwrap();
+                s.write_all(data).unwrap();
+            }
         });
         (dir, AgentClient::new(path), t)
     }
 
     #[test]
     fn an_attached_stream_starts_after_the_answer() {
-        let (_d, client, t) = fake_stream_port(Response::Ok, b"hello\n");
+        let (_d, client, t) = fake_stream_port(Some(Response::Ok), b"hello\n");
         let mut s = client.attach("p", StreamKind::Stdout).unwrap();
         let mut out = Vec::new();
         s.read_to_end(&mut out).unwrap();
@@ -444,7 +444,7 @@ mod tests {
     #[test]
     fn a_refused_stream_is_an_error_not_an_empty_stream() {
         let refusal = Response::Error { message: "no process with id \"p\"".into(), code: ErrorCode::NotFound };
-        let (_d, client, t) = fake_stream_port(refusal, b"");
+        let (_d, client, t) = fake_stream_port(Some(refusal), b"");
         let err = client.attach("p", StreamKind::Stdout).unwrap_err();
         assert!(
             matches!(&err, AgentError::Remote { code: ErrorCode::NotFound, message } if message.contains("\"p\"")),
@@ -455,17 +455,7 @@ mod tests {
 
     #[test]
     fn a_stream_closed_without_an_answer_is_an_error() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("vsock.sock");
-        let listener = UnixListener::bind(&path).unwrap();
-        let t = std::thread::spawn(move || {
-            let (mut s, _) = listener.accept().unwrap();
-            let mut line = [0u8; 13];
-            s.read_exact(&mut line).unwrap();
-            s.write_all(b"OK 1073741824\n").unwrap();
-            let _: StreamHello = tern_protocol::recv(&mut s).unwrap();
-        });
-        let client = AgentClient::new(path);
+        let (_d, client, t) = fake_stream_port(None, b"");
         let err = client.attach("p", StreamKind::Stdout).unwrap_err();
         assert!(matches!(err, AgentError::Protocol(ProtocolError::Closed)), "{err:?}");
         t.join().unwrap();
