@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Self-test for tests/nested-runner: exit codes, separate byte-exact stdout/stderr,
 # binary pass-through, the time limit, /dev/kvm with nested SVM, env pass-through,
-# a current directory under /tmp, a writable cache dir, and a hung or oopsed outer VM (125).
+# a current directory under /tmp, a writable cache dir, a hung or oopsed outer VM (125), and
+# an outer VM that fails before CMD starts (booted again).
 #
 # Usage: tests/runner-selftest.sh      (TERN_NESTED=1 forces the outer VM)
 set -euo pipefail
@@ -176,6 +177,30 @@ if [ $rc = 125 ] && grep -q "the outer VM's kernel failed" "$work/j.err" && grep
 	ok "(j) outer kernel oops -> exit 125 after $el s"
 else
 	bad "(j) rc=$rc after $el s; out: $(cat "$work/j.out"); stderr: $(tail -n 8 "$work/j.err")"
+fi
+
+# (k) an outer VM that fails before CMD starts has run nothing of CMD: the runner boots it
+# again, and exits 125 only when every boot it may make (TERN_RUNNER_BOOTS) has failed
+t0=$(now)
+rc=0
+TERN_RUNNER_SELFTEST_FAIL_BOOTS=1 "$runner" --timeout 300 -- sh -c 'echo ran once' \
+	>"$work/k.out" 2>"$work/k.err" || rc=$?
+t1=$(now)
+if [ $rc = 0 ] && [ "$(cat "$work/k.out")" = "ran once" ] &&
+	grep -q 'the outer VM failed before CMD started (boot 1 of at most 3' "$work/k.err" &&
+	grep -q 'boot 1 fails before CMD' "$work/k.err"; then
+	ok "(k) a boot that failed before CMD -> booted again, CMD ran once ($(secs "$t0" "$t1") s)"
+else
+	bad "(k) rc=$rc; out: $(cat "$work/k.out"); stderr: $(tail -n 8 "$work/k.err")"
+fi
+rc=0
+TERN_RUNNER_BOOTS=2 TERN_RUNNER_SELFTEST_FAIL_BOOTS=2 "$runner" --timeout 300 -- sh -c 'echo ran' \
+	>"$work/k2.out" 2>"$work/k2.err" || rc=$?
+if [ $rc = 125 ] && [ ! -s "$work/k2.out" ] && grep -q 'boot 1 fails before CMD' "$work/k2.err" &&
+	grep -q 'boot 2 fails before CMD' "$work/k2.err" && ! grep -q 'boot 2 of at most 2' "$work/k2.err"; then
+	ok "(k) every boot failed before CMD -> exit 125 after 2 boots"
+else
+	bad "(k) rc=$rc; out: $(cat "$work/k2.out"); stderr: $(tail -n 8 "$work/k2.err")"
 fi
 
 echo "$pass passed, $fail failed"
