@@ -38,6 +38,8 @@ pub enum AgentError {
     Refused(u32),
     #[error("unexpected vsock handshake reply {0:?}")]
     Handshake(String),
+    #[error("the VM did not answer a connection to vsock port {port} within {after:?}")]
+    ConnectTimeout { port: u32, after: Duration },
     #[error("agent speaks protocol version {got}, this runtime speaks {PROTOCOL_VERSION}")]
     Version { got: u32 },
     #[error("agent did not answer within {waited:?} (last attempt: {last})")]
@@ -83,6 +85,7 @@ impl AgentClient {
             HybridVsockError::Socket { path, source } => AgentError::Connect { path, source },
             HybridVsockError::Refused(port) => AgentError::Refused(port),
             HybridVsockError::Handshake(line) => AgentError::Handshake(line),
+            HybridVsockError::Timeout { port, after } => AgentError::ConnectTimeout { port, after },
             HybridVsockError::Io(e) => AgentError::Io(e),
         })
     }
@@ -378,6 +381,27 @@ mod tests {
         let err = client.call_within(&Request::Stats, Duration::from_millis(200)).unwrap_err();
         assert!(matches!(err, AgentError::Timeout { request: "stats", .. }), "{err:?}");
         assert_eq!(err.to_string(), "the agent did not answer stats within 200ms");
+        done_tx.send(()).unwrap();
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn an_unanswered_connect_is_a_timeout_naming_the_port() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vsock.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let t = std::thread::spawn(move || {
+            // Takes the CONNECT line and never answers it.
+            let (mut s, _) = listener.accept().unwrap();
+            let mut buf = [0u8; 64];
+            let _ = s.read(&mut buf).unwrap();
+            let _ = done_rx.recv();
+        });
+        let client = AgentClient::new(path);
+        let err = client.connect_within(AGENT_RPC_PORT, Duration::from_millis(200)).unwrap_err();
+        assert!(matches!(err, AgentError::ConnectTimeout { port: 1024, .. }), "{err:?}");
+        assert_eq!(err.to_string(), "the VM did not answer a connection to vsock port 1024 within 200ms");
         done_tx.send(()).unwrap();
         t.join().unwrap();
     }

@@ -24,7 +24,11 @@ pub enum HybridVsockError {
     /// The device answered something other than `OK <port>`.
     #[error("unexpected vsock handshake reply {0:?}")]
     Handshake(String),
-    /// Sending `CONNECT` or reading the answer failed, or took longer than the timeout.
+    /// No answer to `CONNECT` within the timeout: the VMM's vsock device did not take the
+    /// connection, or the guest did not answer its request.
+    #[error("no answer to CONNECT {port} within {after:?}")]
+    Timeout { port: u32, after: Duration },
+    /// Sending `CONNECT` or reading the answer failed.
     #[error("vsock handshake failed")]
     Io(#[from] std::io::Error),
 }
@@ -37,7 +41,11 @@ pub fn connect(uds_path: &Path, port: u32, timeout: Duration) -> Result<UnixStre
         .map_err(|source| HybridVsockError::Socket { path: uds_path.to_owned(), source })?;
     sock.set_read_timeout(Some(timeout))?;
     sock.set_write_timeout(Some(timeout))?;
-    sock.write_all(format!("CONNECT {port}\n").as_bytes())?;
+    let timed_out = |e: std::io::Error| match e.kind() {
+        ErrorKind::WouldBlock | ErrorKind::TimedOut => HybridVsockError::Timeout { port, after: timeout },
+        _ => HybridVsockError::Io(e),
+    };
+    sock.write_all(format!("CONNECT {port}\n").as_bytes()).map_err(timed_out)?;
     // Byte by byte: whatever follows the newline belongs to the stream.
     let mut line = Vec::with_capacity(16);
     let mut byte = [0u8; 1];
@@ -51,7 +59,7 @@ pub fn connect(uds_path: &Path, port: u32, timeout: Duration) -> Result<UnixStre
             Ok(_) => line.push(byte[0]),
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
             Err(e) if e.kind() == ErrorKind::ConnectionReset => return Err(HybridVsockError::Refused(port)),
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(timed_out(e)),
         }
     }
     if !line.starts_with(b"OK ") {

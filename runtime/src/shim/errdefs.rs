@@ -21,7 +21,7 @@ pub fn code_of(e: &AgentError) -> Code {
             ErrorCode::Timeout => Code::DEADLINE_EXCEEDED,
             ErrorCode::Internal => Code::INTERNAL,
         },
-        AgentError::Timeout { .. } => Code::DEADLINE_EXCEEDED,
+        AgentError::Timeout { .. } | AgentError::ConnectTimeout { .. } => Code::DEADLINE_EXCEEDED,
         // The guest (or its vsock) is gone or not there yet: retrying later may work.
         AgentError::Connect { .. }
         | AgentError::Refused(_)
