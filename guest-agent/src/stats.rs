@@ -135,6 +135,7 @@ pub mod watch {
         WatchStage, WatchStageHistogram, WatchStageSample, WatchStats, MAX_WATCH_STAGE_SAMPLES, WATCH_APPLY_BUCKETS,
         WATCH_STAGE_BUCKETS,
     };
+    use tern_sync::LockExt;
 
     static BATCHES_RECEIVED: AtomicU64 = AtomicU64::new(0);
     static RECORDS_RECEIVED: AtomicU64 = AtomicU64::new(0);
@@ -202,7 +203,7 @@ pub mod watch {
             sample.apply_start_mono_ns.saturating_sub(sample.receipt_mono_ns),
         );
         observe_stage(WatchStage::ReceiptToApplied, sample.applied_mono_ns.saturating_sub(sample.receipt_mono_ns));
-        let mut recent = RECENT.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut recent = RECENT.lock_unpoisoned();
         if recent.len() >= MAX_WATCH_STAGE_SAMPLES {
             recent.pop_front();
         }
@@ -262,7 +263,7 @@ pub mod watch {
 
     /// The stages of the last applied batches, oldest first.
     pub fn recent_stages() -> Vec<WatchStageSample> {
-        RECENT.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).iter().cloned().collect()
+        RECENT.lock_unpoisoned().iter().cloned().collect()
     }
 
     /// The current values.

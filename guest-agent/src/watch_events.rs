@@ -12,6 +12,7 @@ use std::io::{BufRead, Write};
 use std::sync::{Arc, Mutex};
 
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+use tern_sync::LockExt;
 
 /// Events reported, by the names printed.
 const EVENTS: [(AddWatchFlags, &str); 7] = [
@@ -36,7 +37,7 @@ pub fn run(args: &[String]) -> anyhow::Result<std::convert::Infallible> {
     }
     let out = Arc::new(Mutex::new(std::io::stdout()));
     let print = |out: &Mutex<std::io::Stdout>, text: &str| -> std::io::Result<()> {
-        let mut out = out.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut out = out.lock_unpoisoned();
         out.write_all(text.as_bytes())?;
         out.flush()
     };

@@ -76,6 +76,11 @@ impl Agent {
     fn exec(&self, conn: &mut UnixStream, id: &str, argv: &[&str]) -> Response {
         call(conn, Request::Exec(exec_req(id, argv)))
     }
+
+    /// [`Self::exec`] with a stdin pipe the host may attach.
+    fn exec_with_stdin(&self, conn: &mut UnixStream, id: &str, argv: &[&str]) -> Response {
+        call(conn, Request::Exec(ExecRequest { stdin: true, ..exec_req(id, argv) }))
+    }
 }
 
 impl Drop for Agent {
@@ -185,9 +190,7 @@ fn killed_process_reports_the_signal() {
 fn ten_mib_round_trip_through_cat_is_byte_exact() {
     let agent = Agent::start();
     let mut rpc = agent.rpc();
-    let mut req = exec_req("cat", &["cat"]);
-    req.stdin = true;
-    started(call(&mut rpc, Request::Exec(req)));
+    started(agent.exec_with_stdin(&mut rpc, "cat", &["cat"]));
 
     let mut stdout = agent.stream("cat", StreamKind::Stdout);
     let reader = std::thread::spawn(move || {
@@ -219,9 +222,7 @@ fn host_dropping_a_stream_only_ends_that_stream() {
     // The agent's copy fails, it closes the pipe, and `yes` dies of SIGPIPE like in a shell.
     assert_eq!(wait(&mut rpc, "yes"), Response::Exited(ExitStatus::Signal(13)));
 
-    let mut req = exec_req("cat", &["cat"]);
-    req.stdin = true;
-    started(call(&mut rpc, Request::Exec(req)));
+    started(agent.exec_with_stdin(&mut rpc, "cat", &["cat"]));
     let mut stdin = agent.stream("cat", StreamKind::Stdin);
     stdin.write_all(b"half a line").unwrap();
     drop(stdin); // no half-close: the connection just goes away
@@ -282,9 +283,7 @@ fn stdin_of_a_process_that_already_exited_is_accepted_and_closed() {
     // `tern run -- echo x` often ends before the host attaches its stdin: no error for that.
     let agent = Agent::start();
     let mut rpc = agent.rpc();
-    let mut req = exec_req("quick", &["true"]);
-    req.stdin = true;
-    started(call(&mut rpc, Request::Exec(req)));
+    started(agent.exec_with_stdin(&mut rpc, "quick", &["true"]));
     assert_eq!(wait(&mut rpc, "quick"), Response::Exited(ExitStatus::Code(0)));
     let mut stdin = agent.stream("quick", StreamKind::Stdin);
     let mut rest = Vec::new();
@@ -297,16 +296,12 @@ fn stdin_of_a_process_that_already_exited_is_accepted_and_closed() {
 fn close_stdin_delivers_eof() {
     let agent = Agent::start();
     let mut rpc = agent.rpc();
-    let mut req = exec_req("cat", &["cat"]);
-    req.stdin = true;
-    started(call(&mut rpc, Request::Exec(req)));
+    started(agent.exec_with_stdin(&mut rpc, "cat", &["cat"]));
     assert_eq!(call(&mut rpc, Request::CloseStdin { id: "cat".into() }), Response::Ok);
     assert_eq!(wait(&mut rpc, "cat"), Response::Exited(ExitStatus::Code(0)));
 
     // Also while a stdin stream is attached and the host never half-closes it.
-    let mut req = exec_req("cat2", &["cat"]);
-    req.stdin = true;
-    started(call(&mut rpc, Request::Exec(req)));
+    started(agent.exec_with_stdin(&mut rpc, "cat2", &["cat"]));
     let mut stdin = agent.stream("cat2", StreamKind::Stdin);
     stdin.write_all(b"partial").unwrap();
     let mut stdout = agent.stream("cat2", StreamKind::Stdout);
