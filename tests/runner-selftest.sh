@@ -147,12 +147,14 @@ else
 fi
 
 # (i) a hung outer VM: CMD starves every other task (real-time spinners on every CPU, RT
-# throttling off), so the init's heartbeat stops; the runner says so, shows where the vCPUs
+# throttling off, and from 6.12 on the fair-class deadline server too), so the init's heartbeat stops; the runner says so, shows where the vCPUs
 # are, and exits 125 well before the time limit
 t0=$(now)
 rc=0
 TERN_RUNNER_STALL=20 "$runner" --timeout 300 -- sh -c \
 	'echo -1 >/proc/sys/kernel/sched_rt_runtime_us || exit 3
+	 mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
+	 for f in /sys/kernel/debug/sched/fair_server/cpu*/runtime; do [ -e "$f" ] && echo 0 >"$f"; done
 	 for i in $(seq "$(nproc)"); do chrt -f 99 sh -c "while :; do :; done" & done; wait' \
 	>"$work/i.out" 2>"$work/i.err" || rc=$?
 t1=$(now)
