@@ -147,8 +147,9 @@ else
 fi
 
 # (i) a hung outer VM: CMD starves every other task (real-time spinners on every CPU, RT
-# throttling off, and from 6.12 on the fair-class deadline server too), so the init's heartbeat stops; the runner says so, shows where the vCPUs
-# are, and exits 125 well before the time limit
+# throttling off, and from 6.12 on the fair-class deadline server too), so the init's
+# heartbeat stops; the runner says so, shows where the vCPUs are, and exits 125 well before
+# the time limit
 t0=$(now)
 rc=0
 TERN_RUNNER_STALL=20 "$runner" --timeout 300 -- sh -c \
