@@ -363,8 +363,11 @@ mod tests {
         (dir, AgentClient::new(path), t)
     }
 
-    #[test]
-    fn an_agent_that_never_answers_is_a_timeout_naming_the_request() {
+    /// A fake VMM that takes the CONNECT line, sends `handshake` if any, and then holds the
+    /// connection open without another byte until the returned sender is used.
+    fn silent_vmm(
+        handshake: Option<&'static [u8]>,
+    ) -> (tempfile::TempDir, AgentClient, std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("vsock.sock");
         let listener = UnixListener::bind(&path).unwrap();
@@ -373,11 +376,18 @@ mod tests {
             let (mut s, _) = listener.accept().unwrap();
             let mut buf = [0u8; 64];
             let _ = s.read(&mut buf).unwrap();
-            s.write_all(b"OK 1073741824\n").unwrap();
-            // Takes the request and holds the connection open without an answer.
+            if let Some(line) = handshake {
+                s.write_all(line).unwrap();
+            }
             let _ = done_rx.recv();
         });
-        let client = AgentClient::new(path);
+        (dir, AgentClient::new(path), done_tx, t)
+    }
+
+    #[test]
+    fn an_agent_that_never_answers_is_a_timeout_naming_the_request() {
+        // The handshake succeeds; the request gets no answer.
+        let (_dir, client, done_tx, t) = silent_vmm(Some(b"OK 1073741824\n"));
         let err = client.call_within(&Request::Stats, Duration::from_millis(200)).unwrap_err();
         assert!(matches!(err, AgentError::Timeout { request: "stats", .. }), "{err:?}");
         assert_eq!(err.to_string(), "the agent did not answer stats within 200ms");
@@ -387,18 +397,7 @@ mod tests {
 
     #[test]
     fn an_unanswered_connect_is_a_timeout_naming_the_port() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("vsock.sock");
-        let listener = UnixListener::bind(&path).unwrap();
-        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
-        let t = std::thread::spawn(move || {
-            // Takes the CONNECT line and never answers it.
-            let (mut s, _) = listener.accept().unwrap();
-            let mut buf = [0u8; 64];
-            let _ = s.read(&mut buf).unwrap();
-            let _ = done_rx.recv();
-        });
-        let client = AgentClient::new(path);
+        let (_dir, client, done_tx, t) = silent_vmm(None);
         let err = client.connect_within(AGENT_RPC_PORT, Duration::from_millis(200)).unwrap_err();
         assert!(matches!(err, AgentError::ConnectTimeout { port: 1024, .. }), "{err:?}");
         assert_eq!(err.to_string(), "the VM did not answer a connection to vsock port 1024 within 200ms");
