@@ -7,6 +7,7 @@ use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use tern_protocol::WatchMode;
 use vmm::api::CachePolicy;
+use vmm::api::SeccompMode;
 
 /// Default system-wide config file.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/tern/config.toml";
@@ -31,8 +32,26 @@ pub enum ConfigError {
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub vm: VmSection,
+    pub vmm: VmmSection,
     pub fs: FsSection,
     pub shim: ShimSection,
+}
+
+/// `[vmm]`: how the VMM's own threads (inside the shim) are confined.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VmmSection {
+    /// What a VMM thread's seccomp filter does with a syscall outside its role's allowlist:
+    /// "trap" (the syscall fails, the violation is logged and the VM ends with an error),
+    /// "log" (the kernel logs it as an audit record and the syscall runs) or "off" (no
+    /// filters, no capability drops).
+    #[serde(deserialize_with = "seccomp_mode")]
+    pub seccomp: SeccompMode,
+}
+
+/// `vmm.seccomp`: the VMM's [`SeccompMode`], by name.
+fn seccomp_mode<'de, D: serde::Deserializer<'de>>(de: D) -> Result<SeccompMode, D::Error> {
+    String::deserialize(de)?.parse().map_err(serde::de::Error::custom)
 }
 
 /// Default of `shim.root_dir`.

@@ -186,6 +186,7 @@ impl Sandbox {
             fs_device,
             watch_resync_interval: Duration::from_secs(config.fs.resync_interval_secs),
             net: network.as_ref().map(SandboxNetwork::vm_devices).unwrap_or_default(),
+            seccomp: config.vmm.seccomp,
         };
         let vmm_start = Instant::now();
         let vm = Vmm::start(vm_config).map_err(SandboxError::Start)?;

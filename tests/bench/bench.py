@@ -53,8 +53,9 @@ TARGET_BOOT_RATIO = 0.5  # tern boot->ready <= 0.5x QEMU
 TARGET_OVERHEAD_MIB = 5.0  # tern VMM overhead <= 5 MiB
 TAIL_CHARS = 4000  # how much of a failed run's output goes into boot.json
 
-SYSTEMS = ("tern", "qemu")
-LABEL = {"tern": "tern", "qemu": "QEMU microvm"}
+# tern-unfiltered: tern with `[vmm] seccomp = "off"`, to price the VMM threads' filters.
+SYSTEMS = ("tern", "qemu", "tern-unfiltered")
+LABEL = {"tern": "tern", "qemu": "QEMU microvm", "tern-unfiltered": "tern, VMM seccomp off"}
 
 
 def log(msg: str) -> None:
@@ -414,10 +415,13 @@ class Setup:
     timeout: float
     settle: float
     vsock_cid: int = 3
+    # a config with `[vmm] seccomp = "off"`, for tern-unfiltered
+    unfiltered_config: Path | None = None
 
-    def tern_cmd(self, argv: list[str]) -> list[str]:
+    def tern_cmd(self, argv: list[str], unfiltered: bool = False) -> list[str]:
+        config = ["--config", str(self.unfiltered_config)] if unfiltered and self.unfiltered_config else []
         return [
-            str(self.tern), "run", "--console-log", "stdout", "--timings",
+            str(self.tern), *config, "run", "--console-log", "stdout", "--timings",
             "--memory", str(self.memory_mib),
             "--kernel", str(self.kernel), "--initrd", str(self.initrd),
             "--", *argv,
@@ -438,16 +442,18 @@ class Setup:
         return cmd
 
     def boot(self, system: str) -> RunResult:
-        if system == "tern":
-            return watch(self.tern_cmd(["true"]), self.timeout, kill_after_marker=False)
+        if system.startswith("tern"):
+            cmd = self.tern_cmd(["true"], unfiltered=system == "tern-unfiltered")
+            return watch(cmd, self.timeout, kill_after_marker=False)
         return watch(self.qemu_cmd(), self.timeout, kill_after_marker=True)
 
     def memory(self, system: str) -> RunResult:
         gb = self.memory_mib * MiB
         sampler = lambda pid: measure_memory(pid, gb)  # noqa: E731
-        if system == "tern":
+        if system.startswith("tern"):
             return watch(
-                self.tern_cmd(["sleep", "3"]), self.timeout, kill_after_marker=False,
+                self.tern_cmd(["sleep", "3"], unfiltered=system == "tern-unfiltered"), self.timeout,
+                kill_after_marker=False,
                 sample_after=self.settle, sampler=sampler,
             )  # fmt: skip
         return watch(
@@ -610,13 +616,16 @@ def build_summary(res: dict[str, dict[str, list[RunResult]]]) -> dict[str, Any]:
             "total_rss_mib": summarize([r.mem["total_rss_mib"] for r in ok_m]),
             "guest_rss_mib": summarize([r.mem["guest_rss_mib"] for r in ok_m]),
         }
-        if system == "tern":
+        if system.startswith("tern"):
             d["exit_ms"] = summarize([r.exit_ms for r in ok_b])
             for k in ("kernel_entry", "agent_ready", "command_exit", "vm_down"):
                 d[f"timings_{k}_ms"] = summarize([(r.timings or {}).get(k) for r in ok_b])
         s[system] = d
-    t, q = s.get("tern"), s.get("qemu")
+    t, q, u = s.get("tern"), s.get("qemu"), s.get("tern-unfiltered")
     s["ratios"] = {
+        # the VMM threads' seccomp filters: tern as shipped / tern with them off
+        "seccomp_ready": ratio(t and t["ready_ms"], u and u["ready_ms"]),
+        "seccomp_exit": ratio(t and t.get("exit_ms"), u and u.get("exit_ms")),
         "ready": ratio(t and t["ready_ms"], q and q["ready_ms"]),
         "overhead_rss": ratio(t and t["overhead_rss_mib"], q and q["overhead_rss_mib"]),
         "overhead_private": ratio(
@@ -678,6 +687,13 @@ def headlines(summary: dict[str, Any]) -> list[str]:
         + (f"{qo['median']:.1f} MiB" if qo else "n/a")
         + f"; ratio {fmt_ratio(rt['overhead_rss'])}"
     )
+    u = summary.get("tern-unfiltered")
+    if t and u and t["ready_ms"] and u["ready_ms"]:
+        lines.append(
+            f"VMM seccomp filters: boot → agent ready {t['ready_ms']['median']:.0f} ms with them vs "
+            f"{u['ready_ms']['median']:.0f} ms off = {fmt_ratio(rt['seccomp_ready'])}; "
+            f"`tern run -- true` end to end {fmt_ratio(rt['seccomp_exit'])}"
+        )
     return lines
 
 
@@ -760,6 +776,19 @@ def render_markdown(
     for r in rows:
         L.append("| " + " | ".join(x.replace("|", "\\|") for x in r) + " |")
     L.append("")
+    u = summary.get("tern-unfiltered")
+    if u is not None:
+        L.append("VMM seccomp filters (tern as shipped vs `[vmm] seccomp = \"off\"`, interleaved in this run):")
+        L.append("")
+        L.append("| metric | tern | tern, VMM seccomp off | ratio (filters on/off) |")
+        L.append("|---|---|---|---|")
+        for label, key, ratio_key in (
+            ("boot → agent ready", "ready_ms", "seccomp_ready"),
+            ("`tern run -- true` end to end", "exit_ms", "seccomp_exit"),
+        ):
+            L.append(f"| {label} | {cell(t, key, 'ms', 'boot_runs', 'boot_failures')} | "
+                     f"{cell(u, key, 'ms', 'boot_runs', 'boot_failures')} | {fmt_ratio(rt[ratio_key])} |")  # fmt: skip
+        L.append("")
     L.append("Targets: " + " · ".join(headlines(summary)))
     L.append("")
     fails_list = []
@@ -826,7 +855,7 @@ def render_svg(summary: dict[str, Any], facts: dict[str, Any]) -> str:
     min–max whisker, a p90 tick and the target as a dashed line."""
     W, left, right = 760, 130, 40
     bar_h, gap, panel_head, panel_gap = 26, 10, 46, 22
-    colors = {"tern": "#2f6db5", "qemu": "#d0792a"}
+    colors = {"tern": "#2f6db5", "qemu": "#d0792a", "tern-unfiltered": "#7fa7d9"}
     t, q = summary.get("tern"), summary.get("qemu")
     systems_all = [s for s in SYSTEMS if summary.get(s) is not None]
     # (title, summary key, unit, target value, target label, systems shown)
@@ -1001,7 +1030,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--settle", type=float, default=1.0,
                     help="seconds after the marker before reading smaps (1.0)")  # fmt: skip
     ap.add_argument("--memory", type=int, default=256, help="guest memory, MiB (256)")
-    ap.add_argument("--systems", default="tern,qemu", help="comma list of tern,qemu")
+    ap.add_argument("--systems", default="tern,qemu,tern-unfiltered",
+                    help="comma list of tern,qemu,tern-unfiltered (tern with [vmm] seccomp = \"off\")")  # fmt: skip
     ap.add_argument("--tern", type=Path, default=d["tern"])
     ap.add_argument("--qemu", default="qemu-system-x86_64")
     ap.add_argument("--kernel", type=Path, default=d["kernel"],
@@ -1023,7 +1053,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     a.systems = [s.strip() for s in a.systems.split(",") if s.strip()]
     bad = [s for s in a.systems if s not in SYSTEMS]
     if bad or not a.systems:
-        ap.error(f"--systems: unknown {bad}; use tern and/or qemu")
+        ap.error(f"--systems: unknown {bad}; use {', '.join(SYSTEMS)}")
     return a
 
 
@@ -1051,7 +1081,7 @@ def main(argv: list[str]) -> int:
     if a.rerender:
         return rerender(a.rerender, a.out_dir)
     missing = [str(p) for p in (a.kernel, a.initrd) if not p.exists()]
-    if "tern" in a.systems and not a.tern.exists():
+    if any(s.startswith("tern") for s in a.systems) and not a.tern.exists():
         missing.append(str(a.tern))
     if missing:
         log("missing: " + ", ".join(missing) + " — run `make build` first")
@@ -1062,7 +1092,7 @@ def main(argv: list[str]) -> int:
         a.qemu_vsock == "auto" and os.path.exists("/dev/vhost-vsock")
     )
     inputs = {"kernel": a.kernel.absolute(), "initrd": a.initrd.absolute()}
-    if "tern" in a.systems:
+    if any(s.startswith("tern") for s in a.systems):
         inputs["tern"] = a.tern.absolute()
     origin = None
     if a.snapshot:
@@ -1078,6 +1108,11 @@ def main(argv: list[str]) -> int:
         initrd=inputs["initrd"], memory_mib=a.memory, qemu_vsock=vsock,
         timeout=a.timeout, settle=a.settle,
     )  # fmt: skip
+    if "tern-unfiltered" in a.systems:
+        off = Path(tempfile.mkdtemp(prefix="tern-bench-config-")) / "seccomp-off.toml"
+        off.write_text('[vmm]\nseccomp = "off"\n')
+        atexit.register(lambda: __import__("shutil").rmtree(off.parent, ignore_errors=True))
+        setup.unfiltered_config = off
     facts = host_facts(setup, origin)
     config = {
         "runs": a.runs,
@@ -1164,6 +1199,8 @@ class FakeSetup:
         return [sys.executable, self.script, "64", "8", str(delay), str(hold), str(rc)]
 
     def boot(self, system: str) -> RunResult:
+        if system == "tern-unfiltered":
+            return watch(self.cmd(0.02, 0.05, 0), self.timeout, kill_after_marker=False)
         if system == "tern":
             c = self.cmd(0.05, 0.05, 0) if self.tern_ok else ["sh", "-c", "echo boom >&2; exit 3"]
             return watch(c, self.timeout, kill_after_marker=False)
@@ -1173,7 +1210,7 @@ class FakeSetup:
 
     def memory(self, system: str) -> RunResult:
         s = lambda pid: measure_memory(pid, 64 * MiB)  # noqa: E731
-        ok = self.tern_ok if system == "tern" else self.qemu_ok
+        ok = self.tern_ok if system.startswith("tern") else self.qemu_ok
         if not ok:
             return watch(["sh", "-c", "exit 1"], self.timeout, False, self.settle, s)
         kill = system == "qemu"
@@ -1281,6 +1318,15 @@ def selftest() -> int:
         }  # fmt: skip
         config = {"runs": 3, "warmup": 1, "mem_samples": 2, "settle": 0.2,
                   "tern_cmd": "tern run", "qemu_cmd": "qemu"}  # fmt: skip
+        # tern-unfiltered (VMM seccomp off) gets its own table and ratios next to tern
+        res = run_all(FakeSetup(script, True, True), ["tern", "qemu", "tern-unfiltered"], 2, 0, 1)
+        rc, md, heads = report(res, facts, config, out)
+        ratios = json.loads((out / "boot.json").read_text())["summary"]["ratios"]
+        check(rc == 0 and "| metric | tern | tern, VMM seccomp off | ratio (filters on/off) |" in md,
+              "tern-unfiltered: seccomp table")  # fmt: skip
+        check(ratios["seccomp_ready"] is not None and ratios["seccomp_ready"] > 1.0,
+              f"tern-unfiltered: the fake unfiltered tern is readier sooner: {ratios}")  # fmt: skip
+        check(any(h.startswith("VMM seccomp filters:") for h in heads), f"tern-unfiltered: headline {heads}")
         for tern_ok, qemu_ok, want_rc in ((True, True, 0), (False, True, 1), (True, False, 1)):
             fs = FakeSetup(script, tern_ok, qemu_ok)
             res = run_all(fs, ["tern", "qemu"], 3, 1, 2)

@@ -47,8 +47,11 @@ CACHE = Path(os.environ.get("TERN_CACHE") or Path.home() / ".cache/tern")
 VIRTIOFSD = CACHE / "bin/virtiofsd"
 APT_DEPS = ("libseccomp-dev", "libcap-ng-dev")
 TAG = "tern"
-SYSTEMS = ("tern", "virtiofsd", "fs-serve")
-LABEL = {"tern": "tern built-in", "virtiofsd": "QEMU+virtiofsd", "fs-serve": "QEMU+tern fs-serve"}
+# tern-unfiltered: the built-in device with `[vmm] seccomp = "off"`, to price the VMM threads'
+# filters (the tern-fs thread serves every request under its filter).
+SYSTEMS = ("tern", "virtiofsd", "fs-serve", "tern-unfiltered")
+LABEL = {"tern": "tern built-in", "virtiofsd": "QEMU+virtiofsd", "fs-serve": "QEMU+tern fs-serve",
+         "tern-unfiltered": "tern built-in, VMM seccomp off"}
 # metric -> (label, unit, target ratio vs virtiofsd or None)
 METRICS = {
     "write_mib_s": ("sequential write", "MiB/s", 1.0),
@@ -223,6 +226,8 @@ class Runner:
         self.tern = tern
         self.kernel = kernel
         self.params = f"fsb_size={args.size} fsb_files={args.files}"
+        self.unfiltered_config = work / "seccomp-off.toml"
+        self.unfiltered_config.write_text('[vmm]\nseccomp = "off"\n')
 
     def qemu_cmd(self, socket: Path) -> list[str]:
         m = self.a.memory
@@ -256,8 +261,9 @@ class Runner:
         started = time.monotonic()
         console = ""
         try:
-            if system == "tern":
-                cmd = [str(self.tern), "boot", "--kernel", str(self.kernel), "--initrd", str(self.initrd),
+            if system.startswith("tern"):
+                config = ["--config", str(self.unfiltered_config)] if system == "tern-unfiltered" else []
+                cmd = [str(self.tern), *config, "boot", "--kernel", str(self.kernel), "--initrd", str(self.initrd),
                        "--share", f"{shared / 'bench'}:bench", "--memory", str(self.a.memory),
                        "--cmdline", self.params, "--timeout", str(int(self.a.timeout))]
             else:
@@ -362,6 +368,14 @@ def render(summary: dict, results: dict, args: argparse.Namespace, facts: dict) 
         rf = ratio(p, f)
         row += [fmt(f, "s"), "n/a" if rf is None else f"{rf:.2f}x"]
     lines.append("| " + " | ".join(row) + " |")
+    if "tern-unfiltered" in systems:
+        lines += ["", "The VMM threads' seccomp filters: tern built-in as shipped vs with `[vmm] seccomp = \"off\"`, "
+                  "interleaved in this run (ratio = filters on / off; 1.00x = no cost).", "",
+                  f"| metric | {LABEL['tern']} | {LABEL['tern-unfiltered']} | filters on / off |", "|---|---|---|---|"]
+        for m, (label, unit, _) in METRICS.items():
+            t, u = summary.get("tern", {}).get(m), summary["tern-unfiltered"].get(m)
+            r = ratio(t, u)
+            lines.append(f"| {label} | {fmt(t, unit)} | {fmt(u, unit)} | {'n/a' if r is None else f'{r:.2f}x'} |")
     fails = {s: [r["error"] for r in runs if not r["ok"]] for s, runs in results.items()}
     lines += ["", "Setup: " + facts["setup"], ""]
     if any(fails.values()):
@@ -486,13 +500,16 @@ def selftest() -> int:
     ok = {"ok": True, "metrics": m, "wall_s": 10.0}
     results = {"tern": [ok], "virtiofsd": [{"ok": True, "metrics": {k: (v / 2 if v else v) for k, v in m.items()},
                                             "wall_s": 20.0},
-                                           {"ok": False, "error": "boom"}], "fs-serve": [ok]}
+                                           {"ok": False, "error": "boom"}], "fs-serve": [ok],
+               "tern-unfiltered": [{"ok": True, "metrics": {k: (v * 2 if v else v) for k, v in m.items()},
+                                    "wall_s": 5.0}]}
     summary = summarize(results)
     assert summary["virtiofsd"]["write_mib_s"] == 8
     args = argparse.Namespace(size=8, files=100, runs=1)
     md, verdicts = render(summary, results, args, {"where": "test", "date": "now", "setup": "x"})
     assert "**2.00x**" in md and "boom" in md and "n/a" in md and "| 10.0 s | 20.0 s | 2.00x |" in md, md
     assert verdicts[0].startswith("sequential write: 2.00x"), verdicts
+    assert "| filters on / off |" in md and "| 0.50x |" in md, md
     assert INIT_SCRIPT.startswith("#!/bin/sh\n") and "@@FSB times" in INIT_SCRIPT
     print("fs_bench selftest: ok")
     return 0

@@ -133,19 +133,25 @@ const KVM_DEBUGFS_STATS: [&str; 12] = [
 impl TestContainerd {
     /// Start containerd (CRI disabled) and wait until `ctr version` answers.
     pub fn start() -> TestContainerd {
-        TestContainerd::start_with(false)
+        TestContainerd::start_with(false, &[])
+    }
+
+    /// [`TestContainerd::start`] with `env` added to containerd's environment, which
+    /// containerd passes on to the shims it starts (the test-only switches of the shim).
+    pub fn start_with_shim_env(env: &[(&str, &str)]) -> TestContainerd {
+        TestContainerd::start_with(false, env)
     }
 
     /// Start containerd with its CRI plugin (see [`cri_plugin_config`]) and import the
     /// busybox and pause images into CRI's namespace (`k8s.io`). The CRI endpoint is
     /// [`TestContainerd::address`].
     pub fn start_with_cri() -> TestContainerd {
-        let ctrd = TestContainerd::start_with(true);
+        let ctrd = TestContainerd::start_with(true, &[]);
         ctrd.import_cri_images();
         ctrd
     }
 
-    fn start_with(cri: bool) -> TestContainerd {
+    fn start_with(cri: bool, env: &[(&str, &str)]) -> TestContainerd {
         let dir = tempfile::Builder::new()
             .prefix("tern-ctrd-")
             .tempdir_in("/tmp")
@@ -188,7 +194,13 @@ disabled_plugins = [{cri_disabled}"io.containerd.snapshotter.v1.btrfs",
             Ok(level) if !level.is_empty() => format!("kernel_cmdline = \"tern.log={level}\"\n"),
             _ => String::new(),
         };
-        let tern_config = format!("[vm]\nconsole_log = \"{}\"\n{guest_log}", root.join("console.log").display());
+        // `TERN_TEST_SECCOMP=<mode>` sets the shims' `[vmm] seccomp` (default: tern's own, "trap").
+        let vmm_section = match std::env::var("TERN_TEST_SECCOMP") {
+            Ok(mode) if !mode.is_empty() => format!("[vmm]\nseccomp = \"{mode}\"\n"),
+            _ => String::new(),
+        };
+        let tern_config =
+            format!("[vm]\nconsole_log = \"{}\"\n{guest_log}{vmm_section}", root.join("console.log").display());
         std::fs::write(root.join("tern.toml"), tern_config).unwrap_or_else(|e| panic!("write tern.toml: {e}"));
         let bin_dir = shim_bin().parent().map(Path::to_path_buf).unwrap_or_default();
         let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default());
@@ -199,6 +211,7 @@ disabled_plugins = [{cri_disabled}"io.containerd.snapshotter.v1.btrfs",
             .env("PATH", path)
             .env("TERN_CONFIG", root.join("tern.toml"))
             .env("TERN_RUN_DIR", root.join("vm"))
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap_or_else(|e| panic!("log fd: {e}")))
             .stderr(log)

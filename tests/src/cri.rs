@@ -118,6 +118,42 @@ impl Cri {
     }
 }
 
+/// A tern pod started through CRI by [`Cri::run_tern_pod`].
+pub struct TestPod {
+    pub sandbox: String,
+    pub config: api::PodSandboxConfig,
+    /// The pod's CRI log directory (container logs are relative to it).
+    pub log_dir: PathBuf,
+}
+
+impl Cri {
+    /// Wait for the busybox and pause images, then RunPodSandbox of pod `namespace/name` (uid
+    /// `uid`) with tern's handler; its log directory is `<ctrd dir>/logs/<ns>_<name>_<uid>`.
+    pub fn run_tern_pod(&self, ctrd: &TestContainerd, name: &str, uid: &str, namespace: &str) -> TestPod {
+        self.wait_image(crate::containerd::BUSYBOX_IMAGE, Duration::from_secs(30));
+        self.wait_image(crate::containerd::PAUSE_IMAGE, Duration::from_secs(30));
+        let log_dir = ctrd.dir().join("logs").join(format!("{namespace}_{name}_{uid}"));
+        std::fs::create_dir_all(&log_dir).unwrap_or_else(|e| panic!("pod log dir: {e}"));
+        let config = pod_config(name, uid, namespace, &log_dir);
+        let pod = config.clone();
+        let sandbox = self
+            .call(|c| async move { c.run_pod_sandbox(pod, crate::containerd::CRI_HANDLER).await })
+            .unwrap_or_else(|e| panic!("RunPodSandbox {name}: {e}\n{}", ctrd.logs()));
+        TestPod { sandbox, config, log_dir }
+    }
+
+    /// StopPodSandbox and RemovePodSandbox, then wait until the pod's shim is gone.
+    pub fn stop_and_remove(&self, ctrd: &TestContainerd, sandbox: &str) {
+        let sb = sandbox.to_owned();
+        self.call(|c| async move { c.stop_pod_sandbox(&sb).await })
+            .unwrap_or_else(|e| panic!("StopPodSandbox: {e}\n{}", ctrd.logs()));
+        let sb = sandbox.to_owned();
+        self.call(|c| async move { c.remove_pod_sandbox(&sb).await })
+            .unwrap_or_else(|e| panic!("RemovePodSandbox: {e}\n{}", ctrd.logs()));
+        assert!(ctrd.wait_no_shims(Duration::from_secs(60)), "the pod's shim outlived the pod\n{}", ctrd.logs());
+    }
+}
+
 fn namespaces(pid: api::NamespaceMode) -> api::NamespaceOption {
     api::NamespaceOption {
         network: api::NamespaceMode::Pod as i32,

@@ -15,10 +15,8 @@
 use std::time::Duration;
 
 use tern_runtime::cri::api;
-use tern_tests::containerd::{
-    stderr, stdout, TestContainerd, BUSYBOX_IMAGE, CRI_HANDLER, PAUSE_IMAGE, SNAPSHOTTER, TERN_RUNTIME,
-};
-use tern_tests::cri::{container_config, pod_config, wait_log_line, Cri};
+use tern_tests::containerd::{stderr, stdout, TestContainerd, BUSYBOX_IMAGE, SNAPSHOTTER, TERN_RUNTIME};
+use tern_tests::cri::{container_config, wait_log_line, Cri, TestPod};
 
 /// One `ctr run` includes a VM boot, which is slow under the nested runner's emulation.
 const RUN_LIMIT: Duration = Duration::from_secs(180);
@@ -128,19 +126,9 @@ fn cri_runtime_default_filters_the_container() {
     let test = "cri_runtime_default_filters_the_container";
     let Some(ctrd) = tern_tests::containerd::cri_containerd_for_test(test) else { return };
     let cri = Cri::connect(&ctrd);
-    cri.wait_image(BUSYBOX_IMAGE, Duration::from_secs(30));
-    cri.wait_image(PAUSE_IMAGE, Duration::from_secs(30));
     let logs = || ctrd.logs();
-    let (name, uid, ns) = ("filtered", "0f6c1b0e-5b1c-4d0e-9a57-00000000c0a1", "tern");
-    let log_dir = ctrd.dir().join("logs").join(format!("{ns}_{name}_{uid}"));
-    std::fs::create_dir_all(&log_dir).unwrap();
-    let pod = pod_config(name, uid, ns, &log_dir);
-    let sandbox = cri
-        .call(|c| {
-            let pod = pod.clone();
-            async move { c.run_pod_sandbox(pod, CRI_HANDLER).await }
-        })
-        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", logs()));
+    let TestPod { sandbox, config: pod, log_dir } =
+        cri.run_tern_pod(&ctrd, "filtered", "0f6c1b0e-5b1c-4d0e-9a57-00000000c0a1", "tern");
 
     let script = format!("{PROBE}; echo done; exec sleep 100000");
     let mut config = container_config("probe", BUSYBOX_IMAGE, &["sh", "-c", &script], "probe.log", &[]);
@@ -160,12 +148,110 @@ fn cri_runtime_default_filters_the_container() {
     assert_eq!(status_field(lines.iter().map(String::as_str), "NoNewPrivs").as_deref(), Some("0"), "{lines:?}");
     assert!(lines.iter().any(|l| l == "unshare=1"), "unshare -U must fail under RuntimeDefault: {lines:?}");
     assert!(lines.iter().any(|l| l.contains("Operation not permitted")), "{lines:?}");
+    cri.stop_and_remove(&ctrd, &sandbox);
+}
 
-    let sb = sandbox.clone();
-    cri.call(|c| async move { c.stop_pod_sandbox(&sb).await })
-        .unwrap_or_else(|e| panic!("StopPodSandbox: {e}\n{}", logs()));
-    let sb = sandbox.clone();
-    cri.call(|c| async move { c.remove_pod_sandbox(&sb).await })
-        .unwrap_or_else(|e| panic!("RemovePodSandbox: {e}\n{}", logs()));
-    assert!(ctrd.wait_no_shims(Duration::from_secs(60)), "the pod's shim outlived the pod\n{}", logs());
+/// `(name, Seccomp, NoNewPrivs, CapEff)` of every thread of process `pid` named like a VMM
+/// thread (`tern-…`).
+fn vmm_threads(pid: i32) -> Vec<(String, String, String, u64)> {
+    let mut threads = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+        let Ok(comm) = std::fs::read_to_string(task.path().join("comm")) else { continue };
+        let comm = comm.trim().to_owned();
+        if vmm::thread_role(&comm).is_none() {
+            continue;
+        }
+        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else { continue };
+        let field = |name| status_field(status.lines(), name).unwrap_or_default();
+        let cap_eff = u64::from_str_radix(&field("CapEff"), 16).unwrap();
+        threads.push((comm, field("Seccomp"), field("NoNewPrivs"), cap_eff));
+    }
+    threads.sort();
+    threads
+}
+
+/// Every VMM thread of a pod's shim runs under its role's filter, while the VM carries real
+/// work: container stdio, a share (the rootfs), a watchable mount that changes, and network
+/// traffic. vCPUs, device loop, net, console and watcher threads hold no capability; the fs
+/// thread holds exactly what the design keeps for passthrough.
+#[test]
+fn cri_pod_vmm_threads_run_filtered_with_their_roles_capabilities() {
+    let test = "cri_pod_vmm_threads_run_filtered_with_their_roles_capabilities";
+    let Some(ctrd) = tern_tests::containerd::cri_containerd_for_test(test) else { return };
+    let cri = Cri::connect(&ctrd);
+    let logs = || ctrd.logs();
+    let uid = "0f6c1b0e-5b1c-4d0e-9a57-00000000c0a2";
+    let mut secret = tern_tests::cri::SecretVolume::create(
+        &ctrd.dir().join("kubelet/pods").join(uid),
+        "token",
+        &[("key", "generation-1")],
+    );
+    let TestPod { sandbox, config: pod, log_dir } = cri.run_tern_pod(&ctrd, "hardened", uid, "tern");
+    // Frames to the bridge gateway (ARP, then a TCP SYN nobody answers) cross tern-net.
+    let script = "nc -w 2 10.88.77.1 80 </dev/null; echo net-tried; \
+                  while :; do echo \"secret=$(cat /etc/secret/key)\"; sleep 0.2; done";
+    let config = container_config(
+        "work",
+        BUSYBOX_IMAGE,
+        &["sh", "-c", script],
+        "work.log",
+        &[(secret.dir(), "/etc/secret", true)],
+    );
+    cri.create_and_start(&sandbox, config, pod.clone()).unwrap_or_else(|e| panic!("{e}\n{}", logs()));
+    let log = log_dir.join("work.log");
+    wait_log_line(&log, Duration::from_secs(240), &logs, |l| l == "net-tried");
+    wait_log_line(&log, Duration::from_secs(60), &logs, |l| l == "secret=generation-1");
+    secret.update(&[("key", "generation-2")]);
+    wait_log_line(&log, Duration::from_secs(60), &logs, |l| l == "secret=generation-2");
+
+    let shims = ctrd.shim_pids();
+    assert_eq!(shims.len(), 1, "one shim expected: {shims:?}");
+    let threads = vmm_threads(shims[0]);
+    let names: Vec<&str> = threads.iter().map(|t| t.0.as_str()).collect();
+    for expected in
+        ["tern-vcpu0", "tern-devices", "tern-fs", "tern-net", "tern-console", "tern-fs-watch", "tern-fs-link"]
+    {
+        assert!(names.contains(&expected), "no {expected} thread in the shim: {threads:?}");
+    }
+    let fs_caps = vmm::api::kept_capability_mask(vmm::api::SeccompRole::Fs);
+    for (name, seccomp, no_new_privs, cap_eff) in &threads {
+        assert_eq!((seccomp.as_str(), no_new_privs.as_str()), ("2", "1"), "{name} is not filtered: {threads:?}");
+        let expected = if name == "tern-fs" { fs_caps } else { 0 };
+        assert_eq!(*cap_eff, expected, "{name}'s CapEff is {cap_eff:#x}, the design says {expected:#x}");
+    }
+    // The shim's own threads (tokio, the VM monitor) are not VMM threads and stay unfiltered.
+    let main_status = std::fs::read_to_string(format!("/proc/{}/status", shims[0])).unwrap();
+    assert_eq!(status_field(main_status.lines(), "Seccomp").as_deref(), Some("0"));
+    cri.stop_and_remove(&ctrd, &sandbox);
+}
+
+/// The test-only switch makes the fs thread issue a forbidden syscall (`getpgrp`) when the
+/// guest looks up a chosen name: the shim logs the thread and the syscall, the VM ends with an
+/// error saying so, containerd sees the task exit, and nothing is left behind.
+#[test]
+fn a_vmm_seccomp_violation_ends_the_vm_and_the_task() {
+    let test = "a_vmm_seccomp_violation_ends_the_vm_and_the_task";
+    if !tern_tests::containerd::require_containerd(test, None) {
+        return;
+    }
+    let ctrd = TestContainerd::start_with_shim_env(&[("TERN_TEST_SECCOMP_VIOLATION", "fs:lookup:tern-violate")]);
+    ctrd.import_busybox();
+    // The lookup of /tern-violate goes to the rootfs share on tern-fs; the VM ends while the
+    // container sleeps, long before the sleep would.
+    let started = std::time::Instant::now();
+    let out = ctr_run(&ctrd, "violator", &[], &["sh", "-c", "echo before; ls /tern-violate; exec sleep 600"]);
+    let (text, err) = (stdout(&out), stderr(&out));
+    assert!(started.elapsed() < Duration::from_secs(170), "ctr run waited for the sleep: {text}\n{err}");
+    assert!(!out.status.success(), "the task must not exit 0 after its VM died: {text}\n{err}");
+    assert!(text.contains("before"), "{text}\n{err}\n{}", ctrd.logs());
+    let log = ctrd.logs();
+    assert!(log.contains("seccomp violation"), "the shim must log the violation:\n{log}");
+    assert!(log.contains("tern-fs") && log.contains("getpgrp"), "the log must name the thread and syscall:\n{log}");
+    assert!(
+        log.contains("VMM thread tern-fs made syscall 111 (getpgrp), which its seccomp filter forbids"),
+        "the VM's error must say why it ended:\n{log}"
+    );
+    assert_clean(&ctrd);
+    let run_dirs: Vec<_> = std::fs::read_dir(ctrd.dir().join("vm")).map(|d| d.flatten().count()).into_iter().collect();
+    assert!(run_dirs.iter().all(|n| *n == 0), "run dirs left behind: {run_dirs:?}");
 }

@@ -63,6 +63,7 @@ fn main() -> ExitCode {
         fs_device: false,
         watch_resync_interval: tern_change_records::DEFAULT_RESYNC_INTERVAL,
         net: Vec::new(),
+        seccomp: vmm::api::SeccompMode::Trap,
     };
 
     let vm = match Vmm::start(config) {

@@ -15,8 +15,12 @@ pub use crate::error::VmmError;
 use crate::fs_watcher::ShareWatchers;
 pub use crate::fs_watcher::WatcherCounters;
 pub use crate::layout::{MAX_VCPUS, MIN_MEMORY_MIB};
-use crate::lifecycle::{VmLifecycle, VmOutcome};
+use crate::lifecycle::{VmFault, VmLifecycle, VmOutcome};
 use crate::metrics::VmMetrics;
+pub use crate::seccomp::{
+    kept_capabilities, kept_capability_mask, probe as probe_seccomp, SeccompError, SeccompMode, SeccompRole,
+    SeccompViolation,
+};
 pub use crate::vstate::vcpu::VmExit;
 
 /// Points in a VM's life, for boot-time measurements.
@@ -101,7 +105,10 @@ pub struct VmHandle {
 }
 
 fn outcome_to_result(outcome: VmOutcome) -> Result<VmExit, VmmError> {
-    outcome.map_err(|fault| VmmError::Vcpu { index: fault.index, source: fault.error })
+    outcome.map_err(|fault| match fault {
+        VmFault::Vcpu(fault) => VmmError::Vcpu { index: fault.index, source: fault.error },
+        VmFault::Seccomp(violation) => VmmError::Seccomp(violation),
+    })
 }
 
 impl VmHandle {
@@ -232,7 +239,7 @@ mod tests {
     #[test]
     fn vcpu_faults_become_errors() {
         let fault = crate::lifecycle::VcpuFault { index: 1, error: VcpuRunError::GuestCrash };
-        let err = outcome_to_result(Err(fault)).unwrap_err();
+        let err = outcome_to_result(Err(VmFault::Vcpu(fault))).unwrap_err();
         assert!(matches!(err, VmmError::Vcpu { index: 1, source: VcpuRunError::GuestCrash }));
         assert_eq!(err.to_string(), "vCPU 1 stopped the VM");
     }

@@ -7,7 +7,10 @@
 
 use std::fs::OpenOptions;
 use std::io::Write;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use vmm_sys_util::epoll::EventSet;
 
 use vmm_sys_util::eventfd::EventFd;
 
@@ -28,10 +31,11 @@ use crate::devices::vsock::Vsock;
 use crate::error::VmmError;
 use crate::fs_watcher::ShareWatchers;
 use crate::layout::{MAX_IRQ, MAX_VCPUS, VIRTIO_FIRST_IRQ, VIRTIO_MMIO_BASE, VIRTIO_MMIO_WINDOW};
-use crate::lifecycle::VmLifecycle;
+use crate::lifecycle::{VmFault, VmLifecycle};
 use crate::memory::create_guest_memory;
 use crate::memory::GuestMemory;
 use crate::metrics::VmMetrics;
+use crate::seccomp::{Hardening, SeccompRole, ViolationSink};
 use crate::vstate::kvm::KvmSystem;
 use crate::vstate::vcpu::{install_kick_handler, Vcpu, VcpuRunContext, VmExit};
 use crate::vstate::vm::Vm;
@@ -134,7 +138,7 @@ fn validate(config: &VmConfig, kvm: &KvmSystem) -> Result<(), VmmError> {
     Ok(())
 }
 
-fn console_writer(output: &ConsoleOutput) -> Result<ConsoleWriter, VmmError> {
+fn console_writer(output: &ConsoleOutput, hardening: &Hardening) -> Result<ConsoleWriter, VmmError> {
     let sink: Box<dyn Write + Send> = match output {
         ConsoleOutput::Discard => return Ok(ConsoleWriter::discard()),
         ConsoleOutput::Stdout => Box::new(std::io::stdout()),
@@ -147,7 +151,7 @@ fn console_writer(output: &ConsoleOutput) -> Result<ConsoleWriter, VmmError> {
                 .map_err(|source| VmmError::Console { path: path.clone(), source })?,
         ),
     };
-    ConsoleWriter::spawn(sink).map_err(|err| VmmError::Thread("console", err))
+    ConsoleWriter::spawn(sink, hardening).map_err(|err| VmmError::Thread("console", err))
 }
 
 fn new_eventfd() -> Result<EventFd, VmmError> {
@@ -244,11 +248,12 @@ fn build_legacy_devices(
     config: &VmConfig,
     vm: &Vm,
     lifecycle: &Arc<VmLifecycle>,
+    hardening: &Hardening,
 ) -> Result<(PioBus, Arc<ConsoleTail>), VmmError> {
     let mut pio = PioBus::new();
     let serial_irq = new_eventfd()?;
     vm.register_irqfd(&serial_irq, COM1_IRQ)?;
-    let console = console_writer(&config.console)?;
+    let console = console_writer(&config.console, hardening)?;
     let console_tail = console.tail();
     let serial = SerialConsole::new(serial_irq, console);
     pio.insert(COM1_PORT, COM1_PORT_COUNT, Arc::new(Mutex::new(serial)))?;
@@ -265,6 +270,55 @@ fn build_legacy_devices(
     Ok((pio, console_tail))
 }
 
+/// Ends the VM when one of its hardened threads reports a seccomp violation (mode `trap`):
+/// the SIGSYS handler can only count and write an eventfd, so the ending happens here, on the
+/// device event loop.
+struct ViolationWatch {
+    notify: EventFd,
+    sink: Arc<ViolationSink>,
+    lifecycle: Weak<VmLifecycle>,
+}
+
+impl MutEventSubscriber for ViolationWatch {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.notify.read();
+        let (Some(violation), Some(lifecycle)) = (self.sink.first(), self.lifecycle.upgrade()) else { return };
+        tracing::error!(
+            thread = %violation.thread,
+            syscall = violation.syscall,
+            name = violation.name.as_deref().unwrap_or("unknown"),
+            "seccomp violation: a VMM thread made a syscall its filter forbids; the VM ends"
+        );
+        lifecycle.finish(Err(VmFault::Seccomp(violation)));
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(err) = ops.add(Events::new(&self.notify, EventSet::IN)) {
+            tracing::error!(error = %err, "cannot watch for seccomp violations");
+        }
+    }
+}
+
+fn watch_for_violations(
+    devices: &EventLoopHandle,
+    metrics: &Arc<VmMetrics>,
+    lifecycle: &Arc<VmLifecycle>,
+) -> Result<(), VmmError> {
+    let notify = new_eventfd()?;
+    let watch = ViolationWatch {
+        notify: notify.try_clone().map_err(VmmError::EventFd)?,
+        sink: metrics.seccomp.clone(),
+        lifecycle: Arc::downgrade(lifecycle),
+    };
+    // A second VM on the same metrics would find the sink taken; each VM has its own.
+    metrics
+        .seccomp
+        .set_notify(notify)
+        .map_err(|_| VmmError::InvalidConfig("the VM's metrics are already in use by another VM".into()))?;
+    devices.add_subscriber(Arc::new(Mutex::new(watch))).map_err(|err| VmmError::Thread("device event loop", err))?;
+    Ok(())
+}
+
 /// Build the VM described by `config` and start its vCPUs.
 pub(crate) fn build_and_start(
     config: &VmConfig,
@@ -274,6 +328,7 @@ pub(crate) fn build_and_start(
     let kvm = KvmSystem::open()?;
     validate(config, &kvm)?;
     install_kick_handler()?;
+    let hardening = Hardening::new(config.seccomp, metrics.seccomp.clone());
 
     let memory = create_guest_memory(config.memory_mib)?;
     let mut vm = Vm::new(&kvm)?;
@@ -297,7 +352,7 @@ pub(crate) fn build_and_start(
     };
     let VirtioDevices { mmio, slots: virtio_slots, fs_shares } =
         build_virtio_devices(config, &vm, &memory, &loops, &metrics)?;
-    let (pio, console_tail) = build_legacy_devices(config, &vm, &lifecycle)?;
+    let (pio, console_tail) = build_legacy_devices(config, &vm, &lifecycle, &hardening)?;
 
     let cmdline = build_cmdline(&virtio_slots, &config.cmdline)?;
     let boot = prepare_guest_memory(&memory, &config.kernel, config.initrd.as_deref(), &cmdline, config.vcpus)?;
@@ -312,18 +367,24 @@ pub(crate) fn build_and_start(
         vcpus.push(vcpu);
     }
 
-    let watchers =
-        Arc::new(ShareWatchers::new(config.vsock.as_ref().map(|v| v.uds_path.clone()), config.watch_resync_interval));
+    let watchers = Arc::new(ShareWatchers::new(
+        config.vsock.as_ref().map(|v| v.uds_path.clone()),
+        config.watch_resync_interval,
+        hardening.clone(),
+    ));
     for share in config.fs_shares.iter().filter(|s| s.watch) {
         watchers.watch(&share.name, &share.host_dir)?;
     }
-    let event_loop = event_loop.spawn().map_err(|err| VmmError::Thread("device event loop", err))?;
+    watch_for_violations(&loops.devices, &metrics, &lifecycle)?;
+    let event_loop = event_loop
+        .spawn(crate::threads::DEVICES, SeccompRole::Devices, &hardening)
+        .map_err(|err| VmmError::Thread("device event loop", err))?;
     let fs_event_loop = fs_event_loop
-        .map(|fs_loop| fs_loop.spawn_named(crate::threads::FS))
+        .map(|fs_loop| fs_loop.spawn(crate::threads::FS, SeccompRole::Fs, &hardening))
         .transpose()
         .map_err(|err| VmmError::Thread("fs event loop", err))?;
     let net_event_loop = net_event_loop
-        .map(|net_loop| net_loop.spawn_named(crate::threads::NET))
+        .map(|net_loop| net_loop.spawn(crate::threads::NET, SeccompRole::Net, &hardening))
         .transpose()
         .map_err(|err| VmmError::Thread("net event loop", err))?;
     let running = RunningVm {
@@ -346,6 +407,7 @@ pub(crate) fn build_and_start(
             mmio: running.mmio.clone(),
             supervisor: lifecycle.clone(),
             metrics: metrics.clone(),
+            hardening: hardening.clone(),
         };
         match vcpu.spawn(context) {
             Ok(thread) => lifecycle.adopt_vcpu_thread(thread),

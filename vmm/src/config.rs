@@ -35,6 +35,9 @@ pub struct VmConfig {
     /// virtio-mmio slots). Their queues run on a `tern-net` thread of their own, started only
     /// when this is not empty.
     pub net: Vec<NetConfig>,
+    /// What a VMM thread's seccomp filter does with a syscall outside its role's allowlist
+    /// (see [`crate::seccomp`]); every VMM thread is filtered unless this is `Off`.
+    pub seccomp: crate::seccomp::SeccompMode,
 }
 
 impl VmConfig {

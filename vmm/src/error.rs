@@ -68,6 +68,9 @@ pub enum VmmError {
     /// The VM has ended; it can no longer be changed.
     #[error("the VM is not running")]
     NotRunning,
+    /// A VMM thread made a syscall outside its seccomp allowlist (`[vmm] seccomp = "trap"`).
+    #[error("the VM was stopped: {0}")]
+    Seccomp(crate::seccomp::SeccompViolation),
     /// A vCPU failed while running the guest.
     #[error("vCPU {index} stopped the VM")]
     Vcpu {

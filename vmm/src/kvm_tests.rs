@@ -94,7 +94,10 @@ fn start_tiny_vm(kvm: &KvmSystem, code: &[u8], long_mode: bool) -> TinyVm {
     let mut pio = PioBus::new();
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
     vm.register_irqfd(&serial_irq, 4).unwrap();
-    let serial = SerialConsole::new(serial_irq, ConsoleWriter::spawn(Box::new(console.clone())).unwrap());
+    let serial = SerialConsole::new(
+        serial_irq,
+        ConsoleWriter::spawn(Box::new(console.clone()), &crate::seccomp::Hardening::trap_for_test()).unwrap(),
+    );
     pio.insert(COM1_PORT, COM1_PORT_COUNT, Arc::new(Mutex::new(serial))).unwrap();
     let resetter = lifecycle.clone();
     let reset = I8042ResetPort::new(move || resetter.finish(Ok(VmExit::Reset)));
@@ -115,6 +118,7 @@ fn start_tiny_vm(kvm: &KvmSystem, code: &[u8], long_mode: bool) -> TinyVm {
         mmio: Arc::new(MmioBus::new()),
         supervisor: lifecycle.clone(),
         metrics: metrics.clone(),
+        hardening: crate::seccomp::Hardening::trap_for_test(),
     };
     lifecycle.adopt_vcpu_thread(vcpu.spawn(context).unwrap());
     TinyVm { lifecycle, console, metrics, _vm: vm }

@@ -4,8 +4,8 @@
 //! re-exported here by name. Layers, each using only those below it (`scripts/module-deps.py`
 //! checks that there is no cycle):
 //!
-//! 1. `layout` (the guest-physical address map), `memory` (guest RAM), `metrics` (counters)
-//!    and `threads` (the names of the VMM's threads);
+//! 1. `layout` (the guest-physical address map), `memory` (guest RAM), `metrics` (counters),
+//!    `threads` (the names of the VMM's threads) and `seccomp` (their filters and capabilities);
 //! 2. `vstate`: the only place that talks to KVM (system, VM, vCPUs and their run loop);
 //! 3. `boot`: loads the kernel and builds the boot structures and the vCPUs' boot state;
 //! 4. `devices`: the buses, the legacy devices, the virtio-mmio transport and the virtio devices;
@@ -33,6 +33,7 @@ mod layout;
 mod lifecycle;
 mod memory;
 mod metrics;
+mod seccomp;
 mod threads;
 mod vhost_user_fs;
 mod vstate;

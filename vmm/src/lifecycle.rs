@@ -1,5 +1,6 @@
 //! How a running VM ends. The first of these to happen decides the outcome: a vCPU sees the
-//! guest reset or shut down, a vCPU fails, or the owner calls `stop()`. Recording the outcome
+//! guest reset or shut down, a vCPU fails, a VMM thread breaks its seccomp filter, or the owner
+//! calls `stop()`. Recording the outcome
 //! raises the stop flag every vCPU checks before re-entering the guest, and kicks each vCPU
 //! thread out of `KVM_RUN` with a signal; `join_vcpus` then collects the threads.
 
@@ -23,8 +24,17 @@ pub(crate) struct VcpuFault {
     pub error: VcpuRunError,
 }
 
+/// What ended a VM that did not end well.
+#[derive(Debug, Clone)]
+pub(crate) enum VmFault {
+    /// A vCPU failed.
+    Vcpu(VcpuFault),
+    /// A VMM thread made a syscall its seccomp filter forbids (mode `trap`).
+    Seccomp(crate::seccomp::SeccompViolation),
+}
+
 /// How the VM ended.
-pub(crate) type VmOutcome = Result<VmExit, VcpuFault>;
+pub(crate) type VmOutcome = Result<VmExit, VmFault>;
 
 /// Shared by the VM handle, the vCPU threads and the devices that can end the VM.
 #[derive(Default)]
@@ -148,7 +158,7 @@ impl VcpuSupervisor for VmLifecycle {
     }
 
     fn vcpu_ended(&self, index: u8, result: Result<VmExit, VcpuRunError>) {
-        self.finish(result.map_err(|error| VcpuFault { index, error }));
+        self.finish(result.map_err(|error| VmFault::Vcpu(VcpuFault { index, error })));
     }
 }
 

@@ -342,6 +342,8 @@ pub struct VmMetrics {
     pub vsock: VsockMetrics,
     /// One entry per virtio-net device, in device order; filled while the VM is built.
     net: Mutex<Vec<Arc<NetMetrics>>>,
+    /// Where the VM's hardened threads report seccomp violations (counted per role).
+    pub seccomp: Arc<crate::seccomp::ViolationSink>,
 }
 
 impl Default for VmMetrics {
@@ -351,6 +353,7 @@ impl Default for VmMetrics {
             fs: FsMetrics::new(),
             vsock: VsockMetrics::new(),
             net: Mutex::new(Vec::new()),
+            seccomp: Arc::default(),
         }
     }
 }
@@ -377,6 +380,9 @@ pub struct VmMetricsSnapshot {
     pub vsock_bytes_from_guest: u64,
     /// Per virtio-net device, in device order (empty without net devices).
     pub net: Vec<NetMetricsSnapshot>,
+    /// `(role, violations)` of the seccomp filters, for every role (mode `trap` only: in `log`
+    /// mode the kernel logs them and tern does not see them).
+    pub seccomp_violations: Vec<(crate::seccomp::SeccompRole, u64)>,
 }
 
 impl VmMetrics {
@@ -423,6 +429,7 @@ impl VmMetrics {
             vsock_bytes_to_guest: get(&self.vsock.bytes_to_guest),
             vsock_bytes_from_guest: get(&self.vsock.bytes_from_guest),
             net: self.net_devices().iter().map(|m| m.snapshot()).collect(),
+            seccomp_violations: self.seccomp.counts(),
         }
     }
 }

@@ -3,16 +3,20 @@
 //! for example by the runtime's process metrics: read roles with [`thread_role`], never by
 //! guessing at prefixes.
 //!
-//! | name | thread | started by |
-//! |---|---|---|
-//! | `tern-vcpu<N>` | vCPU `N`'s run loop | `vstate::vcpu::Vcpu::spawn` |
-//! | `tern-devices` | the device event loop (vsock) | `builder` |
-//! | `tern-fs` | the virtio-fs request loop (only with an fs device) | `builder` |
-//! | `tern-net` | the net devices' event loop (only with net devices) | `builder` |
-//! | `tern-console` | the serial console's writer | `devices::legacy::ConsoleWriter` |
-//! | `tern-fs-watch` | the fs watcher's inotify reader | `fs_watcher` |
-//! | `tern-fs-link` | the fs watcher's link to the agent | `fs_watcher` |
-//! | `tern-vhost-fs` | the vhost-user-fs daemon's queue worker (`tern fs-serve`) | `vhost_user_fs` |
+//! Every thread of a VM is started through `seccomp::spawn` and runs under the seccomp filter
+//! and capabilities of its role (`ps -T -p <shim pid>` shows the names;
+//! `/proc/<pid>/task/<tid>/status` the `Seccomp:` mode and `CapEff`).
+//!
+//! | name | thread | started by | seccomp role |
+//! |---|---|---|---|
+//! | `tern-vcpu<N>` | vCPU `N`'s run loop | `vstate::vcpu::Vcpu::spawn` | `vcpu` |
+//! | `tern-devices` | the device event loop (vsock) | `builder` | `devices` |
+//! | `tern-fs` | the virtio-fs request loop (only with an fs device) | `builder` | `fs` |
+//! | `tern-net` | the net devices' event loop (only with net devices) | `builder` | `net` |
+//! | `tern-console` | the serial console's writer | `devices::legacy::ConsoleWriter` | `console` |
+//! | `tern-fs-watch` | the fs watcher's inotify reader | `fs_watcher` | `watcher` |
+//! | `tern-fs-link` | the fs watcher's link to the agent | `fs_watcher` | `watcher` |
+//! | `tern-vhost-fs` | the vhost-user-fs daemon's worker (`tern fs-serve`) | `vhost_user_fs` | none |
 
 /// Prefix of a vCPU thread's name; the vCPU index follows.
 const VCPU_PREFIX: &str = "tern-vcpu";

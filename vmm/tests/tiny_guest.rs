@@ -86,6 +86,7 @@ fn config(kernel: PathBuf, vcpus: u8) -> VmConfig {
         fs_device: false,
         watch_resync_interval: tern_change_records::DEFAULT_RESYNC_INTERVAL,
         net: Vec::new(),
+        seccomp: vmm::api::SeccompMode::Trap,
     }
 }
 

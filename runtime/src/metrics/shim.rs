@@ -300,6 +300,14 @@ fn virtio(vm: &VmMetricsSnapshot, out: &mut Vec<Family>) {
             .with(labels([("direction", "to_guest")]), Value::Counter(vm.vsock_bytes_to_guest))
             .with(labels([("direction", "from_guest")]), Value::Counter(vm.vsock_bytes_from_guest)),
     );
+    let mut violations = Family::new(
+        "tern_vmm_seccomp_violations",
+        "Syscalls a VMM thread made outside its role's seccomp allowlist (mode trap), by role.",
+    );
+    for (role, n) in &vm.seccomp_violations {
+        violations = violations.with(labels([("role", role.name())]), Value::Counter(*n));
+    }
+    out.push(violations);
 }
 
 /// The virtio-net devices, labelled by their host tap (`to_guest` = rx, `from_guest` = tx).

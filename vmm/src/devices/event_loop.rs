@@ -19,6 +19,8 @@ use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, RemoteEn
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::seccomp::{Hardening, SeccompRole};
+
 /// A subscriber as the event loop stores it: shared, so its owner can keep a handle to it.
 pub type SharedSubscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
@@ -100,20 +102,16 @@ impl EventLoop {
         EventLoopHandle { endpoint: self.manager.remote_endpoint() }
     }
 
-    /// Run the loop on a thread named `tern-devices`.
-    pub fn spawn(self) -> io::Result<EventLoopThread> {
-        self.spawn_named(crate::threads::DEVICES)
-    }
-
-    /// Run the loop on a thread named `name` (Linux keeps the first 15 bytes).
-    pub fn spawn_named(mut self, name: &str) -> io::Result<EventLoopThread> {
+    /// Run the loop on a thread named `name` (Linux keeps the first 15 bytes), hardened as
+    /// `role` (see [`crate::seccomp`]).
+    pub fn spawn(mut self, name: &str, role: SeccompRole, hardening: &Hardening) -> io::Result<EventLoopThread> {
         let exit = Arc::new(AtomicBool::new(false));
         let thread_fd = self.exit_fd.try_clone()?;
         let subscriber: SharedSubscriber = Arc::new(Mutex::new(ExitSubscriber { fd: thread_fd, exit: exit.clone() }));
         self.manager.add_subscriber(subscriber);
         let mut manager = self.manager;
         let thread_name = name.to_owned();
-        let thread = std::thread::Builder::new().name(name.into()).spawn(move || {
+        let thread = crate::seccomp::spawn(name.into(), role, hardening, move || {
             let mut consecutive_errors = 0u32;
             while !exit.load(Ordering::SeqCst) {
                 match manager.run() {
@@ -149,6 +147,15 @@ impl EventLoopHandle {
             })
             .map_err(|e| EventLoopError::Gone(e.to_string()))?;
         Ok(token)
+    }
+
+    /// Run `work` on the loop's thread, after every request queued before it: device work
+    /// that must not run on the caller's thread (a vCPU's filter allows no file access).
+    /// Once the loop has ended (VM shutdown) the work is dropped, not run.
+    pub fn run_on_loop(&self, work: impl FnOnce() + Send + 'static) {
+        if let Err(e) = self.endpoint.fire(move |_ops| work()) {
+            tracing::debug!(error = %e, "device event loop already gone; work dropped");
+        }
     }
 
     /// Unregister a subscriber (its fds leave the epoll set) and drop the loop's reference to it.
@@ -253,7 +260,7 @@ mod tests {
         let handle = lp.handle();
         let (fd1, sub1, rx1) = counter();
         handle.add_subscriber(sub1).unwrap();
-        let thread = lp.spawn().unwrap();
+        let thread = lp.spawn("tern-devices", SeccompRole::Devices, &Hardening::off()).unwrap();
 
         let (fd2, sub2, rx2) = counter();
         let token2 = std::thread::spawn(move || handle.add_subscriber(sub2).unwrap()).join().unwrap();
@@ -267,7 +274,7 @@ mod tests {
     }
 
     #[test]
-    fn spawn_named_names_the_thread() {
+    fn spawn_names_the_thread() {
         struct ThreadName(mpsc::Sender<Option<String>>);
         impl MutEventSubscriber for ThreadName {
             fn process(&mut self, _events: Events, _ops: &mut EventOps) {}
@@ -277,7 +284,7 @@ mod tests {
         }
         let lp = EventLoop::new().unwrap();
         let handle = lp.handle();
-        let thread = lp.spawn_named("tern-net").unwrap();
+        let thread = lp.spawn("tern-net", SeccompRole::Net, &Hardening::off()).unwrap();
         let (tx, rx) = mpsc::channel();
         handle.add_subscriber(Arc::new(Mutex::new(ThreadName(tx)))).unwrap();
         // A subscriber's init runs on the loop's thread.
@@ -289,7 +296,7 @@ mod tests {
     fn removed_subscriber_gets_no_more_events() {
         let lp = EventLoop::new().unwrap();
         let handle = lp.handle();
-        let thread = lp.spawn().unwrap();
+        let thread = lp.spawn("tern-devices", SeccompRole::Devices, &Hardening::off()).unwrap();
         let (fd, sub, rx) = counter();
         let token = handle.add_subscriber(sub).unwrap();
         fd.write(1).unwrap();

@@ -36,6 +36,8 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
+use crate::seccomp::{Hardening, SeccompRole};
+
 use self::coalesce::{Coalescer, PendingBatch};
 use self::link::AgentLink;
 use self::moves::PendingMoves;
@@ -176,7 +178,7 @@ impl std::fmt::Debug for Watcher {
 impl Watcher {
     /// Start the watcher threads. Batches go to the agent through the hybrid vsock socket at
     /// `uds_path`; every share is resynced at least every `resync_interval`.
-    pub fn start(uds_path: &Path, resync_interval: Duration) -> Result<Watcher, WatchError> {
+    pub fn start(uds_path: &Path, resync_interval: Duration, hardening: &Hardening) -> Result<Watcher, WatchError> {
         let inotify = Inotify::init().map_err(WatchError::Inotify)?;
         let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(WatchError::Wait)?;
         let timer = TimerFd::new().map_err(|e| WatchError::Wait(std::io::Error::from_raw_os_error(e.errno())))?;
@@ -201,9 +203,10 @@ impl Watcher {
             resync_interval,
             history: std::cell::RefCell::default(),
         };
-        let thread = std::thread::Builder::new()
-            .name(crate::threads::FS_LINK.into())
-            .spawn(move || link.run(rx))
+        let thread =
+            crate::seccomp::spawn(crate::threads::FS_LINK.into(), SeccompRole::Watcher, hardening, move || {
+                link.run(rx)
+            })
             .map_err(|e| WatchError::Thread(crate::threads::FS_LINK, e))?;
         watcher.threads.push(thread);
         let events = EventReader {
@@ -215,9 +218,10 @@ impl Watcher {
             moves: PendingMoves::default(),
             timer,
         };
-        let thread = std::thread::Builder::new()
-            .name(crate::threads::FS_WATCH.into())
-            .spawn(move || events.run())
+        let thread =
+            crate::seccomp::spawn(crate::threads::FS_WATCH.into(), SeccompRole::Watcher, hardening, move || {
+                events.run()
+            })
             .map_err(|e| WatchError::Thread(crate::threads::FS_WATCH, e))?;
         watcher.threads.push(thread);
         Ok(watcher)
@@ -294,13 +298,14 @@ impl Drop for Watcher {
 pub struct ShareWatchers {
     uds_path: Option<PathBuf>,
     resync_interval: Duration,
+    hardening: Hardening,
     watcher: Mutex<Option<Watcher>>,
 }
 
 impl ShareWatchers {
     /// `uds_path`: the VM's hybrid vsock socket, if it has a vsock device.
-    pub fn new(uds_path: Option<PathBuf>, resync_interval: Duration) -> Self {
-        ShareWatchers { uds_path, resync_interval, watcher: Mutex::new(None) }
+    pub fn new(uds_path: Option<PathBuf>, resync_interval: Duration, hardening: Hardening) -> Self {
+        ShareWatchers { uds_path, resync_interval, hardening, watcher: Mutex::new(None) }
     }
 
     fn lock(&self) -> MutexGuard<'_, Option<Watcher>> {
@@ -312,7 +317,7 @@ impl ShareWatchers {
         let uds_path = self.uds_path.as_deref().ok_or(WatchError::NoVsock)?;
         let mut watcher = self.lock();
         if watcher.is_none() {
-            *watcher = Some(Watcher::start(uds_path, self.resync_interval)?);
+            *watcher = Some(Watcher::start(uds_path, self.resync_interval, &self.hardening)?);
         }
         match watcher.as_ref() {
             Some(w) => w.add_share(name, host_dir),

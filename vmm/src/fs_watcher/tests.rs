@@ -74,7 +74,7 @@ fn paths(batches: &[ChangeBatch]) -> BTreeSet<String> {
 fn connect_sends_a_resync_and_changes_arrive_coalesced() {
     let agent = fake_agent();
     let share = tempfile::tempdir().unwrap();
-    let watcher = Watcher::start(&agent.uds, Duration::from_secs(3600)).unwrap();
+    let watcher = Watcher::start(&agent.uds, Duration::from_secs(3600), &Hardening::trap_for_test()).unwrap();
     watcher.add_share("secret", share.path()).unwrap();
     let first = agent.until(|b| b.resync);
     assert_eq!(first.last().unwrap().share, "secret");
@@ -127,7 +127,7 @@ fn watcher_retries_until_the_agent_listens_and_resyncs_each_share() {
     let uds = dir.path().join("vsock.sock");
     let a = tempfile::tempdir().unwrap();
     let b = tempfile::tempdir().unwrap();
-    let watcher = Watcher::start(&uds, Duration::from_secs(3600)).unwrap();
+    let watcher = Watcher::start(&uds, Duration::from_secs(3600), &Hardening::trap_for_test()).unwrap();
     watcher.add_share("a", a.path()).unwrap();
     watcher.add_share("b", b.path()).unwrap();
     assert!(matches!(watcher.add_share("a", b.path()), Err(WatchError::DuplicateShare(_))));
@@ -161,7 +161,7 @@ fn watcher_retries_until_the_agent_listens_and_resyncs_each_share() {
 fn periodic_resync_is_the_safety_net() {
     let agent = fake_agent();
     let share = tempfile::tempdir().unwrap();
-    let watcher = Watcher::start(&agent.uds, Duration::from_millis(50)).unwrap();
+    let watcher = Watcher::start(&agent.uds, Duration::from_millis(50), &Hardening::trap_for_test()).unwrap();
     watcher.add_share("s", share.path()).unwrap();
     let mut resyncs = 0;
     agent.until(|b| {
@@ -174,7 +174,7 @@ fn periodic_resync_is_the_safety_net() {
 fn a_burst_ends_with_every_path_reported() {
     let agent = fake_agent();
     let share = tempfile::tempdir().unwrap();
-    let watcher = Watcher::start(&agent.uds, Duration::from_secs(3600)).unwrap();
+    let watcher = Watcher::start(&agent.uds, Duration::from_secs(3600), &Hardening::trap_for_test()).unwrap();
     watcher.add_share("s", share.path()).unwrap();
     agent.until(|b| b.resync);
     for i in 0..2000 {
@@ -198,7 +198,7 @@ fn both_ends_of_a_rename_are_paired_by_cookie() {
     let agent = fake_agent();
     let share = tempfile::tempdir().unwrap();
     let outside = tempfile::tempdir().unwrap();
-    let watcher = Watcher::start(&agent.uds, Duration::from_secs(3600)).unwrap();
+    let watcher = Watcher::start(&agent.uds, Duration::from_secs(3600), &Hardening::trap_for_test()).unwrap();
     watcher.add_share("s", share.path()).unwrap();
     agent.until(|b| b.resync);
 
@@ -227,7 +227,7 @@ fn a_renamed_directory_keeps_reporting_under_its_new_path() {
     let agent = fake_agent();
     let share = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(share.path().join("a/sub")).unwrap();
-    let watcher = Watcher::start(&agent.uds, Duration::from_secs(3600)).unwrap();
+    let watcher = Watcher::start(&agent.uds, Duration::from_secs(3600), &Hardening::trap_for_test()).unwrap();
     watcher.add_share("s", share.path()).unwrap();
     agent.until(|b| b.resync);
 
@@ -262,7 +262,7 @@ fn a_directory_renamed_into_a_brand_new_one_stays_watched() {
     let agent = fake_agent();
     let share = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(share.path().join("a/sub")).unwrap();
-    let watcher = Watcher::start(&agent.uds, Duration::from_secs(3600)).unwrap();
+    let watcher = Watcher::start(&agent.uds, Duration::from_secs(3600), &Hardening::trap_for_test()).unwrap();
     watcher.add_share("s", share.path()).unwrap();
     agent.until(|b| b.resync);
 
@@ -280,7 +280,7 @@ fn a_directory_renamed_into_a_brand_new_one_stays_watched() {
 fn every_batch_carries_its_host_stage_stamps_in_order() {
     let agent = fake_agent();
     let share = tempfile::tempdir().unwrap();
-    let watcher = Watcher::start(&agent.uds, Duration::from_secs(3600)).unwrap();
+    let watcher = Watcher::start(&agent.uds, Duration::from_secs(3600), &Hardening::trap_for_test()).unwrap();
     watcher.add_share("s", share.path()).unwrap();
     agent.until(|b| b.resync);
     let before = unix_now_ns();

@@ -119,6 +119,8 @@ pub struct VcpuRunContext {
     pub supervisor: Arc<dyn VcpuSupervisor>,
     /// Where exits are counted.
     pub metrics: Arc<VmMetrics>,
+    /// How the vCPU thread is hardened.
+    pub hardening: crate::seccomp::Hardening,
 }
 
 /// A vCPU's state before its first instruction, as the boot protocol wants it
@@ -258,7 +260,9 @@ impl Vcpu {
 
     /// Run on a new `tern-vcpu<N>` thread; the result goes to the context's supervisor.
     pub fn spawn(mut self, context: VcpuRunContext) -> std::io::Result<JoinHandle<()>> {
-        std::thread::Builder::new().name(crate::threads::vcpu_thread_name(self.index)).spawn(move || {
+        let name = crate::threads::vcpu_thread_name(self.index);
+        let hardening = context.hardening.clone();
+        crate::seccomp::spawn(name, crate::seccomp::SeccompRole::Vcpu, &hardening, move || {
             // The thread inherits its creator's signal mask; the kick must get through.
             if let Err(err) = vmm_sys_util::signal::unblock_signal(kick_signal()) {
                 tracing::warn!("cannot unblock the vCPU kick signal: {err}");

@@ -85,6 +85,7 @@ pub fn boot(config: Config, args: BootArgs) -> Result<i32> {
         watch_resync_interval: tern_protocol::watch::DEFAULT_RESYNC_INTERVAL,
         fs_shares,
         net: network.as_ref().map(SandboxNetwork::vm_devices).unwrap_or_default(),
+        seccomp: config.vmm.seccomp,
     };
     let handle = Vmm::start(vm).context("cannot start the VM")?;
     match handle.wait_timeout(Duration::from_secs(args.timeout)) {

@@ -4,6 +4,7 @@ use anyhow::Result;
 use clap::Args;
 use std::path::Path;
 use tern_runtime::config::Config;
+use vmm::api::SeccompMode;
 use vmm::api::{probe_kvm, KvmKind};
 
 #[derive(Debug, Args)]
@@ -75,6 +76,7 @@ pub fn check(config: &Config, args: CheckArgs) -> Result<i32> {
     check_guest_file(&mut r, "initramfs", &config.initrd_path(), GuestFile::Initrd);
     check_pod_networking(&mut r);
     check_container_seccomp(&mut r);
+    check_vmm_seccomp(&mut r, config.vmm.seccomp);
     if r.failures == 0 {
         if !r.quiet {
             println!("tern can run microVMs on this host");
@@ -134,6 +136,28 @@ fn check_container_seccomp(r: &mut Report) {
             "container seccomp",
             &format!("libseccomp {version} cannot build a filter: {e}"),
             "rebuild tern with Debian's libseccomp-dev installed (make deps)",
+        ),
+    }
+}
+
+/// The VMM threads' own filters: whether this kernel installs them (a throwaway thread
+/// installs one and checks that it denies), and the configured mode.
+fn check_vmm_seccomp(r: &mut Report, mode: SeccompMode) {
+    if mode == SeccompMode::Off {
+        return r.pass(
+            "VMM seccomp",
+            "off ([vmm] seccomp = \"off\"): VMM threads run unfiltered, with root's capabilities",
+        );
+    }
+    match vmm::api::probe_seccomp() {
+        Ok(()) => r.pass(
+            "VMM seccomp",
+            &format!("{mode}: every VMM thread runs under its role's filter, with capabilities dropped"),
+        ),
+        Err(e) => r.fail(
+            "VMM seccomp",
+            &format!("{mode} is configured but this kernel cannot install the filters: {e}"),
+            "use a kernel with CONFIG_SECCOMP_FILTER, or set [vmm] seccomp = \"off\" (no VMM confinement)",
         ),
     }
 }

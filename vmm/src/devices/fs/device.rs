@@ -199,8 +199,12 @@ impl VirtioDevice for VirtioFs {
 
     fn reset(&mut self) -> bool {
         self.deactivate();
-        // Forget the old driver's session (handles, inodes) so the next INIT is accepted.
-        fuse_backend_rs::api::filesystem::FileSystem::destroy(&*self.shares.vfs);
+        // Forget the old driver's session (handles, inodes) so the next INIT is accepted. On
+        // the fs thread, after the handler's removal and before any later activation: the
+        // passthrough re-opens each share's root, which a vCPU thread (where the guest's reset
+        // arrives) may not do.
+        let vfs = self.shares.vfs();
+        self.events.run_on_loop(move || fuse_backend_rs::api::filesystem::FileSystem::destroy(&*vfs));
         self.acked_features = 0;
         true
     }

@@ -81,6 +81,7 @@ impl FileSystem for ShareFs {
     }
 
     fn lookup(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<Entry> {
+        crate::seccomp::test_hook_lookup(name.to_bytes());
         self.inner.lookup(ctx, parent, name)
     }
 

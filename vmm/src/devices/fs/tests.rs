@@ -12,8 +12,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::Arc;
 
 use fuse_backend_rs::abi::fuse_abi::{
-    AttrOut, CreateIn, EntryOut, GetattrIn, InHeader, InitIn, MkdirIn, MknodIn, Opcode, OpenIn, OpenOut, OutHeader,
-    ReadIn, SetattrIn, WriteIn,
+    AttrOut, CreateIn, EntryOut, FsyncIn, GetattrIn, GetxattrIn, InHeader, InitIn, LinkIn, MkdirIn, MknodIn, Opcode,
+    OpenIn, OpenOut, OutHeader, ReadIn, ReleaseIn, RenameIn, SetattrIn, SetxattrIn, WriteIn,
 };
 use fuse_backend_rs::api::server::Server;
 use vm_memory::{ByteValued, Bytes, GuestAddress};
@@ -160,6 +160,21 @@ impl Harness {
         reply.body
     }
 
+    /// CREATE `name` in `parent` (read-write) and WRITE `data` at offset 0; both must succeed.
+    fn create_and_write(&mut self, parent: u64, name: &str, data: &[u8]) -> (EntryOut, OpenOut) {
+        let create = CreateIn { flags: (libc::O_CREAT | libc::O_RDWR) as u32, mode: 0o644, ..Default::default() };
+        let reply = self.named(Opcode::Create, parent, create, name);
+        assert_eq!(reply.header.error, 0);
+        let entry: EntryOut = reply.obj();
+        let open: OpenOut =
+            OpenOut::from_slice(&reply.body[size_of::<EntryOut>()..][..size_of::<OpenOut>()]).copied().unwrap();
+        let size = u32::try_from(data.len()).unwrap();
+        let mut write = WriteIn { fh: open.fh, offset: 0, size, ..Default::default() }.as_slice().to_vec();
+        write.extend_from_slice(data);
+        assert_eq!(self.call(Opcode::Write, entry.nodeid, &write).header.error, 0);
+        (entry, open)
+    }
+
     fn named<T: ByteValued>(&mut self, opcode: Opcode, parent: u64, arg: T, name: &str) -> Reply {
         let mut body = arg.as_slice().to_vec();
         body.extend_from_slice(CString::new(name).unwrap().as_bytes_with_nul());
@@ -303,15 +318,7 @@ fn writable_share_writes_but_refuses_device_nodes() {
     h.add_share("rw", dir.path(), false);
     h.init();
     let rw = h.lookup(ROOT, "rw").unwrap();
-    let create = CreateIn { flags: (libc::O_CREAT | libc::O_RDWR) as u32, mode: 0o644, ..Default::default() };
-    let reply = h.named(Opcode::Create, rw.nodeid, create, "out.txt");
-    assert_eq!(reply.header.error, 0);
-    let entry: EntryOut = reply.obj();
-    let open: OpenOut =
-        OpenOut::from_slice(&reply.body[size_of::<EntryOut>()..][..size_of::<OpenOut>()]).copied().unwrap();
-    let mut write = WriteIn { fh: open.fh, offset: 0, size: 5, ..Default::default() }.as_slice().to_vec();
-    write.extend_from_slice(b"guest");
-    assert_eq!(h.call(Opcode::Write, entry.nodeid, &write).header.error, 0);
+    h.create_and_write(rw.nodeid, "out.txt", b"guest");
     assert_eq!(std::fs::read(dir.path().join("out.txt")).unwrap(), b"guest");
 
     for mode in [libc::S_IFCHR | 0o600, libc::S_IFBLK | 0o600] {
@@ -424,4 +431,93 @@ fn shares_come_and_go_on_a_running_device() {
         watch: false,
     };
     assert!(matches!(h.shares.add(missing), Err(ShareError::HostDirMissing { .. })));
+}
+
+/// The fs thread's allowlist under real passthrough work: every request below is served on a
+/// thread hardened as `tern-fs` is (trap mode), and none may break the filter. The share is
+/// added outside it, as the runtime adds shares from its own threads.
+#[test]
+fn passthrough_requests_stay_inside_the_fs_filter() {
+    let dir = share_with_file();
+    let h = Harness::new();
+    h.add_share("rw", dir.path(), false);
+    /// The harness moves, whole, to the thread that serves it.
+    struct Moved(Harness);
+    // SAFETY: the harness's raw pointers point into its leaked ('static) guest memory; after
+    // the move only the receiving thread touches the harness.
+    unsafe impl Send for Moved {}
+    impl Moved {
+        fn into_inner(self) -> Harness {
+            self.0
+        }
+    }
+    let moved = Moved(h);
+    let hardening = crate::seccomp::Hardening::trap_for_test();
+    let thread = crate::seccomp::spawn("test-fs".into(), crate::seccomp::SeccompRole::Fs, &hardening, move || {
+        let mut h = moved.into_inner();
+        h.init();
+        let rw = h.lookup(ROOT, "rw").unwrap();
+        let file = h.lookup(rw.nodeid, "hello.txt").unwrap();
+        let fh = h.open(file.nodeid, libc::O_RDONLY).unwrap();
+        assert_eq!(h.read(file.nodeid, fh, 64), b"hello from the host\n");
+        assert_eq!(h.call(Opcode::Getattr, file.nodeid, GetattrIn::default().as_slice()).header.error, 0);
+
+        let (entry, open) = h.create_and_write(rw.nodeid, "out.txt", b"guest");
+        let fsync = FsyncIn { fh: open.fh, ..Default::default() };
+        assert_eq!(h.call(Opcode::Fsync, entry.nodeid, fsync.as_slice()).header.error, 0);
+        for setattr in [
+            SetattrIn { valid: 1, mode: 0o600, ..Default::default() },
+            SetattrIn { valid: 8, size: 3, ..Default::default() },
+            SetattrIn { valid: 16 | 32, atime: 1, mtime: 2, ..Default::default() },
+        ] {
+            assert_eq!(h.call(Opcode::Setattr, entry.nodeid, setattr.as_slice()).header.error, 0);
+        }
+        let release = ReleaseIn { fh: open.fh, ..Default::default() };
+        h.call_maybe(Opcode::Release, entry.nodeid, release.as_slice());
+
+        assert_eq!(h.named(Opcode::Mkdir, rw.nodeid, MkdirIn { mode: 0o755, umask: 0 }, "d").header.error, 0);
+        let fifo = MknodIn { mode: libc::S_IFIFO | 0o600, rdev: 0, umask: 0, padding: 0 };
+        assert_eq!(h.named(Opcode::Mknod, rw.nodeid, fifo, "fifo").header.error, 0);
+        let mut symlink_body = b"link\0".to_vec();
+        symlink_body.extend_from_slice(b"out.txt\0");
+        assert_eq!(h.call(Opcode::Symlink, rw.nodeid, &symlink_body).header.error, 0);
+        let link = h.lookup(rw.nodeid, "link").unwrap();
+        assert_eq!(h.call(Opcode::Readlink, link.nodeid, &[]).body, b"out.txt");
+        let mut rename = RenameIn { newdir: rw.nodeid }.as_slice().to_vec();
+        rename.extend_from_slice(b"out.txt\0moved.txt\0");
+        assert_eq!(h.call(Opcode::Rename, rw.nodeid, &rename).header.error, 0);
+        let mut link_body = LinkIn { oldnodeid: entry.nodeid }.as_slice().to_vec();
+        link_body.extend_from_slice(b"hard.txt\0");
+        assert_eq!(h.call(Opcode::Link, rw.nodeid, &link_body).header.error, 0);
+
+        let dh = {
+            let reply = h.call(Opcode::Opendir, rw.nodeid, OpenIn::default().as_slice());
+            assert_eq!(reply.header.error, 0);
+            reply.obj::<OpenOut>().fh
+        };
+        let readdir = ReadIn { fh: dh, offset: 0, size: 4096, ..Default::default() };
+        assert!(!h.call(Opcode::Readdir, rw.nodeid, readdir.as_slice()).body.is_empty());
+        assert_eq!(h.call(Opcode::Statfs, rw.nodeid, &[]).header.error, 0);
+        // xattrs: whether /tmp's file system takes user.* is not the point; the calls are.
+        let mut setxattr = SetxattrIn { size: 1, flags: 0 }.as_slice().to_vec();
+        setxattr.extend_from_slice(b"user.tern\0v");
+        h.call(Opcode::Setxattr, file.nodeid, &setxattr);
+        h.call(
+            Opcode::Getxattr,
+            file.nodeid,
+            &[GetxattrIn { size: 64, padding: 0 }.as_slice(), b"user.tern\0"].concat(),
+        );
+        h.call(Opcode::Listxattr, file.nodeid, GetxattrIn { size: 64, padding: 0 }.as_slice());
+        h.call(Opcode::Removexattr, file.nodeid, b"user.tern\0");
+
+        for name in ["moved.txt", "hard.txt", "link", "fifo"] {
+            let name = CString::new(name).unwrap();
+            assert_eq!(h.call(Opcode::Unlink, rw.nodeid, name.as_bytes_with_nul()).header.error, 0, "{name:?}");
+        }
+        assert_eq!(h.call(Opcode::Rmdir, rw.nodeid, b"d\0").header.error, 0);
+    })
+    .unwrap();
+    thread.join().unwrap();
+    hardening.assert_no_violation();
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "only hello.txt is left");
 }

@@ -15,6 +15,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use tern_sync::LockExt;
 
+use crate::seccomp::{Hardening, SeccompRole};
+
 /// Chunks the writer thread may fall behind by before bytes are dropped.
 const QUEUE_CHUNKS: usize = 1024;
 /// Bytes collected on the vCPU side before they are handed to the writer thread.
@@ -64,17 +66,18 @@ pub struct ConsoleWriter {
 }
 
 impl ConsoleWriter {
-    /// Bytes go to `sink` from a background thread.
-    pub fn spawn(mut sink: Box<dyn Write + Send>) -> io::Result<Self> {
+    /// Bytes go to `sink` from a background thread (`tern-console`, hardened as such).
+    pub fn spawn(mut sink: Box<dyn Write + Send>, hardening: &Hardening) -> io::Result<Self> {
         let (queue, chunks) = sync_channel::<Vec<u8>>(QUEUE_CHUNKS);
-        let thread = std::thread::Builder::new().name(crate::threads::CONSOLE.into()).spawn(move || {
-            for chunk in chunks {
-                // A closed or failing sink loses console output, nothing else.
-                if sink.write_all(&chunk).and_then(|()| sink.flush()).is_err() {
-                    tracing::trace!("console output failed; dropping {} bytes", chunk.len());
+        let thread =
+            crate::seccomp::spawn(crate::threads::CONSOLE.into(), SeccompRole::Console, hardening, move || {
+                for chunk in chunks {
+                    // A closed or failing sink loses console output, nothing else.
+                    if sink.write_all(&chunk).and_then(|()| sink.flush()).is_err() {
+                        tracing::trace!("console output failed; dropping {} bytes", chunk.len());
+                    }
                 }
-            }
-        })?;
+            })?;
         Ok(ConsoleWriter { pending: Vec::new(), queue: Some(queue), thread: Some(thread), tail: Arc::default() })
     }
 
@@ -186,18 +189,20 @@ mod tests {
     #[test]
     fn delivers_bytes_in_order() {
         let buffer = SharedBuffer::default();
-        let mut writer = ConsoleWriter::spawn(Box::new(buffer.clone())).unwrap();
+        let hardening = Hardening::trap_for_test();
+        let mut writer = ConsoleWriter::spawn(Box::new(buffer.clone()), &hardening).unwrap();
         for byte in b"hello, console\n" {
             writer.write_all(&[*byte]).unwrap();
             writer.flush().unwrap();
         }
         drop(writer);
         assert_eq!(buffer.0.lock().unwrap().as_slice(), b"hello, console\n");
+        hardening.assert_no_violation();
     }
 
     #[test]
     fn broken_sink_does_not_fail_the_writer() {
-        let mut writer = ConsoleWriter::spawn(Box::new(BrokenSink)).unwrap();
+        let mut writer = ConsoleWriter::spawn(Box::new(BrokenSink), &Hardening::off()).unwrap();
         writer.write_all(b"lost").unwrap();
         writer.flush().unwrap();
     }

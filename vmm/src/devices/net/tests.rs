@@ -306,7 +306,8 @@ fn device_on_its_loop_polls_the_tap_only_with_buffers_and_survives_reset() {
     let tap_fd = tap.raw_fd();
     let lp = EventLoop::new().unwrap();
     let mut net = Net::with_tap("tap-e2e", tap.clone(), MAC, 1500, lp.handle()).unwrap();
-    let thread = lp.spawn_named("tern-net").unwrap();
+    let hardening = crate::seccomp::Hardening::trap_for_test();
+    let thread = lp.spawn("tern-net", crate::seccomp::SeccompRole::Net, &hardening).unwrap();
     let interrupts = Arc::new(CountingInterrupt(AtomicUsize::new(0)));
 
     let acked = net.avail_features() & !(1u64 << VIRTIO_NET_F_GUEST_UFO);
@@ -353,6 +354,7 @@ fn device_on_its_loop_polls_the_tap_only_with_buffers_and_survives_reset() {
 
     drop(net);
     thread.stop();
+    hardening.assert_no_violation();
 }
 
 #[test]

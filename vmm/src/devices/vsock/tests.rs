@@ -614,7 +614,8 @@ fn vsock_device_through_mmio_and_event_loop() {
     let event_loop = EventLoop::new().unwrap();
     let device = super::Vsock::new(GUEST_CID, &uds, event_loop.handle()).unwrap();
     assert!(super::Vsock::new(2, &dir.path().join("x"), event_loop.handle()).is_err());
-    let thread = event_loop.spawn().unwrap();
+    let hardening = crate::seccomp::Hardening::trap_for_test();
+    let thread = event_loop.spawn("tern-devices", crate::seccomp::SeccompRole::Devices, &hardening).unwrap();
     let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
     let kicks: Vec<EventFd> = (0..3).map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap()).collect();
     let mut t = MmioTransport::new(
@@ -683,4 +684,5 @@ fn vsock_device_through_mmio_and_event_loop() {
     drop(t);
     assert!(!uds.exists(), "the device removes its socket");
     thread.stop();
+    hardening.assert_no_violation();
 }
