@@ -374,6 +374,27 @@ fn install_sigsys_handler() -> Result<(), SeccompError> {
     }
 }
 
+/// glibc's malloc works out its arena limit lazily: the first time a thread needs a ninth
+/// arena, it calls `get_nprocs()`, which opens `/sys/devices/system/cpu/online`. In a process
+/// with many threads that thread can be a filtered VMM thread, which may not open files, so
+/// the limit is set here, once, before the first one starts: glibc's own default (8 arenas per
+/// CPU), unless the environment already sets it (`MALLOC_ARENA_MAX`, `glibc.malloc.arena_max`).
+fn settle_malloc_arena_limit() {
+    static SETTLED: Once = Once::new();
+    SETTLED.call_once(|| {
+        let tunables = std::env::var("GLIBC_TUNABLES").unwrap_or_default();
+        if std::env::var_os("MALLOC_ARENA_MAX").is_some() || tunables.contains("malloc.arena_max") {
+            return;
+        }
+        let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+        let limit = libc::c_int::try_from(cpus.saturating_mul(8)).unwrap_or(libc::c_int::MAX);
+        // SAFETY: mallopt only sets a malloc parameter; M_ARENA_MAX takes any positive count.
+        if unsafe { libc::mallopt(libc::M_ARENA_MAX, limit) } != 1 {
+            tracing::warn!(limit, "cannot set malloc's arena limit; a VMM thread may trip its filter in malloc");
+        }
+    });
+}
+
 /// The compiled filter of `role` under `mode` (`None` for [`SeccompMode::Off`]).
 fn filter(role: SeccompRole, mode: SeccompMode) -> Result<Option<BpfProgram>, SeccompError> {
     let mismatch = match mode {
@@ -428,6 +449,9 @@ where
     let program = filter(role, mode).map_err(io::Error::other)?;
     if mode == SeccompMode::Trap {
         install_sigsys_handler().map_err(io::Error::other)?;
+    }
+    if mode != SeccompMode::Off {
+        settle_malloc_arena_limit();
     }
     let sink = hardening.sink.clone();
     let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
