@@ -209,6 +209,7 @@ mod tests {
         assert_eq!(parsed.fs.watch_mode, defaults.fs.watch_mode);
         assert_eq!(parsed.fs.resync_interval_secs, defaults.fs.resync_interval_secs);
         assert_eq!(parsed.shim.root_dir, defaults.shim.root_dir);
+        assert_eq!(parsed.vmm.seccomp, defaults.vmm.seccomp);
     }
 
     #[test]
@@ -228,6 +229,15 @@ mod tests {
         let mut c = Config::default();
         c.fs.resync_interval_secs = 0;
         assert!(matches!(c.validate(), Err(ConfigError::Invalid { key: "fs.resync_interval_secs", .. })));
+    }
+
+    #[test]
+    fn vmm_seccomp_parses_and_defaults_to_trap() {
+        assert_eq!(Config::default().vmm.seccomp, SeccompMode::Trap);
+        let c: Config = toml::from_str("[vmm]\nseccomp = \"log\"\n").unwrap();
+        assert_eq!(c.vmm.seccomp, SeccompMode::Log);
+        let err = toml::from_str::<Config>("[vmm]\nseccomp = \"kill\"\n").unwrap_err().to_string();
+        assert!(err.contains("\"trap\", \"log\" or \"off\""), "{err}");
     }
 
     #[test]

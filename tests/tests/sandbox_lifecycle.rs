@@ -14,6 +14,22 @@ fn count(dir: &str) -> usize {
     std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
 }
 
+/// This process's open fds and what each points at.
+fn open_fds() -> Vec<String> {
+    let mut fds: Vec<String> = std::fs::read_dir("/proc/self/fd")
+        .map(|d| {
+            d.flatten()
+                .map(|e| {
+                    let target = std::fs::read_link(e.path()).map(|t| t.display().to_string()).unwrap_or_default();
+                    format!("{} -> {target}", e.file_name().to_string_lossy())
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    fds.sort();
+    fds
+}
+
 fn config() -> Config {
     let mut c = Config::default();
     let dir = tern_bin().parent().map(|p| p.to_path_buf()).unwrap_or_default();
@@ -30,7 +46,7 @@ fn boot_exec_stats_shutdown_leaves_nothing_behind() {
     let run_root = tempfile::tempdir().unwrap();
     std::env::set_var("TERN_RUN_DIR", run_root.path());
     let threads_before = count("/proc/self/task");
-    let fds_before = count("/proc/self/fd");
+    let fds_before = open_fds();
 
     let sandbox = Sandbox::boot(&config()).expect("sandbox boots");
     let agent = sandbox.agent();
@@ -64,5 +80,6 @@ fn boot_exec_stats_shutdown_leaves_nothing_behind() {
     assert_eq!(count(run_root.path().to_str().unwrap()), 0);
     // Threads are joined by the time shutdown returns; fds closed.
     assert_eq!(count("/proc/self/task"), threads_before, "leaked threads");
-    assert_eq!(count("/proc/self/fd"), fds_before, "leaked fds");
+    let fds_after = open_fds();
+    assert_eq!(fds_after.len(), fds_before.len(), "leaked fds: before {fds_before:?}, after {fds_after:?}");
 }

@@ -279,6 +279,12 @@ struct ViolationWatch {
     lifecycle: Weak<VmLifecycle>,
 }
 
+impl Drop for ViolationWatch {
+    fn drop(&mut self) {
+        self.sink.withdraw_notify();
+    }
+}
+
 impl MutEventSubscriber for ViolationWatch {
     fn process(&mut self, _events: Events, _ops: &mut EventOps) {
         let _ = self.notify.read();
@@ -304,17 +310,12 @@ fn watch_for_violations(
     metrics: &Arc<VmMetrics>,
     lifecycle: &Arc<VmLifecycle>,
 ) -> Result<(), VmmError> {
-    let notify = new_eventfd()?;
-    let watch = ViolationWatch {
-        notify: notify.try_clone().map_err(VmmError::EventFd)?,
-        sink: metrics.seccomp.clone(),
-        lifecycle: Arc::downgrade(lifecycle),
-    };
-    // A second VM on the same metrics would find the sink taken; each VM has its own.
-    metrics
-        .seccomp
-        .set_notify(notify)
-        .map_err(|_| VmmError::InvalidConfig("the VM's metrics are already in use by another VM".into()))?;
+    let watch =
+        ViolationWatch { notify: new_eventfd()?, sink: metrics.seccomp.clone(), lifecycle: Arc::downgrade(lifecycle) };
+    // Each VM has metrics of its own, so the sink has no waker yet.
+    if !metrics.seccomp.set_notify(&watch.notify) {
+        return Err(VmmError::InvalidConfig("the VM's metrics are already in use by another VM".into()));
+    }
     devices.add_subscriber(Arc::new(Mutex::new(watch))).map_err(|err| VmmError::Thread("device event loop", err))?;
     Ok(())
 }

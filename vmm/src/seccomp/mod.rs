@@ -25,7 +25,7 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Once, OnceLock};
 use std::thread::JoinHandle;
 
@@ -185,15 +185,29 @@ impl std::fmt::Display for SeccompViolation {
 }
 
 /// Where the SIGSYS handler reports a VM's violations: per-role counters (exported as
-/// metrics), the first violation, and an eventfd that wakes whoever ends the VM.
-#[derive(Debug, Default)]
+/// metrics), the first violation, and the eventfd that wakes whoever ends the VM. The sink
+/// lives as long as the VM's metrics (which can outlive the VM), so it holds no fd itself:
+/// only the number of one its waker owns, withdrawn when the waker goes.
+#[derive(Debug)]
 pub struct ViolationSink {
     counts: [AtomicU64; SeccompRole::ALL.len()],
     /// `tid << 32 | syscall` of the first violation; 0 while there is none.
     first: AtomicU64,
-    notify: OnceLock<EventFd>,
+    /// The waker's eventfd, or -1.
+    notify_fd: AtomicI32,
     /// Thread names by tid, registered as threads are hardened.
     threads: Mutex<HashMap<u32, String>>,
+}
+
+impl Default for ViolationSink {
+    fn default() -> Self {
+        ViolationSink {
+            counts: Default::default(),
+            first: AtomicU64::new(0),
+            notify_fd: AtomicI32::new(-1),
+            threads: Mutex::default(),
+        }
+    }
 }
 
 impl ViolationSink {
@@ -202,9 +216,15 @@ impl ViolationSink {
         SeccompRole::ALL.iter().map(|role| (*role, self.counts[role.index()].load(Ordering::Relaxed))).collect()
     }
 
-    /// Wake `notify` on every violation. Once per sink; later calls return the fd back.
-    pub(crate) fn set_notify(&self, notify: EventFd) -> Result<(), EventFd> {
-        self.notify.set(notify)
+    /// Write to `notify` on every violation, until [`ViolationSink::withdraw_notify`]. One
+    /// waker per sink: false if one is already there.
+    pub(crate) fn set_notify(&self, notify: &EventFd) -> bool {
+        self.notify_fd.compare_exchange(-1, notify.as_raw_fd(), Ordering::SeqCst, Ordering::SeqCst).is_ok()
+    }
+
+    /// The waker is going: violations from now on are only counted.
+    pub(crate) fn withdraw_notify(&self) {
+        self.notify_fd.store(-1, Ordering::SeqCst);
     }
 
     /// The first violation, if any.
@@ -225,11 +245,12 @@ impl ViolationSink {
         self.counts[role.index()].fetch_add(1, Ordering::Relaxed);
         let packed = (u64::from(tid) << 32) | u64::from(syscall);
         let _ = self.first.compare_exchange(0, packed.max(1), Ordering::SeqCst, Ordering::SeqCst);
-        if let Some(notify) = self.notify.get() {
+        let notify = self.notify_fd.load(Ordering::SeqCst);
+        if notify >= 0 {
             let one = 1u64;
-            // SAFETY: writes 8 bytes from a live u64 to an eventfd the sink owns; write(2) is
-            // async-signal-safe and in every role's list.
-            unsafe { libc::write(notify.as_raw_fd(), (&one as *const u64).cast(), 8) };
+            // SAFETY: writes 8 bytes from a live u64 to the waker's eventfd, which stays open
+            // until it is withdrawn; write(2) is async-signal-safe and in every role's list.
+            unsafe { libc::write(notify, (&one as *const u64).cast(), 8) };
         }
     }
 }

@@ -63,7 +63,9 @@ fn modes_parse_and_print() {
 #[test]
 fn trap_fails_the_syscall_counts_it_names_it_and_wakes_the_sink() {
     let sink = Arc::new(ViolationSink::default());
-    sink.set_notify(EventFd::new(libc::EFD_NONBLOCK).unwrap()).unwrap();
+    let notify = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    assert!(sink.set_notify(&notify));
+    assert!(!sink.set_notify(&notify), "one waker per sink");
     let hardening = Hardening::new(SeccompMode::Trap, sink.clone());
     let ((denied, allowed), status) = on_hardened_thread(SeccompRole::Console, &hardening, || {
         let denied = getpgrp();
@@ -83,7 +85,8 @@ fn trap_fails_the_syscall_counts_it_names_it_and_wakes_the_sink() {
     assert_eq!(violation.syscall, libc::SYS_getpgrp);
     assert_eq!(violation.name.as_deref(), Some("getpgrp"));
     assert!(violation.to_string().contains("test-console made syscall 111 (getpgrp)"), "{violation}");
-    assert_eq!(sink.notify.get().unwrap().read().unwrap(), 1, "the sink's eventfd was written");
+    assert_eq!(notify.read().unwrap(), 1, "the waker's eventfd was written");
+    sink.withdraw_notify();
     // SAFETY: gettid has no preconditions.
     assert_eq!(status_of(unsafe { libc::gettid() }).0, "0", "the test's own thread is not filtered");
 }
