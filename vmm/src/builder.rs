@@ -1,9 +1,11 @@
 //! Assembling a VM, in order: check KVM, map guest RAM, create the VM (irqchip, PIT) and
-//! register RAM, create the devices (virtio-mmio windows with their irqfds and ioeventfds:
-//! vsock, virtio-fs, then the net devices; then COM1 and the i8042 reset port), build the
-//! command line, load the kernel and boot structures, create and configure the vCPUs, start the
-//! device event loop (and the net one, if the VM has net devices), start the vCPU threads.
-//! [`RunningVm`] owns what must outlive the vCPUs and releases it in order.
+//! register RAM, set up the watch that ends the VM on a seccomp violation, create the devices
+//! (virtio-mmio windows with their irqfds and ioeventfds: vsock, virtio-fs, then the net
+//! devices; then COM1 and the i8042 reset port), build the command line, load the kernel and
+//! boot structures, create and configure the vCPUs, start the device event loops (fs and net
+//! too, if the VM has those devices), start the vCPU threads. Every thread started here is
+//! hardened for its role (`seccomp`). [`RunningVm`] owns what must outlive the vCPUs and
+//! releases it in order.
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -351,6 +353,9 @@ pub(crate) fn build_and_start(
         fs: fs_event_loop.as_ref().map(EventLoop::handle),
         net: net_event_loop.as_ref().map(EventLoop::handle),
     };
+    // Before the first hardened thread (the console's) starts: a violation wakes the watch
+    // even if it happens before the device loop runs.
+    watch_for_violations(&loops.devices, &metrics, &lifecycle)?;
     let VirtioDevices { mmio, slots: virtio_slots, fs_shares } =
         build_virtio_devices(config, &vm, &memory, &loops, &metrics)?;
     let (pio, console_tail) = build_legacy_devices(config, &vm, &lifecycle, &hardening)?;
@@ -376,7 +381,6 @@ pub(crate) fn build_and_start(
     for share in config.fs_shares.iter().filter(|s| s.watch) {
         watchers.watch(&share.name, &share.host_dir)?;
     }
-    watch_for_violations(&loops.devices, &metrics, &lifecycle)?;
     let event_loop = event_loop
         .spawn(crate::threads::DEVICES, SeccompRole::Devices, &hardening)
         .map_err(|err| VmmError::Thread("device event loop", err))?;
