@@ -12,8 +12,8 @@
 use std::time::{Duration, Instant};
 
 use tern_runtime::cri::api;
-use tern_tests::containerd::{TestContainerd, BUSYBOX_IMAGE, CRI_HANDLER, PAUSE_IMAGE};
-use tern_tests::cri::{container_config, pod_config, wait_log_line, Cri, SecretVolume};
+use tern_tests::containerd::{TestContainerd, BUSYBOX_IMAGE};
+use tern_tests::cri::{container_config, wait_log_line, Cri, SecretVolume, TestPod};
 
 /// A container's first output includes a VM boot (for the first) under emulation.
 const START_LIMIT: Duration = Duration::from_secs(240);
@@ -42,14 +42,10 @@ fn cri_pod_of_two_containers_shares_one_vm_and_sees_secret_updates() {
     let test = "cri_pod_of_two_containers_shares_one_vm_and_sees_secret_updates";
     let Some(ctrd) = setup(test) else { return };
     let cri = Cri::connect(&ctrd);
-    cri.wait_image(BUSYBOX_IMAGE, Duration::from_secs(30));
-    cri.wait_image(PAUSE_IMAGE, Duration::from_secs(30));
     let logs = || ctrd.logs();
 
     let (name, uid, ns) = ("web", "0f6c1b0e-5b1c-4d0e-9a57-000000000001", "tern");
     let pod_dir = ctrd.dir().join("kubelet/pods").join(uid);
-    let log_dir = ctrd.dir().join("logs").join(format!("{ns}_{name}_{uid}"));
-    std::fs::create_dir_all(&log_dir).unwrap();
     let mut secret = SecretVolume::create(&pod_dir, "token", &[("key", "generation-1")]);
     // Volumes of the peer: a writable directory (an emptyDir), a read-only single file and
     // kubelet's per-container termination-log file (written by the container).
@@ -62,14 +58,8 @@ fn cri_pod_of_two_containers_shares_one_vm_and_sees_secret_updates() {
     std::fs::write(&termination_log, "").unwrap();
 
     let started = Instant::now();
-    let pod = pod_config(name, uid, ns, &log_dir);
-    let sandbox = cri
-        .call(|c| {
-            let pod = pod.clone();
-            async move { c.run_pod_sandbox(pod, CRI_HANDLER).await }
-        })
-        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", logs()));
-    eprintln!("RunPodSandbox: {:?}", started.elapsed());
+    let TestPod { sandbox, config: pod, log_dir } = cri.run_tern_pod(&ctrd, name, uid, ns);
+    eprintln!("RunPodSandbox (after the images): {:?}", started.elapsed());
     let sb = sandbox.clone();
     let meta = cri.call(|c| async move { c.pod_metadata(&sb).await }).unwrap();
     let meta = meta.unwrap_or_else(|| panic!("CRI does not list sandbox {sandbox}"));
@@ -169,13 +159,7 @@ fn cri_pod_of_two_containers_shares_one_vm_and_sees_secret_updates() {
         assert_eq!(status.state, api::ContainerState::ContainerRunning as i32, "{status:?}");
     }
 
-    let sb = sandbox.clone();
-    cri.call(|c| async move { c.stop_pod_sandbox(&sb).await })
-        .unwrap_or_else(|e| panic!("StopPodSandbox: {e}\n{}", logs()));
-    let sb = sandbox.clone();
-    cri.call(|c| async move { c.remove_pod_sandbox(&sb).await })
-        .unwrap_or_else(|e| panic!("RemovePodSandbox: {e}\n{}", logs()));
-    assert!(ctrd.wait_no_shims(Duration::from_secs(60)), "the pod's shim outlived the pod\n{}", logs());
+    cri.stop_and_remove(&ctrd, &sandbox);
     let sb = sandbox.clone();
     assert_eq!(cri.call(|c| async move { c.pod_metadata(&sb).await }).unwrap(), None);
     let mounts = ctrd.mounts_left();
