@@ -395,14 +395,31 @@ fn install_sigsys_handler() -> Result<(), SeccompError> {
     }
 }
 
-/// glibc's malloc works out its arena limit lazily: the first time a thread needs a ninth
-/// arena, it calls `get_nprocs()`, which opens `/sys/devices/system/cpu/online`. In a process
-/// with many threads that thread can be a filtered VMM thread, which may not open files, so
-/// the limit is set here, once, before the first one starts: glibc's own default (8 arenas per
-/// CPU), unless the environment already sets it (`MALLOC_ARENA_MAX`, `glibc.malloc.arena_max`).
-fn settle_malloc_arena_limit() {
+/// glibc's malloc reads two files lazily, once per process, on whichever thread first needs
+/// them, and a filtered VMM thread may not open files:
+/// - the first time a heap of a thread arena shrinks, it reads
+///   `/proc/sys/vm/overcommit_memory` (seen on `tern-devices` after 10 MiB of stdin: its vsock
+///   buffers came and went);
+/// - the first time a thread needs a ninth arena, it calls `get_nprocs()`, which reads
+///   `/sys/devices/system/cpu/online`.
+///
+/// Both are settled here, once, before the first hardened thread starts: a throwaway thread
+/// grows and shrinks a heap of its own, and the arena limit is set to glibc's own default (8
+/// arenas per CPU) unless the environment sets it (`MALLOC_ARENA_MAX`, `glibc.malloc.arena_max`).
+fn settle_malloc() {
     static SETTLED: Once = Once::new();
     SETTLED.call_once(|| {
+        // 32 blocks of 32 KiB: below the mmap threshold, so they come from the thread's own
+        // heap; freed newest first, they merge into its top, and the heap is trimmed.
+        let shrink = std::thread::spawn(|| {
+            let mut blocks: Vec<Vec<u8>> = (0..32).map(|_| Vec::with_capacity(32 << 10)).collect();
+            while let Some(block) = blocks.pop() {
+                drop(std::hint::black_box(block));
+            }
+        });
+        if shrink.join().is_err() {
+            tracing::warn!("the malloc warm-up thread panicked");
+        }
         let tunables = std::env::var("GLIBC_TUNABLES").unwrap_or_default();
         if std::env::var_os("MALLOC_ARENA_MAX").is_some() || tunables.contains("malloc.arena_max") {
             return;
@@ -472,7 +489,7 @@ where
         install_sigsys_handler().map_err(io::Error::other)?;
     }
     if mode != SeccompMode::Off {
-        settle_malloc_arena_limit();
+        settle_malloc();
     }
     let sink = hardening.sink.clone();
     let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);

@@ -150,3 +150,20 @@ fn the_fs_list_allows_passthrough_credentials_and_the_vcpu_list_only_kvm_ioctls(
 fn the_probe_passes_on_this_kernel() {
     probe().unwrap();
 }
+
+/// A hardened thread whose heap grows and shrinks (as `tern-devices` does with vsock buffers)
+/// makes glibc's malloc read nothing: `spawn` settled its lazy file reads beforehand.
+#[test]
+fn a_hardened_threads_heap_may_grow_and_shrink() {
+    let sink = Arc::new(ViolationSink::default());
+    let hardening = Hardening::new(SeccompMode::Trap, sink.clone());
+    let ((), _) = on_hardened_thread(SeccompRole::Devices, &hardening, || {
+        for _ in 0..4 {
+            let mut blocks: Vec<Vec<u8>> = (0..64).map(|_| Vec::with_capacity(48 << 10)).collect();
+            while let Some(block) = blocks.pop() {
+                drop(std::hint::black_box(block));
+            }
+        }
+    });
+    assert_eq!(sink.first(), None);
+}
