@@ -33,6 +33,7 @@ use caps::{CapSet, Capability, CapsHashSet};
 use seccompiler::{BpfProgram, SeccompFilter, TargetArch};
 use tern_sync::LockExt;
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::register_signal_handler;
 
 /// What a VMM thread's filter does with a syscall outside its role's list (the config's
 /// `[vmm] seccomp`).
@@ -370,29 +371,11 @@ extern "C" fn on_sigsys(_signal: libc::c_int, info: *mut libc::siginfo_t, contex
     }
 }
 
+/// Install the SIGSYS handler (once per process), as the vCPU kick handler is installed.
 fn install_sigsys_handler() -> Result<(), SeccompError> {
-    static INSTALLED: Once = Once::new();
-    static RESULT: OnceLock<i32> = OnceLock::new();
-    INSTALLED.call_once(|| {
-        // SAFETY: a zeroed sigaction is a valid starting point; the handler is an
-        // `extern "C"` fn with the SA_SIGINFO signature.
-        let errno = unsafe {
-            let mut action: libc::sigaction = std::mem::zeroed();
-            action.sa_sigaction = on_sigsys as *const () as usize;
-            action.sa_flags = libc::SA_SIGINFO;
-            libc::sigemptyset(&mut action.sa_mask);
-            if libc::sigaction(libc::SIGSYS, &action, std::ptr::null_mut()) == 0 {
-                0
-            } else {
-                io::Error::last_os_error().raw_os_error().unwrap_or(libc::EINVAL)
-            }
-        };
-        let _ = RESULT.set(errno);
-    });
-    match RESULT.get().copied().unwrap_or(0) {
-        0 => Ok(()),
-        errno => Err(SeccompError::Handler(io::Error::from_raw_os_error(errno))),
-    }
+    static SIGSYS_HANDLER: OnceLock<Result<(), vmm_sys_util::errno::Error>> = OnceLock::new();
+    let result = SIGSYS_HANDLER.get_or_init(|| register_signal_handler(libc::SIGSYS, on_sigsys));
+    (*result).map_err(|err| SeccompError::Handler(io::Error::from_raw_os_error(err.errno())))
 }
 
 /// glibc's malloc reads two files lazily, once per process, on whichever thread first needs
