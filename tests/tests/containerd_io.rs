@@ -6,6 +6,8 @@
 //! - a stdout reader that stalls (a foreground `ctr run` whose own stdout nobody reads) blocks
 //!   neither `ctr task kill` nor the exit (STOPPED) nor `ctr task delete`, and what was written
 //!   arrives as a gapless prefix;
+//! - a foreground `ctr run` whose consumer starts reading after the process exited gets every
+//!   byte (ctr closes its FIFO ends once it has the exit status);
 //! - stdin EOF through CloseIO (`ctr run` with piped stdin) after byte-exact forwarding, and
 //!   after interactive use (a line, its echo, a pause, five times, then EOF);
 //! - a SIGKILLed shim, and a guest kernel panic, end with the task stopped and nothing left:
@@ -260,6 +262,38 @@ fn stalled_stdout_reader_blocks_neither_kill_nor_delete() {
     assert!(is_seq_prefix(&got), "the {} bytes read are not a gapless prefix of the output", got.len());
     let _ = ctrd.ctr(&["container", "delete", "stall"], TASK_OP_LIMIT);
     assert_clean(&ctrd, "stall");
+}
+
+/// The process writes ~400 KB, which the FIFO, the shim and the vsock window hold between them,
+/// and exits while the consumer of ctr's stdout pauses after the first byte; it reads the rest
+/// 1.5 s later.
+/// ctr (containerd 1.6) closes its FIFO ends as soon as it has the exit status, in
+/// `task.Delete`: the shim reports the exit only once the output was read, so nothing is cut
+/// off. (A consumer that stays away longer than the shim's idle bound does lose the rest.)
+#[test]
+fn a_late_consumer_gets_all_output_of_a_process_that_already_exited() {
+    let Some(ctrd) = setup("a_late_consumer_gets_all_output_of_a_process_that_already_exited") else { return };
+    let lines = 70_000;
+    let cmd = ctr_command(&ctrd, &run_args(&["--rm"], "late-read", &["seq", "1", &lines.to_string()]));
+    let mut ctr_run = Background::spawn(cmd, Stdio::null());
+    let mut ctr_stdout = ctr_run.child().stdout.take().unwrap();
+    // The first byte says the process runs; then the consumer stays away while ctr's pipe
+    // and buffer, the FIFO, the shim and the vsock window take the rest and seq exits.
+    let reader = std::thread::spawn(move || {
+        let mut got = vec![0u8];
+        if ctr_stdout.read_exact(&mut got).is_err() {
+            return Vec::new();
+        }
+        std::thread::sleep(Duration::from_millis(1500));
+        let _ = ctr_stdout.read_to_end(&mut got);
+        got
+    });
+    let out = ctr_run.finish(RUN_LIMIT).unwrap_or_else(|| panic!("ctr run never ended\n{}", ctrd.logs()));
+    let got = reader.join().unwrap();
+    assert!(out.status.success(), "ctr run failed: {}\n{}", stderr(&out), ctrd.logs());
+    let expected = seq_output(lines);
+    assert!(got == expected, "a late consumer lost output: {}\n{}", describe_loss(&expected, &got), ctrd.logs());
+    assert_clean(&ctrd, "late-read");
 }
 
 #[test]

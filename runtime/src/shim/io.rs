@@ -15,11 +15,14 @@
 //!   whatever the process writes before containerd opens its side waits in the FIFO instead of
 //!   failing with EPIPE, and containerd sees EOF exactly when the process's output ends. A full
 //!   FIFO stalls the guest process through the vsock credit (backpressure), it never drops data.
+//!   The process's exit is reported, and `Delete` answered, only once its output was read
+//!   ([`OutputDrain::wait`]): containerd's client closes its FIFO ends when it deletes the task.
 //!
 //! Data is copied by one thread per stream, never by polling RPCs. A consumer that stops
-//! reading only stalls its own copy thread, never an RPC: `Kill`, `Wait` and `Delete` do not
-//! touch the copies, and dropping the [`ProcessIo`] (at `Delete`) releases every copy thread
-//! still blocked on a stalled FIFO or on the guest, so none outlives its process.
+//! reading stalls its own copy thread and delays the exit and `Delete` by at most
+//! [`OUTPUT_DRAIN_IDLE`] without progress; `Kill` never waits for it, and dropping the
+//! [`ProcessIo`] (at `Delete`) releases every copy thread still blocked on a stalled FIFO or on
+//! the guest, so none outlives its process.
 
 use std::fs::{File, OpenOptions};
 use std::io::{ErrorKind, Read, Write};
@@ -119,9 +122,10 @@ pub struct ProcessIo {
     /// Write ends (non-blocking) of stdout/stderr, handed to their copy threads.
     stdout_writer: Option<File>,
     stderr_writer: Option<File>,
-    /// Read ends of stdout/stderr held until the process is deleted.
-    stdout_keepalive: Option<File>,
-    stderr_keepalive: Option<File>,
+    /// Read ends of stdout/stderr held until the process is deleted (shared with
+    /// [`OutputDrain`]s, which count the bytes queued in them).
+    stdout_keepalive: Option<Arc<File>>,
+    stderr_keepalive: Option<Arc<File>>,
     /// Fired on drop: copy threads blocked on a stalled FIFO give up.
     release: Option<Trigger>,
     /// Second handles of the guest streams, shut down on drop so a copy blocked on the guest
@@ -131,9 +135,58 @@ pub struct ProcessIo {
     outputs: Vec<Arc<OutputProgress>>,
 }
 
-/// How long [`ProcessIo::drain`] waits when no output moves at all: runc's shim gives its
+/// How long [`OutputDrain::wait`] waits when no output moves at all: runc's shim gives its
 /// copies 2 s at `Delete` as well.
 pub const OUTPUT_DRAIN_IDLE: Duration = Duration::from_secs(2);
+
+/// A handle on a process's output copies that waits for them to reach their consumer, held
+/// apart from the [`ProcessIo`] (which lives under the shim's state lock).
+#[derive(Debug, Clone, Default)]
+pub struct OutputDrain {
+    /// The shim's read ends of the stdout and stderr FIFOs, to count what is still queued.
+    fifos: Vec<Arc<File>>,
+    outputs: Vec<Arc<OutputProgress>>,
+}
+
+impl OutputDrain {
+    /// Wait until the process's output has reached its consumer: until every output copy has
+    /// ended and the consumer has emptied the stdout and stderr FIFOs, or until nothing has
+    /// moved for `max_idle` (a consumer that stopped reading, none at all, or a child of the
+    /// process that keeps its stdout open). The shim waits so before it reports the exit and
+    /// again before `Delete` releases the FIFOs: a client acts on the exit at once, and
+    /// containerd's client closes its FIFO ends when it deletes the task (ctr closes them as
+    /// soon as it has the exit status), so what the copies and the FIFO still held would be
+    /// lost. Returns whether everything was delivered. Blocks: call it off the async runtime.
+    pub fn wait(&self, max_idle: Duration) -> Drained {
+        let mut last = None;
+        let mut last_move = Instant::now();
+        loop {
+            let copied: u64 = self.outputs.iter().map(|o| o.copied.load(Ordering::SeqCst)).sum();
+            let done = self.outputs.iter().all(|o| o.done.load(Ordering::SeqCst));
+            let queued: usize = self.fifos.iter().map(|f| queued_bytes(f)).sum();
+            if done && queued == 0 {
+                return Drained::All;
+            }
+            if last != Some((copied, queued)) {
+                last = Some((copied, queued));
+                last_move = Instant::now();
+            } else if last_move.elapsed() >= max_idle {
+                return Drained::Stalled { copied, queued, copies_done: done };
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// How [`OutputDrain::wait`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drained {
+    /// Every byte the process wrote was read from the FIFOs.
+    All,
+    /// Nothing moved for the idle bound: `copied` bytes went into the FIFOs, `queued` of them
+    /// are still there, and the copies had (not) reached the end of the output.
+    Stalled { copied: u64, queued: usize, copies_done: bool },
+}
 
 /// What an output copy thread has done so far.
 #[derive(Debug, Default)]
@@ -197,7 +250,7 @@ fn set_nonblocking(file: &File, path: &Path, stream: &'static str) -> Result<(),
 /// Open an output FIFO: a read end to keep (non-blocking open never waits), then the write
 /// end the copy thread uses (opening it cannot block: a reader exists), made non-blocking so
 /// the copy can wait for room *or* for its release.
-fn open_output(path: &str, stream: &'static str) -> Result<(Option<File>, Option<File>), IoError> {
+fn open_output(path: &str, stream: &'static str) -> Result<(Option<File>, Option<Arc<File>>), IoError> {
     if path.is_empty() {
         return Ok((None, None));
     }
@@ -206,7 +259,7 @@ fn open_output(path: &str, stream: &'static str) -> Result<(Option<File>, Option
     let keepalive = open_end(path, stream, false, true)?;
     let writer = open_end(path, stream, true, false)?;
     set_nonblocking(&writer, path, stream)?;
-    Ok((Some(writer), Some(keepalive)))
+    Ok((Some(writer), Some(Arc::new(keepalive))))
 }
 
 impl ProcessIo {
@@ -287,32 +340,10 @@ impl ProcessIo {
         Ok(())
     }
 
-    /// Wait until the process's output has reached its consumer, before `Delete` releases it:
-    /// until every output copy has ended and the consumer has emptied the stdout and stderr
-    /// FIFOs, or until nothing has moved for `max_idle` (a consumer that stopped reading, or
-    /// none at all). A client may send `Delete` as soon as it sees the exit, before it read
-    /// the end of the output; answering at once would drop what the FIFO and the copy still
-    /// held. Returns whether everything was delivered. Blocks: call it off the async runtime.
-    pub fn drain(&self, max_idle: Duration) -> bool {
-        let fifos: Vec<&File> = [&self.stdout_keepalive, &self.stderr_keepalive].into_iter().flatten().collect();
-        let mut last = None;
-        let mut last_move = Instant::now();
-        loop {
-            let copied: u64 = self.outputs.iter().map(|o| o.copied.load(Ordering::SeqCst)).sum();
-            let done = self.outputs.iter().all(|o| o.done.load(Ordering::SeqCst));
-            let queued: usize = fifos.iter().map(|f| queued_bytes(f)).sum();
-            if done && queued == 0 {
-                return true;
-            }
-            if last != Some((copied, queued)) {
-                last = Some((copied, queued));
-                last_move = Instant::now();
-            } else if last_move.elapsed() >= max_idle {
-                tracing::warn!(copied, queued, copies_done = done, "output not taken by its consumer; deleting anyway");
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+    /// A handle that waits for the output copies started so far (see [`OutputDrain::wait`]).
+    pub fn output_drain(&self) -> OutputDrain {
+        let fifos = [&self.stdout_keepalive, &self.stderr_keepalive].into_iter().flatten().cloned().collect();
+        OutputDrain { fifos, outputs: self.outputs.clone() }
     }
 
     /// Let stdin reach EOF (`CloseIO`): drop the shim's writer and tell the stdin copy to
@@ -580,7 +611,7 @@ mod tests {
     }
 
     #[test]
-    fn delete_waits_for_a_slow_reader_to_take_the_last_byte() {
+    fn the_drain_waits_for_a_slow_reader_to_take_the_last_byte() {
         let d = tempfile::tempdir().unwrap();
         let paths = StdioPaths { stdout: fifo(d.path(), "out"), stderr: fifo(d.path(), "err"), ..Default::default() };
         let mut io = ProcessIo::open(&paths).unwrap();
@@ -608,14 +639,14 @@ mod tests {
                 std::thread::sleep(Duration::from_micros(200));
             }
         });
-        // Delete comes at once: drain holds it until the reader took every byte.
-        assert!(io.drain(Duration::from_secs(5)), "drain gave up while the reader was still reading");
+        // The exit (or a Delete) comes at once: the drain holds it until the reader took every byte.
+        assert_eq!(io.output_drain().wait(Duration::from_secs(5)), Drained::All, "gave up while the reader still read");
         writer.join().unwrap();
         drop(io);
         let got = slow.join().unwrap();
         assert!(got == expected, "got {} of {} bytes", got.len(), expected.len());
 
-        // A reader that never reads: drain gives up after the idle bound, not later.
+        // A reader that never reads: the drain gives up after the idle bound, not later.
         let paths = StdioPaths { stdout: fifo(d.path(), "out2"), ..Default::default() };
         let mut io = ProcessIo::open(&paths).unwrap();
         let (mut guest_out, shim_out) = UnixStream::pair().unwrap();
@@ -624,7 +655,10 @@ mod tests {
         let _stalled = open_reader(&paths.stdout);
         guest_out.write_all(b"never read").unwrap();
         let start = Instant::now();
-        assert!(!io.drain(Duration::from_millis(300)));
+        assert!(matches!(
+            io.output_drain().wait(Duration::from_millis(300)),
+            Drained::Stalled { queued: 10, copies_done: false, .. }
+        ));
         assert!(start.elapsed() < Duration::from_secs(3), "{:?}", start.elapsed());
     }
 

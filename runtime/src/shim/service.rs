@@ -38,7 +38,7 @@ use super::container::{
 };
 use super::errdefs::{self, agent_error};
 use super::events::EventSink;
-use super::io::{ProcessIo, StdioPaths, OUTPUT_DRAIN_IDLE};
+use super::io::{Drained, OutputDrain, ProcessIo, StdioPaths, OUTPUT_DRAIN_IDLE};
 use crate::agent::AgentClient;
 use crate::config::Config;
 use crate::metrics::shim::{SandboxProbe, ShimMetricsServer};
@@ -90,6 +90,18 @@ fn guest_signal(signal: u32) -> TtrpcResult<i32> {
 /// Run blocking work on tokio's blocking pool; a panicked task becomes an INTERNAL error.
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> TtrpcResult<T> {
     tokio::task::spawn_blocking(f).await.map_err(|e| rpc_error(Code::INTERNAL, format!("blocking task failed: {e}")))
+}
+
+/// Wait, off the runtime, until a process's output has reached its consumer or stalled
+/// ([`OutputDrain::wait`]); `then` names what happens next, for the log.
+async fn deliver_output(drain: OutputDrain, process: &str, then: &str) {
+    match blocking(move || drain.wait(OUTPUT_DRAIN_IDLE)).await {
+        Ok(Drained::All) => {}
+        Ok(Drained::Stalled { copied, queued, copies_done }) => {
+            tracing::warn!(process, copied, queued, copies_done, "output not taken by its consumer; {then} anyway")
+        }
+        Err(e) => tracing::warn!(process, error = %e, "waiting for the output failed; {then} anyway"),
+    }
 }
 
 /// How a process ended.
@@ -394,6 +406,11 @@ impl TaskService {
                 LOST_EXIT_STATUS
             }
         };
+        // The exit is reported once the output is read: clients act on it at once (see
+        // `OutputDrain::wait`).
+        if let Ok(drain) = self.with_container(&id, |c| Ok(c.io.output_drain())) {
+            deliver_output(drain, &id, "reporting the exit").await;
+        }
         let exit = ExitInfo { status, at: Timestamp::now() };
         let recorded = self.with_container(&id, |c| {
             c.phase = Phase::Stopped;
@@ -672,11 +689,7 @@ impl Task for TaskService {
             }
         }
         // What the process wrote reaches its consumer before the FIFO ends are released.
-        let c = blocking(move || {
-            c.io.drain(OUTPUT_DRAIN_IDLE);
-            c
-        })
-        .await?;
+        deliver_output(c.io.output_drain(), &req.id, "deleting").await;
         self.teardown(c).await;
         self.inner.events.deleted(&req.id, pid, exit.status, &exit.at).await;
         Ok(api::DeleteResponse {

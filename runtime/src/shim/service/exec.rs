@@ -14,11 +14,11 @@ use containerd_shim_protos::ttrpc::Code;
 use tern_protocol::ContainerExecRequest;
 use tokio::sync::watch;
 
-use super::{blocking, internal, not_found, rpc_error, ExitInfo, Phase, TaskService, LOST_EXIT_STATUS};
+use super::{blocking, deliver_output, internal, not_found, rpc_error, ExitInfo, Phase, TaskService, LOST_EXIT_STATUS};
 use crate::agent::AgentClient;
 use crate::sandbox::error_chain;
 use crate::shim::errdefs::agent_error;
-use crate::shim::io::{ProcessIo, StdioPaths, OUTPUT_DRAIN_IDLE};
+use crate::shim::io::{ProcessIo, StdioPaths};
 
 /// One exec process of a container.
 pub(super) struct ExecProcess {
@@ -164,6 +164,10 @@ impl TaskService {
                 LOST_EXIT_STATUS
             }
         };
+        // As for the init: the exit is reported once the output is read.
+        if let Ok(drain) = self.with_exec(&id, &exec_id, |e| Ok(e.io.output_drain())) {
+            deliver_output(drain, &exec_id, "reporting the exit").await;
+        }
         let exit = ExitInfo { status, at: Timestamp::now() };
         let recorded = self.with_exec(&id, &exec_id, |e| {
             e.phase = Phase::Stopped;
@@ -239,11 +243,8 @@ impl TaskService {
         let pid = exec.pid;
         // The output reaches its consumer first; closing the FIFO ends the shim held and
         // dropping may touch files: both off the runtime.
-        blocking(move || {
-            exec.io.drain(OUTPUT_DRAIN_IDLE);
-            drop(exec)
-        })
-        .await?;
+        deliver_output(exec.io.output_drain(), exec_id, "deleting").await;
+        blocking(move || drop(exec)).await?;
         Ok(api::DeleteResponse {
             pid,
             exit_status: exit.status,
