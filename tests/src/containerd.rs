@@ -107,6 +107,16 @@ pub fn shim_bin() -> PathBuf {
     crate::tern_bin().with_file_name("containerd-shim-tern-v2")
 }
 
+/// `ctr run` arguments for tern's runtime and [`BUSYBOX_IMAGE`]: `flags` (`--rm`, `-d`,
+/// `--mount …`) go before the image, `argv` after the container id.
+pub fn ctr_run_args<'a>(flags: &[&'a str], id: &'a str, argv: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["run", "--snapshotter", SNAPSHOTTER, "--runtime", TERN_RUNTIME];
+    args.extend_from_slice(flags);
+    args.extend_from_slice(&[BUSYBOX_IMAGE, id]);
+    args.extend_from_slice(argv);
+    args
+}
+
 /// A running private containerd. See the module docs.
 pub struct TestContainerd {
     dir: tempfile::TempDir,
@@ -286,9 +296,7 @@ disabled_plugins = [{cri_disabled}"io.containerd.snapshotter.v1.btrfs",
 
     /// `ctr run --rm` with tern's runtime; returns ctr's output.
     pub fn run_rm(&self, id: &str, argv: &[&str], limit: Duration) -> Output {
-        let mut args = vec!["run", "--rm", "--snapshotter", SNAPSHOTTER, "--runtime", TERN_RUNTIME, BUSYBOX_IMAGE, id];
-        args.extend_from_slice(argv);
-        self.ctr(&args, limit)
+        self.ctr(&ctr_run_args(&["--rm"], id, argv), limit)
     }
 
     /// Pids of shims serving this containerd.

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use tern_tests::containerd::{stderr, stdout, TestContainerd, BUSYBOX_IMAGE, SNAPSHOTTER, TERN_RUNTIME};
+use tern_tests::containerd::{ctr_run_args, stderr, stdout, TestContainerd};
 
 /// One `ctr run` includes a VM boot, which is slow under the nested runner's emulation.
 const RUN_LIMIT: Duration = Duration::from_secs(180);
@@ -76,19 +76,7 @@ fn ps_kill_all_wait_delete_of_a_task_with_children() {
     // SIGTERM, so a plain kill leaves it running; `kill --all` reaches the sleeps too, their
     // end ends the shell's wait and the shell.
     let script = "sleep 1000 & sleep 1000 & wait";
-    let out = ctr(&[
-        "run",
-        "-d",
-        "--snapshotter",
-        SNAPSHOTTER,
-        "--runtime",
-        TERN_RUNTIME,
-        BUSYBOX_IMAGE,
-        "sleeper",
-        "sh",
-        "-c",
-        script,
-    ]);
+    let out = ctr(&ctr_run_args(&["-d"], "sleeper", &["sh", "-c", script]));
     assert!(out.status.success(), "ctr run -d failed: {}\n{}", stderr(&out), ctrd.logs());
     assert!(
         wait_status(&ctrd, "sleeper", "RUNNING", Duration::from_secs(10)),
@@ -134,21 +122,7 @@ fn ctr_run_with_a_network_namespace_gets_its_interface() {
     let net = tern_tests::netns::TestPodNetwork::new("c", 232);
     let with_ns = format!("network:{}", net.path());
     let script = format!("ip -o addr show dev eth0; ping -c 1 -W 10 {}", net.gateway);
-    let args = [
-        "run",
-        "--rm",
-        "--snapshotter",
-        SNAPSHOTTER,
-        "--runtime",
-        TERN_RUNTIME,
-        "--with-ns",
-        &with_ns,
-        BUSYBOX_IMAGE,
-        "netns",
-        "sh",
-        "-c",
-        &script,
-    ];
+    let args = ctr_run_args(&["--rm", "--with-ns", &with_ns], "netns", &["sh", "-c", &script]);
     let out = ctrd.ctr(&args, RUN_LIMIT);
     assert!(out.status.success(), "ctr run failed: {}\nstdout: {}\n{}", stderr(&out), stdout(&out), ctrd.logs());
     assert!(stdout(&out).contains(&format!("inet {}/24", net.pod_ip)), "{}", stdout(&out));

@@ -20,7 +20,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
-use tern_tests::containerd::{stderr, stdout, TestContainerd, BUSYBOX_IMAGE, NAMESPACE, SNAPSHOTTER, TERN_RUNTIME};
+use tern_tests::containerd::{ctr_run_args, stderr, stdout, TestContainerd, NAMESPACE};
 
 /// One `ctr run` includes a VM boot, which is slow under the nested runner's emulation.
 const RUN_LIMIT: Duration = Duration::from_secs(180);
@@ -39,16 +39,6 @@ fn ctr_command(ctrd: &TestContainerd, args: &[&str]) -> Command {
     let mut cmd = Command::new("ctr");
     cmd.arg("--address").arg(ctrd.address()).arg("--namespace").arg(NAMESPACE).args(args);
     cmd
-}
-
-/// `ctr run` arguments with tern's runtime and the test image.
-fn run_args<'a>(flags: &[&'a str], id: &'a str, argv: &[&'a str]) -> Vec<&'a str> {
-    let mut args = vec!["run", "--snapshotter", SNAPSHOTTER, "--runtime", TERN_RUNTIME];
-    args.extend_from_slice(flags);
-    args.push(BUSYBOX_IMAGE);
-    args.push(id);
-    args.extend_from_slice(argv);
-    args
 }
 
 /// A background `ctr`, killed if the test ends early.
@@ -188,7 +178,7 @@ fn late_reader_gets_50_mib_of_stdout_byte_identical() {
     // of `seq` output, far more than the FIFO, socket and vsock buffers hold, so it blocks
     // until the late reader comes.
     let script = format!("sleep 5; seq 1 9000000 | head -c {LATE_ATTACH_BYTES}");
-    let out = ctrd.ctr(&run_args(&["-d", &fifo_flag], "late", &["sh", "-c", &script]), RUN_LIMIT);
+    let out = ctrd.ctr(&ctr_run_args(&["-d", &fifo_flag], "late", &["sh", "-c", &script]), RUN_LIMIT);
     assert!(out.status.success(), "ctr run -d failed: {}\n{}", stderr(&out), ctrd.logs());
     assert!(out.stdout.is_empty(), "ctr run -d read output before it detached; the test needs a later start");
     std::thread::sleep(Duration::from_secs(15));
@@ -230,7 +220,7 @@ fn stalled_stdout_reader_blocks_neither_kill_nor_delete() {
     let Some(ctrd) = setup("stalled_stdout_reader_blocks_neither_kill_nor_delete") else { return };
     // A foreground ctr whose stdout pipe the test never reads: its FIFO copy stalls as soon as
     // the pipe is full, i.e. a reader that holds the FIFO open and stops reading.
-    let cmd = ctr_command(&ctrd, &run_args(&["--rm"], "stall", &["seq", "1", "1000000000"]));
+    let cmd = ctr_command(&ctrd, &ctr_run_args(&["--rm"], "stall", &["seq", "1", "1000000000"]));
     let mut ctr_run = Background::spawn(cmd, Stdio::null());
     assert!(wait_status(&ctrd, "stall", "RUNNING", RUN_LIMIT).is_some(), "the task never ran\n{}", ctrd.logs());
     std::thread::sleep(Duration::from_secs(5));
@@ -274,7 +264,7 @@ fn stalled_stdout_reader_blocks_neither_kill_nor_delete() {
 fn a_late_consumer_gets_all_output_of_a_process_that_already_exited() {
     let Some(ctrd) = setup("a_late_consumer_gets_all_output_of_a_process_that_already_exited") else { return };
     let lines = 70_000;
-    let cmd = ctr_command(&ctrd, &run_args(&["--rm"], "late-read", &["seq", "1", &lines.to_string()]));
+    let cmd = ctr_command(&ctrd, &ctr_run_args(&["--rm"], "late-read", &["seq", "1", &lines.to_string()]));
     let mut ctr_run = Background::spawn(cmd, Stdio::null());
     let mut ctr_stdout = ctr_run.child().stdout.take().unwrap();
     // The first byte says the process runs; then the consumer stays away while ctr's pipe
@@ -301,7 +291,7 @@ fn close_io_ends_stdin_after_every_byte() {
     let Some(ctrd) = setup("close_io_ends_stdin_after_every_byte") else { return };
     let input = tern_tests::pseudo_random(1 << 20);
     // ctr copies its stdin to the FIFO and, at EOF, calls CloseIO before closing its writer.
-    let cmd = ctr_command(&ctrd, &run_args(&["--rm"], "cat", &["sh", "-c", "cat; echo; echo stdin-eof"]));
+    let cmd = ctr_command(&ctrd, &ctr_run_args(&["--rm"], "cat", &["sh", "-c", "cat; echo; echo stdin-eof"]));
     let mut ctr_run = Background::spawn(cmd, Stdio::piped());
     let mut stdin = ctr_run.child().stdin.take().unwrap();
     let feed = input.clone();
@@ -338,7 +328,7 @@ fn output_outlives_the_guest_closing_its_stream() {
     // less than that plus the device's 256 KiB window, so the agent sends the last byte and
     // closes its stream with nobody reading.
     let lines = 70_000;
-    let out = ctrd.ctr(&run_args(&["-d", &fifo_flag], "pause", &["seq", "1", &lines.to_string()]), RUN_LIMIT);
+    let out = ctrd.ctr(&ctr_run_args(&["-d", &fifo_flag], "pause", &["seq", "1", &lines.to_string()]), RUN_LIMIT);
     assert!(out.status.success(), "ctr run -d failed: {}\n{}", stderr(&out), ctrd.logs());
     assert!(wait_status(&ctrd, "pause", "STOPPED", RUN_LIMIT).is_some(), "seq never ended\n{}", ctrd.logs());
     std::thread::sleep(GUEST_VSOCK_CLOSE_TIMEOUT * 2);
@@ -436,7 +426,7 @@ fn interactive_stdin_then_close_ends_ctr_run() {
     dead.wait().unwrap();
     std::fs::write(stale.join("owner"), format!("{dead_pid} 1\n")).unwrap();
 
-    let cmd = ctr_command(&ctrd, &run_args(&["--rm"], "interactive", &["sh", "-c", "echo READY; exec cat"]));
+    let cmd = ctr_command(&ctrd, &ctr_run_args(&["--rm"], "interactive", &["sh", "-c", "echo READY; exec cat"]));
     let mut ctr_run = Background::spawn(cmd, Stdio::piped());
     let mut stdin = ctr_run.child().stdin.take().unwrap();
     let lines = line_channel(ctr_run.child().stdout.take().unwrap());
@@ -466,7 +456,7 @@ fn sigkill_of_the_shim_leaves_nothing_behind() {
     let Some(ctrd) = setup("sigkill_of_the_shim_leaves_nothing_behind") else { return };
     let fifo_dir = ctrd.dir().join("fifo");
     let fifo_flag = format!("--fifo-dir={}", fifo_dir.display());
-    let cmd = ctr_command(&ctrd, &run_args(&["--rm", &fifo_flag], "victim", &["sleep", "1000"]));
+    let cmd = ctr_command(&ctrd, &ctr_run_args(&["--rm", &fifo_flag], "victim", &["sleep", "1000"]));
     let ctr_run = Background::spawn(cmd, Stdio::null());
     assert!(wait_status(&ctrd, "victim", "RUNNING", RUN_LIMIT).is_some(), "the task never ran\n{}", ctrd.logs());
 
@@ -512,7 +502,7 @@ fn guest_kernel_panic_stops_the_task_and_cleans_up() {
     // read-only in the container) and a tmpfs filled past the guest's memory.
     let script = "mount -t proc proc /root && echo 1 > /root/sys/vm/panic_on_oom && \
                   mount -t tmpfs -o size=100% fill /tmp && cat /dev/zero > /tmp/fill; echo survived";
-    let out = ctrd.ctr(&run_args(&["-d", "--cap-add", "CAP_SYS_ADMIN"], "panic", &["sh", "-c", script]), RUN_LIMIT);
+    let out = ctrd.ctr(&ctr_run_args(&["-d", "--cap-add", "CAP_SYS_ADMIN"], "panic", &["sh", "-c", script]), RUN_LIMIT);
     assert!(out.status.success(), "ctr run -d failed: {}\n{}", stderr(&out), ctrd.logs());
     let stopped = wait_status(&ctrd, "panic", "STOPPED", RUN_LIMIT);
     assert!(stopped.is_some(), "the task did not stop after the guest panicked\n{}", ctrd.logs());

@@ -10,7 +10,9 @@ use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use tern_tests::containerd::{stderr, stdout, TestContainerd, BUSYBOX_IMAGE, NAMESPACE, SNAPSHOTTER, TERN_RUNTIME};
+use tern_tests::containerd::{
+    ctr_run_args, stderr, stdout, TestContainerd, BUSYBOX_IMAGE, NAMESPACE, SNAPSHOTTER, TERN_RUNTIME,
+};
 
 /// One `ctr` call that may include a VM boot.
 const LIMIT: Duration = Duration::from_secs(180);
@@ -148,21 +150,7 @@ fn task_api_exec_pause_metrics_update_and_stdin_eof() {
     let init = "echo init-wrote > /tmp/marker; i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.2; done";
     // ctr's default spec has no /sys/fs/cgroup mount; ask for one to read limits inside.
     let cgroup_mount = "type=cgroup,src=cgroup,dst=/sys/fs/cgroup,options=ro:nosuid:noexec:nodev";
-    let out = ctr(&[
-        "run",
-        "-d",
-        "--snapshotter",
-        SNAPSHOTTER,
-        "--runtime",
-        TERN_RUNTIME,
-        "--mount",
-        cgroup_mount,
-        BUSYBOX_IMAGE,
-        "box",
-        "sh",
-        "-c",
-        init,
-    ]);
+    let out = ctr(&ctr_run_args(&["-d", "--mount", cgroup_mount], "box", &["sh", "-c", init]));
     assert!(out.status.success(), "ctr run -d: {}\n{}", stderr(&out), ctrd.logs());
     let counter = rootfs_file(&ctrd, "box", "tmp/count");
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -367,7 +355,7 @@ fn task_api_terminal_and_resize() {
     // the FIFO, so ctr reaches EOF before it has a task to send CloseIO to: the shim must
     // still deliver EOF once containerd's writer is gone (as runc's shim does).
     let data: Vec<u8> = (0..64 * 1024u32).map(|i| (i.wrapping_mul(40_503) >> 7) as u8).collect();
-    let args = ["run", "--rm", "--snapshotter", SNAPSHOTTER, "--runtime", TERN_RUNTIME, BUSYBOX_IMAGE, "cat1", "cat"];
+    let args = ctr_run_args(&["--rm"], "cat1", &["cat"]);
     let out = ctr_with_stdin(&ctrd, &args, &data, LIMIT);
     assert!(
         out.status.success(),

@@ -11,9 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use tern_tests::containerd::{
-    stderr, TestContainerd, BUSYBOX_IMAGE, CRI_HANDLER, PAUSE_IMAGE, SNAPSHOTTER, TERN_RUNTIME,
-};
+use tern_tests::containerd::{ctr_run_args, stderr, TestContainerd, CRI_HANDLER, PAUSE_IMAGE};
 use tern_tests::cri::{pod_config, Cri};
 
 fn setup(test: &str) -> Option<TestContainerd> {
@@ -159,18 +157,7 @@ fn monitor_follows_real_shims_through_the_sandbox_directory() {
     // Started before any sandbox (and before the directory exists).
     let early = HttpProcess::monitor(&sbs);
     let ctr = |args: &[&str]| ctrd.ctr(args, Duration::from_secs(300));
-    let out = ctr(&[
-        "run",
-        "-d",
-        "--snapshotter",
-        SNAPSHOTTER,
-        "--runtime",
-        TERN_RUNTIME,
-        BUSYBOX_IMAGE,
-        "mon1",
-        "sleep",
-        "1000",
-    ]);
+    let out = ctr(&ctr_run_args(&["-d"], "mon1", &["sleep", "1000"]));
     assert!(out.status.success(), "ctr run -d failed: {}\n{}", stderr(&out), ctrd.logs());
     assert!(
         sbs.join("mon1/shim-monitor.sock").exists(),
@@ -381,18 +368,7 @@ fn ten_sandboxes(test: &str, bench: bool) {
     );
     for i in 0..10 {
         let id = format!("ten{i}");
-        let out = ctr(&[
-            "run",
-            "-d",
-            "--snapshotter",
-            SNAPSHOTTER,
-            "--runtime",
-            TERN_RUNTIME,
-            BUSYBOX_IMAGE,
-            &id,
-            "sleep",
-            "1000",
-        ]);
+        let out = ctr(&ctr_run_args(&["-d"], &id, &["sleep", "1000"]));
         assert!(out.status.success(), "ctr run -d {id} failed: {}\n{}", stderr(&out), ctrd.logs());
         ids.push(id);
         if i == 0 && bench {

@@ -15,7 +15,7 @@
 use std::time::Duration;
 
 use tern_runtime::cri::api;
-use tern_tests::containerd::{stderr, stdout, TestContainerd, BUSYBOX_IMAGE, SNAPSHOTTER, TERN_RUNTIME};
+use tern_tests::containerd::{ctr_run_args, stderr, stdout, TestContainerd, BUSYBOX_IMAGE};
 use tern_tests::cri::{container_config, wait_log_line, Cri, TestPod};
 
 /// One `ctr run` includes a VM boot, which is slow under the nested runner's emulation.
@@ -46,11 +46,9 @@ fn status_field<'a>(lines: impl IntoIterator<Item = &'a str>, field: &str) -> Op
 
 /// `ctr run --rm` of [`BUSYBOX_IMAGE`] with `extra` flags before the image.
 fn ctr_run(ctrd: &TestContainerd, id: &str, extra: &[&str], argv: &[&str]) -> std::process::Output {
-    let mut args = vec!["run", "--rm", "--snapshotter", SNAPSHOTTER, "--runtime", TERN_RUNTIME];
-    args.extend_from_slice(extra);
-    args.extend_from_slice(&[BUSYBOX_IMAGE, id]);
-    args.extend_from_slice(argv);
-    ctrd.ctr(&args, RUN_LIMIT)
+    let mut flags = vec!["--rm"];
+    flags.extend_from_slice(extra);
+    ctrd.ctr(&ctr_run_args(&flags, id, argv), RUN_LIMIT)
 }
 
 #[test]

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use containerd_shim_protos::api;
 use containerd_shim_protos::ttrpc::{self, Code};
 use containerd_shim_protos::TaskClient;
-use tern_tests::containerd::{stderr, TestContainerd, BUSYBOX_IMAGE, NAMESPACE, SNAPSHOTTER, TERN_RUNTIME};
+use tern_tests::containerd::{ctr_run_args, stderr, TestContainerd, NAMESPACE};
 
 /// One `ctr` call that may include a VM boot.
 const LIMIT: Duration = Duration::from_secs(180);
@@ -53,8 +53,7 @@ fn status_of(e: &ttrpc::Error) -> (Code, String) {
 
 /// `ctr run -d` of a container that sleeps, which boots the shim and its VM.
 fn run_sleeper(ctrd: &TestContainerd, id: &str) {
-    let args =
-        ["run", "-d", "--snapshotter", SNAPSHOTTER, "--runtime", TERN_RUNTIME, BUSYBOX_IMAGE, id, "sleep", "100000"];
+    let args = ctr_run_args(&["-d"], id, &["sleep", "100000"]);
     let out = ctrd.ctr(&args, LIMIT);
     assert!(out.status.success(), "ctr run -d: {}\n{}", stderr(&out), ctrd.logs());
 }
