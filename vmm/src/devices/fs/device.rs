@@ -20,8 +20,9 @@ use super::event_handler::FsHandler;
 use super::policy::ShareFs;
 use super::share::{validate_share_name, ShareConfig, ShareError};
 use super::{NUM_QUEUES, QUEUE_SIZE, TAG_LEN};
-use crate::devices::event_loop::{ActiveHandler, EventLoopHandle, SharedSubscriber};
-use crate::devices::virtio::{read_config_space, ActivateError, ActivatedQueue, InterruptSignal, VirtioDevice};
+use crate::devices::event_loop::EventLoopHandle;
+use crate::devices::virtio::core::{DeviceCore, QueueDevice};
+use crate::devices::virtio::{ActivateError, ActivatedQueue, InterruptSignal};
 use crate::memory::GuestMemory;
 use crate::metrics::VmMetrics;
 
@@ -110,11 +111,8 @@ impl Default for FsShares {
 
 /// The virtio-fs device: one hiprio queue and one request queue, served on the `tern-fs` event loop.
 pub struct VirtioFs {
-    config: [u8; CONFIG_LEN],
     shares: Arc<FsShares>,
-    events: EventLoopHandle,
-    acked_features: u64,
-    active: Option<ActiveHandler>,
+    core: DeviceCore,
     metrics: Option<Arc<VmMetrics>>,
 }
 
@@ -133,54 +131,29 @@ impl VirtioFs {
         config[..tag.len()].copy_from_slice(tag.as_bytes());
         let request_queues = (NUM_QUEUES - 1) as u32;
         config[TAG_LEN..].copy_from_slice(&request_queues.to_le_bytes());
-        Ok(VirtioFs { config, shares, events, acked_features: 0, active: None, metrics: None })
-    }
-
-    fn deactivate(&mut self) {
-        if let Some(active) = self.active.take() {
-            self.events.deactivate(active);
-        }
+        let core = DeviceCore::new("virtio-fs", &config, &QUEUE_SIZES, 1 << VIRTIO_F_VERSION_1, events);
+        Ok(VirtioFs { shares, core, metrics: None })
     }
 }
 
-impl VirtioDevice for VirtioFs {
-    fn device_type(&self) -> u32 {
-        VIRTIO_ID_FS
+impl QueueDevice for VirtioFs {
+    const DEVICE_TYPE: u32 = VIRTIO_ID_FS;
+
+    fn core(&self) -> &DeviceCore {
+        &self.core
     }
 
-    fn queue_max_sizes(&self) -> &[u16] {
-        &QUEUE_SIZES
+    fn core_mut(&mut self) -> &mut DeviceCore {
+        &mut self.core
     }
 
-    fn avail_features(&self) -> u64 {
-        1 << VIRTIO_F_VERSION_1
-    }
-
-    fn set_acked_features(&mut self, features: u64) {
-        self.acked_features = features & self.avail_features();
-    }
-
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_space(&self.config, offset, data, "virtio-fs");
-    }
-
-    fn write_config(&mut self, offset: u64, _data: &[u8]) {
-        tracing::debug!(offset, "guest write to the read-only virtio-fs config space ignored");
-    }
-
-    fn activate(
+    fn start(
         &mut self,
         mem: GuestMemory,
         interrupt: Arc<dyn InterruptSignal>,
         queues: Vec<ActivatedQueue>,
     ) -> Result<(), ActivateError> {
-        if self.active.is_some() {
-            return Err(ActivateError::Other("virtio-fs device is already active".into()));
-        }
-        let got = queues.len();
-        let Ok([hiprio, request]) = <[ActivatedQueue; NUM_QUEUES]>::try_from(queues) else {
-            return Err(ActivateError::QueueCount { expected: NUM_QUEUES, got });
-        };
+        let [hiprio, request] = self.core.queues::<NUM_QUEUES>(queues)?;
         let stopped = Arc::new(AtomicBool::new(false));
         let handler = FsHandler::new(
             mem,
@@ -191,27 +164,17 @@ impl VirtioDevice for VirtioFs {
             stopped.clone(),
         )
         .with_metrics(self.metrics.clone());
-        let subscriber: SharedSubscriber = Arc::new(Mutex::new(handler));
-        self.active = Some(self.events.activate(subscriber, stopped)?);
+        self.core.start(handler, stopped)?;
         tracing::debug!("virtio-fs device activated");
         Ok(())
     }
 
-    fn reset(&mut self) -> bool {
-        self.deactivate();
+    fn on_reset(&mut self) {
         // Forget the old driver's session (handles, inodes) so the next INIT is accepted. On
         // the fs thread, after the handler's removal and before any later activation: the
         // passthrough re-opens each share's root, which a vCPU thread (where the guest's reset
         // arrives) may not do.
         let vfs = self.shares.vfs();
-        self.events.run_on_loop(move || fuse_backend_rs::api::filesystem::FileSystem::destroy(&*vfs));
-        self.acked_features = 0;
-        true
-    }
-}
-
-impl Drop for VirtioFs {
-    fn drop(&mut self) {
-        self.deactivate();
+        self.core.events().run_on_loop(move || fuse_backend_rs::api::filesystem::FileSystem::destroy(&*vfs));
     }
 }

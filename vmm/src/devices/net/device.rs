@@ -3,7 +3,7 @@
 //! event loop.
 
 use std::os::fd::OwnedFd;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
@@ -18,8 +18,9 @@ use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use super::event_handler::NetHandler;
 use super::tap::{tap_offload_flags, Tap, TapIo};
 use super::{validate_params, NetError, NUM_QUEUES, QUEUE_SIZE, VNET_HDR_LEN};
-use crate::devices::event_loop::{ActiveHandler, EventLoopHandle, SharedSubscriber};
-use crate::devices::virtio::{read_config_space, ActivateError, ActivatedQueue, InterruptSignal, VirtioDevice};
+use crate::devices::event_loop::EventLoopHandle;
+use crate::devices::virtio::core::{DeviceCore, QueueDevice};
+use crate::devices::virtio::{ActivateError, ActivatedQueue, InterruptSignal};
 use crate::memory::GuestMemory;
 use crate::metrics::NetMetrics;
 
@@ -49,10 +50,7 @@ const AVAIL_FEATURES: u64 = (1 << VIRTIO_F_VERSION_1)
 pub struct Net {
     name: String,
     tap: Arc<dyn TapIo>,
-    config: [u8; CONFIG_LEN],
-    events: EventLoopHandle,
-    acked_features: u64,
-    active: Option<ActiveHandler>,
+    core: DeviceCore,
     metrics: Arc<NetMetrics>,
 }
 
@@ -83,10 +81,7 @@ impl Net {
         Ok(Net {
             name: name.to_owned(),
             tap,
-            config,
-            events,
-            acked_features: 0,
-            active: None,
+            core: DeviceCore::new(format!("virtio-net {name}"), &config, &QUEUE_SIZES, AVAIL_FEATURES, events),
             metrics: Arc::new(NetMetrics::new(name)),
         })
     }
@@ -100,55 +95,29 @@ impl Net {
     /// Header size and offloads, from the features the driver acked.
     fn configure_tap(&self) -> Result<(), NetError> {
         self.tap.set_vnet_hdr_size(VNET_HDR_LEN as libc::c_int).map_err(NetError::VnetHdrSize)?;
-        let flags = tap_offload_flags(self.acked_features);
+        let flags = tap_offload_flags(self.core.acked_features());
         self.tap.set_offload(flags).map_err(|source| NetError::Offload { flags, source })
-    }
-
-    fn deactivate(&mut self) {
-        if let Some(active) = self.active.take() {
-            self.events.deactivate(active);
-        }
     }
 }
 
-impl VirtioDevice for Net {
-    fn device_type(&self) -> u32 {
-        VIRTIO_ID_NET
+impl QueueDevice for Net {
+    const DEVICE_TYPE: u32 = VIRTIO_ID_NET;
+
+    fn core(&self) -> &DeviceCore {
+        &self.core
     }
 
-    fn queue_max_sizes(&self) -> &[u16] {
-        &QUEUE_SIZES
+    fn core_mut(&mut self) -> &mut DeviceCore {
+        &mut self.core
     }
 
-    fn avail_features(&self) -> u64 {
-        AVAIL_FEATURES
-    }
-
-    fn set_acked_features(&mut self, features: u64) {
-        self.acked_features = features & self.avail_features();
-    }
-
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_space(&self.config, offset, data, "virtio-net");
-    }
-
-    fn write_config(&mut self, offset: u64, _data: &[u8]) {
-        tracing::debug!(device = %self.name, offset, "guest write to the read-only virtio-net config space ignored");
-    }
-
-    fn activate(
+    fn start(
         &mut self,
         mem: GuestMemory,
         interrupt: Arc<dyn InterruptSignal>,
         queues: Vec<ActivatedQueue>,
     ) -> Result<(), ActivateError> {
-        if self.active.is_some() {
-            return Err(ActivateError::Other(format!("virtio-net device {} is already active", self.name)));
-        }
-        let got = queues.len();
-        let Ok([rx, tx]) = <[ActivatedQueue; NUM_QUEUES]>::try_from(queues) else {
-            return Err(ActivateError::QueueCount { expected: NUM_QUEUES, got });
-        };
+        let [rx, tx] = self.core.queues::<NUM_QUEUES>(queues)?;
         // The transport logs only this message, so it carries the cause.
         self.configure_tap().map_err(|e| match std::error::Error::source(&e) {
             Some(source) => ActivateError::Other(format!("{e}: {source}")),
@@ -161,34 +130,24 @@ impl VirtioDevice for Net {
             [rx.queue, tx.queue],
             [rx.kick, tx.kick],
             self.tap.clone(),
-            self.acked_features,
+            self.core.acked_features(),
         )
         .with_metrics(self.metrics.clone());
         let stopped = handler.stop_flag();
-        let subscriber: SharedSubscriber = Arc::new(Mutex::new(handler));
-        self.active = Some(self.events.activate(subscriber, stopped)?);
+        self.core.start(handler, stopped)?;
         tracing::debug!(
             device = %self.name,
-            features = format_args!("{:#x}", self.acked_features),
-            offloads = format_args!("{:#x}", tap_offload_flags(self.acked_features)),
+            features = format_args!("{:#x}", self.core.acked_features()),
+            offloads = format_args!("{:#x}", tap_offload_flags(self.core.acked_features())),
             "virtio-net device activated"
         );
         Ok(())
     }
 
-    fn reset(&mut self) -> bool {
-        self.deactivate();
-        self.acked_features = 0;
+    fn on_reset(&mut self) {
         // Until a driver acks offloads again, the tap must not queue frames that need them.
         if let Err(e) = self.tap.set_offload(0) {
             tracing::warn!(device = %self.name, error = %e, "cannot clear the tap's offloads on reset");
         }
-        true
-    }
-}
-
-impl Drop for Net {
-    fn drop(&mut self) {
-        self.deactivate();
     }
 }

@@ -3,7 +3,10 @@
 //! Layering (as in rust-vmm's vmm-reference): [`VirtioDevice`] is what a device implements;
 //! [`mmio::MmioTransport`] owns the virtio-mmio register file and turns driver actions into
 //! calls on the device; each device's queue processing runs on the VMM's event-loop thread.
+//! tern's devices implement [`core::QueueDevice`] on a [`core::DeviceCore`], which gives them
+//! [`VirtioDevice`]; the transport tests and the fuzzers implement it directly.
 
+pub mod core;
 pub mod mmio;
 #[cfg(any(test, feature = "fuzzing"))]
 pub(crate) mod test_ring;
