@@ -65,6 +65,17 @@ pub struct AgentClient {
     uds_path: PathBuf,
 }
 
+/// The value `$pattern` binds in the response `$call` returns, or that response as
+/// [`AgentError::Unexpected`] if it is another one.
+macro_rules! answer {
+    ($call:expr, $pattern:pat => $value:expr) => {
+        match $call? {
+            $pattern => Ok($value),
+            other => Err(AgentError::Unexpected(format!("{other:?}"))),
+        }
+    };
+}
+
 impl AgentClient {
     pub fn new(uds_path: impl Into<PathBuf>) -> Self {
         AgentClient { uds_path: uds_path.into() }
@@ -152,40 +163,30 @@ impl AgentClient {
     }
 
     fn health_within(&self, timeout: Duration) -> Result<String, AgentError> {
-        match self.call_within(&Request::Health, timeout)? {
-            Response::Health { protocol_version, agent_version } => {
-                if protocol_version != PROTOCOL_VERSION {
-                    return Err(AgentError::Version { got: protocol_version });
-                }
-                Ok(agent_version)
-            }
-            other => Err(AgentError::Unexpected(format!("{other:?}"))),
+        let call = self.call_within(&Request::Health, timeout);
+        let (got, version) = answer!(call, Response::Health { protocol_version: p, agent_version: v } => (p, v))?;
+        if got != PROTOCOL_VERSION {
+            return Err(AgentError::Version { got });
         }
+        Ok(version)
     }
 
     /// Start a process; returns its guest pid.
     pub fn exec(&self, req: ExecRequest) -> Result<i32, AgentError> {
-        match self.call(&Request::Exec(req))? {
-            Response::Started { pid } => Ok(pid),
-            other => Err(AgentError::Unexpected(format!("{other:?}"))),
-        }
+        answer!(self.call(&Request::Exec(req)), Response::Started { pid } => pid)
     }
 
     /// Create a container and start its process (registered under `spec.id`); returns its
     /// guest pid.
     pub fn start_container(&self, spec: ContainerSpec) -> Result<i32, AgentError> {
-        match self.call_within(&Request::StartContainer(spec), CONTAINER_START_TIMEOUT)? {
-            Response::Started { pid } => Ok(pid),
-            other => Err(AgentError::Unexpected(format!("{other:?}"))),
-        }
+        let call = self.call_within(&Request::StartContainer(spec), CONTAINER_START_TIMEOUT);
+        answer!(call, Response::Started { pid } => pid)
     }
 
     /// Start a process inside a running container; returns its guest pid.
     pub fn exec_in_container(&self, req: ContainerExecRequest) -> Result<i32, AgentError> {
-        match self.call_within(&Request::ExecInContainer(req), CONTAINER_START_TIMEOUT)? {
-            Response::Started { pid } => Ok(pid),
-            other => Err(AgentError::Unexpected(format!("{other:?}"))),
-        }
+        let call = self.call_within(&Request::ExecInContainer(req), CONTAINER_START_TIMEOUT);
+        answer!(call, Response::Started { pid } => pid)
     }
 
     /// Set the window size of a terminal process.
@@ -205,10 +206,7 @@ impl AgentClient {
 
     /// The guest pids of every process in a container.
     pub fn container_pids(&self, id: &str) -> Result<Vec<i32>, AgentError> {
-        match self.call(&Request::ContainerPids { id: id.to_owned() })? {
-            Response::Pids { pids } => Ok(pids),
-            other => Err(AgentError::Unexpected(format!("{other:?}"))),
-        }
+        answer!(self.call(&Request::ContainerPids { id: id.to_owned() }), Response::Pids { pids } => pids)
     }
 
     pub fn resume_container(&self, id: &str) -> Result<(), AgentError> {
@@ -217,10 +215,7 @@ impl AgentClient {
 
     /// cgroup v2 statistics of a container.
     pub fn container_stats(&self, id: &str) -> Result<CgroupStats, AgentError> {
-        match self.call(&Request::ContainerStats { id: id.to_owned() })? {
-            Response::ContainerStats(s) => Ok(s),
-            other => Err(AgentError::Unexpected(format!("{other:?}"))),
-        }
+        answer!(self.call(&Request::ContainerStats { id: id.to_owned() }), Response::ContainerStats(s) => s)
     }
 
     /// Apply resource limits to a container's cgroup.
@@ -230,10 +225,7 @@ impl AgentClient {
 
     /// Block until the container's cgroup has more than `seen` OOM kills; returns the count.
     pub fn wait_oom(&self, id: &str, seen: u64) -> Result<u64, AgentError> {
-        match self.call(&Request::WaitOom { id: id.to_owned(), seen })? {
-            Response::OomKills { count } => Ok(count),
-            other => Err(AgentError::Unexpected(format!("{other:?}"))),
-        }
+        answer!(self.call(&Request::WaitOom { id: id.to_owned(), seen }), Response::OomKills { count } => count)
     }
 
     /// Deliver EOF on the process's stdin.
@@ -243,10 +235,7 @@ impl AgentClient {
 
     /// Block until the process exits.
     pub fn wait(&self, id: &str) -> Result<ExitStatus, AgentError> {
-        match self.call(&Request::Wait { id: id.to_string() })? {
-            Response::Exited(status) => Ok(status),
-            other => Err(AgentError::Unexpected(format!("{other:?}"))),
-        }
+        answer!(self.call(&Request::Wait { id: id.to_string() }), Response::Exited(status) => status)
     }
 
     pub fn signal(&self, id: &str, signal: i32) -> Result<(), AgentError> {
@@ -259,18 +248,12 @@ impl AgentClient {
 
     /// [`Self::stats`], giving up after `timeout` (metrics scrapes must stay fast).
     pub fn stats_within(&self, timeout: Duration) -> Result<GuestStats, AgentError> {
-        match self.call_within(&Request::Stats, timeout)? {
-            Response::Stats(s) => Ok(s),
-            other => Err(AgentError::Unexpected(format!("{other:?}"))),
-        }
+        answer!(self.call_within(&Request::Stats, timeout), Response::Stats(s) => s)
     }
 
     /// The stage durations of the last change batches the agent applied, oldest first.
     pub fn watch_stages(&self) -> Result<Vec<tern_protocol::WatchStageSample>, AgentError> {
-        match self.call(&Request::WatchStages)? {
-            Response::WatchStages { batches } => Ok(batches),
-            other => Err(AgentError::Unexpected(format!("{other:?}"))),
-        }
+        answer!(self.call(&Request::WatchStages), Response::WatchStages { batches } => batches)
     }
 
     /// Present a virtio-fs share at a guest path.
@@ -317,10 +300,7 @@ impl AgentClient {
     }
 
     fn expect_ok(&self, req: &Request) -> Result<(), AgentError> {
-        match self.call(req)? {
-            Response::Ok => Ok(()),
-            other => Err(AgentError::Unexpected(format!("{other:?}"))),
-        }
+        answer!(self.call(req), Response::Ok => ())
     }
 }
 
