@@ -156,7 +156,8 @@ impl OutputDrain {
     /// again before `Delete` releases the FIFOs: a client acts on the exit at once, and
     /// containerd's client closes its FIFO ends when it deletes the task (ctr closes them as
     /// soon as it has the exit status), so what the copies and the FIFO still held would be
-    /// lost. Returns whether everything was delivered. Blocks: call it off the async runtime.
+    /// lost. Returns whether everything was delivered, or where it stalled. Blocks: call it
+    /// off the async runtime.
     pub fn wait(&self, max_idle: Duration) -> Drained {
         let mut last = None;
         let mut last_move = Instant::now();
