@@ -118,7 +118,7 @@ impl Cri {
     }
 }
 
-/// A tern pod started through CRI by [`Cri::run_tern_pod`].
+/// A pod started through CRI by [`Cri::run_pod`].
 pub struct TestPod {
     pub sandbox: String,
     pub config: api::PodSandboxConfig,
@@ -127,30 +127,41 @@ pub struct TestPod {
 }
 
 impl Cri {
-    /// Wait for the busybox and pause images, then RunPodSandbox of pod `namespace/name` (uid
-    /// `uid`) with tern's handler; its log directory is `<ctrd dir>/logs/<ns>_<name>_<uid>`.
+    /// [`Cri::run_pod`] with tern's handler.
     pub fn run_tern_pod(&self, ctrd: &TestContainerd, name: &str, uid: &str, namespace: &str) -> TestPod {
+        self.run_pod(ctrd, name, uid, namespace, crate::containerd::CRI_HANDLER)
+    }
+
+    /// Wait for the busybox and pause images, then RunPodSandbox of pod `namespace/name` (uid
+    /// `uid`) with runtime handler `handler`; its log directory is
+    /// `<ctrd dir>/logs/<ns>_<name>_<uid>`.
+    pub fn run_pod(&self, ctrd: &TestContainerd, name: &str, uid: &str, namespace: &str, handler: &str) -> TestPod {
         self.wait_image(crate::containerd::BUSYBOX_IMAGE, Duration::from_secs(30));
         self.wait_image(crate::containerd::PAUSE_IMAGE, Duration::from_secs(30));
         let log_dir = ctrd.dir().join("logs").join(format!("{namespace}_{name}_{uid}"));
         std::fs::create_dir_all(&log_dir).unwrap_or_else(|e| panic!("pod log dir: {e}"));
         let config = pod_config(name, uid, namespace, &log_dir);
-        let pod = config.clone();
+        let (pod, handler) = (config.clone(), handler.to_owned());
         let sandbox = self
-            .call(|c| async move { c.run_pod_sandbox(pod, crate::containerd::CRI_HANDLER).await })
+            .call(|c| async move { c.run_pod_sandbox(pod, &handler).await })
             .unwrap_or_else(|e| panic!("RunPodSandbox {name}: {e}\n{}", ctrd.logs()));
         TestPod { sandbox, config, log_dir }
     }
 
-    /// StopPodSandbox and RemovePodSandbox, then wait until the pod's shim is gone.
+    /// [`Cri::remove_pod`], then wait until no shim is left (the pod's was the last).
     pub fn stop_and_remove(&self, ctrd: &TestContainerd, sandbox: &str) {
+        self.remove_pod(ctrd, sandbox);
+        assert!(ctrd.wait_no_shims(Duration::from_secs(60)), "the pod's shim outlived the pod\n{}", ctrd.logs());
+    }
+
+    /// StopPodSandbox and RemovePodSandbox.
+    pub fn remove_pod(&self, ctrd: &TestContainerd, sandbox: &str) {
         let sb = sandbox.to_owned();
         self.call(|c| async move { c.stop_pod_sandbox(&sb).await })
             .unwrap_or_else(|e| panic!("StopPodSandbox: {e}\n{}", ctrd.logs()));
         let sb = sandbox.to_owned();
         self.call(|c| async move { c.remove_pod_sandbox(&sb).await })
             .unwrap_or_else(|e| panic!("RemovePodSandbox: {e}\n{}", ctrd.logs()));
-        assert!(ctrd.wait_no_shims(Duration::from_secs(60)), "the pod's shim outlived the pod\n{}", ctrd.logs());
     }
 }
 

@@ -11,8 +11,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use tern_runtime::cri::api;
-use tern_tests::containerd::{TestContainerd, BUSYBOX_IMAGE, CRI_HANDLER, CRI_NAMESPACE, PAUSE_IMAGE};
-use tern_tests::cri::{container_config, pod_config, read_cri_log, wait_log_line, Cri};
+use tern_tests::containerd::{TestContainerd, BUSYBOX_IMAGE, CRI_HANDLER, CRI_NAMESPACE};
+use tern_tests::cri::{container_config, read_cri_log, wait_log_line, Cri, TestPod};
 
 /// Pod start includes a VM boot under emulation.
 const START_LIMIT: Duration = Duration::from_secs(300);
@@ -28,13 +28,7 @@ struct Pod {
 }
 
 fn run_pod(cri: &Cri, ctrd: &TestContainerd, name: &'static str, uid: &str, handler: &str) -> Pod {
-    let log_dir = ctrd.dir().join("logs").join(format!("net_{name}_{uid}"));
-    std::fs::create_dir_all(&log_dir).unwrap();
-    let config = pod_config(name, uid, "net", &log_dir);
-    let (pod, handler) = (config.clone(), handler.to_owned());
-    let sandbox = cri
-        .call(|c| async move { c.run_pod_sandbox(pod, &handler).await })
-        .unwrap_or_else(|e| panic!("RunPodSandbox {name}: {e}\n{}", ctrd.logs()));
+    let TestPod { sandbox, config, log_dir } = cri.run_pod(ctrd, name, uid, "net", handler);
     let sb = sandbox.clone();
     let status = cri.call(|c| async move { c.pod_sandbox_status(&sb).await }).unwrap();
     let ip = status.network.map(|n| n.ip).unwrap_or_default();
@@ -117,20 +111,11 @@ fn shim_of(ctrd: &TestContainerd, sandbox: &str) -> i32 {
     pids[0]
 }
 
-fn remove_pod(cri: &Cri, sandbox: &str) {
-    let sb = sandbox.to_owned();
-    cri.call(|c| async move { c.stop_pod_sandbox(&sb).await }).unwrap();
-    let sb = sandbox.to_owned();
-    cri.call(|c| async move { c.remove_pod_sandbox(&sb).await }).unwrap();
-}
-
 #[test]
 fn tern_and_runc_pods_reach_each_other_and_leave_no_network_state() {
     let test = "tern_and_runc_pods_reach_each_other_and_leave_no_network_state";
     let Some(ctrd) = tern_tests::containerd::cri_containerd_for_test(test) else { return };
     let cri = Cri::connect(&ctrd);
-    cri.wait_image(BUSYBOX_IMAGE, Duration::from_secs(30));
-    cri.wait_image(PAUSE_IMAGE, Duration::from_secs(30));
     let logs = || ctrd.logs();
 
     let a = run_pod(&cri, &ctrd, "tern-a", "6a1b0e00-0000-4000-8000-00000000000a", CRI_HANDLER);
@@ -167,9 +152,9 @@ fn tern_and_runc_pods_reach_each_other_and_leave_no_network_state() {
     assert!(left.is_empty(), "after the SIGKILLed shim's delete, pod b's netns still has {left:?}\n{}", logs());
 
     // A removed pod leaves nothing either (its netns goes; until then tern's state must be gone).
-    remove_pod(&cri, &a.sandbox);
+    cri.remove_pod(&ctrd, &a.sandbox);
     assert_eq!(tern_state_in(&netns_a), Vec::<String>::new(), "pod a's netns after removal");
-    remove_pod(&cri, &b.sandbox);
-    remove_pod(&cri, &r.sandbox);
+    cri.remove_pod(&ctrd, &b.sandbox);
+    cri.remove_pod(&ctrd, &r.sandbox);
     assert!(ctrd.wait_no_shims(Duration::from_secs(60)), "a shim outlived its pod\n{}", logs());
 }
