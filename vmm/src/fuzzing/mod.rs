@@ -93,17 +93,22 @@ impl Areas {
     }
 }
 
+/// Where every harness keeps its rings: the first 64 KiB of guest memory.
+pub const RINGS: std::ops::Range<u64> = 0..0x1_0000;
+
 /// Post one chain the input describes: up to `max_desc` descriptors, each readable (its
 /// bytes taken from the input) or writable, sometimes with an address and length the fuzzer
 /// picks outright (outside guest memory, overlapping the rings, longer than memory). Returns
-/// the head and the number of descriptors.
+/// the head, the number of descriptors, and whether a writable one overlaps [`RINGS`]: the
+/// device may then write the guest's own rings, as a hostile guest can make it do. The device
+/// must survive that, but a harness can no longer expect its rings to hold what it posted.
 pub fn post_chain(
     input: &mut Input<'_>,
     mem: &GuestMemory,
     ring: &mut Ring,
     areas: &mut Areas,
     max_desc: u8,
-) -> (u16, u16) {
+) -> (u16, u16, bool) {
     let count = 1 + input.u8() % max_desc.max(1);
     let mut bufs = Vec::with_capacity(usize::from(count));
     for _ in 0..count {
@@ -126,7 +131,10 @@ pub fn post_chain(
             bufs.push((addr, bytes.len() as u32, false));
         }
     }
-    (ring.post(&bufs), u16::from(count))
+    let writes_rings = bufs.iter().any(|&(addr, len, writable)| {
+        writable && addr < RINGS.end && addr.saturating_add(u64::from(len)) > RINGS.start
+    });
+    (ring.post(&bufs), u16::from(count), writes_rings)
 }
 
 /// Every file of `fuzz/corpus/<target>/`, for the replay tests.

@@ -1,7 +1,8 @@
 //! virtio-net tx chains and rx buffers: the guest posts frames (well-formed or raw chains)
 //! and receive buffers of any shape, the host side of a socket standing in for the tap sends
 //! frames of any length. Every used rx buffer must be one the guest posted, at most once, and
-//! filled no further than it holds; every frame on the tap fits the largest packet.
+//! filled no further than it holds (checked until a chain lets the device write the rings
+//! themselves, see [`post_chain`]); every frame on the tap fits the largest packet.
 
 use std::collections::HashMap;
 use std::sync::atomic::AtomicUsize;
@@ -30,6 +31,8 @@ pub fn run(data: &[u8]) {
     static MEM: OnceLock<&'static GuestMemory> = OnceLock::new();
     let mem = zeroed_memory(&MEM, MEM_SIZE);
     let mut input = Input::new(data);
+    // Whether the rings still hold only what the harness wrote.
+    let mut rings_trusted = true;
     let flags = input.u8();
     let features = if flags & 1 != 0 { MRG } else { 0 } | if flags & 2 != 0 { EVENT_IDX } else { 0 };
     let event_idx = features & EVENT_IDX != 0;
@@ -85,7 +88,8 @@ pub fn run(data: &[u8]) {
                 handler.handle(TX_QUEUE as u32);
             }
             3 if tx_in_flight + 8 <= QSIZE => {
-                let (head, n) = post_chain(&mut input, mem, &mut tx, &mut tx_areas, 8);
+                let (head, n, writes_rings) = post_chain(&mut input, mem, &mut tx, &mut tx_areas, 8);
+                rings_trusted &= !writes_rings;
                 tx_posted.insert(head, n);
                 tx_in_flight += n;
                 handler.handle(TX_QUEUE as u32);
@@ -110,7 +114,8 @@ pub fn run(data: &[u8]) {
                 handler.handle(RX_QUEUE as u32);
             }
             5 if rx_in_flight + 4 <= QSIZE => {
-                let (head, n) = post_chain(&mut input, mem, &mut rx, &mut rx_areas, 4);
+                let (head, n, writes_rings) = post_chain(&mut input, mem, &mut rx, &mut rx_areas, 4);
+                rings_trusted &= !writes_rings;
                 assert!(rx_posted.insert(head, (u64::MAX, n)).is_none());
                 rx_in_flight += n;
                 handler.handle(RX_QUEUE as u32);
@@ -130,6 +135,10 @@ pub fn run(data: &[u8]) {
                 }
             }
             _ => handler.handle(TAP_EVENT),
+        }
+        if !rings_trusted {
+            // Nothing is returned to the harness from here on, so nothing is posted twice.
+            continue;
         }
         for (head, _) in tx.used() {
             tx_in_flight -= tx_posted.remove(&head).expect("used tx head was posted");

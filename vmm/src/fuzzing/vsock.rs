@@ -2,7 +2,8 @@
 //! guest packets (REQUEST/RESPONSE, RW, credit updates, RST, SHUTDOWN, any header at all),
 //! raw tx and rx chains, and host-side traffic on the hybrid unix socket (`CONNECT <port>`
 //! lines, data, half-close, close) and on a host listener the guest connects to. Every tx chain
-//! must come back with length 0, every used rx buffer must be one the guest posted, at most once.
+//! must come back with length 0, every used rx buffer must be one the guest posted, at most once
+//! (checked until a chain lets the device write the rings themselves, see [`post_chain`]).
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -71,6 +72,8 @@ pub fn run(data: &[u8]) {
     let mut tx_posted: HashMap<u16, u16> = HashMap::new();
     let mut hosts: Vec<UnixStream> = Vec::new();
     let mut input = Input::new(data);
+    // Whether the rings still hold only what the harness wrote.
+    let mut rings_trusted = true;
 
     for _ in 0..MAX_OPS {
         if input.is_empty() {
@@ -118,7 +121,8 @@ pub fn run(data: &[u8]) {
                 handler.handle(TX_QUEUE as u32);
             }
             3 if tx_in_flight + 6 <= QSIZE => {
-                let (head, n) = post_chain(&mut input, mem, &mut tx, &mut tx_areas, 6);
+                let (head, n, writes_rings) = post_chain(&mut input, mem, &mut tx, &mut tx_areas, 6);
+                rings_trusted &= !writes_rings;
                 tx_posted.insert(head, n);
                 tx_in_flight += n;
                 handler.handle(TX_QUEUE as u32);
@@ -139,7 +143,8 @@ pub fn run(data: &[u8]) {
                 handler.handle(RX_QUEUE as u32);
             }
             5 if rx_in_flight + 4 <= QSIZE => {
-                let (head, n) = post_chain(&mut input, mem, &mut rx, &mut rx_areas, 4);
+                let (head, n, writes_rings) = post_chain(&mut input, mem, &mut rx, &mut rx_areas, 4);
+                rings_trusted &= !writes_rings;
                 assert!(rx_posted.insert(head, (u32::MAX, n)).is_none());
                 rx_in_flight += n;
                 handler.handle(RX_QUEUE as u32);
@@ -196,6 +201,10 @@ pub fn run(data: &[u8]) {
                 handler.handle(MUXER_EVENT);
             }
             _ => handler.handle(MUXER_EVENT),
+        }
+        if !rings_trusted {
+            // Nothing is returned to the harness from here on, so nothing is posted twice.
+            continue;
         }
         for (head, len) in tx.used() {
             assert_eq!(len, 0, "tx chain {head} came back with a length");
