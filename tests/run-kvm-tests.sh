@@ -5,17 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
-mapfile -t bins < <(cargo test --release -p tern-tests --no-run --message-format=json 2>/dev/null \
-	| python3 -c '
-import json, sys
-for line in sys.stdin:
-    try:
-        m = json.loads(line)
-    except ValueError:
-        continue
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
-        print(m["executable"])
-')
+mapfile -t bins < <(tests/kvm-test-bins.sh)
 if [ ${#bins[@]} -eq 0 ]; then
 	echo "run-kvm-tests: no test binaries were built" >&2
 	exit 1
