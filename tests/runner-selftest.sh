@@ -20,13 +20,24 @@ trap 'rm -rf "$work"' EXIT
 # the runner's per-run temp dirs go here, so (c) can look for its own leftovers only
 export TMPDIR=$work/runs
 mkdir -p "$TMPDIR"
-# drop the runner's own leading notice lines ("nested-runner: … outer TCG VM …", and on a
-# fresh machine "nested-runner: downloading … outer-VM kernel …") from stderr
-# (byte-exact: only whole leading lines are dropped, with tail)
+# drop the runner's own leading lines from stderr: its notices ("nested-runner: … outer TCG VM
+# …", and on a fresh machine "nested-runner: downloading … outer-VM kernel …"), and the report
+# of an outer VM that failed before CMD started and was booted again (from "nested-runner: the
+# outer VM failed before CMD started" through the console it prints, up to the closing
+# "nested-runner: ----"): all of it comes before CMD's first byte. Byte-exact: only whole
+# leading lines are dropped, with tail.
 strip_notice() {
-	local n=0 lines
+	local n=0 lines line skipping=0
 	lines=$(wc -l <"$1")
-	while [ "$n" -lt "$lines" ] && [ "$(sed -n "$((n + 1))p" "$1" | cut -c1-15 | tr -d '\0')" = "nested-runner: " ]; do
+	while [ "$n" -lt "$lines" ]; do
+		line=$(sed -n "$((n + 1))p" "$1" | tr -d '\0')
+		if [ $skipping = 1 ]; then
+			[ "$line" = "nested-runner: ----" ] && skipping=0
+		elif [ "${line:0:15}" = "nested-runner: " ]; then
+			case $line in "nested-runner: the outer VM failed before CMD started"*) skipping=1 ;; esac
+		else
+			break
+		fi
 		n=$((n + 1))
 	done
 	tail -n +$((n + 1)) "$1"
