@@ -63,7 +63,7 @@ fi
 # (a') in an outer VM, the first boot of its kernel saved the kernel's text symbols, which
 # name the outer vCPUs' places when the VM hangs (see (i))
 if head -n 1 "$work/a.err" | grep -q '^nested-runner: .*outer TCG VM'; then
-	ks=$(ls "${TERN_CACHE:-$HOME/.cache/tern}"/runner/linux-image-*/kallsyms 2>/dev/null | head -n 1)
+	ks=$(ls -t "${TERN_CACHE:-$HOME/.cache/tern}"/runner/linux-image-*/kallsyms 2>/dev/null | head -n 1)
 	if [ -n "$ks" ] && [ "$(wc -l <"$ks")" -gt 10000 ] && grep -q ' exc_int3$' "$ks"; then
 		ok "(a') outer-kernel symbols saved ($(wc -l <"$ks") in $ks)"
 	else
