@@ -12,7 +12,7 @@
 # guest that never got going once, as in `make test`; such reruns are counted apart. Each
 # use's output goes to target/runner-soak/use-<i>.log, one line per use to
 # target/runner-soak/tally, and the counts are printed at the end. Exit status: 0 when no use
-# failed in either way. One use takes about 100 s here (the outer VM runs under QEMU TCG).
+# failed in either way. One use takes 115–136 s here (the outer VM runs under QEMU TCG).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
