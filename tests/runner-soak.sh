@@ -37,13 +37,13 @@ for i in $(seq 1 "$uses"); do
 	: >"$progress"
 	t0=$(date +%s)
 	rc=0
+	# (binary, test) pairs, each through run-test-binary.py as in `make test-kvm`
 	tests/nested-runner --timeout 900 -- bash -c '
-		p=$1; io=$2; boot=$3; life=$4; rc=0
-		tests/run-test-binary.py "$p" "$io" late_reader_gets_50_mib_of_stdout_byte_identical --exact || rc=1
-		tests/run-test-binary.py "$p" "$boot" four_vms_at_once --exact || rc=1
-		tests/run-test-binary.py "$p" "$boot" ten_mib_through_stdin_comes_back_identical --exact || rc=1
-		tests/run-test-binary.py "$p" "$life" stdin_eof_after_interactive_use_ends_the_command --exact || rc=1
-		exit $rc' _ "$progress" "$io" "$boot" "$life" >"$out/use-$i.log" 2>&1 || rc=$?
+		p=$1; shift; rc=0
+		while [ $# -ge 2 ]; do tests/run-test-binary.py "$p" "$1" "$2" --exact || rc=1; shift 2; done
+		exit $rc' _ "$progress" "$io" late_reader_gets_50_mib_of_stdout_byte_identical \
+		"$boot" four_vms_at_once "$boot" ten_mib_through_stdin_comes_back_identical \
+		"$life" stdin_eof_after_interactive_use_ends_the_command >"$out/use-$i.log" 2>&1 || rc=$?
 	secs=$(($(date +%s) - t0))
 	case $rc in
 	0) passed=$((passed + 1)) what=passed ;;
